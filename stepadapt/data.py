@@ -1,0 +1,164 @@
+"""Datasets as float tensors in [-1, 1], shape N x C x size x size.
+
+Everything is loaded into memory: the datasets this tool targets (Fashion-MNIST,
+CIFAR-sized folders) fit easily, and it keeps training sampling deterministic
+from one torch.Generator.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from stepadapt import StepadaptError
+
+FASHION_MNIST_DIR = Path(
+    os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+)
+FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def read_idx_images(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX3 ubyte file (optionally gzipped) into uint8 N x H x W."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise StepadaptError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 16:
+        raise StepadaptError(f"{path} is too short to be an IDX image file")
+    magic, n, h, w = struct.unpack(">IIII", raw[:16])
+    if magic != 2051:
+        raise StepadaptError(f"{path} is not an IDX image file (magic {magic}, expected 2051)")
+    if len(raw) != 16 + n * h * w:
+        raise StepadaptError(f"{path} is truncated: {len(raw) - 16} bytes for {n}x{h}x{w} images")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def _to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8/float N x C x H x W -> float in [-1, 1] at size x size (pad small, resize large)."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    h, w = x.shape[-2:]
+    if h <= size and w <= size:
+        # Pad (Fashion-MNIST 28 -> 32) with the background value so digits stay crisp.
+        ph, pw = size - h, size - w
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    else:
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return (x * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()
+
+
+def load_fashion_mnist(split: str = "train", size: int = 32) -> torch.Tensor:
+    if split not in FASHION_MNIST_FILES:
+        raise StepadaptError(f"unknown split {split!r}; use 'train' or 'test'")
+    path = FASHION_MNIST_DIR / FASHION_MNIST_FILES[split]
+    if not path.is_file():
+        raise StepadaptError(
+            f"Fashion-MNIST not found at {path}: install it with "
+            "'apt-get install dataset-fashion-mnist' (or set STEPADAPT_FASHION_MNIST)"
+        )
+    arr = read_idx_images(path)
+    return _to_model_range(torch.from_numpy(arr.copy()).unsqueeze(1), size)
+
+
+def _center_square(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def load_image_folder(path: str | os.PathLike, size: int = 32, channels: int = 3) -> torch.Tensor:
+    """Every PNG/JPEG under ``path`` (sorted), center-cropped and resized."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise StepadaptError(f"no PNG/JPEG images found under {path}")
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = _center_square(im.convert(mode)).resize((size, size), Image.BICUBIC)
+                out[i] = np.asarray(im).reshape(size, size, channels)
+        except (UnidentifiedImageError, OSError) as e:
+            raise StepadaptError(f"cannot read image {f}: {e}") from None
+    return _to_model_range(torch.from_numpy(out).permute(0, 3, 1, 2), size)
+
+
+def load_npz(path: str | os.PathLike, size: int = 32, key: str | None = None) -> torch.Tensor:
+    """An .npz of images: N x H x W, N x H x W x C or N x C x H x W; uint8 or float in [-1, 1]."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            if not names:
+                raise StepadaptError(f"{path} holds no arrays")
+            k = key or ("images" if "images" in names else names[0])
+            if k not in names:
+                raise StepadaptError(f"{path} has no array {k!r} (has {', '.join(names)})")
+            arr = z[k]
+    except (OSError, ValueError) as e:
+        raise StepadaptError(f"cannot read {path}: {e}") from None
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise StepadaptError(f"{path}:{k} has shape {arr.shape}; expected N x H x W [x C]")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype == torch.uint8:
+        return _to_model_range(t, size)
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise StepadaptError(f"{path}:{k} contains NaN or infinite values")
+    return _to_model_range((t + 1.0) / 2.0, size)
+
+
+def load_dataset(
+    source: str = "fashion-mnist",
+    split: str = "train",
+    size: int = 32,
+    channels: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Load a dataset by name or path; ``limit`` takes a deterministic random subset."""
+    if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        x = load_fashion_mnist(split, size)
+    else:
+        p = Path(source)
+        if p.is_dir():
+            x = load_image_folder(p, size, channels or 3)
+        elif p.suffix == ".npz" and p.is_file():
+            x = load_npz(p, size)
+        elif not p.exists():
+            raise StepadaptError(
+                f"dataset {source!r} not found: "
+                "pass 'fashion-mnist', an image folder or an .npz file"
+            )
+        else:
+            raise StepadaptError(f"unsupported dataset {source!r}: use an image folder or .npz")
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[1] == 1 and channels == 3:
+            x = x.repeat(1, 3, 1, 1)
+        elif x.shape[1] == 3 and channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+    if limit is not None and limit < len(x):
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(len(x), generator=g)[:limit].sort().values]
+    return x

@@ -1,0 +1,158 @@
+"""Routed sampling: one scheduler loop for every kind of denoiser.
+
+A *denoiser* is any callable ``(x, t) -> eps`` with ``x`` of shape B x C x H x W
+and ``t`` an int64 tensor of shape [B]. The :class:`Router` is itself a denoiser
+that dispatches each timestep to the expert owning it, so the same loop serves
+the base model, a pruned model, experts in PyTorch, in onnxruntime, or behind
+Triton (where the expert is a BLS call).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+from PIL import Image
+
+from stepadapt import StepadaptError
+from stepadapt.io import atomic_path
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+MAX_STEPS = 1000
+
+
+class Router:
+    """Timestep -> expert. ``boundaries[i] <= t < boundaries[i+1]`` belongs to ``experts[i]``."""
+
+    def __init__(self, boundaries: Sequence[int], experts: Sequence[Denoiser]):
+        b = [int(v) for v in boundaries]
+        if len(b) != len(experts) + 1:
+            raise StepadaptError(
+                f"router needs len(experts)+1 boundaries, got {len(b)} for {len(experts)} experts"
+            )
+        if any(lo >= hi for lo, hi in zip(b, b[1:], strict=False)):
+            raise StepadaptError(f"router boundaries must increase strictly: {b}")
+        self.boundaries = b
+        self.experts = list(experts)
+
+    def index(self, t: int) -> int:
+        """Which expert owns timestep ``t``."""
+        if not self.boundaries[0] <= t < self.boundaries[-1]:
+            raise StepadaptError(
+                f"timestep {t} is outside [{self.boundaries[0]}, {self.boundaries[-1]}): "
+                "no expert covers it"
+            )
+        return bisect.bisect_right(self.boundaries, t) - 1
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        idx = [self.index(int(v)) for v in t.reshape(-1).tolist()]
+        if len(set(idx)) == 1:
+            return self.experts[idx[0]](x, t)
+        out = torch.empty_like(x)
+        for e in sorted(set(idx)):
+            sel = torch.tensor([i == e for i in idx])
+            out[sel] = self.experts[e](x[sel], t[sel])
+        return out
+
+
+def module_denoiser(model: torch.nn.Module) -> Denoiser:
+    """Wrap a diffusers UNet2DModel as a plain ``(x, t) -> eps`` function."""
+
+    @torch.no_grad()
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t).sample
+
+    return run
+
+
+def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T for ``n`` images and the generator the sampler continues with (DDPM noise)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn((n, *shape), generator=g), g
+
+
+def validate_request(steps: int, n: int, eta: float, max_images: int, num_train_timesteps: int):
+    if not 1 <= steps <= num_train_timesteps:
+        raise StepadaptError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    if not 1 <= n <= max_images:
+        raise StepadaptError(f"number of images must be in [1, {max_images}], got {n}")
+    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise StepadaptError(f"eta must be in [0, 1], got {eta}")
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler: SchedulerMixin,
+    x_t: torch.Tensor,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``x_t``; returns x_0 in [-1, 1] (model range).
+
+    ``callback(i, t, x)`` runs after every step (progress bars, streaming).
+    """
+    scheduler.set_timesteps(steps)
+    x = x_t * scheduler.init_noise_sigma
+    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for i, t in enumerate(scheduler.timesteps):
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+        eps = denoiser(x, tt)
+        if eps.shape != x.shape:
+            raise StepadaptError(
+                f"denoiser returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}"
+            )
+        if not torch.isfinite(eps).all():
+            raise StepadaptError(f"denoiser returned NaN/inf at step {i} (t={int(t)})")
+        x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+        if callback is not None:
+            callback(i, int(t), x)
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-range images N x C x H x W -> uint8 N x H x W x C."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 N x H x W x C -> one uint8 image with the N tiles on a grid."""
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, scale: int = 2) -> Path:
+    grid = make_grid(images)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path
+
+
+def save_npz(images: np.ndarray, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images)
+    return path

@@ -1,0 +1,243 @@
+"""One training loop for base training and expert fine-tuning.
+
+Every source of randomness (batch indices, timesteps, noise) is drawn from one
+``torch.Generator`` whose state goes into the checkpoint, so ``resume`` after a
+kill continues bit-for-bit where the run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from stepadapt import StepadaptError
+from stepadapt.io import load_torch, save_torch, write_json
+from stepadapt.schedule import make_scheduler
+from stepadapt.timesteps import UniformSampler
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 6000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    t_lo: int = 0
+    t_hi: int | None = None  # None: the whole schedule
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise StepadaptError(f"unknown training options: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise StepadaptError("iterations and batch size must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise StepadaptError(f"learning rate must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise StepadaptError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+    checkpoint: Path
+
+
+def denoising_loss(
+    model: UNet2DModel,
+    scheduler: Any,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE, optionally weighted per sample."""
+    x_t = scheduler.add_noise(x0, noise, t)
+    per_sample = F.mse_loss(model(x_t, t).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def _state(
+    step: int, model, ema, opt, lr_sched, sampler, gen, cfg: TrainConfig, losses: list[float]
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": lr_sched.state_dict(),
+        "sampler": sampler.state_dict(),
+        "generator": gen.get_state(),
+        "config": json.dumps(cfg.to_dict()),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
+
+
+def ema_model(model: UNet2DModel, ema: EMAModel) -> UNet2DModel:
+    """A copy of ``model`` carrying the EMA weights (the one to sample from and ship)."""
+    m = copy.deepcopy(model)
+    ema.copy_to(m.parameters())
+    return m.eval()
+
+
+def train(
+    model: UNet2DModel,
+    data: torch.Tensor,
+    scheduler_cfg: dict[str, Any],
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_sample: Callable[[int, UNet2DModel], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[UNet2DModel, TrainResult]:
+    """Train ``model`` in place; returns the EMA copy and a summary.
+
+    ``on_sample(step, ema_model)`` is called every ``cfg.sample_every`` steps and
+    at the end (sample grids); checkpoints land in ``out_dir/checkpoint.pt``.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    device = torch.device(device)
+    if data.ndim != 4 or data.shape[1] != model.config.in_channels:
+        raise StepadaptError(
+            f"data has shape {tuple(data.shape)}; "
+            f"the model wants N x {model.config.in_channels} x H x W"
+        )
+    if not torch.isfinite(data).all():
+        raise StepadaptError("training data contains NaN or infinite values")
+    scheduler = make_scheduler("ddpm", scheduler_cfg)
+    T = scheduler.config.num_train_timesteps
+    t_hi = cfg.t_hi if cfg.t_hi is not None else T
+    if not 0 <= cfg.t_lo < t_hi <= T:
+        raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
+    sampler = UniformSampler(cfg.t_lo, t_hi)
+
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.iterations)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    step = 0
+    if resume and ckpt_path.exists():
+        st = load_torch(ckpt_path)
+        saved = TrainConfig.from_dict(json.loads(st["config"]))
+        if saved.to_dict() != cfg.to_dict():
+            diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
+            raise StepadaptError(
+                f"cannot resume: options differ from the checkpoint ({', '.join(diff)})"
+            )
+        try:
+            model.load_state_dict(st["model"])
+        except RuntimeError as e:
+            raise StepadaptError(
+                f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}"
+            ) from None
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        lr_sched.load_state_dict(st["lr_scheduler"])
+        sampler.load_state_dict(st["sampler"])
+        gen.set_state(st["generator"])
+        losses = st["losses"].tolist()
+        step = int(st["step"])
+    elif resume:
+        raise StepadaptError(f"nothing to resume: {ckpt_path} does not exist")
+
+    n = len(data)
+    bar = tqdm(
+        total=cfg.iterations, initial=step, disable=not progress, unit="it", dynamic_ncols=True
+    )
+    t0, step0 = time.perf_counter(), step
+    smooth = losses[-1] if losses else None
+    while step < cfg.iterations:
+        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+        x0 = data[idx].to(device)
+        t, w = sampler.sample(cfg.batch_size, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        loss = denoising_loss(model, scheduler, x0, t.to(device), noise, w.to(device))
+        if not torch.isfinite(loss):
+            raise StepadaptError(
+                f"loss became {loss.item()} at step {step}: lower the learning rate"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        lr_sched.step()
+        ema.step(model.parameters())
+        step += 1
+        v = loss.item()
+        smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
+        losses.append(smooth)
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(
+            loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}"
+        )
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+            save_torch(
+                ckpt_path, _state(step, model, ema, opt, lr_sched, sampler, gen, cfg, losses)
+            )
+        if on_sample is not None and (step % cfg.sample_every == 0 or step == cfg.iterations):
+            on_sample(step, ema_model(model, ema))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    result = TrainResult(
+        steps=step,
+        final_loss=losses[-1] if losses else float("nan"),
+        seconds=seconds,
+        images_per_second=(step - step0) * cfg.batch_size / seconds if seconds > 0 else 0.0,
+        checkpoint=ckpt_path,
+    )
+    write_json(
+        out_dir / "train_log.json",
+        {
+            "config": cfg.to_dict(),
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "seconds_this_run": round(seconds, 1),
+            "images_per_second": round(result.images_per_second, 1),
+            "smoothed_loss_every_50": losses[::50],
+        },
+    )
+    return ema_model(model, ema), result
