@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import typer
 from rich.console import Console
@@ -21,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 140)
 
 BaseOpt = Annotated[Path, typer.Option("--base", help="Base model dir (diffusers UNet2DModel).")]
 
@@ -50,13 +51,9 @@ def train_base(
     config: Annotated[str, typer.Option(help="Model config: tiny or ddpm-cifar10.")] = "tiny",
     iterations: Annotated[int, typer.Option(help="Optimizer steps.")] = 6000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (cosine decay after warm-up).")
-    ] = 2e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay after warm-up).")] = 2e-3,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the shipped weights.")] = 0.999,
-    limit: Annotated[
-        int | None, typer.Option(help="Use a deterministic subset of N images.")
-    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use a deterministic subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, batches, timesteps and noise.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint period in steps.")] = 500,
     sample_every: Annotated[int, typer.Option(help="Sample-grid period in steps.")] = 1000,
@@ -102,9 +99,7 @@ def train_base(
         )
 
         def on_sample(step: int, ema) -> None:
-            path = _sample_grid(
-                ema, DEFAULT_SCHEDULER, out_dir / "samples" / f"step_{step:06d}.png"
-            )
+            path = _sample_grid(ema, DEFAULT_SCHEDULER, out_dir / "samples" / f"step_{step:06d}.png")
             console.print(f"step {step}: samples -> {path}")
 
         ema, res = train(
@@ -126,9 +121,7 @@ def train_base(
     )
 
 
-def _sample_grid(
-    model, scheduler_cfg, path: Path, n: int = 16, steps: int = 50, seed: int = 0
-) -> Path:
+def _sample_grid(model, scheduler_cfg, path: Path, n: int = 16, steps: int = 50, seed: int = 0) -> Path:
     from stepadapt.sampling import initial_noise, module_denoiser, sample, save_grid, to_uint8
     from stepadapt.schedule import make_scheduler
 
@@ -158,8 +151,11 @@ def sample(
     eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise and DDPM noise.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Sample from an expert bundle (each step routed) instead of --base.")
+    ] = None,
 ) -> None:
-    """Sample images from a base model with DDPM or DDIM."""
+    """Sample images from a base model, or from a bundle's experts with per-step routing."""
     from tqdm.auto import tqdm
 
     from stepadapt.models import load_base
@@ -175,11 +171,17 @@ def sample(
     from stepadapt.schedule import make_scheduler
 
     try:
-        model, sched_cfg = load_base(base)
+        if bundle is not None:
+            from stepadapt.bundle import Bundle
+
+            b = Bundle.load(bundle)
+            den, sched_cfg, shape = b.router(), b.manifest.scheduler, b.manifest.sample_shape
+        else:
+            model, sched_cfg = load_base(base)
+            den = module_denoiser(model)
+            shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         validate_request(steps, n, eta, 100000, sched_cfg["num_train_timesteps"])
-        shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         x_t, gen = initial_noise(n, shape, seed)
-        den = module_denoiser(model)
         chunks = []
         with tqdm(
             total=steps * ((n + batch - 1) // batch), unit="step", disable=not sys.stderr.isatty()
@@ -204,11 +206,206 @@ def sample(
     out.print(f"{n} images -> {out_path} and {out_path.with_suffix('.npz')}")
 
 
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StepadaptError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def analyze(
+    out_path: Annotated[
+        Path, typer.Option("--out", help="plan.json to write (a PNG plot lands beside it).")
+    ] = Path("plan.json"),
+    base: BaseOpt = DEFAULT_BASE,
+    data: Annotated[
+        str, typer.Option(help="Proxy data: 'fashion-mnist', an image folder or .npz.")
+    ] = "fashion-mnist",
+    measure: Annotated[str, typer.Option(help="Difficulty that sizes the groups: snr or loss.")] = "snr",
+    groups: Annotated[int, typer.Option(help="Number of timestep groups (experts).")] = 4,
+    partition: Annotated[str, typer.Option(help="uniform (in t), snr (equal SNR-dB width) or mass.")] = "snr",
+    boundaries: Annotated[
+        str | None, typer.Option(help="Explicit boundaries, e.g. 0,250,500,1000 (overrides --groups).")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="Target mean MACs per sampling step, as a fraction of the base.")
+    ] = 0.5,
+    tdc: Annotated[
+        bool, typer.Option("--tdc", help="Use the TDC rule (i/N + (N-i)/N*k) instead of --budget.")
+    ] = False,
+    tdc_k: Annotated[float, typer.Option(help="k of the TDC rule.")] = 0.5,
+    sampler: Annotated[
+        str, typer.Option(help="Sampler whose visited steps define the mean: ddim or ddpm.")
+    ] = "ddim",
+    steps: Annotated[int, typer.Option(help="Sampling steps the mean is taken over.")] = 50,
+    proxy_size: Annotated[int, typer.Option(help="Images in the proxy batch for the loss profile.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the proxy batch and noise.")] = 0,
+) -> None:
+    """Difficulty per timestep -> groups and a MAC budget per group (plan.json + plot)."""
+    from stepadapt.data import load_dataset
+    from stepadapt.difficulty import loss_profile, normalise, snr_profile
+    from stepadapt.models import load_base
+    from stepadapt.plan import make_plan
+    from stepadapt.plots import plot_plan
+    from stepadapt.prune import count_macs
+
+    try:
+        model, sched_cfg = load_base(base)
+        s = snr_profile(sched_cfg)
+        profiles = {"snr": normalise(s)}
+        if measure == "loss" or measure == "snr":
+            x = load_dataset(
+                data, "test", model.config.sample_size, model.config.in_channels, limit=proxy_size, seed=seed
+            )
+            profiles["loss"] = normalise(loss_profile(model, sched_cfg, x, seed=seed))
+        if measure not in profiles:
+            raise StepadaptError(f"unknown measure {measure!r}; choose snr or loss")
+        macs, _ = count_macs(model)
+        plan = make_plan(
+            profiles[measure],
+            s,
+            macs,
+            groups=groups,
+            partition_kind=partition,
+            boundaries=_parse_ints(boundaries, "--boundaries"),
+            budget=None if tdc else budget,
+            tdc_k=tdc_k,
+            sampler=sampler,
+            steps=steps,
+            measure=measure,
+            scheduler_cfg=sched_cfg,
+        )
+        plan.save(out_path)
+        png = plot_plan(plan, profiles, out_path.with_suffix(".png"))
+    except StepadaptError as e:
+        _fail(e)
+    from rich.table import Table
+
+    table = Table(title=f"plan: {plan.allocation}, mean {plan.mean_ratio():.3f} x base MACs")
+    for col in ("group", "timesteps", "SNR dB", "difficulty", "visits", "MACs / base"):
+        table.add_column(col, justify="right")
+    for g in plan.groups:
+        table.add_row(
+            g.name,
+            f"[{g.lo}, {g.hi})",
+            f"{g.snr_db[0]:.1f} .. {g.snr_db[1]:.1f}",
+            f"{g.difficulty:.3f}",
+            f"{g.visit_share:.0%}",
+            f"{g.macs_ratio:.3f}",
+        )
+    out.print(table)
+    out.print(f"plan -> {out_path}, plot -> {png}")
+
+
+@app.command()
+def prune(
+    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to write.")] = Path("bundle"),
+    plan_path: Annotated[Path, typer.Option("--plan", help="plan.json from 'stepadapt analyze'.")] = Path(
+        "plan.json"
+    ),
+    base: BaseOpt = DEFAULT_BASE,
+    data: Annotated[
+        str, typer.Option(help="Proxy data for importance and candidate scoring.")
+    ] = "fashion-mnist",
+    proxy_size: Annotated[int, typer.Option(help="Images per proxy set (importance / held-out).")] = 128,
+    candidates: Annotated[
+        str, typer.Option(help="Candidate structures: importance/scope, comma-separated.")
+    ] = "taylor/local,taylor/global,magnitude/local",
+    uniform: Annotated[
+        bool, typer.Option("--uniform", help="One expert for all t at the plan's mean MACs (the baseline).")
+    ] = False,
+    memory: Annotated[
+        Path | None, typer.Option(help="Memory bank of tried candidates (default: OUT.memory.json).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of proxy sets and random importance.")] = 0,
+) -> None:
+    """Prune one expert per plan group (candidate search by proxy loss) -> bundle."""
+    from stepadapt.compress import compress
+    from stepadapt.data import proxy_sets
+    from stepadapt.difficulty import snr_profile
+    from stepadapt.importance import KINDS, Candidate, Memory
+    from stepadapt.models import load_base
+    from stepadapt.plan import Plan, make_plan
+
+    try:
+        model, sched_cfg = load_base(base)
+        plan = Plan.load(plan_path)
+        if uniform:
+            s = snr_profile(sched_cfg)
+            plan = make_plan(
+                np.ones(plan.num_train_timesteps), s, plan.base_macs,
+                boundaries=[0, plan.num_train_timesteps], budget=plan.mean_ratio(),
+                sampler=plan.sampler, steps=plan.steps, measure="uniform", scheduler_cfg=sched_cfg,
+            )  # fmt: skip
+        cands = []
+        for c in candidates.split(","):
+            kind, _, scope = c.strip().partition("/")
+            if kind not in KINDS or scope not in ("local", "global", ""):
+                raise StepadaptError(f"bad candidate {c!r}: use importance/scope with importance in {KINDS}")
+            cands.append(Candidate(kind, scope == "global"))
+        train, val = proxy_sets(data, proxy_size, model.config.sample_size, model.config.in_channels, seed)
+        mem = Memory(memory or out_dir.with_name(out_dir.name + ".memory.json"))
+        manifest = compress(
+            model, sched_cfg, plan, train, val, out_dir, candidates=tuple(cands), memory=mem, seed=seed,
+            log=console.print,
+        )  # fmt: skip
+    except StepadaptError as e:
+        _fail(e)
+    _print_info(manifest)
+    out.print(f"bundle -> {out_dir}")
+
+
+def _print_info(m) -> None:
+    from rich.table import Table
+
+    shares = _visit_shares(m)
+    mean = sum(s * e.macs for s, e in zip(shares, m.experts, strict=True)) / m.base_macs
+    table = Table(title=f"{len(m.experts)} experts, trajectory mean {mean:.3f} x base MACs")
+    for col in ("expert", "timesteps", "SNR dB", "MACs", "vs base", "target", "params", "importance"):
+        table.add_column(col, justify="right")
+    for e in m.experts:
+        table.add_row(
+            e.name,
+            f"[{e.lo}, {e.hi})",
+            f"{e.snr_db[0]:.1f} .. {e.snr_db[1]:.1f}",
+            f"{e.macs / 1e6:.2f}M",
+            f"{e.macs / m.base_macs:.3f}",
+            f"{e.target_macs / m.base_macs:.3f}",
+            f"{e.params / 1e6:.3f}M",
+            e.importance,
+        )
+    table.add_row("base", "", "", f"{m.base_macs / 1e6:.2f}M", "1.000", "", f"{m.base_params / 1e6:.3f}M", "")
+    out.print(table)
+
+
+def _visit_shares(m) -> list[float]:
+    from stepadapt.plan import visited_timesteps
+
+    plan = m.plan or {}
+    visits = visited_timesteps(plan.get("sampler", "ddim"), plan.get("steps", 50), m.scheduler)
+    return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in m.experts]
+
+
+@app.command()
+def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
+    """Table of a bundle's experts: interval, SNR range, MACs vs base, params."""
+    from stepadapt.bundle import Bundle
+
+    try:
+        b = Bundle.load(bundle)
+    except StepadaptError as e:
+        _fail(e)
+    _print_info(b.manifest)
+
+
 @app.command()
 def demo(
-    out_dir: Annotated[
-        Path, typer.Option("--out", help="Where the demo writes its results.")
-    ] = Path("demo-out"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its results.")] = Path(
+        "demo-out"
+    ),
     base: BaseOpt = DEFAULT_BASE,
 ) -> None:
     """Run the main job on the shipped default base (Fashion-MNIST, tiny U-Net)."""

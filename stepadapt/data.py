@@ -19,9 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stepadapt import StepadaptError
 
-FASHION_MNIST_DIR = Path(
-    os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
-)
+FASHION_MNIST_DIR = Path(os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -56,9 +54,7 @@ def _to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
         ph, pw = size - h, size - w
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
     else:
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()
 
 
@@ -148,8 +144,7 @@ def load_dataset(
             x = load_npz(p, size)
         elif not p.exists():
             raise StepadaptError(
-                f"dataset {source!r} not found: "
-                "pass 'fashion-mnist', an image folder or an .npz file"
+                f"dataset {source!r} not found: pass 'fashion-mnist', an image folder or an .npz file"
             )
         else:
             raise StepadaptError(f"unsupported dataset {source!r}: use an image folder or .npz")
@@ -162,3 +157,23 @@ def load_dataset(
         g = torch.Generator().manual_seed(seed)
         x = x[torch.randperm(len(x), generator=g)[:limit].sort().values]
     return x
+
+
+def proxy_sets(
+    source: str, n: int, size: int, channels: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint proxy sets: one to score importance, one held out to judge candidates.
+
+    Fashion-MNIST takes them from its train and test splits; a folder or .npz
+    is split in two.
+    """
+    if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        return (
+            load_dataset(source, "train", size, channels, limit=n, seed=seed),
+            load_dataset(source, "test", size, channels, limit=n, seed=seed),
+        )
+    x = load_dataset(source, "train", size, channels, limit=2 * n, seed=seed)
+    if len(x) < 2:
+        raise StepadaptError(f"{source} needs at least 2 images for the proxy sets")
+    half = len(x) // 2
+    return x[:half], x[half:]

@@ -62,9 +62,7 @@ def build_unet(name: str = "tiny", in_channels: int | None = None, seed: int = 0
         return UNet2DModel(**cfg)
 
 
-def save_base(
-    model: UNet2DModel, path: str | os.PathLike, scheduler_cfg: dict | None = None
-) -> Path:
+def save_base(model: UNet2DModel, path: str | os.PathLike, scheduler_cfg: dict | None = None) -> Path:
     """Write a diffusers-format dir (config.json + safetensors) plus the scheduler config."""
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -99,7 +97,7 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise StepadaptError(f"{unet_dir} holds a {cfg['_class_name']}, not a UNet2DModel")
     try:
-        model = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        model = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepadaptError(f"cannot load model from {unet_dir}: {msg}") from None
@@ -112,6 +110,15 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
         loaded = read_json(sched_path, "scheduler config")
         sched.update({k: v for k, v in loaded.items() if k in DEFAULT_SCHEDULER})
     return model.eval(), sched
+
+
+def clean_config(model: UNet2DModel) -> dict[str, Any]:
+    """The model's constructor config as plain JSON (no paths, no private keys)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dict(model.config).items()
+        if not k.startswith("_")
+    }
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -47,8 +47,7 @@ class Router:
         """Which expert owns timestep ``t``."""
         if not self.boundaries[0] <= t < self.boundaries[-1]:
             raise StepadaptError(
-                f"timestep {t} is outside [{self.boundaries[0]}, {self.boundaries[-1]}): "
-                "no expert covers it"
+                f"timestep {t} is outside [{self.boundaries[0]}, {self.boundaries[-1]}): no expert covers it"
             )
         return bisect.bisect_right(self.boundaries, t) - 1
 
@@ -109,9 +108,7 @@ def sample(
         tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
         eps = denoiser(x, tt)
         if eps.shape != x.shape:
-            raise StepadaptError(
-                f"denoiser returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}"
-            )
+            raise StepadaptError(f"denoiser returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
         if not torch.isfinite(eps).all():
             raise StepadaptError(f"denoiser returned NaN/inf at step {i} (t={int(t)})")
         x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample

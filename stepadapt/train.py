@@ -139,8 +139,7 @@ def train(
     device = torch.device(device)
     if data.ndim != 4 or data.shape[1] != model.config.in_channels:
         raise StepadaptError(
-            f"data has shape {tuple(data.shape)}; "
-            f"the model wants N x {model.config.in_channels} x H x W"
+            f"data has shape {tuple(data.shape)}; the model wants N x {model.config.in_channels} x H x W"
         )
     if not torch.isfinite(data).all():
         raise StepadaptError("training data contains NaN or infinite values")
@@ -163,9 +162,7 @@ def train(
         saved = TrainConfig.from_dict(json.loads(st["config"]))
         if saved.to_dict() != cfg.to_dict():
             diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
-            raise StepadaptError(
-                f"cannot resume: options differ from the checkpoint ({', '.join(diff)})"
-            )
+            raise StepadaptError(f"cannot resume: options differ from the checkpoint ({', '.join(diff)})")
         try:
             model.load_state_dict(st["model"])
         except RuntimeError as e:
@@ -183,9 +180,7 @@ def train(
         raise StepadaptError(f"nothing to resume: {ckpt_path} does not exist")
 
     n = len(data)
-    bar = tqdm(
-        total=cfg.iterations, initial=step, disable=not progress, unit="it", dynamic_ncols=True
-    )
+    bar = tqdm(total=cfg.iterations, initial=step, disable=not progress, unit="it", dynamic_ncols=True)
     t0, step0 = time.perf_counter(), step
     smooth = losses[-1] if losses else None
     while step < cfg.iterations:
@@ -195,9 +190,7 @@ def train(
         noise = torch.randn(x0.shape, generator=gen).to(device)
         loss = denoising_loss(model, scheduler, x0, t.to(device), noise, w.to(device))
         if not torch.isfinite(loss):
-            raise StepadaptError(
-                f"loss became {loss.item()} at step {step}: lower the learning rate"
-            )
+            raise StepadaptError(f"loss became {loss.item()} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -210,14 +203,10 @@ def train(
         smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
         losses.append(smooth)
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(
-            loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}"
-        )
+        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            save_torch(
-                ckpt_path, _state(step, model, ema, opt, lr_sched, sampler, gen, cfg, losses)
-            )
+            save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, sampler, gen, cfg, losses))
         if on_sample is not None and (step % cfg.sample_every == 0 or step == cfg.iterations):
             on_sample(step, ema_model(model, ema))
     bar.close()

@@ -1,0 +1,255 @@
+"""The expert bundle: a directory of pruned experts and the manifest that describes them.
+
+```
+manifest.json                 format, version, base config, scheduler, experts, provenance
+experts/<name>.safetensors    weights
+experts/<name>.structure.json torch-pruning history that turns the base config into the expert
+```
+No pickle anywhere: an expert is rebuilt by replaying its pruning history on a
+fresh base built from the config, then its safetensors are loaded. Loading
+checks every checksum, the coverage of [0, T) and every tensor shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stepadapt import StepadaptError, __version__
+from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
+from stepadapt.plan import check_coverage
+from stepadapt.prune import History, replay
+from stepadapt.sampling import Router, module_denoiser
+
+BUNDLE_FORMAT = "stepadapt-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExpertSpec:
+    name: str
+    timesteps: tuple[int, int]  # [lo, hi)
+    snr_db: tuple[float, float]
+    target_macs: int
+    macs: int
+    params: int
+    weights: str
+    sha256: str
+    structure: str
+    structure_sha256: str
+    importance: str = ""
+    proxy_loss: float | None = None
+    onnx: dict[str, Any] | None = None
+    trt: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+
+    @property
+    def lo(self) -> int:
+        return self.timesteps[0]
+
+    @property
+    def hi(self) -> int:
+        return self.timesteps[1]
+
+
+@dataclass
+class Manifest:
+    base_config: dict[str, Any]
+    scheduler: dict[str, Any]
+    sample_shape: tuple[int, int, int]
+    base_macs: int
+    base_params: int
+    experts: list[ExpertSpec]
+    prediction_type: str = "epsilon"
+    plan: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler["num_train_timesteps"])
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [e.lo for e in self.experts] + [self.experts[-1].hi]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
+            raise StepadaptError("not a stepadapt bundle manifest (format field missing or wrong)")
+        if d.get("version") != BUNDLE_VERSION:
+            raise StepadaptError(f"unsupported bundle version {d.get('version')} (want {BUNDLE_VERSION})")
+        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        try:
+            body["experts"] = [
+                ExpertSpec(**{**e, "timesteps": tuple(e["timesteps"]), "snr_db": tuple(e["snr_db"])})
+                for e in body["experts"]
+            ]
+            body["sample_shape"] = tuple(body["sample_shape"])
+            return cls(**body)
+        except (TypeError, KeyError) as e:
+            raise StepadaptError(f"malformed bundle manifest: {e}") from None
+
+
+def provenance(command: str | None = None, **extra) -> dict[str, Any]:
+    import diffusers
+    import torch_pruning
+
+    return {
+        "command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {
+            "stepadapt": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "torch_pruning": torch_pruning.__version__,
+            "python": platform.python_version(),
+        },
+        **extra,
+    }
+
+
+def write_expert_files(directory: Path, name: str, model: UNet2DModel, history: History) -> dict:
+    """Write one expert's weights + structure into ``directory``; returns manifest fields."""
+    directory.mkdir(parents=True, exist_ok=True)
+    w, s = directory / f"{name}.safetensors", directory / f"{name}.structure.json"
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(w) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(s, history)
+    return {
+        "weights": f"experts/{w.name}",
+        "sha256": sha256_file(w),
+        "structure": f"experts/{s.name}",
+        "structure_sha256": sha256_file(s),
+    }
+
+
+def save_bundle(
+    path: str | os.PathLike, manifest: Manifest, models: dict[str, tuple[UNet2DModel, History]]
+) -> Path:
+    """Write a whole bundle atomically (a crash leaves the previous one, or none)."""
+    check_coverage(manifest.boundaries, manifest.num_train_timesteps)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        for e in manifest.experts:
+            model, history = models[e.name]
+            for k, v in write_expert_files(tmp / "experts", e.name, model, history).items():
+                setattr(e, k, v)
+        write_json(tmp / MANIFEST, manifest.to_dict())
+    return path
+
+
+class Bundle:
+    """A loaded, validated bundle. Experts are rebuilt lazily on request."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+        path = Path(path)
+        if not path.is_dir():
+            raise StepadaptError(f"bundle directory not found: {path}")
+        m = Manifest.from_dict(read_json(path / MANIFEST, "bundle manifest"))
+        if not m.experts:
+            raise StepadaptError(f"bundle {path} has no experts")
+        names = [e.name for e in m.experts]
+        if len(set(names)) != len(names):
+            raise StepadaptError(f"bundle {path} has duplicate expert names")
+        ordered = sorted(m.experts, key=lambda e: e.lo)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if a.hi > b.lo:
+                raise StepadaptError(f"experts {a.name} and {b.name} overlap at t={b.lo}..{a.hi}")
+            if a.hi < b.lo:
+                raise StepadaptError(
+                    f"no expert covers timesteps [{a.hi}, {b.lo}) (gap between {a.name} and {b.name})"
+                )
+        m.experts = ordered
+        check_coverage(m.boundaries, m.num_train_timesteps)
+        b = cls(path, m)
+        if verify:
+            for e in m.experts:
+                b.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
+                b.verify_file(e.structure, e.structure_sha256, f"structure of expert {e.name}")
+        return b
+
+    def verify_file(self, rel: str, sha: str, what: str) -> Path:
+        p = self.path / rel
+        if not p.is_file():
+            raise StepadaptError(f"{what} missing: {p}")
+        if sha256_file(p) != sha:
+            raise StepadaptError(f"{what} failed its checksum: {p} is corrupt or was changed")
+        return p
+
+    @property
+    def experts(self) -> list[ExpertSpec]:
+        return self.manifest.experts
+
+    def expert(self, name: str) -> ExpertSpec:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise StepadaptError(f"bundle has no expert {name!r} (has {', '.join(e.name for e in self.experts)})")
+
+    def load_expert(self, name: str) -> UNet2DModel:
+        """Rebuild an expert's structure and load its weights, checking every shape."""
+        e = self.expert(name)
+        history = json.loads((self.path / e.structure).read_text())
+        model = replay(self.manifest.base_config, history)
+        try:
+            tensors = load_file(str(self.path / e.weights))
+        except (SafetensorError, OSError) as err:
+            raise StepadaptError(f"cannot read weights of expert {name}: {err}") from None
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise StepadaptError(
+                f"weights of expert {name} do not match its structure "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        for k, v in expected.items():
+            if tuple(tensors[k].shape) != tuple(v.shape):
+                raise StepadaptError(
+                    f"weights of expert {name} do not match its structure: {k} has shape "
+                    f"{tuple(tensors[k].shape)}, structure wants {tuple(v.shape)}"
+                )
+        model.load_state_dict(tensors)
+        return model.eval()
+
+    def router(self) -> Router:
+        """PyTorch experts behind a Router: a denoiser like any other."""
+        return Router(
+            self.manifest.boundaries,
+            [module_denoiser(self.load_expert(e.name)) for e in self.experts],
+        )
+
+    def save_manifest(self) -> None:
+        write_json(self.path / MANIFEST, self.manifest.to_dict())
+
+    def update_expert_weights(self, name: str, model: UNet2DModel, **fields) -> None:
+        """Replace one expert's weights (same structure) and update the manifest atomically."""
+        e = self.expert(name)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        with atomic_path(self.path / e.weights) as tmp:
+            save_file(tensors, str(tmp))
+        e.sha256 = sha256_file(self.path / e.weights)
+        for k, v in fields.items():
+            setattr(e, k, v)
+        self.save_manifest()

@@ -1,0 +1,83 @@
+"""Base + plan -> expert bundle: the candidate search for every group.
+
+In budget mode the groups are pruned one after another and the budgets of the
+groups still to come are re-solved after each, so the widths one group could
+not reach (GroupNorm staircase) are paid back by the others and the trajectory
+mean still meets the target.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from diffusers import UNet2DModel
+
+from stepadapt.bundle import ExpertSpec, Manifest, provenance, save_bundle
+from stepadapt.importance import (
+    DEFAULT_CANDIDATES,
+    Candidate,
+    Memory,
+    search_group,
+)
+from stepadapt.models import clean_config
+from stepadapt.plan import Plan, budget_ratios
+from stepadapt.prune import count_macs
+
+
+def compress(
+    base: UNet2DModel,
+    scheduler_cfg: dict,
+    plan: Plan,
+    proxy_train: torch.Tensor,
+    proxy_val: torch.Tensor,
+    out: str | os.PathLike,
+    *,
+    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES,
+    memory: Memory | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> Manifest:
+    base_macs, base_params = count_macs(base)
+    ratios = [g.macs_ratio for g in plan.groups]
+    achieved: dict[int, float] = {}
+    models, specs = {}, []
+    for i, g in enumerate(plan.groups):
+        if plan.allocation == "budget" and achieved:
+            ratios = budget_ratios(
+                [x.difficulty for x in plan.groups],
+                [x.visit_share for x in plan.groups],
+                plan.budget,
+                fixed=achieved,
+            )
+        target = ratios[i] * base_macs
+        if log:
+            log(f"group {g.name} [{g.lo},{g.hi}): target {target / 1e6:.2f} MMACs ({ratios[i]:.3f} x base)")
+        res = search_group(
+            base, scheduler_cfg, g.lo, g.hi, target, proxy_train, proxy_val,
+            candidates=candidates, memory=memory, seed=seed, log=log,
+        )  # fmt: skip
+        achieved[i] = res.best.macs / base_macs
+        models[g.name] = (res.best.model, res.best.history)
+        specs.append(
+            ExpertSpec(
+                name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=int(target),
+                macs=res.best.macs, params=res.best.params, weights="", sha256="",
+                structure="", structure_sha256="", importance=res.best_label,
+                proxy_loss=round(res.proxy_loss, 6),
+            )
+        )  # fmt: skip
+    manifest = Manifest(
+        base_config=clean_config(base),
+        scheduler=dict(scheduler_cfg),
+        sample_shape=(base.config.in_channels, base.config.sample_size, base.config.sample_size),
+        base_macs=base_macs,
+        base_params=base_params,
+        experts=specs,
+        plan=plan.to_dict(),
+        provenance=provenance(command, seed=seed, candidates=[c.label for c in candidates]),
+    )
+    save_bundle(out, manifest, models)
+    return manifest

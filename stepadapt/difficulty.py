@@ -1,0 +1,75 @@
+"""Difficulty profiles over timesteps: how hard is denoising at t?
+
+For an epsilon-predictor the hard steps are the low-noise ones (high SNR): the
+noise is a small part of x_t and must be told apart from image detail. Each
+measure is returned per timestep (length T) and normalised to [0, 1] by
+:func:`normalise` before it sizes the groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+from stepadapt import StepadaptError
+from stepadapt.schedule import make_scheduler, snr_db
+
+MEASURES = ("snr", "loss")
+
+
+def snr_profile(scheduler_cfg: dict) -> np.ndarray:
+    return snr_db(make_scheduler("ddpm", scheduler_cfg)).numpy()
+
+
+@torch.no_grad()
+def loss_profile(
+    model: UNet2DModel,
+    scheduler_cfg: dict,
+    data: torch.Tensor,
+    points: int = 40,
+    seed: int = 0,
+) -> np.ndarray:
+    """The model's denoising loss at ``points`` timesteps, interpolated to all T.
+
+    The same images and noise are used at every timestep, so differences
+    between timesteps are not sampling noise.
+    """
+    sched = make_scheduler("ddpm", scheduler_cfg)
+    T = sched.config.num_train_timesteps
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(data.shape, generator=g)
+    ts = np.unique(np.linspace(0, T - 1, points).round().astype(int))
+    losses = []
+    model.eval()
+    for t in ts:
+        tt = torch.full((len(data),), int(t), dtype=torch.long)
+        eps = model(sched.add_noise(data, noise, tt), tt).sample
+        losses.append(torch.mean((eps - noise) ** 2).item())
+    return np.interp(np.arange(T), ts, np.asarray(losses))
+
+
+def profile(
+    measure: str,
+    scheduler_cfg: dict,
+    model: UNet2DModel | None = None,
+    data: torch.Tensor | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    if measure == "snr":
+        return snr_profile(scheduler_cfg)
+    if measure == "loss":
+        if model is None or data is None:
+            raise StepadaptError("the 'loss' measure needs a base model and proxy data")
+        return loss_profile(model, scheduler_cfg, data, seed=seed)
+    raise StepadaptError(f"unknown difficulty measure {measure!r}; choose one of {', '.join(MEASURES)}")
+
+
+def normalise(values: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """Min-max to [floor, 1]: every group keeps a non-zero share of compute."""
+    v = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise StepadaptError("difficulty profile contains NaN or infinite values")
+    span = v.max() - v.min()
+    z = (v - v.min()) / span if span > 0 else np.ones_like(v)
+    return floor + (1.0 - floor) * z

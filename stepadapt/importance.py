@@ -1,0 +1,232 @@
+"""Proxy-based structural importance and the per-group candidate search.
+
+The proxy is deterministic: first-order Taylor scores from the denoising loss
+*at the group's own timesteps* decide which channels an expert keeps, and each
+candidate structure is judged by its untrained denoising loss on held-out data
+at those timesteps. Tried candidates are remembered in a JSON memory bank, so a
+re-run with the same base, group and budget skips the search.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from diffusers import UNet2DModel
+
+from stepadapt import StepadaptError
+from stepadapt.io import read_json, write_json
+from stepadapt.prune import History, PruneResult, apply_history, prune_to_macs
+from stepadapt.schedule import make_scheduler
+from stepadapt.train import denoising_loss
+
+KINDS = ("taylor", "magnitude", "random", "diff-pruning")
+
+
+def make_importance(kind: str) -> tp.importance.Importance:
+    if kind in ("taylor", "diff-pruning"):
+        return tp.importance.GroupTaylorImportance()
+    if kind == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "random":
+        return tp.importance.RandomImportance()
+    raise StepadaptError(f"unknown importance {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+@dataclass(frozen=True)
+class ProxyBatch:
+    """Fixed images, timesteps and noise: the same evaluation for every candidate."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def draw(cls, data: torch.Tensor, lo: int, hi: int, seed: int) -> ProxyBatch:
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randint(lo, hi, (len(data),), generator=g)
+        return cls(data, t, torch.randn(data.shape, generator=g))
+
+
+def group_gradients(
+    model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk: int = 64
+) -> dict[str, torch.Tensor]:
+    """Gradients of the mean denoising loss over ``batch`` (Taylor importance needs them)."""
+    sched = make_scheduler("ddpm", scheduler_cfg)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    n = len(batch.x0)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        loss = denoising_loss(model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl])
+        (loss * (len(batch.x0[sl]) / n)).backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def diff_pruning_timesteps(
+    model: UNet2DModel,
+    scheduler_cfg: dict,
+    data: torch.Tensor,
+    threshold: float = 0.1,
+    seed: int = 0,
+) -> int:
+    """Diff-Pruning's rule: keep the low-noise steps until the loss falls below
+    ``threshold`` x its peak; returns the end of that [0, t_end) range."""
+    from stepadapt.difficulty import loss_profile
+
+    prof = loss_profile(model, scheduler_cfg, data[:32], points=20, seed=seed)
+    below = (prof < threshold * prof.max()).nonzero()[0]
+    return int(below[0]) if len(below) and below[0] > 0 else len(prof)
+
+
+@torch.no_grad()
+def proxy_loss(model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk: int = 128) -> float:
+    sched = make_scheduler("ddpm", scheduler_cfg)
+    model.eval()
+    total, n = 0.0, len(batch.x0)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        total += denoising_loss(model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl]).item() * len(
+            batch.x0[sl]
+        )
+    return total / n
+
+
+@dataclass(frozen=True)
+class Candidate:
+    importance: str
+    global_pruning: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.importance}/{'global' if self.global_pruning else 'local'}"
+
+
+DEFAULT_CANDIDATES = (
+    Candidate("taylor", False),
+    Candidate("taylor", True),
+    Candidate("magnitude", False),
+)
+
+
+@dataclass
+class Tried:
+    candidate: str
+    ratio: float
+    macs: int
+    params: int
+    proxy_loss: float
+    history: History
+
+
+class Memory:
+    """JSON memory bank: (base, group, budget, candidate, proxy) -> what was found."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.entries = read_json(self.path, "memory bank")
+            except StepadaptError:
+                self.entries = {}  # a broken cache is only a cache: start afresh
+
+    @staticmethod
+    def key(**parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> Tried | None:
+        e = self.entries.get(key)
+        return Tried(**e) if e else None
+
+    def put(self, key: str, tried: Tried) -> None:
+        self.entries[key] = asdict(tried)
+        if self.path:
+            write_json(self.path, self.entries)
+
+
+def base_fingerprint(model: UNet2DModel) -> str:
+    h = hashlib.sha256(json.dumps(dict(model.config), sort_keys=True, default=str).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().flatten()[:64].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SearchResult:
+    best: PruneResult
+    best_label: str
+    proxy_loss: float
+    tried: list[Tried]
+
+
+def search_group(
+    base: UNet2DModel,
+    scheduler_cfg: dict,
+    lo: int,
+    hi: int,
+    target_macs: float,
+    proxy_train: torch.Tensor,
+    proxy_val: torch.Tensor,
+    *,
+    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES,
+    memory: Memory | None = None,
+    seed: int = 0,
+    tol: float = 0.02,
+    log=None,
+) -> SearchResult:
+    """Prune ``base`` to ``target_macs`` with each candidate; keep the lowest proxy loss."""
+    memory = memory or Memory(None)
+    fp = base_fingerprint(base)
+    grad_batch = ProxyBatch.draw(proxy_train, lo, hi, seed)
+    val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1)
+    grads_cache: dict[str, dict] = {}
+    tried: list[Tried] = []
+    best: tuple[float, PruneResult, str] | None = None
+    for cand in candidates:
+        key = memory.key(
+            base=fp, lo=lo, hi=hi, target=round(float(target_macs)), cand=cand.label,
+            n_train=len(proxy_train), n_val=len(proxy_val), seed=seed,
+        )  # fmt: skip
+        hit = memory.get(key)
+        if hit is not None:
+            model = apply_history(copy.deepcopy(base).eval(), hit.history)
+            res = PruneResult(model, hit.ratio, hit.macs, hit.params, hit.history, True)
+            t = hit
+        else:
+            grads = None
+            if cand.importance == "taylor":
+                grads = grads_cache.setdefault("group", group_gradients(base, scheduler_cfg, grad_batch))
+            elif cand.importance == "diff-pruning":
+                if "dp" not in grads_cache:
+                    t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy_train, seed=seed)
+                    dp_batch = ProxyBatch.draw(proxy_train, 0, t_end, seed)
+                    grads_cache["dp"] = group_gradients(base, scheduler_cfg, dp_batch)
+                grads = grads_cache["dp"]
+            res = prune_to_macs(
+                base, target_macs, lambda c=cand: make_importance(c.importance),
+                global_pruning=cand.global_pruning, grads=grads, seed=seed, tol=tol,
+            )  # fmt: skip
+            t = Tried(cand.label, res.ratio, res.macs, res.params,
+                      proxy_loss(res.model, scheduler_cfg, val_batch), res.history)  # fmt: skip
+            memory.put(key, t)
+        tried.append(t)
+        if log:
+            log(f"  [{lo},{hi}) {t.candidate}: {t.macs / 1e6:.2f} MMACs, proxy loss {t.proxy_loss:.4f}")
+        # A candidate above its budget would win on capacity, not on structure:
+        # it only counts if nothing met the budget.
+        fits = t.macs <= target_macs * (1 + tol)
+        rank = (not fits, t.proxy_loss)
+        if best is None or rank < best[0]:
+            best = (rank, res, t)
+    assert best is not None
+    return SearchResult(best[1], best[2].candidate, best[2].proxy_loss, tried)

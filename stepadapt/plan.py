@@ -1,0 +1,235 @@
+"""The Plan: timestep groups and each group's MAC budget, as JSON.
+
+Groups are contiguous intervals [lo, hi) covering [0, T) exactly once. Budgets
+are fractions of the base model's MACs; the mean that matters is over the
+timesteps a sampler actually visits (e.g. 50 DDIM steps), since that is what an
+image costs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepadapt import StepadaptError
+from stepadapt.io import read_json, write_json
+from stepadapt.schedule import make_scheduler
+
+PARTITIONS = ("uniform", "snr", "mass")
+PLAN_FORMAT = "stepadapt-plan"
+PLAN_VERSION = 1
+MIN_RATIO = 0.05
+
+
+@dataclass
+class Group:
+    name: str
+    lo: int
+    hi: int
+    snr_db: tuple[float, float]  # (at hi-1, at lo): low to high
+    difficulty: float  # mean normalised difficulty over [lo, hi)
+    visit_share: float  # fraction of the sampler's steps that land here
+    macs_ratio: float  # budget as a fraction of the base MACs
+
+
+@dataclass
+class Plan:
+    num_train_timesteps: int
+    base_macs: int
+    measure: str
+    partition: str
+    allocation: str  # "tdc" or "budget"
+    sampler: str
+    steps: int
+    groups: list[Group]
+    budget: float | None = None
+    tdc_k: float | None = None
+    profile: list[float] = field(default_factory=list)  # normalised difficulty per t
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [g.lo for g in self.groups] + [self.groups[-1].hi]
+
+    def mean_ratio(self, ratios: list[float] | None = None) -> float:
+        r = ratios if ratios is not None else [g.macs_ratio for g in self.groups]
+        return float(sum(g.visit_share * x for g, x in zip(self.groups, r, strict=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("format") != PLAN_FORMAT:
+            raise StepadaptError(f"not a stepadapt plan (format {d.get('format')!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise StepadaptError(f"unsupported plan version {d.get('version')}")
+        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        try:
+            body["groups"] = [Group(**{**g, "snr_db": tuple(g["snr_db"])}) for g in body["groups"]]
+            plan = cls(**body)
+        except (TypeError, KeyError) as e:
+            raise StepadaptError(f"malformed plan: {e}") from None
+        check_coverage(plan.boundaries, plan.num_train_timesteps)
+        return plan
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        return cls.from_dict(read_json(path, "plan"))
+
+
+def check_coverage(boundaries: list[int], T: int) -> None:
+    """Groups must tile [0, T): start at 0, end at T, strictly increasing."""
+    if not boundaries or boundaries[0] != 0 or boundaries[-1] != T:
+        raise StepadaptError(f"groups must cover [0, {T}) exactly: boundaries {boundaries}")
+    for a, b in zip(boundaries, boundaries[1:], strict=False):
+        if a >= b:
+            raise StepadaptError(f"groups overlap or are empty at boundary {a} -> {b}")
+
+
+def partition(kind: str, n: int, difficulty: np.ndarray, snr_db: np.ndarray) -> list[int]:
+    """Boundaries [0, b1, ..., T] for ``n`` groups."""
+    T = len(difficulty)
+    if not 1 <= n <= T:
+        raise StepadaptError(f"number of groups must be in [1, {T}], got {n}")
+    if kind == "uniform":
+        cuts = np.linspace(0, T, n + 1)
+    elif kind == "snr":
+        # Equal width in SNR-dB; snr_db falls monotonically with t.
+        levels = np.linspace(snr_db[0], snr_db[-1], n + 1)[1:-1]
+        cuts = np.concatenate([[0], [np.searchsorted(-snr_db, -lv) for lv in levels], [T]])
+    elif kind == "mass":
+        cum = np.concatenate([[0.0], np.cumsum(difficulty)])
+        targets = np.linspace(0, cum[-1], n + 1)[1:-1]
+        cuts = np.concatenate([[0], np.searchsorted(cum, targets), [T]])
+    else:
+        raise StepadaptError(f"unknown partition {kind!r}; choose one of {', '.join(PARTITIONS)}")
+    b = [int(round(c)) for c in cuts]
+    for i in range(1, len(b)):  # keep every group non-empty
+        b[i] = max(b[i], b[i - 1] + 1)
+    for i in range(len(b) - 2, -1, -1):
+        b[i] = min(b[i], b[i + 1] - 1)
+    check_coverage(b, T)
+    return b
+
+
+def visited_timesteps(sampler: str, steps: int, scheduler_cfg: dict) -> np.ndarray:
+    s = make_scheduler(sampler, scheduler_cfg)
+    s.set_timesteps(steps)
+    return s.timesteps.numpy().astype(int)
+
+
+def tdc_ratios(difficulties: list[float], k: float) -> list[float]:
+    """TDC rule: the i-th easiest of N groups gets (i/N + (N-i)/N * k) of the base FLOPs."""
+    n = len(difficulties)
+    order = np.argsort(difficulties, kind="stable")  # easiest first
+    r = [0.0] * n
+    for rank, g in enumerate(order, start=1):
+        r[g] = rank / n + (n - rank) / n * k
+    return r
+
+
+def budget_ratios(
+    difficulties: list[float],
+    shares: list[float],
+    budget: float,
+    fixed: dict[int, float] | None = None,
+) -> list[float]:
+    """Ratios proportional to difficulty with a visit-weighted mean of ``budget``.
+
+    ``fixed`` pins some groups (already pruned, with their achieved ratio); the
+    rest are solved for, so the staircase of reachable widths in one group is
+    paid back by the others.
+    """
+    fixed = fixed or {}
+    d, w = np.asarray(difficulties), np.asarray(shares)
+    free = [i for i in range(len(d)) if i not in fixed]
+    need = budget - sum(w[i] * fixed[i] for i in fixed)
+
+    def mean_at(c: float) -> float:
+        return float(sum(w[i] * np.clip(c * d[i], MIN_RATIO, 1.0) for i in free))
+
+    if not free:
+        return [fixed[i] for i in range(len(d))]
+    lo, hi = 0.0, 1.0 / max(d[free].min(), 1e-9)
+    if mean_at(hi) < need - 1e-9 or mean_at(lo) > need + 1e-9:
+        reach = (mean_at(lo), mean_at(hi))
+        raise StepadaptError(
+            f"budget {budget:.3f} is not reachable (free groups span {reach[0]:.3f}..{reach[1]:.3f})"
+        )
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(mid) < need else (lo, mid)
+    c = (lo + hi) / 2
+    return [fixed[i] if i in fixed else float(np.clip(c * d[i], MIN_RATIO, 1.0)) for i in range(len(d))]
+
+
+def make_plan(
+    difficulty: np.ndarray,
+    snr_db: np.ndarray,
+    base_macs: int,
+    *,
+    groups: int = 4,
+    partition_kind: str = "snr",
+    boundaries: list[int] | None = None,
+    budget: float | None = 0.5,
+    tdc_k: float = 0.5,
+    sampler: str = "ddim",
+    steps: int = 50,
+    measure: str = "snr",
+    scheduler_cfg: dict | None = None,
+) -> Plan:
+    """Group the timesteps and give each group its MAC budget.
+
+    ``budget=None`` uses the TDC rule with ``tdc_k``; otherwise ``budget`` is the
+    target mean MACs per visited step as a fraction of the base.
+    """
+    T = len(difficulty)
+    if boundaries is not None:
+        b = [int(v) for v in boundaries]
+        check_coverage(b, T)
+        partition_kind = "explicit"
+    else:
+        b = partition(partition_kind, groups, difficulty, snr_db)
+    visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
+    shares, diffs = [], []
+    for lo, hi in zip(b, b[1:], strict=False):
+        shares.append(float(np.mean((visits >= lo) & (visits < hi))))
+        diffs.append(float(difficulty[lo:hi].mean()))
+    if budget is None:
+        ratios, allocation = tdc_ratios(diffs, tdc_k), "tdc"
+    else:
+        if not MIN_RATIO <= budget <= 1.0:
+            raise StepadaptError(f"budget must be in [{MIN_RATIO}, 1], got {budget}")
+        ratios, allocation = budget_ratios(diffs, shares, budget), "budget"
+    gs = [
+        Group(
+            name=f"g{i}",
+            lo=lo,
+            hi=hi,
+            snr_db=(round(float(snr_db[hi - 1]), 2), round(float(snr_db[lo]), 2)),
+            difficulty=round(diffs[i], 4),
+            visit_share=shares[i],
+            macs_ratio=round(ratios[i], 4),
+        )
+        for i, (lo, hi) in enumerate(zip(b, b[1:], strict=False))
+    ]
+    return Plan(
+        num_train_timesteps=T,
+        base_macs=int(base_macs),
+        measure=measure,
+        partition=partition_kind,
+        allocation=allocation,
+        sampler=sampler,
+        steps=steps,
+        groups=gs,
+        budget=budget,
+        tdc_k=tdc_k if budget is None else None,
+        profile=[round(float(v), 5) for v in difficulty],
+    )

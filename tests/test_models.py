@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from stepadapt import StepadaptError
+from stepadapt.models import DEFAULT_BASE, build_unet, count_params, load_base, save_base
+
+
+def test_ddpm_cifar10_config_matches_the_published_model():
+    m = build_unet("ddpm-cifar10")
+    assert abs(count_params(m) - 35.7e6) / 35.7e6 < 0.01
+    macs, _ = tp.utils.count_ops_and_params(m, (torch.randn(1, 3, 32, 32), torch.tensor([1])))
+    assert abs(macs - 6.06e9) / 6.06e9 < 0.01
+
+
+def test_tiny_is_small_enough_for_a_cpu():
+    m = build_unet("tiny")
+    macs, params = tp.utils.count_ops_and_params(m, (torch.randn(1, 1, 32, 32), torch.tensor([1])))
+    assert macs <= 0.1e9
+    assert params < 1e6
+
+
+def test_unknown_config_is_refused():
+    with pytest.raises(StepadaptError, match="unknown model config"):
+        build_unet("huge")
+
+
+def test_diffusers_dir_round_trip_is_exact(tmp_path, tiny):
+    save_base(tiny, tmp_path / "m", {"beta_end": 0.02})
+    loaded, sched = load_base(tmp_path / "m")
+    assert sched["num_train_timesteps"] == 1000
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(tiny(x, t).sample, loaded(x, t).sample)
+    assert not list((tmp_path).glob(".m.*")), "temporary dirs must not be left behind"
+
+
+def test_overwriting_a_model_dir_is_atomic(tmp_path, tiny):
+    save_base(tiny, tmp_path / "m")
+    other = build_unet("tiny", seed=1)
+    save_base(other, tmp_path / "m")
+    loaded, _ = load_base(tmp_path / "m")
+    assert torch.equal(loaded.conv_in.weight, other.conv_in.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_bad_model_dirs_give_clear_errors(tmp_path, tiny):
+    with pytest.raises(StepadaptError, match="not found"):
+        load_base(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StepadaptError, match="no config.json"):
+        load_base(tmp_path / "empty")
+    save_base(tiny, tmp_path / "pickled")
+    w = tmp_path / "pickled" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_suffix(".bin"))
+    with pytest.raises(StepadaptError, match="never pickles"):
+        load_base(tmp_path / "pickled")
+    save_base(tiny, tmp_path / "corrupt")
+    w = tmp_path / "corrupt" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(StepadaptError, match="cannot load model"):
+        load_base(tmp_path / "corrupt")
+    save_base(tiny, tmp_path / "badjson")
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    with pytest.raises(StepadaptError, match="not valid JSON"):
+        load_base(tmp_path / "badjson")
+
+
+@pytest.mark.skipif(not DEFAULT_BASE.is_dir(), reason="shipped base not present")
+def test_shipped_base_loads_and_has_a_model_card():
+    model, sched = load_base()
+    assert model.config.in_channels == 1 and model.config.sample_size == 32
+    assert (DEFAULT_BASE / "MODEL_CARD.md").is_file()
+    cfg = json.loads((DEFAULT_BASE / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DModel"
+    assert sched["beta_schedule"] == "linear"

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from stepadapt import StepadaptError
+from stepadapt.sampling import (
+    Router,
+    initial_noise,
+    make_grid,
+    module_denoiser,
+    sample,
+    save_grid,
+    to_uint8,
+    validate_request,
+)
+from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler, snr_db
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_sampling_shapes_and_determinism(tiny, kind):
+    den = module_denoiser(tiny)
+
+    def run(seed):
+        x_t, g = initial_noise(3, (1, 32, 32), seed)
+        return sample(den, make_scheduler(kind, DEFAULT_SCHEDULER), x_t, 5, generator=g)
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (3, 1, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.abs().max() <= 1.0 + 1e-6
+
+
+def test_callback_sees_every_step(tiny):
+    seen = []
+    x_t, g = initial_noise(1, (1, 32, 32), 0)
+    sample(
+        module_denoiser(tiny),
+        make_scheduler("ddim"),
+        x_t,
+        7,
+        callback=lambda i, t, x: seen.append(t),
+    )
+    assert len(seen) == 7 and seen == sorted(seen, reverse=True) and seen[0] > 800
+
+
+def test_nan_denoiser_is_reported():
+    x_t, _ = initial_noise(1, (1, 8, 8), 0)
+    with pytest.raises(StepadaptError, match="NaN"):
+        sample(lambda x, t: torch.full_like(x, float("nan")), make_scheduler("ddim"), x_t, 3)
+
+
+def test_router_dispatches_by_timestep():
+    calls = []
+
+    def expert(k):
+        def f(x, t):
+            calls.append((k, t.tolist()))
+            return torch.full_like(x, float(k))
+
+        return f
+
+    r = Router([0, 250, 600, 1000], [expert(0), expert(1), expert(2)])
+    assert [r.index(t) for t in (0, 249, 250, 599, 600, 999)] == [0, 0, 1, 1, 2, 2]
+    x = torch.zeros(4, 1, 2, 2)
+    y = r(x, torch.tensor([10, 300, 700, 20]))
+    assert y[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 0.0]
+    with pytest.raises(StepadaptError, match="no expert covers"):
+        r.index(1000)
+    with pytest.raises(StepadaptError, match="increase"):
+        Router([0, 500, 500, 1000], [expert(0)] * 3)
+
+
+def test_request_validation():
+    validate_request(50, 4, 0.0, 64, 1000)
+    for args, msg in [
+        ((0, 4, 0.0), "steps"),
+        ((50, 0, 0.0), "images"),
+        ((50, 4, float("nan")), "eta"),
+    ]:
+        with pytest.raises(StepadaptError, match=msg):
+            validate_request(*args, 64, 1000)
+
+
+def test_snr_db_matches_the_linear_schedule():
+    s = snr_db(make_scheduler("ddpm", DEFAULT_SCHEDULER))
+    assert abs(s[0] - 40.0) < 0.1 and abs(s[999] + 43.9) < 0.1 and abs(s[470] + 9.3) < 0.1
+
+
+def test_grid_and_uint8(tmp_path):
+    x = torch.linspace(-1, 1, 5 * 4 * 4).reshape(5, 1, 4, 4)
+    u = to_uint8(x)
+    assert u.shape == (5, 4, 4, 1) and u.dtype == np.uint8 and u.min() == 0 and u.max() == 255
+    g = make_grid(u, ncol=3, pad=1)
+    assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
+    assert save_grid(u, tmp_path / "g.png").stat().st_size > 0
