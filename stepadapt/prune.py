@@ -133,11 +133,18 @@ def prune_to_macs(
         macs, params = count_macs(m)
         return PruneResult(m, r, macs, params, h, abs(macs - target_macs) <= tol * target_macs)
 
+    def better(a: PruneResult, b: PruneResult | None) -> bool:
+        # Prefer results within budget, then the one closest to the target.
+        def key(r: PruneResult) -> tuple[bool, float]:
+            return (r.macs > target_macs * (1 + tol), abs(r.macs - target_macs))
+
+        return b is None or key(a) < key(b)
+
     # MACs fall roughly with the square of the kept width: start there.
     r = min(max(1.0 - (target_macs / base_macs) ** 0.5, 0.01), 0.9)
     for _ in range(max_iter):
         res = attempt(r)
-        if best is None or abs(res.macs - target_macs) < abs(best.macs - target_macs):
+        if better(res, best):
             best = res
         if res.within_tolerance:
             return res
@@ -148,6 +155,14 @@ def prune_to_macs(
         r = (lo + hi) / 2
         if hi - lo < 1e-3:
             break
+    # Global pruning can make MACs non-monotone in the ratio (a layer's last
+    # group goes at once): scan a coarse grid before settling for the nearest.
+    for r in [i / 20 for i in range(1, 19)]:
+        res = attempt(r)
+        if better(res, best):
+            best = res
+        if res.within_tolerance:
+            return res
     assert best is not None
     return best
 

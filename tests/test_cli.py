@@ -33,3 +33,32 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert "error:" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["sample", "--steps", "0", "--base", str(tmp_path / "missing")])
     assert r.exit_code == 2
+
+
+def test_analyze_prune_info_and_routed_sample(tmp_path, tiny):
+    save_base(tiny, tmp_path / "m")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    common = ["--base", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz")]
+    r = runner.invoke(
+        app, ["analyze", *common, "--groups", "3", "--budget", "0.6", "--proxy-size", "8",
+              "--out", str(tmp_path / "plan.json")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
+    r = runner.invoke(
+        app, ["prune", *common, "--plan", str(tmp_path / "plan.json"), "--proxy-size", "4",
+              "--candidates", "taylor/global", "--out", str(tmp_path / "bundle")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "bundle")])
+    assert r.exit_code == 0, r.output
+    assert "g0" in r.output and "g2" in r.output and "trajectory mean" in r.output
+    r = runner.invoke(
+        app, ["sample", "--bundle", str(tmp_path / "bundle"), "--n", "2", "--steps", "4",
+              "--out", str(tmp_path / "s.png")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 32, 32, 1)
+    r = runner.invoke(app, ["prune", *common, "--plan", str(tmp_path / "missing.json")])
+    assert r.exit_code == 2 and "plan not found" in r.output

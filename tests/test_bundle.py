@@ -1,0 +1,106 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from stepadapt import StepadaptError
+from stepadapt.bundle import Bundle
+from stepadapt.compress import compress
+from stepadapt.difficulty import normalise, snr_profile
+from stepadapt.importance import Candidate, Memory
+from stepadapt.models import build_unet
+from stepadapt.plan import make_plan
+from stepadapt.prune import count_macs
+from stepadapt.schedule import DEFAULT_SCHEDULER
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    torch.set_num_threads(2)
+    base = build_unet("tiny", seed=0)
+    s = snr_profile(DEFAULT_SCHEDULER)
+    plan = make_plan(
+        normalise(s), s, count_macs(base)[0], groups=3, budget=0.6, scheduler_cfg=DEFAULT_SCHEDULER
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 32, 32, generator=g) * 2 - 1
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    mem = Memory(out.with_name("memory.json"))
+    compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem)
+    return out
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bundle_round_trip_is_exact(bundle_dir):
+    b = Bundle.load(bundle_dir)
+    assert [e.name for e in b.experts] == ["g0", "g1", "g2"]
+    assert b.manifest.boundaries[0] == 0 and b.manifest.boundaries[-1] == 1000
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 10])
+    for e in b.experts:
+        m1, m2 = b.load_expert(e.name), Bundle.load(bundle_dir).load_expert(e.name)
+        with torch.no_grad():
+            y1, y2 = m1(x, t).sample, m2(x, t).sample
+        assert y1.shape == x.shape and torch.equal(y1, y2)
+        assert count_macs(m1)[0] == e.macs
+    # Experts really differ in size: the hardest group keeps the most compute.
+    macs = [e.macs for e in b.experts]
+    assert macs[0] > macs[-1]
+
+
+def test_router_from_bundle_runs_every_step(bundle_dir):
+    r = Bundle.load(bundle_dir).router()
+    y = r(torch.randn(3, 1, 32, 32), torch.tensor([0, 500, 999]))
+    assert y.shape == (3, 1, 32, 32) and torch.isfinite(y).all()
+
+
+def test_gap_and_overlap_are_refused(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    man = json.loads((d / "manifest.json").read_text())
+    man["experts"][1]["timesteps"][0] += 5
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(StepadaptError, match="no expert covers"):
+        Bundle.load(d)
+    man["experts"][1]["timesteps"][0] -= 10
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(StepadaptError, match="overlap"):
+        Bundle.load(d)
+
+
+def test_checksum_and_missing_file_are_refused(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    w = d / "experts" / "g1.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(StepadaptError, match="checksum"):
+        Bundle.load(d)
+    w.unlink()
+    with pytest.raises(StepadaptError, match="missing"):
+        Bundle.load(d)
+
+
+def test_weights_that_do_not_fit_the_structure_are_refused(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    shutil.copy(d / "experts" / "g2.safetensors", d / "experts" / "g0.safetensors")
+    b = Bundle.load(d, verify=False)
+    with pytest.raises(StepadaptError, match="do not match its structure"):
+        b.load_expert("g0")
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(StepadaptError, match="not found"):
+        Bundle.load(tmp_path / "nope")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(StepadaptError, match="not a stepadapt bundle"):
+        Bundle.load(tmp_path)
+
+
+def test_memory_bank_makes_reruns_cheap(bundle_dir, tmp_path):
+    mem = Memory(bundle_dir.with_name("memory.json"))
+    assert len(mem.entries) == 3  # one candidate per group, remembered

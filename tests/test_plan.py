@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from stepadapt import StepadaptError
+from stepadapt.difficulty import normalise, snr_profile
+from stepadapt.plan import Plan, budget_ratios, make_plan, partition, tdc_ratios, visited_timesteps
+from stepadapt.schedule import DEFAULT_SCHEDULER
+
+SNR = snr_profile(DEFAULT_SCHEDULER)
+D = normalise(SNR)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "snr", "mass"])
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_partitions_tile_the_timesteps(kind, n):
+    b = partition(kind, n, D, SNR)
+    assert b[0] == 0 and b[-1] == 1000 and len(b) == n + 1
+    assert all(lo < hi for lo, hi in zip(b, b[1:], strict=False))
+
+
+def test_snr_partition_has_equal_db_width():
+    b = partition("snr", 4, D, SNR)
+    widths = [SNR[lo] - SNR[hi - 1] for lo, hi in zip(b, b[1:], strict=False)]
+    assert max(widths) - min(widths) < 1.5  # dB, up to one timestep of rounding
+
+
+def test_tdc_rule_matches_the_paper():
+    # N=5, k=0.5: 0.6, 0.7, 0.8, 0.9, 1.0 of F, the largest on the hardest group.
+    r = tdc_ratios([0.9, 0.1, 0.5, 0.3, 0.7], k=0.5)
+    assert r == pytest.approx([1.0, 0.6, 0.8, 0.7, 0.9])
+    assert np.mean(r) == pytest.approx(0.8)
+
+
+def test_budget_mean_is_over_visited_steps():
+    plan = make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, sampler="ddim", steps=50)
+    assert plan.mean_ratio() == pytest.approx(0.5, abs=1e-3)
+    assert sum(g.visit_share for g in plan.groups) == pytest.approx(1.0)
+    ratios = [g.macs_ratio for g in plan.groups]
+    assert ratios == sorted(ratios, reverse=True), "harder (low t) groups get more compute"
+    visits = visited_timesteps("ddim", 50, {})
+    assert len(visits) == 50 and visits.max() < 1000
+
+
+def test_budget_with_fixed_groups_pays_back_the_difference():
+    d, w = [0.9, 0.6, 0.3, 0.1], [0.1, 0.3, 0.3, 0.3]
+    r = budget_ratios(d, w, 0.5, fixed={0: 1.0})
+    assert r[0] == 1.0
+    assert sum(a * b for a, b in zip(r, w, strict=True)) == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(StepadaptError, match="not reachable"):
+        budget_ratios(d, w, 0.02)
+
+
+def test_plan_json_round_trip_and_validation(tmp_path):
+    plan = make_plan(D, SNR, 123, boundaries=[0, 100, 600, 1000], budget=None, tdc_k=0.5)
+    assert plan.allocation == "tdc" and plan.partition == "explicit"
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == plan
+    with pytest.raises(StepadaptError, match="cover"):
+        make_plan(D, SNR, 123, boundaries=[0, 100, 900])
+    with pytest.raises(StepadaptError, match="overlap"):
+        make_plan(D, SNR, 123, boundaries=[0, 500, 500, 1000])
+    (tmp_path / "bad.json").write_text('{"format": "something-else"}')
+    with pytest.raises(StepadaptError, match="not a stepadapt plan"):
+        Plan.load(tmp_path / "bad.json")
