@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 from safetensors import SafetensorError
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from stepadapt import StepadaptError, __version__
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
-from stepadapt.plan import check_coverage
+from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
 from stepadapt.sampling import Router, module_denoiser
 
@@ -83,6 +84,17 @@ class Manifest:
     @property
     def boundaries(self) -> list[int]:
         return [e.lo for e in self.experts] + [self.experts[-1].hi]
+
+    def visit_shares(self) -> list[float]:
+        """Fraction of the plan's sampler steps (default 50 DDIM) each expert serves."""
+        plan = self.plan or {}
+        visits = visited_timesteps(plan.get("sampler", "ddim"), plan.get("steps", 50), self.scheduler)
+        return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in self.experts]
+
+    def trajectory_macs_ratio(self) -> float:
+        """Mean MACs per visited sampling step, as a fraction of the base: what an image costs."""
+        shares = self.visit_shares()
+        return sum(s * e.macs for s, e in zip(shares, self.experts, strict=True)) / self.base_macs
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **asdict(self)}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 import typer
 from rich.console import Console
@@ -121,22 +120,21 @@ def train_base(
     )
 
 
-def _sample_grid(model, scheduler_cfg, path: Path, n: int = 16, steps: int = 50, seed: int = 0) -> Path:
-    from stepadapt.sampling import initial_noise, module_denoiser, sample, save_grid, to_uint8
-    from stepadapt.schedule import make_scheduler
+def _model_denoiser(model) -> tuple:
+    """A base/EMA model as (denoiser, sample shape), run on the model's own device."""
+    from stepadapt.sampling import module_denoiser
 
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     device = next(model.parameters()).device
-    x_t, gen = initial_noise(n, shape, seed)
     den = module_denoiser(model)
-    x = sample(
-        lambda x, t: den(x.to(device), t.to(device)).cpu(),
-        make_scheduler("ddim", scheduler_cfg),
-        x_t,
-        steps,
-        generator=gen,
-    )
-    return save_grid(to_uint8(x), path)
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    return (lambda x, t: den(x.to(device), t.to(device)).cpu()), shape
+
+
+def _sample_grid(model, scheduler_cfg, path: Path, n: int = 16, steps: int = 50, seed: int = 0) -> Path:
+    from stepadapt.sampling import sample_images, save_grid
+
+    den, shape = _model_denoiser(model)
+    return save_grid(sample_images(den, scheduler_cfg, shape, n, steps=steps, seed=seed), path)
 
 
 @app.command()
@@ -159,16 +157,7 @@ def sample(
     from tqdm.auto import tqdm
 
     from stepadapt.models import load_base
-    from stepadapt.sampling import (
-        initial_noise,
-        module_denoiser,
-        save_grid,
-        save_npz,
-        to_uint8,
-        validate_request,
-    )
-    from stepadapt.sampling import sample as run_sample
-    from stepadapt.schedule import make_scheduler
+    from stepadapt.sampling import sample_images, save_grid, save_npz
 
     try:
         if bundle is not None:
@@ -178,27 +167,12 @@ def sample(
             den, sched_cfg, shape = b.router(), b.manifest.scheduler, b.manifest.sample_shape
         else:
             model, sched_cfg = load_base(base)
-            den = module_denoiser(model)
-            shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-        validate_request(steps, n, eta, 100000, sched_cfg["num_train_timesteps"])
-        x_t, gen = initial_noise(n, shape, seed)
-        chunks = []
-        with tqdm(
-            total=steps * ((n + batch - 1) // batch), unit="step", disable=not sys.stderr.isatty()
-        ) as bar:
-            for lo in range(0, n, batch):
-                chunks.append(
-                    run_sample(
-                        den,
-                        make_scheduler(sampler, sched_cfg),
-                        x_t[lo : lo + batch],
-                        steps,
-                        eta=eta,
-                        generator=gen,
-                        callback=lambda i, t, x: bar.update(1),
-                    )
-                )
-        images = to_uint8(torch.cat(chunks))
+            den, shape = _model_denoiser(model)
+        with tqdm(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
+            images = sample_images(
+                den, sched_cfg, shape, n, steps=steps, sampler=sampler, eta=eta, seed=seed, batch=batch,
+                callback=lambda i, t, x: bar.update(1),
+            )  # fmt: skip
         save_grid(images, out_path)
         save_npz(images, out_path.with_suffix(".npz"))
     except StepadaptError as e:
@@ -245,43 +219,29 @@ def analyze(
     seed: Annotated[int, typer.Option(help="Seed of the proxy batch and noise.")] = 0,
 ) -> None:
     """Difficulty per timestep -> groups and a MAC budget per group (plan.json + plot)."""
+    from stepadapt.analyze import analyze_base
     from stepadapt.data import load_dataset
-    from stepadapt.difficulty import loss_profile, normalise, snr_profile
     from stepadapt.models import load_base
-    from stepadapt.plan import make_plan
     from stepadapt.plots import plot_plan
-    from stepadapt.prune import count_macs
 
     try:
         model, sched_cfg = load_base(base)
-        s = snr_profile(sched_cfg)
-        profiles = {"snr": normalise(s)}
-        if measure == "loss" or measure == "snr":
-            x = load_dataset(
-                data, "test", model.config.sample_size, model.config.in_channels, limit=proxy_size, seed=seed
-            )
-            profiles["loss"] = normalise(loss_profile(model, sched_cfg, x, seed=seed))
-        if measure not in profiles:
-            raise StepadaptError(f"unknown measure {measure!r}; choose snr or loss")
-        macs, _ = count_macs(model)
-        plan = make_plan(
-            profiles[measure],
-            s,
-            macs,
-            groups=groups,
-            partition_kind=partition,
-            boundaries=_parse_ints(boundaries, "--boundaries"),
-            budget=None if tdc else budget,
-            tdc_k=tdc_k,
-            sampler=sampler,
-            steps=steps,
-            measure=measure,
-            scheduler_cfg=sched_cfg,
-        )
+        c, size = model.config.in_channels, model.config.sample_size
+        proxy = load_dataset(data, "test", size, c, limit=proxy_size, seed=seed)
+        plan, profiles = analyze_base(
+            model, sched_cfg, proxy, measure=measure, groups=groups, partition=partition,
+            boundaries=_parse_ints(boundaries, "--boundaries"), budget=None if tdc else budget,
+            tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed,
+        )  # fmt: skip
         plan.save(out_path)
         png = plot_plan(plan, profiles, out_path.with_suffix(".png"))
     except StepadaptError as e:
         _fail(e)
+    _print_plan(plan)
+    out.print(f"plan -> {out_path}, plot -> {png}")
+
+
+def _print_plan(plan) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan: {plan.allocation}, mean {plan.mean_ratio():.3f} x base MACs")
@@ -297,7 +257,6 @@ def analyze(
             f"{g.macs_ratio:.3f}",
         )
     out.print(table)
-    out.print(f"plan -> {out_path}, plot -> {png}")
 
 
 @app.command()
@@ -325,27 +284,16 @@ def prune(
     """Prune one expert per plan group (candidate search by proxy loss) -> bundle."""
     from stepadapt.compress import compress
     from stepadapt.data import proxy_sets
-    from stepadapt.difficulty import snr_profile
-    from stepadapt.importance import KINDS, Candidate, Memory
+    from stepadapt.importance import Candidate, Memory
     from stepadapt.models import load_base
-    from stepadapt.plan import Plan, make_plan
+    from stepadapt.plan import Plan, uniform_plan
 
     try:
         model, sched_cfg = load_base(base)
         plan = Plan.load(plan_path)
         if uniform:
-            s = snr_profile(sched_cfg)
-            plan = make_plan(
-                np.ones(plan.num_train_timesteps), s, plan.base_macs,
-                boundaries=[0, plan.num_train_timesteps], budget=plan.mean_ratio(),
-                sampler=plan.sampler, steps=plan.steps, measure="uniform", scheduler_cfg=sched_cfg,
-            )  # fmt: skip
-        cands = []
-        for c in candidates.split(","):
-            kind, _, scope = c.strip().partition("/")
-            if kind not in KINDS or scope not in ("local", "global", ""):
-                raise StepadaptError(f"bad candidate {c!r}: use importance/scope with importance in {KINDS}")
-            cands.append(Candidate(kind, scope == "global"))
+            plan = uniform_plan(plan, sched_cfg)
+        cands = [Candidate.parse(c) for c in candidates.split(",")]
         train, val = proxy_sets(data, proxy_size, model.config.sample_size, model.config.in_channels, seed)
         mem = Memory(memory or out_dir.with_name(out_dir.name + ".memory.json"))
         manifest = compress(
@@ -361,9 +309,9 @@ def prune(
 def _print_info(m) -> None:
     from rich.table import Table
 
-    shares = _visit_shares(m)
-    mean = sum(s * e.macs for s, e in zip(shares, m.experts, strict=True)) / m.base_macs
-    table = Table(title=f"{len(m.experts)} experts, trajectory mean {mean:.3f} x base MACs")
+    table = Table(
+        title=f"{len(m.experts)} experts, trajectory mean {m.trajectory_macs_ratio():.3f} x base MACs"
+    )
     for col in ("expert", "timesteps", "SNR dB", "MACs", "vs base", "target", "params", "importance"):
         table.add_column(col, justify="right")
     for e in m.experts:
@@ -379,14 +327,6 @@ def _print_info(m) -> None:
         )
     table.add_row("base", "", "", f"{m.base_macs / 1e6:.2f}M", "1.000", "", f"{m.base_params / 1e6:.3f}M", "")
     out.print(table)
-
-
-def _visit_shares(m) -> list[float]:
-    from stepadapt.plan import visited_timesteps
-
-    plan = m.plan or {}
-    visits = visited_timesteps(plan.get("sampler", "ddim"), plan.get("steps", 50), m.scheduler)
-    return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in m.experts]
 
 
 @app.command()
@@ -407,16 +347,48 @@ def demo(
         "demo-out"
     ),
     base: BaseOpt = DEFAULT_BASE,
+    budget: Annotated[float, typer.Option(help="Target mean MACs per step, fraction of the base.")] = 0.5,
+    groups: Annotated[int, typer.Option(help="Number of experts.")] = 4,
+    n: Annotated[int, typer.Option("--n", help="Images per sample grid.")] = 36,
 ) -> None:
-    """Run the main job on the shipped default base (Fashion-MNIST, tiny U-Net)."""
+    """The main job on the shipped default base: analyze -> prune -> routed samples.
+
+    Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ and
+    OUT/bundle_samples.png (same seed as the base grid, so they compare 1:1).
+    """
+    from stepadapt.analyze import analyze_base
+    from stepadapt.bundle import Bundle
+    from stepadapt.compress import compress
+    from stepadapt.data import proxy_sets
+    from stepadapt.importance import Memory
     from stepadapt.models import load_base
+    from stepadapt.plots import plot_plan
+    from stepadapt.sampling import sample_images, save_grid
 
     try:
         model, sched_cfg = load_base(base)
-        path = _sample_grid(model, sched_cfg, out_dir / "base_samples.png", n=36)
+        console.print(f"[1/4] base samples ({n}, DDIM 50 steps)")
+        path = _sample_grid(model, sched_cfg, out_dir / "base_samples.png", n=n)
+        out.print(f"base samples -> {path}")
+        console.print("[2/4] analyze: difficulty profiles, groups, budgets")
+        train, val = proxy_sets("fashion-mnist", 128, model.config.sample_size, model.config.in_channels)
+        plan, profiles = analyze_base(model, sched_cfg, val, groups=groups, budget=budget)
+        plan.save(out_dir / "plan.json")
+        plot_plan(plan, profiles, out_dir / "plan.png")
+        _print_plan(plan)
+        console.print("[3/4] prune: candidate search per group")
+        bundle_dir = out_dir / "bundle"
+        manifest = compress(
+            model, sched_cfg, plan, train, val, bundle_dir, memory=Memory(out_dir / "memory.json"),
+            log=console.print, command="stepadapt demo",
+        )  # fmt: skip
+        _print_info(manifest)
+        console.print("[4/4] routed samples from the experts (not fine-tuned yet)")
+        images = sample_images(Bundle.load(bundle_dir).router(), sched_cfg, manifest.sample_shape, n)
+        path = save_grid(images, out_dir / "bundle_samples.png")
     except StepadaptError as e:
         _fail(e)
-    out.print(f"base samples (DDIM, 50 steps) -> {path}")
+    out.print(f"routed samples -> {path}; plan -> {out_dir / 'plan.png'}; bundle -> {bundle_dir}")
 
 
 def main() -> None:  # pragma: no cover

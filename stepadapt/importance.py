@@ -109,6 +109,17 @@ class Candidate:
     def label(self) -> str:
         return f"{self.importance}/{'global' if self.global_pruning else 'local'}"
 
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        """'taylor/global' -> Candidate('taylor', True); the scope defaults to local."""
+        kind, _, scope = text.strip().partition("/")
+        if kind not in KINDS or scope not in ("local", "global", ""):
+            raise StepadaptError(
+                f"bad candidate {text!r}: use IMPORTANCE[/local|/global], "
+                f"IMPORTANCE one of {', '.join(KINDS)}"
+            )
+        return cls(kind, scope == "global")
+
 
 DEFAULT_CANDIDATES = (
     Candidate("taylor", False),

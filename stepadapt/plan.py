@@ -233,3 +233,15 @@ def make_plan(
         tdc_k=tdc_k if budget is None else None,
         profile=[round(float(v), 5) for v in difficulty],
     )
+
+
+def uniform_plan(plan: Plan, scheduler_cfg: dict) -> Plan:
+    """One group over all of [0, T) at ``plan``'s trajectory-mean MACs: the baseline
+    every step-adaptive claim is measured against (Diff-Pruning style)."""
+    from stepadapt.difficulty import snr_profile
+
+    T = plan.num_train_timesteps
+    return make_plan(
+        np.ones(T), snr_profile(scheduler_cfg), plan.base_macs, boundaries=[0, T], budget=plan.mean_ratio(),
+        sampler=plan.sampler, steps=plan.steps, measure="uniform", scheduler_cfg=scheduler_cfg,
+    )  # fmt: skip

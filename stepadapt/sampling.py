@@ -153,3 +153,36 @@ def save_npz(images: np.ndarray, path: str | os.PathLike) -> Path:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, images=images)
     return path
+
+
+def sample_images(
+    denoiser: Denoiser,
+    scheduler_cfg: dict,
+    shape: Sequence[int],
+    n: int,
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    seed: int = 0,
+    batch: int = 64,
+    callback: StepCallback | None = None,
+) -> np.ndarray:
+    """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images."""
+    from stepadapt.schedule import make_scheduler
+
+    validate_request(steps, n, eta, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
+    x_t, gen = initial_noise(n, shape, seed)
+    chunks = [
+        sample(
+            denoiser,
+            make_scheduler(sampler, scheduler_cfg),
+            x_t[lo : lo + batch],
+            steps,
+            eta=eta,
+            generator=gen,
+            callback=callback,
+        )  # fmt: skip
+        for lo in range(0, n, batch)
+    ]
+    return to_uint8(torch.cat(chunks))
