@@ -152,6 +152,9 @@ def sample(
     bundle: Annotated[
         Path | None, typer.Option(help="Sample from an expert bundle (each step routed) instead of --base.")
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="With --bundle: torch, or onnxruntime (needs 'stepadapt export').")
+    ] = "torch",
 ) -> None:
     """Sample images from a base model, or from a bundle's experts with per-step routing."""
     from tqdm.auto import tqdm
@@ -164,7 +167,7 @@ def sample(
             from stepadapt.bundle import Bundle
 
             b = Bundle.load(bundle)
-            den, sched_cfg, shape = b.router(), b.manifest.scheduler, b.manifest.sample_shape
+            den, sched_cfg, shape = _bundle_router(b, backend), b.manifest.scheduler, b.manifest.sample_shape
         else:
             model, sched_cfg = load_base(base)
             den, shape = _model_denoiser(model)
@@ -178,6 +181,16 @@ def sample(
     except StepadaptError as e:
         _fail(e)
     out.print(f"{n} images -> {out_path} and {out_path.with_suffix('.npz')}")
+
+
+def _bundle_router(b, backend: str):
+    if backend == "torch":
+        return b.router()
+    if backend == "onnxruntime":
+        from stepadapt.export.onnx import onnx_router
+
+        return onnx_router(b)
+    raise StepadaptError(f"unknown backend {backend!r}; choose torch or onnxruntime")
 
 
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -339,6 +352,44 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
     except StepadaptError as e:
         _fail(e)
     _print_info(b.manifest)
+
+
+@app.command()
+def export(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    atol: Annotated[float, typer.Option(help="Max abs error allowed vs PyTorch (fp32).")] = 1e-4,
+    trt: Annotated[
+        bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT + GPU).")
+    ] = False,
+) -> None:
+    """Export every expert to ONNX (parity-checked in onnxruntime); optionally TensorRT."""
+    from stepadapt.bundle import Bundle
+    from stepadapt.export.onnx import export_bundle
+
+    try:
+        b = Bundle.load(bundle)
+        if trt:
+            from stepadapt.export.tensorrt import require
+
+            require()  # fail before spending time on ONNX
+        reports = export_bundle(b, opset=opset, atol=atol, log=console.print)
+        if trt:
+            from stepadapt.export.tensorrt import build_engine, parity
+            from stepadapt.io import sha256_file
+
+            for e in b.experts:
+                plan = build_engine(b.path / e.onnx["path"], b.path / "trt" / f"{e.name}.plan",
+                                    timing_cache=b.path / "trt" / "timing.cache")  # fmt: skip
+                err = parity(plan, b.path / e.onnx["path"], e.lo, e.hi, b.manifest.sample_shape)
+                if err > atol * 10:
+                    raise StepadaptError(f"expert {e.name}: TensorRT parity failed (max abs error {err:.2e})")
+                e.trt = {"path": f"trt/{plan.name}", "sha256": sha256_file(plan), "max_abs_err": err}
+            b.save_manifest()
+    except StepadaptError as e:
+        _fail(e)
+    for r in reports:
+        out.print(f"{r.name}: {r.path} (max abs err {r.max_abs_err:.1e}, {r.seconds:.1f}s)")
 
 
 @app.command()

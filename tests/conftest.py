@@ -13,3 +13,26 @@ def _threads():
 @pytest.fixture
 def tiny():
     return build_unet("tiny", seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A 3-expert bundle pruned from a random tiny base (built once per test run)."""
+    from stepadapt.compress import compress
+    from stepadapt.difficulty import normalise, snr_profile
+    from stepadapt.importance import Candidate, Memory
+    from stepadapt.plan import make_plan
+    from stepadapt.prune import count_macs
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+
+    torch.set_num_threads(2)
+    base = build_unet("tiny", seed=0)
+    s = snr_profile(DEFAULT_SCHEDULER)
+    plan = make_plan(
+        normalise(s), s, count_macs(base)[0], groups=3, budget=0.6, scheduler_cfg=DEFAULT_SCHEDULER
+    )
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    mem = Memory(out.with_name("memory.json"))
+    compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem)
+    return out

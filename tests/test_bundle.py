@@ -6,29 +6,13 @@ import torch
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
-from stepadapt.compress import compress
-from stepadapt.difficulty import normalise, snr_profile
-from stepadapt.importance import Candidate, Memory
-from stepadapt.models import build_unet
-from stepadapt.plan import make_plan
+from stepadapt.importance import Memory
 from stepadapt.prune import count_macs
-from stepadapt.schedule import DEFAULT_SCHEDULER
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    torch.set_num_threads(2)
-    base = build_unet("tiny", seed=0)
-    s = snr_profile(DEFAULT_SCHEDULER)
-    plan = make_plan(
-        normalise(s), s, count_macs(base)[0], groups=3, budget=0.6, scheduler_cfg=DEFAULT_SCHEDULER
-    )
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 1, 32, 32, generator=g) * 2 - 1
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    mem = Memory(out.with_name("memory.json"))
-    compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem)
-    return out
+@pytest.fixture
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 def _copy(src, tmp_path):

@@ -1,0 +1,181 @@
+"""Experts -> ONNX, with an onnxruntime parity check against PyTorch for every file.
+
+Inputs are ``sample`` [B, C, H, W] float32 and ``timestep`` [B] int64, output
+``eps``; the batch axis is dynamic so Triton can batch steps of concurrent
+requests. The TorchScript-based exporter is used (``dynamo=False``): it
+handles diffusers' U-Net without extra dependencies and its graphs pass parity.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from diffusers import UNet2DModel
+
+from stepadapt import StepadaptError
+from stepadapt.bundle import Bundle
+from stepadapt.io import sha256_file
+from stepadapt.sampling import Router
+
+OPSET = 17
+FP32_ATOL = 1e-4
+PARITY_BATCHES = (1, 3, 8)
+
+
+class _EpsOnly(torch.nn.Module):
+    """diffusers returns a dataclass; ONNX wants a plain tensor output."""
+
+    def __init__(self, model: UNet2DModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.model(sample, timestep).sample
+
+
+def export_model(model: UNet2DModel, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write ``model`` as ONNX to ``path`` (the caller makes the write atomic)."""
+    c, s = model.config.in_channels, model.config.sample_size
+    x, t = torch.randn(2, c, s, s), torch.tensor([1, 2], dtype=torch.long)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
+        torch.onnx.export(
+            _EpsOnly(model.eval()),
+            (x, t),
+            str(path),
+            input_names=["sample", "timestep"],
+            output_names=["eps"],
+            dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+    return Path(path)
+
+
+def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise StepadaptError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+class OnnxDenoiser:
+    """An onnxruntime session as a ``(x, t) -> eps`` denoiser (torch in, torch out)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.path = Path(path)
+        self.session = session(path, threads)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = self.session.run(
+            ["eps"],
+            {"sample": x.detach().float().cpu().numpy(), "timestep": t.detach().long().cpu().numpy()},
+        )[0]
+        return torch.from_numpy(eps)
+
+
+def parity(
+    model: UNet2DModel,
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lo: int,
+    hi: int,
+    batches: Sequence[int] = PARITY_BATCHES,
+    seed: int = 0,
+) -> float:
+    """Max abs difference between PyTorch and ``denoiser`` on random inputs, t in [lo, hi)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.in_channels, model.config.sample_size
+    worst = 0.0
+    for b in batches:
+        x = torch.randn(b, c, s, s, generator=g)
+        t = torch.randint(lo, hi, (b,), generator=g)
+        with torch.no_grad():
+            ref = model(x, t).sample
+        worst = max(worst, float((denoiser(x, t) - ref).abs().max()))
+    return worst
+
+
+@dataclass
+class ExportReport:
+    name: str
+    path: Path
+    max_abs_err: float
+    seconds: float
+
+
+def export_bundle(
+    bundle: Bundle,
+    opset: int = OPSET,
+    atol: float = FP32_ATOL,
+    batches: Sequence[int] = PARITY_BATCHES,
+    log: Callable[[str], None] | None = None,
+) -> list[ExportReport]:
+    """Export every expert to ``bundle/onnx/<name>.onnx`` with a parity check each.
+
+    All files are written to a temporary directory first; only when every
+    expert passes are they moved in and the manifest updated, so a failure
+    leaves the bundle as it was.
+    """
+    import time
+
+    out_dir = bundle.path / "onnx"
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".onnx.", dir=bundle.path))
+    except OSError as e:
+        raise StepadaptError(f"cannot write into bundle {bundle.path}: {e.strerror}") from None
+    reports = []
+    try:
+        for e in bundle.experts:
+            t0 = time.perf_counter()
+            model = bundle.load_expert(e.name)
+            path = export_model(model, stage / f"{e.name}.onnx", opset)
+            err = parity(model, OnnxDenoiser(path, threads=1), e.lo, e.hi, batches)
+            if not np.isfinite(err) or err > atol:
+                raise StepadaptError(
+                    f"expert {e.name}: ONNX parity failed (max abs error {err:.2e} > {atol:.0e})"
+                )
+            reports.append(ExportReport(e.name, out_dir / path.name, err, time.perf_counter() - t0))
+            if log:
+                log(f"  {e.name}: onnx ok, max abs err {err:.2e} at batch {list(batches)}")
+        out_dir.mkdir(exist_ok=True)
+        for r in reports:
+            os.replace(stage / r.path.name, r.path)
+            bundle.expert(r.name).onnx = {
+                "path": f"onnx/{r.path.name}",
+                "sha256": sha256_file(r.path),
+                "opset": opset,
+                "precision": "fp32",
+                "max_abs_err": r.max_abs_err,
+                "inputs": {"sample": "float32[B,C,H,W]", "timestep": "int64[B]"},
+                "outputs": {"eps": "float32[B,C,H,W]"},
+            }
+        bundle.save_manifest()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return reports
+
+
+def onnx_router(bundle: Bundle, threads: int | None = None) -> Router:
+    """The bundle's experts as onnxruntime sessions behind a Router (checksums verified)."""
+    experts = []
+    for e in bundle.experts:
+        if not e.onnx:
+            raise StepadaptError(f"expert {e.name} has no ONNX export: run 'stepadapt export {bundle.path}'")
+        path = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
+        experts.append(OnnxDenoiser(path, threads))
+    return Router(bundle.manifest.boundaries, experts)
