@@ -1,0 +1,117 @@
+"""A small client for the generate endpoints (tritonclient, HTTP or gRPC)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from stepadapt import StepadaptError
+
+
+@dataclass
+class GenerateRequest:
+    num_images: int = 16
+    steps: int = 50
+    seed: int = 0
+    sampler: str = "ddim"
+    eta: float = 0.0
+
+
+def _inputs(mod, req: GenerateRequest) -> list:
+    values = [
+        ("seed", np.array([req.seed], dtype=np.int64), "INT64"),
+        ("num_images", np.array([req.num_images], dtype=np.int32), "INT32"),
+        ("steps", np.array([req.steps], dtype=np.int32), "INT32"),
+        ("sampler", np.array([req.sampler.encode()], dtype=np.object_), "BYTES"),
+        ("eta", np.array([req.eta], dtype=np.float32), "FP32"),
+    ]
+    out = []
+    for name, arr, dtype in values:
+        t = mod.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+def _message(e: Exception) -> str:
+    msg = getattr(e, "message", None)
+    text = msg() if callable(msg) else str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def generate(url: str, req: GenerateRequest, protocol: str = "http", timeout: float = 600.0) -> np.ndarray:
+    """Images (uint8, N x H x W x C) from the ``generate`` model."""
+    from tritonclient.utils import InferenceServerException
+
+    if protocol == "http":
+        import tritonclient.http as mod
+
+        client = mod.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+    elif protocol == "grpc":
+        import tritonclient.grpc as mod
+
+        client = mod.InferenceServerClient(url)
+    else:
+        raise StepadaptError(f"unknown protocol {protocol!r}; use http or grpc")
+    try:
+        kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
+        res = client.infer(
+            "generate", _inputs(mod, req), outputs=[mod.InferRequestedOutput("images")], **kwargs
+        )
+    except InferenceServerException as e:
+        raise StepadaptError(f"server refused the request: {_message(e)}") from None
+    except Exception as e:  # connection refused, DNS, timeouts
+        raise StepadaptError(f"cannot reach Triton at {url}: {_message(e)}") from None
+    finally:
+        client.close()
+    return res.as_numpy("images")
+
+
+def generate_stream(
+    url: str,
+    req: GenerateRequest,
+    on_step: Callable[[int, int, str], None] | None = None,
+    timeout: float = 600.0,
+) -> np.ndarray:
+    """Stream from ``generate_stream`` over gRPC: ``on_step(step, t, expert)``, then the images."""
+    import tritonclient.grpc as mod
+
+    results: queue.Queue = queue.Queue()
+    client = mod.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer("generate_stream", _inputs(mod, req), enable_empty_final_response=True)
+        images = None
+        while True:
+            try:
+                result, error = results.get(timeout=timeout)
+            except queue.Empty:
+                raise StepadaptError(f"no message from the server in {timeout:.0f}s") from None
+            if error is not None:
+                raise StepadaptError(f"server refused the request: {_message(error)}")
+            resp = result.get_response()
+            if result.as_numpy("images") is not None:
+                images = result.as_numpy("images")
+            elif result.as_numpy("step") is not None and on_step is not None:
+                expert = result.as_numpy("expert")[0]
+                on_step(
+                    int(result.as_numpy("step")[0]),
+                    int(result.as_numpy("timestep")[0]),
+                    expert.decode() if isinstance(expert, bytes) else str(expert),
+                )
+            final = resp.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    except StepadaptError:
+        raise
+    except Exception as e:
+        raise StepadaptError(f"cannot stream from Triton at {url}: {_message(e)}") from None
+    finally:
+        client.stop_stream()
+        client.close()
+    if images is None:
+        raise StepadaptError("the stream ended without images")
+    return images

@@ -1,0 +1,66 @@
+"""Triton python-backend model: one expert's ONNX in onnxruntime (CPU).
+
+Dynamic batching hands ``execute`` several requests at once (steps of
+concurrent generations that landed on this expert); they run as one batch.
+A malformed request gets its own error response; the others still run.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _error(msg):
+    try:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG))
+    except (AttributeError, TypeError):  # older python backends have no error codes
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(params.get("threads", "1"))
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
+        self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
+
+    def _check(self, x, t):
+        if x.shape[1:] != self.shape:
+            return f"sample must be [B, {', '.join(map(str, self.shape))}], got {list(x.shape)}"
+        if t.size != x.shape[0]:
+            return f"timestep must have one value per sample ({x.shape[0]}), got {t.size}"
+        if not np.isfinite(x).all():
+            return "sample contains NaN or infinite values"
+        if t.size and (t.min() < self.lo or t.max() >= self.hi):
+            return f"timestep outside this expert's interval [{self.lo}, {self.hi})"
+        return None
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        xs, ts, idx = [], [], []
+        for i, r in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(r, "sample").as_numpy().astype(np.float32, copy=False)
+            t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.int64)
+            problem = self._check(x, t)
+            if problem:
+                responses[i] = _error(problem)
+            else:
+                xs.append(x)
+                ts.append(t)
+                idx.append(i)
+        if xs:
+            eps = self.session.run(["eps"], {"sample": np.concatenate(xs), "timestep": np.concatenate(ts)})[0]
+            start = 0
+            for i, x in zip(idx, xs, strict=True):
+                part = eps[start : start + len(x)]
+                start += len(x)
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("eps", part)])
+        return responses
