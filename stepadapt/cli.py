@@ -393,6 +393,108 @@ def export(
 
 
 @app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Exported bundle directory.")],
+    repo: Annotated[
+        Path | None, typer.Option(help="Where to write the model repository (default BUNDLE/triton).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads per expert instance.")] = 1,
+    instances: Annotated[int, typer.Option(help="Instances per expert.")] = 1,
+    max_images: Annotated[
+        int, typer.Option(help="Most images one request may ask for (= expert max batch).")
+    ] = 64,
+    model_config_name: Annotated[
+        str | None,
+        typer.Option(help="'gpu' selects the TensorRT/ONNX Runtime GPU configs (full Triton only)."),
+    ] = None,
+    log: Annotated[Path | None, typer.Option(help="Triton log file (default BUNDLE/triton.log).")] = None,
+) -> None:
+    """Write the Triton model repository for BUNDLE and run tritonserver until Ctrl-C."""
+    import signal
+    import threading
+
+    from stepadapt.bundle import Bundle
+    from stepadapt.serving.repository import RepositoryOptions, write_repository
+    from stepadapt.serving.server import TritonServer
+
+    try:
+        b = Bundle.load(bundle)
+        opts = RepositoryOptions(threads=threads, instances=instances, max_batch=max_images)
+        repo_path = write_repository(b, repo or b.path / "triton", opts)
+        server = TritonServer(
+            repo_path, host=host, http_port=http_port, grpc_port=grpc_port,
+            log_path=log or b.path / "triton.log", model_config_name=model_config_name,
+        )  # fmt: skip
+        console.print(f"starting tritonserver on {host} (repository {repo_path}) ...")
+        server.start()
+    except StepadaptError as e:
+        _fail(e)
+    out.print(
+        f"HTTP  http://{server.http_url}  (POST /v2/models/generate/infer, "
+        "/v2/models/generate_stream/generate_stream)"
+    )
+    out.print(f"gRPC  {server.grpc_url}")
+    out.print(f"try:  stepadapt generate --url {server.http_url} --n 16 --out grid.png")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            if server.proc is None or server.proc.poll() is not None:
+                console.print(f"tritonserver exited; see {server.log_path}")
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping tritonserver ...")
+        server.stop()
+
+
+@app.command()
+def generate(
+    url: Annotated[
+        str, typer.Option(help="host:port of Triton (HTTP port, or gRPC port with --grpc/--stream).")
+    ] = ("127.0.0.1:8000"),
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
+    eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
+    grpc: Annotated[bool, typer.Option("--grpc", help="Use gRPC instead of HTTP.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Stream per-step progress (gRPC).")] = False,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write (.npz beside it).")] = Path(
+        "grid.png"
+    ),
+) -> None:
+    """Ask a running endpoint for images and save them as a grid."""
+    from tqdm.auto import tqdm
+
+    from stepadapt.sampling import save_grid, save_npz
+    from stepadapt.serving.client import GenerateRequest, generate_stream
+    from stepadapt.serving.client import generate as call
+
+    req = GenerateRequest(num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta)
+    try:
+        if stream:
+            with tqdm(total=steps, unit="step") as bar:
+
+                def on_step(i: int, t: int, expert: str) -> None:
+                    bar.set_postfix(t=t, expert=expert)
+                    bar.update(1)
+
+                images = generate_stream(url, req, on_step)
+        else:
+            images = call(url, req, protocol="grpc" if grpc else "http")
+        save_grid(images, out_path)
+        save_npz(images, out_path.with_suffix(".npz"))
+    except StepadaptError as e:
+        _fail(e)
+    out.print(f"{len(images)} images -> {out_path}")
+
+
+@app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its results.")] = Path(
         "demo-out"

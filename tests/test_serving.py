@@ -1,0 +1,150 @@
+"""Against a real tritonserver (from the nvidia-pytriton wheel) on 127.0.0.1."""
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from stepadapt.export.onnx import export_bundle, onnx_router
+from stepadapt.serving.client import GenerateRequest, generate, generate_stream
+from stepadapt.serving.repository import RepositoryOptions, write_repository
+from stepadapt.serving.server import TritonServer
+
+from stepadapt import StepadaptError
+from stepadapt.bundle import Bundle
+from stepadapt.sampling import sample_images
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    d = tmp_path_factory.mktemp("s") / "bundle"
+    shutil.copytree(tiny_bundle, d)
+    b = Bundle.load(d)
+    export_bundle(b, batches=(2,))
+    repo = write_repository(b, d / "triton", RepositoryOptions(max_batch=8, queue_delay_us=1000))
+    with TritonServer(repo, log_path=d / "triton.log") as server:
+        yield b, server
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _infer_json(server, inputs):
+    body = {
+        "inputs": [{"name": k, "shape": [1], "datatype": dt, "data": [v]} for k, (dt, v) in inputs.items()]
+    }
+    return _post(f"http://{server.http_url}/v2/models/generate/infer", json.dumps(body).encode())
+
+
+def test_http_and_grpc_match_the_in_process_onnx_sampler(served):
+    b, server = served
+    req = GenerateRequest(num_images=3, steps=STEPS, seed=7)
+    http = generate(server.http_url, req)
+    grpc = generate(server.grpc_url, req, protocol="grpc")
+    local = sample_images(
+        onnx_router(b), b.manifest.scheduler, b.manifest.sample_shape, 3, steps=STEPS, seed=7
+    )
+    assert http.shape == (3, 32, 32, 1) and http.dtype == np.uint8
+    assert np.array_equal(http, grpc)
+    assert np.abs(http.astype(int) - local.astype(int)).max() <= 2
+
+
+def test_ddpm_sampler_and_seed_change_the_images(served):
+    _, server = served
+    a = generate(server.http_url, GenerateRequest(num_images=2, steps=STEPS, seed=1, sampler="ddpm", eta=0.0))
+    c = generate(server.http_url, GenerateRequest(num_images=2, steps=STEPS, seed=2, sampler="ddpm"))
+    assert not np.array_equal(a, c)
+
+
+def test_stream_sends_one_message_per_step_then_the_images(served):
+    b, server = served
+    seen = []
+    images = generate_stream(
+        server.grpc_url, GenerateRequest(num_images=2, steps=STEPS, seed=3), lambda *a: seen.append(a)
+    )
+    assert [s for s, _, _ in seen] == list(range(1, STEPS + 1))
+    ts = [t for _, t, _ in seen]
+    assert ts == sorted(ts, reverse=True)
+    names = {e.name for e in b.experts}
+    assert {e for _, _, e in seen} <= names and len({e for _, _, e in seen}) > 1
+    assert np.array_equal(
+        images, generate(server.http_url, GenerateRequest(num_images=2, steps=STEPS, seed=3))
+    )
+
+
+def test_http_generate_stream_route(served):
+    _, server = served
+    body = json.dumps({"seed": 3, "num_images": 1, "steps": STEPS}).encode()
+    status, text = _post(f"http://{server.http_url}/v2/models/generate_stream/generate_stream", body)
+    assert status == 200
+    events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
+    assert len(events) == STEPS + 1
+    assert events[0]["step"] == 1 and "expert" in events[0]
+    assert np.asarray(events[-1]["images"]).size == 32 * 32
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"steps": ("INT32", 0)}, "steps must be in"),
+        ({"num_images": ("INT32", 9)}, "number of images must be in"),
+        ({"sampler": ("BYTES", "euler")}, "unknown sampler"),
+        ({"eta": ("FP32", 3.0)}, "eta must be in"),
+        ({"steps": ("FP32", 5.0)}, "data-type"),
+        ({"bogus": ("INT32", 1)}, "unexpected inference input"),
+    ],
+)
+def test_bad_requests_get_400_and_the_server_keeps_serving(served, inputs, message):
+    _, server = served
+    status, text = _infer_json(server, inputs)
+    assert status == 400, text
+    assert message in text
+    ok = generate(server.http_url, GenerateRequest(num_images=1, steps=2))
+    assert ok.shape == (1, 32, 32, 1)
+
+
+def test_malformed_json_and_client_errors(served):
+    _, server = served
+    # Triton's HTTP frontend itself answers malformed JSON (with 500, its choice), naming the parse error.
+    status, text = _post(f"http://{server.http_url}/v2/models/generate/infer", b"{not json")
+    assert status >= 400 and "JSON" in text.upper(), text
+    assert server.ready()
+    with pytest.raises(StepadaptError, match="server refused the request: steps must be in"):
+        generate(server.http_url, GenerateRequest(steps=-1))
+    with pytest.raises(StepadaptError, match="cannot reach Triton"):
+        generate("127.0.0.1:1", GenerateRequest(steps=2), timeout=5)
+
+
+def test_bounded_load_run(served):
+    _, server = served
+
+    def client(i):
+        return [
+            generate(server.http_url, GenerateRequest(num_images=2, steps=4, seed=i * 10 + j))
+            for j in range(5)
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8)))
+    assert sum(len(r) for r in results) == 40
+    assert all(im.shape == (2, 32, 32, 1) for r in results for im in r)
+    assert server.ready()
+
+
+def test_failed_model_load_reports_tritons_message(served, tmp_path):
+    b, _ = served
+    repo = write_repository(b, tmp_path / "repo")
+    (repo / "expert_g1" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(StepadaptError, match="expert_g1"):
+        TritonServer(repo, log_path=tmp_path / "log").start(timeout=120)
