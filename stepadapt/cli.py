@@ -504,44 +504,63 @@ def demo(
     groups: Annotated[int, typer.Option(help="Number of experts.")] = 4,
     n: Annotated[int, typer.Option("--n", help="Images per sample grid.")] = 36,
 ) -> None:
-    """The main job on the shipped default base: analyze -> prune -> routed samples.
+    """The main job on the shipped default base: analyze -> prune -> export -> serve.
 
-    Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ and
-    OUT/bundle_samples.png (same seed as the base grid, so they compare 1:1).
+    Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ (with
+    onnx/), OUT/bundle_samples.png and OUT/endpoint_samples.png (from a real
+    tritonserver on 127.0.0.1). Every grid uses the same seed, so they compare 1:1.
     """
     from stepadapt.analyze import analyze_base
     from stepadapt.bundle import Bundle
     from stepadapt.compress import compress
     from stepadapt.data import proxy_sets
+    from stepadapt.export.onnx import export_bundle, onnx_router
     from stepadapt.importance import Memory
     from stepadapt.models import load_base
     from stepadapt.plots import plot_plan
-    from stepadapt.sampling import sample_images, save_grid
+    from stepadapt.sampling import max_pixel_diff, sample_images, save_grid
+    from stepadapt.serving.client import GenerateRequest
+    from stepadapt.serving.client import generate as call
+    from stepadapt.serving.repository import write_repository
+    from stepadapt.serving.server import TritonServer
 
     try:
         model, sched_cfg = load_base(base)
-        console.print(f"[1/4] base samples ({n}, DDIM 50 steps)")
+        console.print(f"[1/6] base samples ({n}, DDIM 50 steps)")
         path = _sample_grid(model, sched_cfg, out_dir / "base_samples.png", n=n)
         out.print(f"base samples -> {path}")
-        console.print("[2/4] analyze: difficulty profiles, groups, budgets")
+        console.print("[2/6] analyze: difficulty profiles, groups, budgets")
         train, val = proxy_sets("fashion-mnist", 128, model.config.sample_size, model.config.in_channels)
         plan, profiles = analyze_base(model, sched_cfg, val, groups=groups, budget=budget)
         plan.save(out_dir / "plan.json")
         plot_plan(plan, profiles, out_dir / "plan.png")
         _print_plan(plan)
-        console.print("[3/4] prune: candidate search per group")
+        console.print("[3/6] prune: candidate search per group")
         bundle_dir = out_dir / "bundle"
         manifest = compress(
             model, sched_cfg, plan, train, val, bundle_dir, memory=Memory(out_dir / "memory.json"),
             log=console.print, command="stepadapt demo",
         )  # fmt: skip
         _print_info(manifest)
-        console.print("[4/4] routed samples from the experts (not fine-tuned yet)")
-        images = sample_images(Bundle.load(bundle_dir).router(), sched_cfg, manifest.sample_shape, n)
-        path = save_grid(images, out_dir / "bundle_samples.png")
+        console.print("[4/6] routed samples from the experts (PyTorch; not fine-tuned yet)")
+        b = Bundle.load(bundle_dir)
+        images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
+        out.print(f"routed samples -> {save_grid(images, out_dir / 'bundle_samples.png')}")
+        console.print("[5/6] export: ONNX per expert, parity-checked in onnxruntime")
+        export_bundle(b, log=console.print)
+        ort_images = sample_images(onnx_router(b), sched_cfg, manifest.sample_shape, n)
+        ort_diff = max_pixel_diff(ort_images, images)
+        out.print(f"onnxruntime vs PyTorch routed samples: max pixel difference {ort_diff}/255")
+        console.print("[6/6] serve: tritonserver on 127.0.0.1, generate through the endpoint")
+        repo = write_repository(b, bundle_dir / "triton")
+        with TritonServer(repo, log_path=out_dir / "triton.log") as server:
+            served = call(server.http_url, GenerateRequest(num_images=n, steps=50, seed=0))
+        path = save_grid(served, out_dir / "endpoint_samples.png")
+        diff = max_pixel_diff(served, ort_images)
+        out.print(f"endpoint samples -> {path} (max pixel difference to in-process onnxruntime: {diff}/255)")
     except StepadaptError as e:
         _fail(e)
-    out.print(f"routed samples -> {path}; plan -> {out_dir / 'plan.png'}; bundle -> {bundle_dir}")
+    out.print(f"done: see {out_dir}/ (plan.png, *_samples.png, bundle/)")
 
 
 def main() -> None:  # pragma: no cover

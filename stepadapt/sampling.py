@@ -186,3 +186,10 @@ def sample_images(
         for lo in range(0, n, batch)
     ]
     return to_uint8(torch.cat(chunks))
+
+
+def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest per-pixel difference between two uint8 image batches (0..255)."""
+    if a.shape != b.shape:
+        raise StepadaptError(f"image batches differ in shape: {a.shape} vs {b.shape}")
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
