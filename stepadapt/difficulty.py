@@ -49,22 +49,6 @@ def loss_profile(
     return np.interp(np.arange(T), ts, np.asarray(losses))
 
 
-def profile(
-    measure: str,
-    scheduler_cfg: dict,
-    model: UNet2DModel | None = None,
-    data: torch.Tensor | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-    if measure == "snr":
-        return snr_profile(scheduler_cfg)
-    if measure == "loss":
-        if model is None or data is None:
-            raise StepadaptError("the 'loss' measure needs a base model and proxy data")
-        return loss_profile(model, scheduler_cfg, data, seed=seed)
-    raise StepadaptError(f"unknown difficulty measure {measure!r}; choose one of {', '.join(MEASURES)}")
-
-
 def normalise(values: np.ndarray, floor: float = 0.05) -> np.ndarray:
     """Min-max to [floor, 1]: every group keeps a non-zero share of compute."""
     v = np.asarray(values, dtype=np.float64)

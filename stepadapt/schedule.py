@@ -53,9 +53,3 @@ def snr(scheduler: SchedulerMixin) -> torch.Tensor:
 
 def snr_db(scheduler: SchedulerMixin) -> torch.Tensor:
     return 10.0 * torch.log10(snr(scheduler))
-
-
-def add_noise(
-    scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    return scheduler.add_noise(x0, noise, t)

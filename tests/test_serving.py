@@ -148,3 +148,24 @@ def test_failed_model_load_reports_tritons_message(served, tmp_path):
     (repo / "expert_g1" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(StepadaptError, match="expert_g1"):
         TritonServer(repo, log_path=tmp_path / "log").start(timeout=120)
+
+
+def test_generate_cli_plain_and_streaming(served, tmp_path):
+    from typer.testing import CliRunner
+
+    from stepadapt.cli import app
+
+    _, server = served
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", "--url", server.http_url, "--n", "2", "--steps", "3",
+                            "--out", str(tmp_path / "a.png")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "--url", server.grpc_url, "--stream", "--n", "2", "--steps", "3",
+                            "--out", str(tmp_path / "b.png")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    a, b = np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"]
+    assert a.shape == (2, 32, 32, 1) and np.array_equal(a, b)
+    r = runner.invoke(
+        app, ["generate", "--url", server.http_url, "--sampler", "euler", "--out", str(tmp_path / "c.png")]
+    )
+    assert r.exit_code == 2 and "unknown sampler" in r.output and not (tmp_path / "c.png").exists()
