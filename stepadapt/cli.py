@@ -542,6 +542,8 @@ def demo(
             log=console.print, command="stepadapt demo",
         )  # fmt: skip
         _print_info(manifest)
+        achieved = [e.macs / manifest.base_macs for e in manifest.experts]
+        plot_plan(plan, profiles, out_dir / "plan.png", achieved=achieved)
         console.print("[4/6] routed samples from the experts (PyTorch; not fine-tuned yet)")
         b = Bundle.load(bundle_dir)
         images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
