@@ -115,11 +115,11 @@ def prune_to_macs(
 ) -> PruneResult:
     """Bisect the pruning ratio until the pruned model's MACs meet ``target_macs``.
 
-    Returns the closest reachable model not above the target when the staircase
-    of GroupNorm-aligned widths has no step within ``tol``.
+    When the staircase of GroupNorm-aligned widths has no step within ``tol``,
+    returns the reachable model closest to the target (``within_tolerance`` False).
     """
     base_macs, base_params = count_macs(base)
-    if target_macs >= base_macs * (1 - tol / 2):
+    if base_macs <= target_macs * (1 + tol):  # the unpruned model already fits
         return PruneResult(copy.deepcopy(base).eval(), 0.0, base_macs, base_params, [], True)
     if target_macs <= 0:
         raise StepadaptError(f"MAC target must be positive, got {target_macs}")
@@ -134,11 +134,9 @@ def prune_to_macs(
         return PruneResult(m, r, macs, params, h, abs(macs - target_macs) <= tol * target_macs)
 
     def better(a: PruneResult, b: PruneResult | None) -> bool:
-        # Prefer results within budget, then the one closest to the target.
-        def key(r: PruneResult) -> tuple[bool, float]:
-            return (r.macs > target_macs * (1 + tol), abs(r.macs - target_macs))
-
-        return b is None or key(a) < key(b)
+        # Closest to the target on either side: in a multi-group plan the groups
+        # pruned later are re-budgeted to pay back the difference.
+        return b is None or abs(a.macs - target_macs) < abs(b.macs - target_macs)
 
     # MACs fall roughly with the square of the kept width: start there.
     r = min(max(1.0 - (target_macs / base_macs) ** 0.5, 0.01), 0.9)

@@ -32,7 +32,7 @@ def test_prune_to_macs_hits_the_target_or_the_nearest_step():
         assert count_macs(res.model)[0] == res.macs
     # Per-layer ratios on GroupNorm(8) move widths 8 channels at a time: the first
     # step below the base is ~0.6 x MACs, so 0.8 is unreachable and the nearest
-    # step within budget is returned and flagged.
+    # pruned step is returned and flagged.
     res = prune_to_macs(base, 0.8 * base_macs, lambda: make_importance("magnitude"), global_pruning=False)
     assert not res.within_tolerance
     assert res.macs < 0.8 * base_macs
