@@ -439,14 +439,13 @@ def serve(
     out.print(f"gRPC  {server.grpc_url}")
     out.print(f"try:  stepadapt generate --url {server.http_url} --n 16 --out grid.png")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (`&`)
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             if server.proc is None or server.proc.poll() is not None:
                 console.print(f"tritonserver exited; see {server.log_path}")
                 raise typer.Exit(1)
-    except KeyboardInterrupt:
-        pass
     finally:
         console.print("stopping tritonserver ...")
         server.stop()

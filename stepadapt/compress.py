@@ -65,7 +65,8 @@ def compress(
             ExpertSpec(
                 name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=int(target),
                 macs=res.best.macs, params=res.best.params, weights="", sha256="",
-                structure="", structure_sha256="", importance=res.best_label,
+                structure="", structure_sha256="",
+                importance=res.best_label if res.best.history else "unpruned",
                 proxy_loss=round(res.proxy_loss, 6),
             )
         )  # fmt: skip
