@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stepadapt.export.onnx import export_bundle, onnx_router
 from stepadapt.serving.client import GenerateRequest, generate
-from stepadapt.serving.repository import write_repository
+from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer
 
 from stepadapt.bundle import Bundle
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--requests", type=int, default=5, help="requests per client")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--queue-delay-us", type=int, default=0, help="experts' dynamic-batching delay")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     a = ap.parse_args()
 
@@ -56,7 +57,7 @@ def main() -> None:
         local.append(time.perf_counter() - t0)
     local_ms = statistics.median(local) * 1e3
 
-    repo = write_repository(b, b.path / "triton")
+    repo = write_repository(b, b.path / "triton", RepositoryOptions(queue_delay_us=a.queue_delay_us))
     results = {}
     with TritonServer(repo, log_path=b.path / "triton-bench.log") as server:
         generate(server.http_url, GenerateRequest(num_images=a.n, steps=a.steps))  # warm-up
@@ -85,10 +86,12 @@ def main() -> None:
     e2e_ms = results[str(a.concurrency[0])]["p50_ms"]
     report = {
         "command": "python -m benchmarks.serving "
-        + " ".join(map(str, [a.bundle, "--n", a.n, "--steps", a.steps])),
+        + " ".join(map(str, [a.bundle, "--n", a.n, "--steps", a.steps, "--requests", a.requests]))
+        + f" --queue-delay-us {a.queue_delay_us} --concurrency {' '.join(map(str, a.concurrency))}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "images_per_request": a.n,
         "steps": a.steps,
+        "queue_delay_us": a.queue_delay_us,
         "in_process_onnxruntime_ms": round(local_ms, 1),
         "router_overhead_ms_per_step": round((e2e_ms - local_ms) / a.steps, 3),
         "concurrency": results,

@@ -29,7 +29,7 @@ class RepositoryOptions:
     threads: int = 1  # onnxruntime threads per expert instance
     instances: int = 1  # expert instances (KIND_CPU)
     max_batch: int = 64  # images per expert batch, also the most images one request may ask for
-    queue_delay_us: int = 2000  # how long an expert waits to batch steps of concurrent requests
+    queue_delay_us: int = 0  # extra wait for batching; on a saturated CPU 0 measured best (docs/results.md)
     router_instances: int = 2  # concurrent generate requests per router model
 
 
