@@ -21,6 +21,7 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.difficulty import loss_profile
 from stepadapt.io import read_json, write_json
 from stepadapt.prune import History, PruneResult, apply_history, prune_to_macs
 from stepadapt.schedule import make_scheduler
@@ -80,8 +81,6 @@ def diff_pruning_timesteps(
 ) -> int:
     """Diff-Pruning's rule: keep the low-noise steps until the loss falls below
     ``threshold`` x its peak; returns the end of that [0, t_end) range."""
-    from stepadapt.difficulty import loss_profile
-
     prof = loss_profile(model, scheduler_cfg, data[:32], points=20, seed=seed)
     below = (prof < threshold * prof.max()).nonzero()[0]
     return int(below[0]) if len(below) and below[0] > 0 else len(prof)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from stepadapt import StepadaptError
+from stepadapt.difficulty import snr_profile
 from stepadapt.io import read_json, write_json
 from stepadapt.schedule import make_scheduler
 
@@ -238,8 +239,6 @@ def make_plan(
 def uniform_plan(plan: Plan, scheduler_cfg: dict) -> Plan:
     """One group over all of [0, T) at ``plan``'s trajectory-mean MACs: the baseline
     every step-adaptive claim is measured against (Diff-Pruning style)."""
-    from stepadapt.difficulty import snr_profile
-
     T = plan.num_train_timesteps
     return make_plan(
         np.ones(T), snr_profile(scheduler_cfg), plan.base_macs, boundaries=[0, T], budget=plan.mean_ratio(),

@@ -22,6 +22,7 @@ from PIL import Image
 
 from stepadapt import StepadaptError
 from stepadapt.io import atomic_path
+from stepadapt.schedule import make_scheduler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -169,8 +170,6 @@ def sample_images(
     callback: StepCallback | None = None,
 ) -> np.ndarray:
     """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images."""
-    from stepadapt.schedule import make_scheduler
-
     validate_request(steps, n, eta, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
     x_t, gen = initial_noise(n, shape, seed)
     chunks = [
