@@ -355,6 +355,53 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
 
 
 @app.command()
+def finetune(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (weights are replaced in place).")],
+    data: Annotated[
+        str, typer.Option(help="'fashion-mnist', an image folder, or an .npz file.")
+    ] = "fashion-mnist",
+    iterations: Annotated[int, typer.Option(help="Total iterations, split by interval length.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    loss_weight: Annotated[str, typer.Option(help="none or min-snr.")] = "none",
+    min_snr_gamma: Annotated[float, typer.Option(help="gamma of min-SNR weighting.")] = 5.0,
+    distill: Annotated[float, typer.Option(help="Weight of the teacher's eps in the target (0..1).")] = 0.0,
+    teacher: Annotated[Path, typer.Option(help="Teacher for --distill (the base model dir).")] = DEFAULT_BASE,
+    expert: Annotated[list[str] | None, typer.Option(help="Only this expert (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use a deterministic subset of N images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed (expert i uses seed + i).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue each expert from BUNDLE/finetune/NAME.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Fine-tune every expert on its own timesteps; its EMA weights replace the pruned ones."""
+    from stepadapt.bundle import Bundle
+    from stepadapt.data import load_dataset
+    from stepadapt.finetune import finetune_bundle
+    from stepadapt.models import load_base
+    from stepadapt.train import TrainConfig
+
+    try:
+        b = Bundle.load(bundle)
+        c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
+        x = load_dataset(data, "train", size, c, limit=limit, seed=seed)
+        template = TrainConfig(
+            batch_size=batch_size, lr=lr, warmup=min(100, iterations // 10), seed=seed,
+            loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, distill=distill,
+            checkpoint_every=250, sample_every=10**9,
+        )  # fmt: skip
+        t_model = load_base(teacher)[0] if distill > 0 else None
+        results = finetune_bundle(
+            b, x, template, iterations, experts=expert, teacher=t_model, resume=resume,
+            log=console.print, device=_device(device),
+        )  # fmt: skip
+    except StepadaptError as e:
+        _fail(e)
+    for name, r in results.items():
+        out.print(f"{name}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.images_per_second:.0f} img/s")
+    out.print(f"bundle updated: {bundle} (re-run 'stepadapt export' before serving)")
+
+
+@app.command()
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,

@@ -30,6 +30,19 @@ from stepadapt.schedule import make_scheduler
 from stepadapt.timesteps import UniformSampler
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_WEIGHTS = ("none", "min-snr")
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, g)/SNR for eps, min(SNR, g)/(SNR+1) for v."""
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise StepadaptError(
+        f"min-SNR weighting is defined for epsilon and v_prediction, not {prediction_type!r}"
+    )
 
 
 @dataclass
@@ -46,6 +59,9 @@ class TrainConfig:
     t_hi: int | None = None  # None: the whole schedule
     checkpoint_every: int = 500
     sample_every: int = 1000
+    loss_weight: str = "none"  # "none" or "min-snr"
+    min_snr_gamma: float = 5.0
+    distill: float = 0.0  # weight of the teacher's eps in the target (0 = true noise only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +81,12 @@ class TrainConfig:
             raise StepadaptError(f"learning rate must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise StepadaptError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise StepadaptError(
+                f"unknown loss weight {self.loss_weight!r}; choose one of {', '.join(LOSS_WEIGHTS)}"
+            )
+        if not 0.0 <= self.distill <= 1.0:
+            raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
 
 
 @dataclass
@@ -83,10 +105,20 @@ def denoising_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     weight: torch.Tensor | None = None,
+    teacher: UNet2DModel | None = None,
+    distill: float = 0.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE, optionally weighted per sample."""
+    """Epsilon-prediction MSE, optionally weighted per sample.
+
+    With a ``teacher`` the target mixes in its prediction: (1-distill)*noise + distill*teacher_eps,
+    so a pruned expert learns what the base does at its timesteps, not only the data.
+    """
     x_t = scheduler.add_noise(x0, noise, t)
-    per_sample = F.mse_loss(model(x_t, t).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+    target = noise
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            target = (1.0 - distill) * noise + distill * teacher(x_t, t).sample
+    per_sample = F.mse_loss(model(x_t, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
     if weight is not None:
         per_sample = per_sample * weight
     return per_sample.mean()
@@ -126,6 +158,7 @@ def train(
     progress: bool = True,
     on_sample: Callable[[int, UNet2DModel], None] | None = None,
     device: str | torch.device = "cpu",
+    teacher: UNet2DModel | None = None,
 ) -> tuple[UNet2DModel, TrainResult]:
     """Train ``model`` in place; returns the EMA copy and a summary.
 
@@ -149,6 +182,11 @@ def train(
     if not 0 <= cfg.t_lo < t_hi <= T:
         raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
     sampler = UniformSampler(cfg.t_lo, t_hi)
+    snr_all = (scheduler.alphas_cumprod / (1.0 - scheduler.alphas_cumprod)).float()
+    if cfg.distill > 0 and teacher is None:
+        raise StepadaptError("distillation asked for, but no teacher model given")
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
 
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -188,7 +226,11 @@ def train(
         x0 = data[idx].to(device)
         t, w = sampler.sample(cfg.batch_size, gen)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        loss = denoising_loss(model, scheduler, x0, t.to(device), noise, w.to(device))
+        if cfg.loss_weight == "min-snr":
+            w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
+        loss = denoising_loss(
+            model, scheduler, x0, t.to(device), noise, w.to(device), teacher=teacher, distill=cfg.distill
+        )
         if not torch.isfinite(loss):
             raise StepadaptError(f"loss became {loss.item()} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)

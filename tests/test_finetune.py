@@ -1,0 +1,65 @@
+import shutil
+
+import pytest
+import torch
+
+from stepadapt import StepadaptError
+from stepadapt.bundle import Bundle
+from stepadapt.finetune import finetune_bundle, iteration_budgets
+from stepadapt.importance import ProxyBatch, proxy_loss
+from stepadapt.train import TrainConfig, min_snr_weight
+
+
+def test_min_snr_weights_are_the_published_formulas():
+    snr = torch.tensor([0.1, 5.0, 100.0])
+    assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.05]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.1 / 1.1, 5 / 6, 5 / 101]))
+    with pytest.raises(StepadaptError):
+        min_snr_weight(snr, 5.0, "sample")
+
+
+def test_budgets_follow_interval_length(tiny_bundle):
+    experts = Bundle.load(tiny_bundle).experts
+    b = iteration_budgets(experts, 1000)
+    for e in experts:
+        assert abs(b[e.name] - 1000 * (e.hi - e.lo) / 1000) <= 1
+    with pytest.raises(StepadaptError):
+        iteration_budgets(experts, 2)
+
+
+def _squares(n=32):
+    g = torch.Generator().manual_seed(0)
+    x = -torch.ones(n, 1, 32, 32)
+    for i in range(n):
+        r, c = torch.randint(0, 20, (2,), generator=g).tolist()
+        x[i, :, r : r + 12, c : c + 12] = 1.0
+    return x
+
+
+def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    b = Bundle.load(d)
+    x = _squares()
+    sched = b.manifest.scheduler
+    before = {
+        e.name: proxy_loss(b.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5)) for e in b.experts
+    }
+    b.expert("g0").onnx = {"path": "onnx/g0.onnx", "sha256": "x"}  # stale export must be dropped
+    cfg = TrainConfig(batch_size=16, lr=2e-3, warmup=2, ema_decay=0.0, checkpoint_every=100)
+    finetune_bundle(b, x, cfg, 60, progress=False)
+    again = Bundle.load(d)  # checksums of the new weights verify
+    for e in again.experts:
+        after = proxy_loss(again.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5))
+        assert after < before[e.name], (e.name, before[e.name], after)
+        assert e.training["t_lo"] == e.lo and e.training["t_hi"] == e.hi
+        assert e.onnx is None
+    assert (d / "finetune" / "g1" / "checkpoint.pt").is_file()
+
+
+def test_distillation_needs_a_teacher(tiny_bundle, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    cfg = TrainConfig(batch_size=4, distill=0.5)
+    with pytest.raises(StepadaptError, match="teacher"):
+        finetune_bundle(Bundle.load(d), _squares(8), cfg, 3, progress=False)
