@@ -549,18 +549,23 @@ def demo(
     budget: Annotated[float, typer.Option(help="Target mean MACs per step, fraction of the base.")] = 0.5,
     groups: Annotated[int, typer.Option(help="Number of experts.")] = 4,
     n: Annotated[int, typer.Option("--n", help="Images per sample grid.")] = 36,
+    finetune_iterations: Annotated[
+        int, typer.Option(help="Total fine-tuning iterations over all experts (0 skips fine-tuning).")
+    ] = 600,
 ) -> None:
-    """The main job on the shipped default base: analyze -> prune -> export -> serve.
+    """The main job on the shipped default base: analyze -> prune -> fine-tune -> export -> serve.
 
     Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ (with
-    onnx/), OUT/bundle_samples.png and OUT/endpoint_samples.png (from a real
+    onnx/), OUT/bundle_samples.png (pruned only), OUT/finetuned_samples.png and
+    OUT/endpoint_samples.png (from a real
     tritonserver on 127.0.0.1). Every grid uses the same seed, so they compare 1:1.
     """
     from stepadapt.analyze import analyze_base
     from stepadapt.bundle import Bundle
     from stepadapt.compress import compress
-    from stepadapt.data import proxy_sets
+    from stepadapt.data import load_dataset, proxy_sets
     from stepadapt.export.onnx import export_bundle, onnx_router
+    from stepadapt.finetune import finetune_bundle
     from stepadapt.importance import Memory
     from stepadapt.models import load_base
     from stepadapt.plots import plot_plan
@@ -569,6 +574,7 @@ def demo(
     from stepadapt.serving.client import generate as call
     from stepadapt.serving.repository import write_repository
     from stepadapt.serving.server import TritonServer
+    from stepadapt.train import TrainConfig
 
     try:
         model, sched_cfg = load_base(base)
@@ -590,10 +596,18 @@ def demo(
         _print_info(manifest)
         achieved = [e.macs / manifest.base_macs for e in manifest.experts]
         plot_plan(plan, profiles, out_dir / "plan.png", achieved=achieved)
-        console.print("[4/6] routed samples from the experts (PyTorch; not fine-tuned yet)")
+        console.print("[4/6] routed samples from the pruned experts (PyTorch), then fine-tuning")
         b = Bundle.load(bundle_dir)
         images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
-        out.print(f"routed samples -> {save_grid(images, out_dir / 'bundle_samples.png')}")
+        out.print(f"pruned-only routed samples -> {save_grid(images, out_dir / 'bundle_samples.png')}")
+        if finetune_iterations > 0:
+            data = load_dataset("fashion-mnist", "train", model.config.sample_size, model.config.in_channels)
+            cfg = TrainConfig(batch_size=64, lr=5e-4, warmup=min(100, finetune_iterations // 10),
+                              checkpoint_every=250, sample_every=10**9)  # fmt: skip
+            finetune_bundle(b, data, cfg, finetune_iterations, log=console.print)
+            images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
+            path = save_grid(images, out_dir / "finetuned_samples.png")
+            out.print(f"fine-tuned routed samples ({finetune_iterations} iterations) -> {path}")
         console.print("[5/6] export: ONNX per expert, parity-checked in onnxruntime")
         export_bundle(b, log=console.print)
         ort_images = sample_images(onnx_router(b), sched_cfg, manifest.sample_shape, n)
