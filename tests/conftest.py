@@ -10,6 +10,21 @@ def _threads():
     torch.set_num_threads(2)
 
 
+def _squares(n: int = 32, seed: int = 0) -> torch.Tensor:
+    """Simple structured images in [-1, 1]: a bright 12x12 square at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 1, 32, 32)
+    for i in range(n):
+        r, c = torch.randint(0, 20, (2,), generator=g).tolist()
+        x[i, :, r : r + 12, c : c + 12] = 1.0
+    return x
+
+
+@pytest.fixture
+def squares():
+    return _squares
+
+
 @pytest.fixture
 def tiny():
     return build_unet("tiny", seed=0).eval()

@@ -27,20 +27,11 @@ def test_budgets_follow_interval_length(tiny_bundle):
         iteration_budgets(experts, 2)
 
 
-def _squares(n=32):
-    g = torch.Generator().manual_seed(0)
-    x = -torch.ones(n, 1, 32, 32)
-    for i in range(n):
-        r, c = torch.randint(0, 20, (2,), generator=g).tolist()
-        x[i, :, r : r + 12, c : c + 12] = 1.0
-    return x
-
-
-def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tmp_path):
+def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tmp_path, squares):
     d = tmp_path / "b"
     shutil.copytree(tiny_bundle, d)
     b = Bundle.load(d)
-    x = _squares()
+    x = squares()
     sched = b.manifest.scheduler
     before = {
         e.name: proxy_loss(b.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5)) for e in b.experts
@@ -57,9 +48,9 @@ def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tm
     assert (d / "finetune" / "g1" / "checkpoint.pt").is_file()
 
 
-def test_distillation_needs_a_teacher(tiny_bundle, tmp_path):
+def test_distillation_needs_a_teacher(tiny_bundle, tmp_path, squares):
     d = tmp_path / "b"
     shutil.copytree(tiny_bundle, d)
     cfg = TrainConfig(batch_size=4, distill=0.5)
     with pytest.raises(StepadaptError, match="teacher"):
-        finetune_bundle(Bundle.load(d), _squares(8), cfg, 3, progress=False)
+        finetune_bundle(Bundle.load(d), squares(8), cfg, 3, progress=False)

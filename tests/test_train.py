@@ -7,16 +7,6 @@ from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
 from stepadapt.train import TrainConfig, denoising_loss, train
 
 
-def _data(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = -torch.ones(n, 1, 32, 32)
-    # Simple structured images: bright squares at random places.
-    for i in range(n):
-        r, c = torch.randint(0, 20, (2,), generator=g).tolist()
-        x[i, :, r : r + 12, c : c + 12] = 1.0
-    return x
-
-
 def _fixed_batch_loss(model, x):
     sched = make_scheduler("ddpm", DEFAULT_SCHEDULER)
     g = torch.Generator().manual_seed(123)
@@ -26,8 +16,8 @@ def _fixed_batch_loss(model, x):
         return denoising_loss(model, sched, x, t, noise).item()
 
 
-def test_a_few_steps_lower_the_loss(tmp_path):
-    x = _data()
+def test_a_few_steps_lower_the_loss(tmp_path, squares):
+    x = squares()
     model = build_unet("tiny", seed=0)
     before = _fixed_batch_loss(model, x)
     cfg = TrainConfig(iterations=25, batch_size=16, lr=2e-3, warmup=2, checkpoint_every=100)
@@ -36,8 +26,8 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert after < 0.8 * before
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    x = _data()
+def test_resume_equals_uninterrupted_run(tmp_path, squares):
+    x = squares()
     cfg = TrainConfig(iterations=6, batch_size=8, warmup=2, checkpoint_every=3, ema_decay=0.9)
     full = build_unet("tiny", seed=0)
     ema_full, _ = train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
@@ -70,8 +60,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    x = _data(8)
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, squares):
+    x = squares(8)
     cfg = TrainConfig(iterations=2, batch_size=4, warmup=1, checkpoint_every=1)
     with pytest.raises(StepadaptError, match="nothing to resume"):
         train(build_unet("tiny"), x, DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False)
@@ -82,8 +72,8 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
         train(build_unet("tiny"), x, DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False)
 
 
-def test_resume_with_other_options_is_refused(tmp_path):
-    x = _data(8)
+def test_resume_with_other_options_is_refused(tmp_path, squares):
+    x = squares(8)
     cfg = TrainConfig(iterations=2, batch_size=4, warmup=1, checkpoint_every=1)
     train(build_unet("tiny"), x, DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
     other = TrainConfig(**{**cfg.to_dict(), "lr": 1e-4})
@@ -91,17 +81,17 @@ def test_resume_with_other_options_is_refused(tmp_path):
         train(build_unet("tiny"), x, DEFAULT_SCHEDULER, other, tmp_path, resume=True, progress=False)
 
 
-def test_bad_data_and_interval_are_refused(tmp_path):
+def test_bad_data_and_interval_are_refused(tmp_path, squares):
     cfg = TrainConfig(iterations=1, batch_size=2)
     with pytest.raises(StepadaptError, match="shape"):
         train(build_unet("tiny"), torch.zeros(4, 3, 32, 32), DEFAULT_SCHEDULER, cfg, tmp_path)
-    nan = _data(4)
+    nan = squares(4)
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(StepadaptError, match="NaN"):
         train(build_unet("tiny"), nan, DEFAULT_SCHEDULER, cfg, tmp_path)
     bad = TrainConfig(iterations=1, batch_size=2, t_lo=500, t_hi=400)
     with pytest.raises(StepadaptError, match="interval"):
-        train(build_unet("tiny"), _data(4), DEFAULT_SCHEDULER, bad, tmp_path)
+        train(build_unet("tiny"), squares(4), DEFAULT_SCHEDULER, bad, tmp_path)
 
 
 def test_train_config_round_trips_and_rejects_unknown_keys():
