@@ -135,17 +135,23 @@ def provenance(command: str | None = None, **extra) -> dict[str, Any]:
     }
 
 
+def save_weights(path: Path, model: UNet2DModel) -> str:
+    """Write ``model``'s tensors as safetensors (atomically); returns the file's sha256."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return sha256_file(path)
+
+
 def write_expert_files(directory: Path, name: str, model: UNet2DModel, history: History) -> dict:
     """Write one expert's weights + structure into ``directory``; returns manifest fields."""
     directory.mkdir(parents=True, exist_ok=True)
     w, s = directory / f"{name}.safetensors", directory / f"{name}.structure.json"
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(w) as tmp:
-        save_file(tensors, str(tmp))
+    sha = save_weights(w, model)
     write_json(s, history)
     return {
         "weights": f"experts/{w.name}",
-        "sha256": sha256_file(w),
+        "sha256": sha,
         "structure": f"experts/{s.name}",
         "structure_sha256": sha256_file(s),
     }
@@ -258,10 +264,7 @@ class Bundle:
     def update_expert_weights(self, name: str, model: UNet2DModel, **fields) -> None:
         """Replace one expert's weights (same structure) and update the manifest atomically."""
         e = self.expert(name)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(self.path / e.weights) as tmp:
-            save_file(tensors, str(tmp))
-        e.sha256 = sha256_file(self.path / e.weights)
+        e.sha256 = save_weights(self.path / e.weights, model)
         for k, v in fields.items():
             setattr(e, k, v)
         self.save_manifest()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from stepadapt import StepadaptError
 from stepadapt.io import load_torch, save_torch, write_json
-from stepadapt.schedule import make_scheduler
+from stepadapt.schedule import make_scheduler, snr
 from stepadapt.timesteps import UniformSampler
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -182,7 +182,7 @@ def train(
     if not 0 <= cfg.t_lo < t_hi <= T:
         raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
     sampler = UniformSampler(cfg.t_lo, t_hi)
-    snr_all = (scheduler.alphas_cumprod / (1.0 - scheduler.alphas_cumprod)).float()
+    snr_all = snr(scheduler).float()
     if cfg.distill > 0 and teacher is None:
         raise StepadaptError("distillation asked for, but no teacher model given")
     if teacher is not None:
