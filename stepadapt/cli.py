@@ -31,6 +31,12 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+SAMPLER_HELP = (
+    "Timestep sampler: uniform, curriculum (easy-to-hard clusters), adaptive (REINFORCE policy), "
+    "loss-moment (improved-DDPM importance sampling, unbiased weights)."
+)
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,12 +65,15 @@ def train_base(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt exactly.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
 ) -> None:
     """Train a base U-Net (epsilon prediction, AdamW, EMA, grad clipping).
 
     Writes OUT/checkpoint.pt (resumable), OUT/samples/step_*.png and, at the end,
-    OUT/model/ (diffusers format, safetensors) with the EMA weights.
+    OUT/model/ (diffusers format, safetensors) with the EMA weights. Under
+    `torchrun --nproc_per_node N` it trains with DDP (the batch is split over N).
     """
+    from stepadapt import distributed
     from stepadapt.data import load_dataset
     from stepadapt.models import CONFIGS, build_unet, save_base
     from stepadapt.schedule import DEFAULT_SCHEDULER
@@ -74,6 +83,7 @@ def train_base(
         if threads:
             torch.set_num_threads(threads)
         dev = _device(device)
+        distributed.init_from_env()
         if config not in CONFIGS:
             raise StepadaptError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
         size = CONFIGS[config]["sample_size"]
@@ -95,6 +105,7 @@ def train_base(
             seed=seed,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
+            sampler=sampler,
         )
 
         def on_sample(step: int, ema) -> None:
@@ -111,13 +122,15 @@ def train_base(
             on_sample=on_sample,
             device=dev,
         )
-        save_base(ema.cpu(), out_dir / "model", DEFAULT_SCHEDULER)
+        if distributed.is_main():
+            save_base(ema.cpu(), out_dir / "model", DEFAULT_SCHEDULER)
     except StepadaptError as e:
         _fail(e)
-    out.print(
-        f"trained {res.steps} steps, final loss {res.final_loss:.4f}, "
-        f"{res.images_per_second:.0f} img/s; model -> {out_dir / 'model'}"
-    )
+    if distributed.is_main():
+        out.print(
+            f"trained {res.steps} steps, final loss {res.final_loss:.4f}, "
+            f"{res.images_per_second:.0f} img/s; model -> {out_dir / 'model'}"
+        )
 
 
 def _model_denoiser(model) -> tuple:
@@ -372,8 +385,18 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed (expert i uses seed + i).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue each expert from BUNDLE/finetune/NAME.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
+    clusters: Annotated[int, typer.Option(help="curriculum: clusters per interval.")] = 20,
+    patience: Annotated[int, typer.Option(help="curriculum: flat-loss updates before the next stage.")] = 200,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
-    """Fine-tune every expert on its own timesteps; its EMA weights replace the pruned ones."""
+    """Fine-tune every expert on its own timesteps; its EMA weights replace the pruned ones.
+
+    Iterations are split over the experts in proportion to their interval
+    lengths. Under `torchrun --nproc_per_node N` each expert trains with DDP
+    (the batch is split over N processes; rank 0 writes the bundle).
+    """
+    from stepadapt import distributed
     from stepadapt.bundle import Bundle
     from stepadapt.data import load_dataset
     from stepadapt.finetune import finetune_bundle
@@ -381,13 +404,16 @@ def finetune(
     from stepadapt.train import TrainConfig
 
     try:
+        if threads:
+            torch.set_num_threads(threads)
+        distributed.init_from_env()
         b = Bundle.load(bundle)
         c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
         x = load_dataset(data, "train", size, c, limit=limit, seed=seed)
         template = TrainConfig(
             batch_size=batch_size, lr=lr, warmup=min(100, iterations // 10), seed=seed,
             loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, distill=distill,
-            checkpoint_every=250, sample_every=10**9,
+            checkpoint_every=250, sample_every=10**9, sampler=sampler, clusters=clusters, patience=patience,
         )  # fmt: skip
         t_model = load_base(teacher)[0] if distill > 0 else None
         results = finetune_bundle(
@@ -396,6 +422,8 @@ def finetune(
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)
+    if not distributed.is_main():
+        return
     for name, r in results.items():
         out.print(f"{name}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.images_per_second:.0f} img/s")
     out.print(f"bundle updated: {bundle} (re-run 'stepadapt export' before serving)")

@@ -14,6 +14,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.train import CHECKPOINT_NAME, TrainConfig, TrainResult, train
 
@@ -53,7 +54,7 @@ def finetune_bundle(
             }
         )
         run_dir = bundle.path / "finetune" / e.name
-        if log:
+        if log and dist.is_main():
             log(f"expert {e.name} [{e.lo},{e.hi}): {cfg.iterations} iterations")
         model = bundle.load_expert(e.name)
         ema, res = train(
@@ -61,10 +62,13 @@ def finetune_bundle(
             resume=resume and (run_dir / CHECKPOINT_NAME).is_file(), progress=progress,
             device=device, teacher=teacher,
         )  # fmt: skip
-        bundle.update_expert_weights(
-            e.name, ema.cpu(), onnx=None, trt=None,
-            training={**cfg.to_dict(), "final_loss": res.final_loss, "steps": res.steps,
-                      "distilled": teacher is not None and cfg.distill > 0},
-        )  # fmt: skip
+        if dist.is_main():  # under torchrun every process holds the same weights; one writes
+            bundle.update_expert_weights(
+                e.name, ema.cpu(), onnx=None, trt=None,
+                training={**cfg.to_dict(), "final_loss": res.final_loss, "steps": res.steps,
+                          "world_size": dist.world_size(),
+                          "distilled": teacher is not None and cfg.distill > 0},
+            )  # fmt: skip
+        dist.barrier()
         results[e.name] = res
     return results

@@ -25,9 +25,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from stepadapt import StepadaptError
+from stepadapt import distributed as dist
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.schedule import make_scheduler, snr
-from stepadapt.timesteps import UniformSampler
+from stepadapt.timesteps import SAMPLERS, TimestepSampler, make_sampler
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_WEIGHTS = ("none", "min-snr")
@@ -62,6 +63,10 @@ class TrainConfig:
     loss_weight: str = "none"  # "none" or "min-snr"
     min_snr_gamma: float = 5.0
     distill: float = 0.0  # weight of the teacher's eps in the target (0 = true noise only)
+    sampler: str = "uniform"  # one of timesteps.SAMPLERS
+    clusters: int = 20  # curriculum: clusters of the interval
+    patience: int = 200  # curriculum: plateau length (updates) before the next stage
+    probe_images: int = 8  # adaptive: images per probe timestep
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +92,15 @@ class TrainConfig:
             )
         if not 0.0 <= self.distill <= 1.0:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
+        if self.sampler not in SAMPLERS:
+            raise StepadaptError(
+                f"unknown timestep sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"
+            )
+
+    def make_sampler(self, lo: int, hi: int) -> TimestepSampler:
+        if self.sampler == "curriculum":
+            return make_sampler(self.sampler, lo, hi, clusters=self.clusters, patience=self.patience)
+        return make_sampler(self.sampler, lo, hi)
 
 
 @dataclass
@@ -98,17 +112,16 @@ class TrainResult:
     checkpoint: Path
 
 
-def denoising_loss(
-    model: UNet2DModel,
+def denoising_losses(
+    model: torch.nn.Module,
     scheduler: Any,
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
-    weight: torch.Tensor | None = None,
     teacher: UNet2DModel | None = None,
     distill: float = 0.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE, optionally weighted per sample.
+    """Per-sample epsilon-prediction MSE (unweighted: samplers learn from these).
 
     With a ``teacher`` the target mixes in its prediction: (1-distill)*noise + distill*teacher_eps,
     so a pruned expert learns what the base does at its timesteps, not only the data.
@@ -118,26 +131,46 @@ def denoising_loss(
     if teacher is not None and distill > 0:
         with torch.no_grad():
             target = (1.0 - distill) * noise + distill * teacher(x_t, t).sample
-    per_sample = F.mse_loss(model(x_t, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
-    if weight is not None:
-        per_sample = per_sample * weight
-    return per_sample.mean()
+    return F.mse_loss(model(x_t, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
 
 
-def _state(
-    step: int, model, ema, opt, lr_sched, sampler, gen, cfg: TrainConfig, losses: list[float]
-) -> dict[str, Any]:
+def denoising_loss(
+    model: torch.nn.Module,
+    scheduler: Any,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    teacher: UNet2DModel | None = None,
+    distill: float = 0.0,
+) -> torch.Tensor:
+    """The training objective: mean of the per-sample losses, times ``weight`` where given."""
+    per_sample = denoising_losses(model, scheduler, x0, t, noise, teacher, distill)
+    return (per_sample * weight).mean() if weight is not None else per_sample.mean()
+
+
+def _state(step, model, ema, opt, lr_sched, ranks: list[dict], cfg: TrainConfig, losses) -> dict[str, Any]:
     return {
         "step": step,
         "model": model.state_dict(),
         "ema": ema.state_dict(),
         "optimizer": opt.state_dict(),
         "lr_scheduler": lr_sched.state_dict(),
-        "sampler": sampler.state_dict(),
-        "generator": gen.get_state(),
+        "ranks": ranks,  # per process: timestep sampler state and generator state
         "config": json.dumps(cfg.to_dict()),
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
+
+
+def _probe_losses(model, scheduler, x0, t_probe, noise, teacher, distill) -> torch.Tensor:
+    """Mean loss at each probe timestep over the same images and noise (no gradients)."""
+    m, k = len(x0), len(t_probe)
+    with torch.no_grad():
+        per = denoising_losses(
+            model, scheduler, x0.repeat(k, 1, 1, 1), t_probe.repeat_interleave(m),
+            noise.repeat(k, 1, 1, 1), teacher, distill,
+        )  # fmt: skip
+    return per.view(k, m).mean(dim=1).cpu()
 
 
 def ema_model(model: UNet2DModel, ema: EMAModel) -> UNet2DModel:
@@ -164,12 +197,18 @@ def train(
 
     ``on_sample(step, ema_model)`` is called every ``cfg.sample_every`` steps and
     at the end (sample grids); checkpoints land in ``out_dir/checkpoint.pt``.
+    Under ``torchrun`` the model is wrapped in DDP, each process draws
+    ``batch_size / world`` images with its own generator, and only rank 0 writes.
     """
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device = torch.device(device)
+    device = dist.local_device(device)
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % world:
+        raise StepadaptError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    local_batch = cfg.batch_size // world
     if data.ndim != 4 or data.shape[1] != model.config.in_channels:
         raise StepadaptError(
             f"data has shape {tuple(data.shape)}; the model wants N x {model.config.in_channels} x H x W"
@@ -181,7 +220,7 @@ def train(
     t_hi = cfg.t_hi if cfg.t_hi is not None else T
     if not 0 <= cfg.t_lo < t_hi <= T:
         raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
-    sampler = UniformSampler(cfg.t_lo, t_hi)
+    sampler = cfg.make_sampler(cfg.t_lo, t_hi)
     snr_all = snr(scheduler).float()
     if cfg.distill > 0 and teacher is None:
         raise StepadaptError("distillation asked for, but no teacher model given")
@@ -189,10 +228,15 @@ def train(
         teacher = teacher.to(device).eval()
 
     model.to(device).train()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.iterations)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
     losses: list[float] = []
     step = 0
     if resume and ckpt_path.exists():
@@ -201,6 +245,10 @@ def train(
         if saved.to_dict() != cfg.to_dict():
             diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
             raise StepadaptError(f"cannot resume: options differ from the checkpoint ({', '.join(diff)})")
+        if len(st["ranks"]) != world:
+            raise StepadaptError(
+                f"cannot resume: checkpoint was written by {len(st['ranks'])} processes, this run has {world}"
+            )
         try:
             model.load_state_dict(st["model"])
         except RuntimeError as e:
@@ -210,27 +258,35 @@ def train(
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["optimizer"])
         lr_sched.load_state_dict(st["lr_scheduler"])
-        sampler.load_state_dict(st["sampler"])
-        gen.set_state(st["generator"])
+        sampler.load_state_dict(st["ranks"][rank]["sampler"])
+        gen.set_state(st["ranks"][rank]["generator"])
         losses = st["losses"].tolist()
         step = int(st["step"])
     elif resume:
         raise StepadaptError(f"nothing to resume: {ckpt_path} does not exist")
 
     n = len(data)
-    bar = tqdm(total=cfg.iterations, initial=step, disable=not progress, unit="it", dynamic_ncols=True)
+    show = progress and dist.is_main()
+    bar = tqdm(total=cfg.iterations, initial=step, disable=not show, unit="it", dynamic_ncols=True)
+    bar.set_description(f"t in [{cfg.t_lo},{t_hi}) {cfg.sampler}")
     t0, step0 = time.perf_counter(), step
     smooth = losses[-1] if losses else None
     while step < cfg.iterations:
-        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+        idx = torch.randint(n, (local_batch,), generator=gen)
         x0 = data[idx].to(device)
-        t, w = sampler.sample(cfg.batch_size, gen)
+        t, w = sampler.sample(local_batch, gen)
         noise = torch.randn(x0.shape, generator=gen).to(device)
+        t_probe = sampler.probes(gen)
+        if t_probe is not None:  # same images and noise before and after the update
+            m = min(cfg.probe_images, local_batch)
+            p_noise = torch.randn((m, *x0.shape[1:]), generator=gen).to(device)
+            before = _probe_losses(
+                model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
+            )
         if cfg.loss_weight == "min-snr":
             w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
-        loss = denoising_loss(
-            model, scheduler, x0, t.to(device), noise, w.to(device), teacher=teacher, distill=cfg.distill
-        )
+        per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
+        loss = (per_sample * w.to(device)).mean()
         if not torch.isfinite(loss):
             raise StepadaptError(f"loss became {loss.item()} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -240,6 +296,10 @@ def train(
         opt.step()
         lr_sched.step()
         ema.step(model.parameters())
+        after = None
+        if t_probe is not None:
+            after = _probe_losses(model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill)
+        sampler.update(t, per_sample.detach().cpu(), before if t_probe is not None else None, after)
         step += 1
         v = loss.item()
         smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
@@ -248,11 +308,20 @@ def train(
         bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, sampler, gen, cfg, losses))
-        if on_sample is not None and (step % cfg.sample_every == 0 or step == cfg.iterations):
+            ranks = dist.gather({"sampler": sampler.state_dict(), "generator": gen.get_state()})
+            if dist.is_main():
+                save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, ranks, cfg, losses))
+        if (
+            on_sample is not None
+            and dist.is_main()
+            and (step % cfg.sample_every == 0 or step == cfg.iterations)
+        ):
             on_sample(step, ema_model(model, ema))
     bar.close()
     seconds = time.perf_counter() - t0
+    spread = dist.max_param_spread(model)
+    if spread > 0:
+        raise StepadaptError(f"processes disagree on the weights after training (max difference {spread:g})")
     result = TrainResult(
         steps=step,
         final_loss=losses[-1] if losses else float("nan"),
@@ -260,15 +329,19 @@ def train(
         images_per_second=(step - step0) * cfg.batch_size / seconds if seconds > 0 else 0.0,
         checkpoint=ckpt_path,
     )
-    write_json(
-        out_dir / "train_log.json",
-        {
-            "config": cfg.to_dict(),
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "seconds_this_run": round(seconds, 1),
-            "images_per_second": round(result.images_per_second, 1),
-            "smoothed_loss_every_50": losses[::50],
-        },
-    )
+    if dist.is_main():
+        write_json(
+            out_dir / "train_log.json",
+            {
+                "config": cfg.to_dict(),
+                "world_size": world,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "seconds_this_run": round(seconds, 1),
+                "images_per_second": round(result.images_per_second, 1),
+                "smoothed_loss_every_50": losses[::50],
+                "sampler_probabilities_every_10": sampler.probabilities()[::10].tolist(),
+            },
+        )
+    dist.barrier()
     return ema_model(model, ema), result

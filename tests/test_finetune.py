@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,35 @@ def test_distillation_needs_a_teacher(tiny_bundle, tmp_path, squares):
     cfg = TrainConfig(batch_size=4, distill=0.5)
     with pytest.raises(StepadaptError, match="teacher"):
         finetune_bundle(Bundle.load(d), squares(8), cfg, 3, progress=False)
+
+
+def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, squares):
+    """Real DDP: torchrun starts 2 CPU processes (gloo); weights stay identical across them and land once."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    x = squares(32)
+    np.savez(tmp_path / "sq.npz", images=((x[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy())
+    before = Bundle.load(d).expert("g1").sha256
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python",
+         str(Path(sys.executable).with_name("stepadapt")), "finetune", str(d),
+         "--data", str(tmp_path / "sq.npz"), "--expert", "g1", "--iterations", "12",
+         "--batch-size", "8", "--sampler", "loss-moment", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = Bundle.load(d)  # checksums of what rank 0 wrote verify
+    g1 = b.expert("g1")
+    assert g1.sha256 != before and g1.training["world_size"] == 2
+    log = json.loads((d / "finetune" / "g1" / "train_log.json").read_text())
+    assert log["world_size"] == 2 and log["steps"] == g1.training["steps"]
+    assert r.stdout.count("bundle updated") == 1  # only rank 0 reports

@@ -4,6 +4,7 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.models import build_unet
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
+from stepadapt.timesteps import SAMPLERS
 from stepadapt.train import TrainConfig, denoising_loss, train
 
 
@@ -26,9 +27,14 @@ def test_a_few_steps_lower_the_loss(tmp_path, squares):
     assert after < 0.8 * before
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, squares):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_resume_equals_uninterrupted_run(tmp_path, squares, sampler):
+    """Model, EMA, optimizer, generator and the timestep sampler's own state all come back."""
     x = squares()
-    cfg = TrainConfig(iterations=6, batch_size=8, warmup=2, checkpoint_every=3, ema_decay=0.9)
+    cfg = TrainConfig(
+        iterations=6, batch_size=8, warmup=2, checkpoint_every=3, ema_decay=0.9,
+        sampler=sampler, t_lo=10, t_hi=13, clusters=3, patience=1, probe_images=2,
+    )  # fmt: skip
     full = build_unet("tiny", seed=0)
     ema_full, _ = train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
 
