@@ -1,0 +1,137 @@
+"""The step-adaptive vs uniform experiment, driven through the CLI so every step is a command you can rerun.
+
+On the shipped Fashion-MNIST base, 50 DDIM steps:
+- base;
+- uniform-pruned (one model, `prune --uniform`) vs step-adaptive experts (4 SNR groups), at the same
+  trajectory-mean MACs (0.5 x and 0.8 x base), each fine-tuned with the same number of iterations
+  and images;
+- the timestep-sampler ablation (uniform / curriculum / adaptive / loss-moment) for the step-adaptive
+  experts at 0.5 x.
+Every arm is then scored by `stepadapt evaluate` (KID, FID, fidelity PSNR to the base, SWD) in one call,
+so they share the real features and the base's reference images.
+
+    python -m benchmarks.experiment [--out runs/experiment] [--iterations 1200] [--n 300]
+
+Each stage is skipped when its output exists, so a killed run continues where it stopped.
+Results: OUT/eval.json and benchmarks/results/experiment.json (commands, timings, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stepadapt.io import read_json, write_json
+
+CLI = [str(Path(sys.executable).with_name("stepadapt"))]
+
+
+def run(cmd: list[str], log: list[dict], done: Path | None = None) -> float:
+    """Run one CLI command (unless ``done`` exists), record it with its wall time."""
+    text = " ".join(["stepadapt", *cmd])
+    if done is not None and done.exists():
+        print(f"skip (done): {text}", flush=True)
+        prior = next((c for c in log if c["command"] == text), None)
+        return prior["seconds"] if prior else float("nan")
+    print(f"$ {text}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([*CLI, *cmd], check=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    log.append({"command": text, "seconds": seconds})
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
+    ap.add_argument(
+        "--iterations", type=int, default=1200, help="fine-tuning iterations per arm (all experts)"
+    )
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=300, help="generated (and real) images per arm for the metrics")
+    ap.add_argument("--budgets", default="0.5,0.8")
+    ap.add_argument("--samplers", default="uniform,curriculum,adaptive,loss-moment")
+    ap.add_argument("--clusters", type=int, default=5, help="curriculum clusters (short budgets: few)")
+    ap.add_argument("--patience", type=int, default=20, help="curriculum plateau length")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
+    args = ap.parse_args()
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "commands.json"
+    log: list[dict] = read_json(log_path) if log_path.exists() else []
+    threads = ["--threads", str(args.threads)]
+    budgets = [b.strip() for b in args.budgets.split(",")]
+    samplers = [s.strip() for s in args.samplers.split(",")]
+    arms: dict[str, dict] = {}
+
+    def save_log() -> None:
+        write_json(log_path, log)
+
+    for b in budgets:
+        plan = out / f"plan-{b}.json"
+        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", b], log, plan)
+        for kind, extra in (("sa", []), ("uniform", ["--uniform"])):
+            pruned = out / "pruned" / f"{kind}-{b}"
+            run(["prune", "--plan", str(plan), "--out", str(pruned), *extra], log, pruned / "manifest.json")
+        save_log()
+        # the same fine-tuning budget for both shapes; the sampler ablation only for step-adaptive at 0.5
+        wanted = [("uniform", "uniform")] + [
+            ("sa", s) for s in (samplers if b == budgets[0] else ["uniform"])
+        ]
+        for kind, sampler in wanted:
+            name = f"{kind}-{b}" + ("" if sampler == "uniform" else f"-{sampler}")
+            arm = out / "arms" / name
+            done = arm / "finetune.done"
+            if not done.exists():
+                shutil.rmtree(arm, ignore_errors=True)
+                shutil.copytree(out / "pruned" / f"{kind}-{b}", arm)
+            cmd = ["finetune", str(arm), "--iterations", str(args.iterations), "--batch-size",
+                   str(args.batch_size), "--sampler", sampler, *threads]  # fmt: skip
+            if sampler == "curriculum":
+                cmd += ["--clusters", str(args.clusters), "--patience", str(args.patience)]
+            seconds = run(cmd, log, done)
+            done.touch()
+            save_log()
+            arms[name] = {"kind": kind, "budget": float(b), "sampler": sampler, "finetune_seconds": seconds}
+            grid = out / "samples" / f"{name}.png"
+            run(["sample", "--bundle", str(arm), "--n", "16", "--out", str(grid)], log, grid)
+
+    base = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
+    run(["sample", "--base", str(base), "--n", "16", "--out", str(out / "samples" / "base.png")], log,
+        out / "samples" / "base.png")  # fmt: skip
+    report = out / "eval.json"
+    targets = [str(base)] + [str(out / "arms" / name) for name in arms]
+    run(["evaluate", *targets, "--base", str(base), "--n", str(args.n), "--out", str(report), *threads], log,
+        report)  # fmt: skip
+    save_log()
+
+    metrics = read_json(report)
+    rows = {"base": {"kind": "base", "budget": 1.0, "sampler": "-", "finetune_seconds": 0.0,
+                     **metrics["results"][str(base)]}}  # fmt: skip
+    for name, a in arms.items():
+        rows[name] = {**a, **metrics["results"][str(out / "arms" / name)]}
+    write_json(
+        args.results,
+        {
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+            "settings": {**metrics["settings"], "iterations": args.iterations, "batch_size": args.batch_size,
+                         "clusters": args.clusters, "patience": args.patience},
+            "commands": log,
+            "arms": rows,
+        },
+    )  # fmt: skip
+    print(json.dumps(rows, indent=1))
+    print(f"results -> {args.results}")
+
+
+if __name__ == "__main__":
+    main()
