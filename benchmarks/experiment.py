@@ -48,6 +48,41 @@ def run(cmd: list[str], log: list[dict], done: Path | None = None) -> float:
     return seconds
 
 
+def plot(results: dict, path: Path) -> Path:
+    """KID and fidelity against trajectory MACs, one marker per arm; sample grids beside it in the docs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    style = {"base": ("black", "*"), "uniform": ("tab:red", "s"), "sa": ("tab:blue", "o")}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "kid", "KID (lower is better)"), (axes[1], "psnr", "PSNR vs base, dB")):
+        for name, a in arms.items():
+            if key == "psnr" and a["kind"] == "base":
+                continue
+            color, marker = style[a["kind"]]
+            ax.errorbar(a["macs_ratio"], a[key], yerr=a["kid_std"] if key == "kid" else None, color=color,
+                        marker=marker, capsize=3, linestyle="none")  # fmt: skip
+            ax.annotate(
+                name, (a["macs_ratio"], a[key]), textcoords="offset points", xytext=(5, 3), fontsize=7
+            )
+        ax.set_xlabel("mean MACs per DDIM step / base")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    s = results["settings"]
+    fig.suptitle(
+        f"uniform-pruned (red) vs step-adaptive (blue), {s['iterations']} fine-tuning iterations each, "
+        f"n={s['n']} images, {s['steps']} DDIM steps"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
@@ -62,7 +97,12 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=20, help="curriculum plateau length")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
+    ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from --results")
     args = ap.parse_args()
+    if args.replot:
+        print(f"plot -> {plot(read_json(args.results), args.plot)}")
+        return
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -119,18 +159,16 @@ def main() -> None:
                      **metrics["results"][str(base)]}}  # fmt: skip
     for name, a in arms.items():
         rows[name] = {**a, **metrics["results"][str(out / "arms" / name)]}
-    write_json(
-        args.results,
-        {
+    results = {
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
             "settings": {**metrics["settings"], "iterations": args.iterations, "batch_size": args.batch_size,
                          "clusters": args.clusters, "patience": args.patience},
             "commands": log,
             "arms": rows,
-        },
-    )  # fmt: skip
+    }  # fmt: skip
+    write_json(args.results, results)
     print(json.dumps(rows, indent=1))
-    print(f"results -> {args.results}")
+    print(f"results -> {args.results}, plot -> {plot(results, args.plot)}")
 
 
 if __name__ == "__main__":
