@@ -31,6 +31,7 @@ from pathlib import Path
 from stepadapt.io import read_json, write_json
 
 CLI = [str(Path(sys.executable).with_name("stepadapt"))]
+BASE = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
 
 
 def run(cmd: list[str], log: list[dict], done: Path | None = None) -> float:
@@ -83,6 +84,60 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def sample_figure(samples: Path, names: list[str], path: Path) -> Path:
+    """The arms' 16-image grids (same seed, so the same initial noise) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    names = [n for n in names if (samples / f"{n}.png").is_file()]
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.imshow(Image.open(samples / f"{name}.png"), cmap="gray")
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0) -> dict:
+    """Where is quality lost? For each group of the step-adaptive plan, sample with the base everywhere
+    except that group's interval, which goes to the arm's model (its expert for the interval, or the
+    uniform model). The damage each interval's model does, alone, then compares interval by interval.
+    """
+    from stepadapt.bundle import Bundle
+    from stepadapt.evaluate import InceptionFeatures, generate, real_set, score
+    from stepadapt.models import load_base
+    from stepadapt.sampling import Router, module_denoiser
+
+    base_model, sched = load_base(BASE)
+    base = module_denoiser(base_model.eval())
+    net = InceptionFeatures()
+    shape = (base_model.config.in_channels, base_model.config.sample_size, base_model.config.sample_size)
+    real_images, real_feats = real_set(net, "fashion-mnist", n, shape[1], shape[0], seed=seed)
+    reference = generate(base, sched, shape, n, 50, seed)
+    groups = Bundle.load(out / "arms" / arms[0]).experts  # the step-adaptive intervals
+    rows: dict[str, dict] = {}
+    for arm in arms:
+        owner = Bundle.load(out / "arms" / arm).router()
+        for g in groups:
+            bounds = sorted({0, g.lo, g.hi, int(sched["num_train_timesteps"])})
+            hybrid = Router(bounds, [owner if lo == g.lo else base for lo in bounds[:-1]])
+            images = generate(hybrid, sched, shape, n, 50, seed)
+            r = score(net, images, real_images, real_feats, reference)
+            rows[f"{arm} on [{g.lo},{g.hi})"] = {"arm": arm, "lo": g.lo, "hi": g.hi, **r}
+            print(f"{arm} only on [{g.lo},{g.hi}): KID {r['kid']:.4f}, PSNR {r['psnr']:.2f}", flush=True)
+    write_json(path, {"n": n, "seed": seed, "rows": rows})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
@@ -99,9 +154,19 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
     ap.add_argument("--replot", action="store_true", help="only redraw --plot from --results")
+    ap.add_argument(
+        "--why", default=None, help="comma-separated arms: each alone on each group, base elsewhere"
+    )
     args = ap.parse_args()
+    if args.why:
+        why(args.out, args.why.split(","), args.n, Path("benchmarks/results/experiment_why.json"))
+        return
     if args.replot:
-        print(f"plot -> {plot(read_json(args.results), args.plot)}")
+        results = read_json(args.results)
+        grids = sample_figure(
+            args.out / "samples", list(results["arms"]), args.plot.with_name("experiment_samples.png")
+        )
+        print(f"plot -> {plot(results, args.plot)}, samples -> {grids}")
         return
 
     out: Path = args.out
@@ -145,7 +210,7 @@ def main() -> None:
             grid = out / "samples" / f"{name}.png"
             run(["sample", "--bundle", str(arm), "--n", "16", "--out", str(grid)], log, grid)
 
-    base = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
+    base = BASE
     run(["sample", "--base", str(base), "--n", "16", "--out", str(out / "samples" / "base.png")], log,
         out / "samples" / "base.png")  # fmt: skip
     report = out / "eval.json"
@@ -168,7 +233,8 @@ def main() -> None:
     }  # fmt: skip
     write_json(args.results, results)
     print(json.dumps(rows, indent=1))
-    print(f"results -> {args.results}, plot -> {plot(results, args.plot)}")
+    grids = sample_figure(out / "samples", list(rows), args.plot.with_name("experiment_samples.png"))
+    print(f"results -> {args.results}, plot -> {plot(results, args.plot)}, samples -> {grids}")
 
 
 if __name__ == "__main__":

@@ -277,6 +277,7 @@ def train(
         t, w = sampler.sample(local_batch, gen)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t_probe = sampler.probes(gen)
+        before = after = None
         if t_probe is not None:  # same images and noise before and after the update
             m = min(cfg.probe_images, local_batch)
             p_noise = torch.randn((m, *x0.shape[1:]), generator=gen).to(device)
@@ -296,10 +297,9 @@ def train(
         opt.step()
         lr_sched.step()
         ema.step(model.parameters())
-        after = None
         if t_probe is not None:
             after = _probe_losses(model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill)
-        sampler.update(t, per_sample.detach().cpu(), before if t_probe is not None else None, after)
+        sampler.update(t, per_sample.detach().cpu(), before, after)
         step += 1
         v = loss.item()
         smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
