@@ -113,14 +113,11 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0) -> dict:
     uniform model). The damage each interval's model does, alone, then compares interval by interval.
     """
     from stepadapt.bundle import Bundle
-    from stepadapt.evaluate import InceptionFeatures, generate, real_set, score
-    from stepadapt.models import load_base
-    from stepadapt.sampling import Router, module_denoiser
+    from stepadapt.evaluate import InceptionFeatures, generate, load_target, real_set, score
+    from stepadapt.sampling import Router
 
-    base_model, sched = load_base(BASE)
-    base = module_denoiser(base_model.eval())
+    base, sched, shape, _ = load_target(BASE)
     net = InceptionFeatures()
-    shape = (base_model.config.in_channels, base_model.config.sample_size, base_model.config.sample_size)
     real_images, real_feats = real_set(net, "fashion-mnist", n, shape[1], shape[0], seed=seed)
     reference = generate(base, sched, shape, n, 50, seed)
     groups = Bundle.load(out / "arms" / arms[0]).experts  # the step-adaptive intervals
@@ -159,7 +156,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.why:
-        why(args.out, args.why.split(","), args.n, Path("benchmarks/results/experiment_why.json"))
+        why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
         return
     if args.replot:
         results = read_json(args.results)

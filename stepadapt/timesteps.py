@@ -68,9 +68,6 @@ class TimestepSampler:
         pass
 
 
-UniformSampler = TimestepSampler
-
-
 class CurriculumSampler(TimestepSampler):
     """Easy-to-hard curriculum (Kim et al. 2024, arXiv 2403.10348).
 
