@@ -28,14 +28,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from stepadapt.io import read_json, write_json
 
 CLI = [str(Path(sys.executable).with_name("stepadapt"))]
 BASE = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
 
 
-def run(cmd: list[str], log: list[dict], done: Path | None = None) -> float:
-    """Run one CLI command (unless ``done`` exists), record it with its wall time."""
+def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = None) -> float:
+    """Run one CLI command (unless ``done`` exists); record it with its wall time in ``log_path``."""
     text = " ".join(["stepadapt", *cmd])
     if done is not None and done.exists():
         print(f"skip (done): {text}", flush=True)
@@ -46,6 +48,7 @@ def run(cmd: list[str], log: list[dict], done: Path | None = None) -> float:
     subprocess.run([*CLI, *cmd], check=True)
     seconds = round(time.perf_counter() - t0, 1)
     log.append({"command": text, "seconds": seconds})
+    write_json(log_path, log)
     return seconds
 
 
@@ -107,6 +110,12 @@ def sample_figure(samples: Path, names: list[str], path: Path) -> Path:
     return path
 
 
+def figures(results: dict, samples: Path, plot_path: Path) -> str:
+    """Both pictures of a results file: metrics against MACs, and the arms' sample grids."""
+    grids = sample_figure(samples, list(results["arms"]), plot_path.with_name("experiment_samples.png"))
+    return f"plot -> {plot(results, plot_path)}, samples -> {grids}"
+
+
 def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0) -> dict:
     """Where is quality lost? For each group of the step-adaptive plan, sample with the base everywhere
     except that group's interval, which goes to the arm's model (its expert for the interval, or the
@@ -159,11 +168,7 @@ def main() -> None:
         why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
         return
     if args.replot:
-        results = read_json(args.results)
-        grids = sample_figure(
-            args.out / "samples", list(results["arms"]), args.plot.with_name("experiment_samples.png")
-        )
-        print(f"plot -> {plot(results, args.plot)}, samples -> {grids}")
+        print(figures(read_json(args.results), args.out / "samples", args.plot))
         return
 
     out: Path = args.out
@@ -175,16 +180,13 @@ def main() -> None:
     samplers = [s.strip() for s in args.samplers.split(",")]
     arms: dict[str, dict] = {}
 
-    def save_log() -> None:
-        write_json(log_path, log)
-
     for b in budgets:
         plan = out / f"plan-{b}.json"
-        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", b], log, plan)
+        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", b], log, log_path, plan)
         for kind, extra in (("sa", []), ("uniform", ["--uniform"])):
             pruned = out / "pruned" / f"{kind}-{b}"
-            run(["prune", "--plan", str(plan), "--out", str(pruned), *extra], log, pruned / "manifest.json")
-        save_log()
+            cmd = ["prune", "--plan", str(plan), "--out", str(pruned), *extra]
+            run(cmd, log, log_path, pruned / "manifest.json")
         # the same fine-tuning budget for both shapes; the sampler ablation only for step-adaptive at 0.5
         wanted = [("uniform", "uniform")] + [
             ("sa", s) for s in (samplers if b == budgets[0] else ["uniform"])
@@ -200,29 +202,27 @@ def main() -> None:
                    str(args.batch_size), "--sampler", sampler, *threads]  # fmt: skip
             if sampler == "curriculum":
                 cmd += ["--clusters", str(args.clusters), "--patience", str(args.patience)]
-            seconds = run(cmd, log, done)
+            seconds = run(cmd, log, log_path, done)
             done.touch()
-            save_log()
             arms[name] = {"kind": kind, "budget": float(b), "sampler": sampler, "finetune_seconds": seconds}
             grid = out / "samples" / f"{name}.png"
-            run(["sample", "--bundle", str(arm), "--n", "16", "--out", str(grid)], log, grid)
+            run(["sample", "--bundle", str(arm), "--n", "16", "--out", str(grid)], log, log_path, grid)
 
-    base = BASE
-    run(["sample", "--base", str(base), "--n", "16", "--out", str(out / "samples" / "base.png")], log,
-        out / "samples" / "base.png")  # fmt: skip
+    grid = out / "samples" / "base.png"
+    run(["sample", "--base", str(BASE), "--n", "16", "--out", str(grid)], log, log_path, grid)
     report = out / "eval.json"
-    targets = [str(base)] + [str(out / "arms" / name) for name in arms]
-    run(["evaluate", *targets, "--base", str(base), "--n", str(args.n), "--out", str(report), *threads], log,
-        report)  # fmt: skip
-    save_log()
+    targets = [str(BASE)] + [str(out / "arms" / name) for name in arms]
+    run(["evaluate", *targets, "--base", str(BASE), "--n", str(args.n), "--out", str(report), *threads], log,
+        log_path, report)  # fmt: skip
 
     metrics = read_json(report)
     rows = {"base": {"kind": "base", "budget": 1.0, "sampler": "-", "finetune_seconds": 0.0,
-                     **metrics["results"][str(base)]}}  # fmt: skip
+                     **metrics["results"][str(BASE)]}}  # fmt: skip
     for name, a in arms.items():
         rows[name] = {**a, **metrics["results"][str(out / "arms" / name)]}
     results = {
-            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
             "settings": {**metrics["settings"], "iterations": args.iterations, "batch_size": args.batch_size,
                          "clusters": args.clusters, "patience": args.patience},
             "commands": log,
@@ -230,8 +230,7 @@ def main() -> None:
     }  # fmt: skip
     write_json(args.results, results)
     print(json.dumps(rows, indent=1))
-    grids = sample_figure(out / "samples", list(rows), args.plot.with_name("experiment_samples.png"))
-    print(f"results -> {args.results}, plot -> {plot(results, args.plot)}, samples -> {grids}")
+    print(f"results -> {args.results}, {figures(results, out / 'samples', args.plot)}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,6 @@ def real_set(
         except (SafetensorError, OSError, KeyError):
             pass  # a corrupt cache is recomputed, never trusted
     feats = features(net, images, progress=progress, desc="real features")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key})
     return images, feats

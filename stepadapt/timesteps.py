@@ -24,8 +24,6 @@ import torch
 
 from stepadapt import StepadaptError
 
-SAMPLERS = ("uniform", "curriculum", "adaptive", "loss-moment")
-
 
 class TimestepSampler:
     """Uniform over [lo, hi): the reference every other sampler is compared with."""
@@ -225,7 +223,6 @@ class AdaptiveSampler(TimestepSampler):
         self._step = 0
         self._baseline = 0.0
         self._scale = 0.0
-        self._last_full = False
 
     def _log_probs(self) -> torch.Tensor:
         a, b = self.theta.clamp(-3.0, 4.0).exp()
@@ -246,9 +243,12 @@ class AdaptiveSampler(TimestepSampler):
         idx = torch.multinomial(self.probabilities(), batch, replacement=True, generator=generator)
         return idx + self.lo, torch.ones(batch)
 
+    def _full_probe(self) -> bool:
+        """This update measures every candidate (the records the probe selection learns from)."""
+        return self._step % self.reselect_every == 0
+
     def probes(self, generator: torch.Generator) -> torch.Tensor:
-        self._last_full = self._step % self.reselect_every == 0
-        return self.candidates.clone() if self._last_full else self.candidates[self.selected]
+        return self.candidates.clone() if self._full_probe() else self.candidates[self.selected]
 
     def _reselect(self) -> None:
         """Greedy forward selection: which probes' loss changes predict the mean change best."""
@@ -275,7 +275,7 @@ class AdaptiveSampler(TimestepSampler):
         if probe_before is None or probe_after is None:
             raise StepadaptError("the adaptive sampler needs probe losses before and after each update")
         decrease = (probe_before - probe_after).double()
-        if self._last_full:
+        if self._full_probe():
             self._records = torch.cat([self._records, decrease.unsqueeze(0)])[-self.max_records :]
             self._reselect()
             reward = float(decrease.mean())
@@ -316,9 +316,14 @@ class AdaptiveSampler(TimestepSampler):
 
 
 _CLASSES = {c.name: c for c in (TimestepSampler, CurriculumSampler, AdaptiveSampler, LossMomentSampler)}
+SAMPLERS = tuple(_CLASSES)
+
+
+def sampler_class(name: str) -> type[TimestepSampler]:
+    if name not in _CLASSES:
+        raise StepadaptError(f"unknown timestep sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return _CLASSES[name]
 
 
 def make_sampler(name: str, lo: int, hi: int, **options) -> TimestepSampler:
-    if name not in _CLASSES:
-        raise StepadaptError(f"unknown timestep sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return _CLASSES[name](lo, hi, **options)
+    return sampler_class(name)(lo, hi, **options)

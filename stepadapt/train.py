@@ -28,7 +28,7 @@ from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.schedule import make_scheduler, snr
-from stepadapt.timesteps import SAMPLERS, TimestepSampler, make_sampler
+from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_WEIGHTS = ("none", "min-snr")
@@ -92,10 +92,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.distill <= 1.0:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
-        if self.sampler not in SAMPLERS:
-            raise StepadaptError(
-                f"unknown timestep sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"
-            )
+        sampler_class(self.sampler)  # an unknown name fails with the other option checks
 
     def make_sampler(self, lo: int, hi: int) -> TimestepSampler:
         if self.sampler == "curriculum":
