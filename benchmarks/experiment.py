@@ -1,46 +1,83 @@
-"""The step-adaptive vs uniform experiment, driven through the CLI so every step is a command you can rerun.
+"""Quality at equal compute: step-adaptive experts vs one uniformly pruned model vs the base at fewer steps.
 
-On the shipped Fashion-MNIST base, 50 DDIM steps:
-- base;
-- uniform-pruned (one model, `prune --uniform`) vs step-adaptive experts (4 SNR groups), at the same
-  trajectory-mean MACs (0.5 x and 0.8 x base), each fine-tuned with the same number of iterations
-  and images;
-- the timestep-sampler ablation (uniform / curriculum / adaptive / loss-moment) for the step-adaptive
-  experts at 0.5 x.
-Every arm is then scored by `stepadapt evaluate` (KID, FID, fidelity PSNR to the base, SWD) in one call,
-so they share the real features and the base's reference images.
+On the shipped Fashion-MNIST base, every arm in one run, in priority order (the headline arms first, so
+a run cut short still answers the main question):
+- ``base-steps``: the base at 10, 12, 20, 25, 40 and 50 DDIM steps (the competitor a user already has);
+- ``uniform``: one uniformly pruned model at the plan's mean MACs, with the same recovery as the
+  default (distillation from the base);
+- ``default``: today's defaults of ``analyze`` / ``prune`` / ``finetune`` (nested experts trained
+  together on shared weights, distilled from the base);
+- ``snr-old``: the previous recipe (independent experts, each fine-tuned alone, no distillation);
+- ablations at 0.5 x, one change to the default each (``separate``, ``no-distill``, ``independent``).
+Every trained arm gets the same fine-tuning images (``--iterations`` x ``--batch-size``). Each arm is
+scored at 25 and 50 DDIM steps against ``--n`` real test images (KID on TF-FID Inception features,
+FID, PSNR against the base at the same steps and noise); headline arms run with 2 seeds (the seed
+changes the proxy sets, the training order and the sampling noise).
 
-    python -m benchmarks.experiment [--out runs/experiment] [--iterations 1200] [--n 300]
+    python -m benchmarks.experiment [--out runs/experiment] [--iterations 2400] [--n 500]
 
-Each stage is skipped when its output exists, so a killed run continues where it stopped.
-Results: OUT/eval.json and benchmarks/results/experiment.json (commands, timings, metrics).
+Pruning and fine-tuning are ``stepadapt`` commands (logged with their wall times); scores land in
+OUT/scores.json one by one and every finished score rewrites benchmarks/results/experiment.json and
+the plot, so a killed run continues where it stopped and a partial run is already a result.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stepadapt.io import read_json, write_json
 
 CLI = [str(Path(sys.executable).with_name("stepadapt"))]
 BASE = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
+BASE_STEPS = (10, 12, 20, 25, 40, 50)
+HEADLINE = ("uniform", "default")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str
+    budget: float
+    prune: tuple[str, ...] = ()  # options of `stepadapt prune` beyond the plan
+    finetune: tuple[str, ...] = ()  # options of `stepadapt finetune` beyond the shared ones
+    seeds: tuple[int, ...] = (0,)
+    note: str = ""
+
+    @property
+    def pruned_key(self) -> str:
+        """Arms that prune alike share the pruned bundle."""
+        extra = [o.strip("-") for o in self.prune if o != "--uniform"]
+        return "-".join(["u" if "--uniform" in self.prune else "e", *extra])
+
+
+ARMS = (
+    Arm("uniform-0.5", "uniform", 0.5, ("--uniform",), seeds=(0, 1), note="one model, distilled"),
+    Arm("default-0.5", "default", 0.5, seeds=(0, 1), note="nested, shared, distilled"),
+    Arm("snr-old-0.5", "snr-old", 0.5, ("--independent",), ("--mode", "separate", "--distill", "0"),
+        note="independent experts, each alone, no distillation"),
+    Arm("separate-0.5", "separate", 0.5, (), ("--mode", "separate"), note="default, experts trained alone"),
+    Arm("no-distill-0.5", "no-distill", 0.5, (), ("--distill", "0"), note="default without distillation"),
+    Arm("independent-0.5", "independent", 0.5, ("--independent",), note="default, experts not nested"),
+    Arm("uniform-0.8", "uniform", 0.8, ("--uniform",)),
+    Arm("default-0.8", "default", 0.8),
+)  # fmt: skip
 
 
 def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = None) -> float:
     """Run one CLI command (unless ``done`` exists); record it with its wall time in ``log_path``."""
     text = " ".join(["stepadapt", *cmd])
     if done is not None and done.exists():
-        print(f"skip (done): {text}", flush=True)
         prior = next((c for c in log if c["command"] == text), None)
         return prior["seconds"] if prior else float("nan")
     print(f"$ {text}", flush=True)
@@ -52,34 +89,109 @@ def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = Non
     return seconds
 
 
+class Scorer:
+    """Scores images against real test images and the base's images from the same noise, with caches."""
+
+    def __init__(self, out: Path, n: int):
+        from stepadapt.evaluate import InceptionFeatures, load_target
+
+        self.out, self.n = out, n
+        self.net = InceptionFeatures()
+        self.base, self.sched, self.shape, _ = load_target(BASE)
+        self.real: dict[int, tuple] = {}
+
+    def reference(self, steps: int, seed: int) -> np.ndarray:
+        from stepadapt.evaluate import generate
+
+        path = self.out / "reference" / f"base-{steps}-{seed}.npz"
+        if path.is_file():
+            return np.load(path)["images"]
+        from stepadapt.sampling import save_npz
+
+        images = generate(self.base, self.sched, self.shape, self.n, steps, seed)
+        save_npz(images, path)
+        return images
+
+    def __call__(self, denoiser, steps: int, seed: int, grid: Path | None) -> dict:
+        from stepadapt.evaluate import generate, real_set, score
+        from stepadapt.sampling import save_grid
+
+        if seed not in self.real:
+            self.real[seed] = real_set(
+                self.net, "fashion-mnist", self.n, self.shape[1], self.shape[0], seed=seed
+            )
+        reference = self.reference(steps, seed)
+        t0 = time.perf_counter()
+        images = (
+            reference if denoiser is None else generate(denoiser, self.sched, self.shape, self.n, steps, seed)
+        )
+        seconds = time.perf_counter() - t0
+        if grid is not None:
+            save_grid(images[:16], grid)
+        r = score(self.net, images, *self.real[seed], reference)
+        return {**r, "sample_seconds": round(seconds, 1)}
+
+
+def aggregate(arms: dict[str, dict], scores: dict[str, dict], settings: dict) -> list[dict]:
+    """One row per (arm, steps): KID mean and std over seeds (one seed: the subset std)."""
+    rows = []
+    for name, a in arms.items():
+        for steps in a["steps"]:
+            got = [scores[k] for s in a["seeds"] if (k := f"{name}|{s}|{steps}") in scores]
+            if not got:
+                continue
+            kids = np.array([g["kid"] for g in got])
+            macs = a["macs_per_step"].get(str(steps), a["budget"])
+            rows.append({
+                "arm": name, "kind": a["kind"], "budget": round(macs, 4), "steps": steps,
+                "macs_per_image": round(macs * steps, 2), "finetune_images": a["finetune_images"],
+                "finetune_seconds": a.get("finetune_seconds"),
+                "kid": float(kids.mean()),
+                "kid_std": float(kids.std(ddof=1)) if len(got) > 1 else got[0]["kid_std"],
+                "kid_std_over": "seeds" if len(got) > 1 else "subsets",
+                "seeds": [s for s in a["seeds"] if f"{name}|{s}|{steps}" in scores],
+                "n": settings["n"],
+                "fid": float(np.mean([g["fid"] for g in got])),
+                "psnr": float(np.mean([g["psnr"] for g in got])) if "psnr" in got[0] else None,
+                "grid": a.get("grids", {}).get(str(steps)), "note": a.get("note", ""),
+            })  # fmt: skip
+    return rows
+
+
 def plot(results: dict, path: Path) -> Path:
-    """KID and fidelity against trajectory MACs, one marker per arm; sample grids beside it in the docs."""
+    """KID against MACs per image: the base at fewer steps as a curve, the pruned arms on it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = results["arms"]
-    style = {"base": ("black", "*"), "uniform": ("tab:red", "s"), "sa": ("tab:blue", "o")}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "kid", "KID (lower is better)"), (axes[1], "psnr", "PSNR vs base, dB")):
-        for name, a in arms.items():
-            if key == "psnr" and a["kind"] == "base":
-                continue
-            color, marker = style[a["kind"]]
-            ax.errorbar(a["macs_ratio"], a[key], yerr=a["kid_std"] if key == "kid" else None, color=color,
-                        marker=marker, capsize=3, linestyle="none")  # fmt: skip
-            ax.annotate(
-                name, (a["macs_ratio"], a[key]), textcoords="offset points", xytext=(5, 3), fontsize=7
-            )
-        ax.set_xlabel("mean MACs per DDIM step / base")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    base = sorted((r for r in rows if r["kind"] in ("base", "base-steps")), key=lambda r: r["macs_per_image"])
+    if base:
+        ax.errorbar([r["macs_per_image"] for r in base], [r["kid"] for r in base],
+                    yerr=[r["kid_std"] for r in base], color="black", marker="*", capsize=3,
+                    label="base, 10-50 DDIM steps")  # fmt: skip
+        for r in base:
+            ax.annotate(f"{r['steps']}", (r["macs_per_image"], r["kid"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)  # fmt: skip
+    style = {"uniform": ("tab:red", "s"), "default": ("tab:blue", "o"), "snr-old": ("tab:gray", "v")}
+    for r in rows:
+        if r["kind"] in ("base", "base-steps"):
+            continue
+        color, marker = style.get(r["kind"], ("tab:green", "^"))
+        ax.errorbar(r["macs_per_image"], r["kid"], yerr=r["kid_std"], color=color, marker=marker, capsize=3,
+                    linestyle="none", markersize=7 if r["kind"] in HEADLINE else 4)  # fmt: skip
+        ax.annotate(f"{r['arm']} @{r['steps']}", (r["macs_per_image"], r["kid"]), textcoords="offset points",
+                    xytext=(5, -8), fontsize=6, color=color)  # fmt: skip
+    ax.set_xlabel("MACs per image, in base-model steps (steps x mean MACs per step / base)")
+    ax.set_ylabel("KID vs Fashion-MNIST test (lower is better)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right", fontsize=8)
     s = results["settings"]
-    fig.suptitle(
-        f"uniform-pruned (red) vs step-adaptive (blue), {s['iterations']} fine-tuning iterations each, "
-        f"n={s['n']} images, {s['steps']} DDIM steps"
-    )
+    ax.set_title(f"n={s['n']} images per arm and seed, {s['iterations']} x {s['batch_size']} fine-tuning "
+                 "images per trained arm", fontsize=9)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -87,7 +199,7 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
-def sample_figure(samples: Path, names: list[str], path: Path) -> Path:
+def sample_figure(grids: dict[str, str], path: Path) -> Path:
     """The arms' 16-image grids (same seed, so the same initial noise) side by side."""
     import matplotlib
 
@@ -95,14 +207,14 @@ def sample_figure(samples: Path, names: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    names = [n for n in names if (samples / f"{n}.png").is_file()]
+    grids = {k: v for k, v in grids.items() if Path(v).is_file()}
     cols = 4
-    rows = -(-len(names) // cols)
+    rows = max(1, -(-len(grids) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, name in zip(axes.flat, names, strict=False):
-        ax.imshow(Image.open(samples / f"{name}.png"), cmap="gray")
+    for ax, (name, grid) in zip(axes.flat, grids.items(), strict=False):
+        ax.imshow(Image.open(grid), cmap="gray")
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -110,52 +222,38 @@ def sample_figure(samples: Path, names: list[str], path: Path) -> Path:
     return path
 
 
-def figures(results: dict, samples: Path, plot_path: Path) -> str:
-    """Both pictures of a results file: metrics against MACs, and the arms' sample grids."""
-    grids = sample_figure(samples, list(results["arms"]), plot_path.with_name("experiment_samples.png"))
-    return f"plot -> {plot(results, plot_path)}, samples -> {grids}"
-
-
-def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0) -> dict:
-    """Where is quality lost? For each group of the step-adaptive plan, sample with the base everywhere
+def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: int = 50) -> dict:
+    """Where is quality lost? For each group of the first arm's plan, sample with the base everywhere
     except that group's interval, which goes to the arm's model (its expert for the interval, or the
     uniform model). The damage each interval's model does, alone, then compares interval by interval.
     """
     from stepadapt.bundle import Bundle
-    from stepadapt.evaluate import InceptionFeatures, generate, load_target, real_set, score
     from stepadapt.sampling import Router
 
-    base, sched, shape, _ = load_target(BASE)
-    net = InceptionFeatures()
-    real_images, real_feats = real_set(net, "fashion-mnist", n, shape[1], shape[0], seed=seed)
-    reference = generate(base, sched, shape, n, 50, seed)
-    groups = Bundle.load(out / "arms" / arms[0]).experts  # the step-adaptive intervals
+    scorer = Scorer(out, n)
+    T = int(scorer.sched["num_train_timesteps"])
+    groups = Bundle.load(out / "arms" / arms[0]).experts
     rows: dict[str, dict] = {}
     for arm in arms:
         owner = Bundle.load(out / "arms" / arm).router()
         for g in groups:
-            bounds = sorted({0, g.lo, g.hi, int(sched["num_train_timesteps"])})
-            hybrid = Router(bounds, [owner if lo == g.lo else base for lo in bounds[:-1]])
-            images = generate(hybrid, sched, shape, n, 50, seed)
-            r = score(net, images, real_images, real_feats, reference)
+            bounds = sorted({0, g.lo, g.hi, T})
+            hybrid = Router(bounds, [owner if lo == g.lo else scorer.base for lo in bounds[:-1]])
+            r = scorer(hybrid, steps, seed, None)
             rows[f"{arm} on [{g.lo},{g.hi})"] = {"arm": arm, "lo": g.lo, "hi": g.hi, **r}
             print(f"{arm} only on [{g.lo},{g.hi}): KID {r['kid']:.4f}, PSNR {r['psnr']:.2f}", flush=True)
-    write_json(path, {"n": n, "seed": seed, "rows": rows})
+    write_json(path, {"n": n, "seed": seed, "steps": steps, "rows": rows})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
-    ap.add_argument(
-        "--iterations", type=int, default=1200, help="fine-tuning iterations per arm (all experts)"
-    )
+    ap.add_argument("--iterations", type=int, default=2400, help="fine-tuning iterations per trained arm")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--n", type=int, default=300, help="generated (and real) images per arm for the metrics")
-    ap.add_argument("--budgets", default="0.5,0.8")
-    ap.add_argument("--samplers", default="uniform,curriculum,adaptive,loss-moment")
-    ap.add_argument("--clusters", type=int, default=5, help="curriculum clusters (short budgets: few)")
-    ap.add_argument("--patience", type=int, default=20, help="curriculum plateau length")
+    ap.add_argument("--n", type=int, default=500, help="generated (and real) images per arm and seed")
+    ap.add_argument("--steps", default="25,50", help="DDIM steps each trained arm is scored at")
+    ap.add_argument("--arms", default=None, help="comma-separated arm names (default: all, in order)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
@@ -164,73 +262,112 @@ def main() -> None:
         "--why", default=None, help="comma-separated arms: each alone on each group, base elsewhere"
     )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.why:
         why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
         return
     if args.replot:
-        print(figures(read_json(args.results), args.out / "samples", args.plot))
+        print(plot(read_json(args.results), args.plot))
         return
+
+    from stepadapt.bundle import Bundle
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "commands.json"
+    log_path, scores_path = out / "commands.json", out / "scores.json"
     log: list[dict] = read_json(log_path) if log_path.exists() else []
+    scores: dict[str, dict] = read_json(scores_path) if scores_path.exists() else {}
     threads = ["--threads", str(args.threads)]
-    budgets = [b.strip() for b in args.budgets.split(",")]
-    samplers = [s.strip() for s in args.samplers.split(",")]
-    arms: dict[str, dict] = {}
+    steps_list = [int(s) for s in args.steps.split(",")]
+    chosen = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
+    settings = {"n": args.n, "iterations": args.iterations, "batch_size": args.batch_size,
+                "sampler": "ddim eta=0", "data": "fashion-mnist", "base": str(BASE.name)}  # fmt: skip
+    arms: dict[str, dict] = {
+        f"base-{s}": {"kind": "base" if s == 50 else "base-steps", "budget": 1.0, "steps": [s],
+                      "seeds": [0, 1], "macs_per_step": {str(s): 1.0}, "finetune_images": 0}
+        for s in BASE_STEPS
+    }  # fmt: skip
+    scorer = Scorer(out, args.n)
 
-    for b in budgets:
-        plan = out / f"plan-{b}.json"
-        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", b], log, log_path, plan)
-        for kind, extra in (("sa", []), ("uniform", ["--uniform"])):
-            pruned = out / "pruned" / f"{kind}-{b}"
-            cmd = ["prune", "--plan", str(plan), "--out", str(pruned), *extra]
-            run(cmd, log, log_path, pruned / "manifest.json")
-        # the same fine-tuning budget for both shapes; the sampler ablation only for step-adaptive at 0.5
-        wanted = [("uniform", "uniform")] + [
-            ("sa", s) for s in (samplers if b == budgets[0] else ["uniform"])
-        ]
-        for kind, sampler in wanted:
-            name = f"{kind}-{b}" + ("" if sampler == "uniform" else f"-{sampler}")
-            arm = out / "arms" / name
-            done = arm / "finetune.done"
-            if not done.exists():
-                shutil.rmtree(arm, ignore_errors=True)
-                shutil.copytree(out / "pruned" / f"{kind}-{b}", arm)
-            cmd = ["finetune", str(arm), "--iterations", str(args.iterations), "--batch-size",
-                   str(args.batch_size), "--sampler", sampler, *threads]  # fmt: skip
-            if sampler == "curriculum":
-                cmd += ["--clusters", str(args.clusters), "--patience", str(args.patience)]
-            seconds = run(cmd, log, log_path, done)
-            done.touch()
-            arms[name] = {"kind": kind, "budget": float(b), "sampler": sampler, "finetune_seconds": seconds}
-            grid = out / "samples" / f"{name}.png"
-            run(["sample", "--bundle", str(arm), "--n", "16", "--out", str(grid)], log, log_path, grid)
-
-    grid = out / "samples" / "base.png"
-    run(["sample", "--base", str(BASE), "--n", "16", "--out", str(grid)], log, log_path, grid)
-    report = out / "eval.json"
-    targets = [str(BASE)] + [str(out / "arms" / name) for name in arms]
-    run(["evaluate", *targets, "--base", str(BASE), "--n", str(args.n), "--out", str(report), *threads], log,
-        log_path, report)  # fmt: skip
-
-    metrics = read_json(report)
-    rows = {"base": {"kind": "base", "budget": 1.0, "sampler": "-", "finetune_seconds": 0.0,
-                     **metrics["results"][str(BASE)]}}  # fmt: skip
-    for name, a in arms.items():
-        rows[name] = {**a, **metrics["results"][str(out / "arms" / name)]}
-    results = {
+    def publish() -> None:
+        write_json(scores_path, scores)
+        results = {
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-            "settings": {**metrics["settings"], "iterations": args.iterations, "batch_size": args.batch_size,
-                         "clusters": args.clusters, "patience": args.patience},
-            "commands": log,
-            "arms": rows,
-    }  # fmt: skip
-    write_json(args.results, results)
-    print(json.dumps(rows, indent=1))
-    print(f"results -> {args.results}, {figures(results, out / 'samples', args.plot)}")
+            "settings": settings, "commands": log, "arms": arms, "rows": aggregate(arms, scores, settings),
+        }  # fmt: skip
+        write_json(args.results, results)
+        plot(results, args.plot)
+        grids = {
+            f"{r['arm']} @{r['steps']}": r["grid"]
+            for r in results["rows"]
+            if r["grid"] and r["steps"] in (25, 50) and r["kind"] in ("base", "base-steps", *HEADLINE)
+        }
+        sample_figure(grids, args.plot.with_name("experiment_samples.png"))  # fmt: skip
+
+    def score_once(name: str, seed: int, steps: int, denoiser) -> None:
+        key = f"{name}|{seed}|{steps}"
+        grid = out / "samples" / f"{name}-{steps}.png"
+        arms[name].setdefault("grids", {})[str(steps)] = str(grid)
+        if key in scores:
+            return
+        r = scorer(denoiser, steps, seed, grid if seed == 0 else None)
+        scores[key] = r
+        print(f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, PSNR {r.get('psnr', 0):.2f}", flush=True)
+        publish()
+
+    def base_job(seed: int, steps: tuple[int, ...]) -> None:
+        for st in steps:
+            score_once(f"base-{st}", seed, st, None)  # None: the base's own (reference) images
+
+    def arm_job(a: Arm, seed: int) -> None:
+        plan = out / f"plan-{a.budget}.json"
+        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", str(a.budget)], log, log_path, plan)
+        pruned = out / "pruned" / f"{a.pruned_key}-{a.budget}-s{seed}"
+        cmd = ["prune", "--plan", str(plan), "--out", str(pruned), "--seed", str(seed), *a.prune]
+        run(cmd, log, log_path, pruned / "manifest.json")
+        arm = out / "arms" / f"{a.name}-s{seed}"
+        done = arm / "finetune.done"
+        if not done.exists():
+            shutil.rmtree(arm, ignore_errors=True)
+            shutil.copytree(pruned, arm)
+        cmd = ["finetune", str(arm), "--iterations", str(args.iterations), "--batch-size",
+               str(args.batch_size), "--seed", str(seed), *a.finetune, *threads]  # fmt: skip
+        seconds = run(cmd, log, log_path, done)
+        done.touch()
+        info = arms[a.name]
+        info.setdefault("finetune_seconds_per_seed", {})[str(seed)] = seconds
+        info["finetune_seconds"] = float(np.nanmean(list(info["finetune_seconds_per_seed"].values())))
+        b = Bundle.load(arm)
+        info["macs_per_step"] = {str(s): b.manifest.trajectory_macs_ratio(s) for s in steps_list}
+        base_macs = b.manifest.base_macs
+        info["experts"] = [
+            {"name": e.name, "timesteps": list(e.timesteps), "macs_ratio": round(e.macs / base_macs, 4)}
+            for e in b.experts
+        ]
+        router = b.router()
+        for steps in steps_list:
+            score_once(a.name, seed, steps, router)
+
+    for a in chosen:
+        arms[a.name] = {"kind": a.kind, "budget": a.budget, "steps": steps_list, "seeds": list(a.seeds),
+                        "macs_per_step": {}, "finetune_images": args.iterations * args.batch_size,
+                        "prune": list(a.prune), "finetune": list(a.finetune), "note": a.note}  # fmt: skip
+    # Interleaved by priority: the bar, the headline arms (seed 0), their second seeds, the rest.
+    headline = [a for a in chosen if a.kind in HEADLINE and a.budget == 0.5]
+    base_job(0, BASE_STEPS)
+    for a in headline:
+        arm_job(a, 0)
+    base_job(1, (12, 25, 50))
+    for a in headline:
+        for seed in a.seeds[1:]:
+            arm_job(a, seed)
+    for a in chosen:
+        if a not in headline:
+            for seed in a.seeds:
+                arm_job(a, seed)
+    publish()
+    print(f"results -> {args.results}, plot -> {args.plot}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class ExpertSpec:
     structure_sha256: str
     importance: str = ""
     proxy_loss: float | None = None
+    parent: str | None = None  # nested pruning: the larger expert this one was cut from
     onnx: dict[str, Any] | None = None
     trt: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
@@ -85,15 +86,17 @@ class Manifest:
     def boundaries(self) -> list[int]:
         return [e.lo for e in self.experts] + [self.experts[-1].hi]
 
-    def visit_shares(self) -> list[float]:
-        """Fraction of the plan's sampler steps (default 50 DDIM) each expert serves."""
+    def visit_shares(self, steps: int | None = None) -> list[float]:
+        """Fraction of the sampler's steps (the plan's: default 50 DDIM) each expert serves."""
         plan = self.plan or {}
-        visits = visited_timesteps(plan.get("sampler", "ddim"), plan.get("steps", 50), self.scheduler)
+        visits = visited_timesteps(
+            plan.get("sampler", "ddim"), steps or plan.get("steps", 50), self.scheduler
+        )
         return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in self.experts]
 
-    def trajectory_macs_ratio(self) -> float:
+    def trajectory_macs_ratio(self, steps: int | None = None) -> float:
         """Mean MACs per visited sampling step, as a fraction of the base: what an image costs."""
-        shares = self.visit_shares()
+        shares = self.visit_shares(steps)
         return sum(s * e.macs for s, e in zip(shares, self.experts, strict=True)) / self.base_macs
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,11 +228,17 @@ class Bundle:
                 return e
         raise StepadaptError(f"bundle has no expert {name!r} (has {', '.join(e.name for e in self.experts)})")
 
+    def structure(self, name: str) -> History:
+        """The expert's pruning history on the base (empty: the expert is the base itself)."""
+        return json.loads((self.path / self.expert(name).structure).read_text())
+
+    def is_pruned(self, name: str) -> bool:
+        return bool(self.structure(name))
+
     def load_expert(self, name: str) -> UNet2DModel:
         """Rebuild an expert's structure and load its weights, checking every shape."""
         e = self.expert(name)
-        history = json.loads((self.path / e.structure).read_text())
-        model = replay(self.manifest.base_config, history)
+        model = replay(self.manifest.base_config, self.structure(name))
         try:
             tensors = load_file(str(self.path / e.weights))
         except (SafetensorError, OSError) as err:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from stepadapt import StepadaptError
 from stepadapt.models import DEFAULT_BASE
+from stepadapt.train import DEFAULT_DISTILL
 
 app = typer.Typer(
     help="Compress a diffusion U-Net into step-adaptive expert denoisers and serve them.",
@@ -305,6 +306,14 @@ def prune(
     memory: Annotated[
         Path | None, typer.Option(help="Memory bank of tried candidates (default: OUT.memory.json).")
     ] = None,
+    nested: Annotated[
+        bool,
+        typer.Option(
+            "--nested/--independent",
+            help="Nested: each expert is cut from the next larger one, so their channels nest and they "
+            "share weights coherently under 'finetune --mode shared'. Independent: each from the base.",
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of proxy sets and random importance.")] = 0,
 ) -> None:
     """Prune one expert per plan group (candidate search by proxy loss) -> bundle."""
@@ -324,7 +333,7 @@ def prune(
         mem = Memory(memory or out_dir.with_name(out_dir.name + ".memory.json"))
         manifest = compress(
             model, sched_cfg, plan, train, val, out_dir, candidates=tuple(cands), memory=mem, seed=seed,
-            log=console.print,
+            nested=nested, log=console.print,
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)
@@ -373,28 +382,46 @@ def finetune(
     data: Annotated[
         str, typer.Option(help="'fashion-mnist', an image folder, or an .npz file.")
     ] = "fashion-mnist",
-    iterations: Annotated[int, typer.Option(help="Total iterations, split by interval length.")] = 2000,
+    iterations: Annotated[int, typer.Option(help="Total iterations (both phases, all experts).")] = 2000,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="shared: all pruned experts train at once as slices of one network (every update "
+            "reaches every expert); separate: each alone, iterations split by interval length."
+        ),
+    ] = "shared",
+    specialize: Annotated[
+        float, typer.Option(help="shared: fraction of the iterations for a separate phase afterwards.")
+    ] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
     loss_weight: Annotated[str, typer.Option(help="none or min-snr.")] = "none",
     min_snr_gamma: Annotated[float, typer.Option(help="gamma of min-SNR weighting.")] = 5.0,
-    distill: Annotated[float, typer.Option(help="Weight of the teacher's eps in the target (0..1).")] = 0.0,
-    teacher: Annotated[Path, typer.Option(help="Teacher for --distill (the base model dir).")] = DEFAULT_BASE,
-    expert: Annotated[list[str] | None, typer.Option(help="Only this expert (repeatable).")] = None,
+    distill: Annotated[
+        float, typer.Option(help="Weight of the base's eps in the target (0..1); the rest is the true noise.")
+    ] = DEFAULT_DISTILL,
+    teacher: Annotated[
+        Path,
+        typer.Option(
+            help="The base the bundle was pruned from: teacher for --distill, start of --mode shared."
+        ),
+    ] = DEFAULT_BASE,
+    expert: Annotated[list[str] | None, typer.Option(help="Only this expert (repeatable; separate).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use a deterministic subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed (expert i uses seed + i).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue each expert from BUNDLE/finetune/NAME.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from BUNDLE/finetune/ checkpoints.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
     clusters: Annotated[int, typer.Option(help="curriculum: clusters per interval.")] = 20,
     patience: Annotated[int, typer.Option(help="curriculum: flat-loss updates before the next stage.")] = 200,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
-    """Fine-tune every expert on its own timesteps; its EMA weights replace the pruned ones.
+    """Fine-tune the pruned experts on their own timesteps; the EMA weights replace the pruned ones.
 
-    Iterations are split over the experts in proportion to their interval
-    lengths. Under `torchrun --nproc_per_node N` each expert trains with DDP
-    (the batch is split over N processes; rank 0 writes the bundle).
+    By default all pruned experts train together as slices of one shared
+    network, distilled from the base; experts the base already fits are the
+    base and stay untouched. Under `torchrun --nproc_per_node N` training uses
+    DDP (the batch is split over N processes; rank 0 writes the bundle).
     """
     from stepadapt import distributed
     from stepadapt.bundle import Bundle
@@ -415,10 +442,10 @@ def finetune(
             loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, distill=distill,
             checkpoint_every=250, sample_every=10**9, sampler=sampler, clusters=clusters, patience=patience,
         )  # fmt: skip
-        t_model = load_base(teacher)[0] if distill > 0 else None
+        t_model = load_base(teacher)[0] if distill > 0 or mode == "shared" else None
         results = finetune_bundle(
-            b, x, template, iterations, experts=expert, teacher=t_model, resume=resume,
-            log=console.print, device=_device(device),
+            b, x, template, iterations, mode=mode, specialize=specialize, experts=expert, teacher=t_model,
+            resume=resume, log=console.print, device=_device(device),
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)
@@ -633,79 +660,38 @@ def demo(
     groups: Annotated[int, typer.Option(help="Number of experts.")] = 4,
     n: Annotated[int, typer.Option("--n", help="Images per sample grid.")] = 36,
     finetune_iterations: Annotated[
-        int, typer.Option(help="Total fine-tuning iterations over all experts (0 skips fine-tuning).")
-    ] = 600,
+        int, typer.Option(help="Fine-tuning iterations for this run's bundle (0 skips fine-tuning).")
+    ] = 300,
+    kid_images: Annotated[int, typer.Option(help="Images per KID (0 skips the KID stage).")] = 128,
+    serve_shipped: Annotated[
+        bool,
+        typer.Option(
+            "--serve-shipped/--serve-own",
+            help="Serve the shipped, longer fine-tuned bundle (default), or the one this run made.",
+        ),
+    ] = True,
 ) -> None:
-    """The main job on the shipped default base: analyze -> prune -> fine-tune -> export -> serve.
+    """The main job on the shipped default base: analyze -> prune -> fine-tune -> KID -> export -> serve.
 
-    Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ (with
-    onnx/), OUT/bundle_samples.png (pruned only), OUT/finetuned_samples.png and
-    OUT/endpoint_samples.png (from a real
-    tritonserver on 127.0.0.1). Every grid uses the same seed, so they compare 1:1.
+    Writes OUT/base_samples.png, OUT/plan.json + plan.png, OUT/bundle/ (this
+    run's experts), OUT/bundle_samples.png (pruned only), OUT/finetuned_samples.png,
+    OUT/served/ (the bundle served: the shipped one, fine-tuned longer by the same
+    commands), OUT/endpoint_samples.png (from a real tritonserver on 127.0.0.1) and
+    OUT/base_vs_experts.png. Every grid uses the same seed, so they compare 1:1.
     """
-    from stepadapt.analyze import analyze_base
-    from stepadapt.bundle import Bundle
-    from stepadapt.compress import compress
-    from stepadapt.data import load_dataset, proxy_sets
-    from stepadapt.export.onnx import export_bundle, onnx_router
-    from stepadapt.finetune import finetune_bundle
-    from stepadapt.importance import Memory
-    from stepadapt.models import load_base
-    from stepadapt.plots import plot_plan
-    from stepadapt.sampling import max_pixel_diff, sample_images, save_grid
-    from stepadapt.serving.client import GenerateRequest
-    from stepadapt.serving.client import generate as call
-    from stepadapt.serving.repository import write_repository
-    from stepadapt.serving.server import TritonServer
-    from stepadapt.train import TrainConfig
+    from stepadapt.serving.demo import SHIPPED_BUNDLE, Demo
 
     try:
-        model, sched_cfg = load_base(base)
-        console.print(f"[1/6] base samples ({n}, DDIM 50 steps)")
-        path = _sample_grid(model, sched_cfg, out_dir / "base_samples.png", n=n)
-        out.print(f"base samples -> {path}")
-        console.print("[2/6] analyze: difficulty profiles, groups, budgets")
-        train, val = proxy_sets("fashion-mnist", 128, model.config.sample_size, model.config.in_channels)
-        plan, profiles = analyze_base(model, sched_cfg, val, groups=groups, budget=budget)
-        plan.save(out_dir / "plan.json")
-        plot_plan(plan, profiles, out_dir / "plan.png")
-        _print_plan(plan)
-        console.print("[3/6] prune: candidate search per group")
-        bundle_dir = out_dir / "bundle"
-        manifest = compress(
-            model, sched_cfg, plan, train, val, bundle_dir, memory=Memory(out_dir / "memory.json"),
-            log=console.print, command="stepadapt demo",
-        )  # fmt: skip
-        _print_info(manifest)
-        achieved = [e.macs / manifest.base_macs for e in manifest.experts]
-        plot_plan(plan, profiles, out_dir / "plan.png", achieved=achieved)
-        console.print("[4/6] routed samples from the pruned experts (PyTorch), then fine-tuning")
-        b = Bundle.load(bundle_dir)
-        images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
-        out.print(f"pruned-only routed samples -> {save_grid(images, out_dir / 'bundle_samples.png')}")
-        if finetune_iterations > 0:
-            data = load_dataset("fashion-mnist", "train", model.config.sample_size, model.config.in_channels)
-            cfg = TrainConfig(batch_size=64, lr=5e-4, warmup=min(100, finetune_iterations // 10),
-                              checkpoint_every=250, sample_every=10**9)  # fmt: skip
-            finetune_bundle(b, data, cfg, finetune_iterations, log=console.print)
-            images = sample_images(b.router(), sched_cfg, manifest.sample_shape, n)
-            path = save_grid(images, out_dir / "finetuned_samples.png")
-            out.print(f"fine-tuned routed samples ({finetune_iterations} iterations) -> {path}")
-        console.print("[5/6] export: ONNX per expert, parity-checked in onnxruntime")
-        export_bundle(b, log=console.print)
-        ort_images = sample_images(onnx_router(b), sched_cfg, manifest.sample_shape, n)
-        ort_diff = max_pixel_diff(ort_images, images)
-        out.print(f"onnxruntime vs PyTorch routed samples: max pixel difference {ort_diff}/255")
-        console.print("[6/6] serve: tritonserver on 127.0.0.1, generate through the endpoint")
-        repo = write_repository(b, bundle_dir / "triton")
-        with TritonServer(repo, log_path=out_dir / "triton.log") as server:
-            served = call(server.http_url, GenerateRequest(num_images=n, steps=50, seed=0))
-        path = save_grid(served, out_dir / "endpoint_samples.png")
-        diff = max_pixel_diff(served, ort_images)
-        out.print(f"endpoint samples -> {path} (max pixel difference to in-process onnxruntime: {diff}/255)")
+        shipped = SHIPPED_BUNDLE if serve_shipped else out_dir / "bundle"
+        result = Demo(
+            out_dir, base_dir=base, budget=budget, groups=groups, n=n, kid_images=kid_images,
+            finetune_iterations=finetune_iterations, shipped=shipped, log=console.print,
+        ).run()  # fmt: skip
     except StepadaptError as e:
         _fail(e)
-    out.print(f"done: see {out_dir}/ (plan.png, *_samples.png, bundle/)")
+    for name, (k, sd) in result["kid"].items():
+        out.print(f"KID {name}: {k:.4f} ± {sd:.4f}")
+    out.print(f"done: see {out_dir}/ (base_vs_experts.png, plan.png, *_samples.png, bundle/, served/)")
 
 
 def main() -> None:  # pragma: no cover

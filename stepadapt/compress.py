@@ -4,6 +4,13 @@ In budget mode the groups are pruned one after another and the budgets of the
 groups still to come are re-solved after each, so the widths one group could
 not reach (GroupNorm staircase) are paid back by the others and the trajectory
 mean still meets the target.
+
+``nested`` prunes the groups from the largest budget to the smallest, each from
+the expert before it, so every expert's channels are a subset of every larger
+expert's: the experts then share weights coherently when fine-tuned together
+(stepadapt.shared), as the widths of a slimmable network do. An expert's
+structure is still one history replayed on the base (the parents' steps, then
+its own).
 """
 
 from __future__ import annotations
@@ -37,14 +44,20 @@ def compress(
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES,
     memory: Memory | None = None,
     seed: int = 0,
+    nested: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> Manifest:
     base_macs, base_params = count_macs(base)
     ratios = [g.macs_ratio for g in plan.groups]
     achieved: dict[int, float] = {}
-    models, specs = {}, []
-    for i, g in enumerate(plan.groups):
+    models, specs = {}, {}
+    order = range(len(plan.groups))
+    if nested:  # largest first (stable: ties keep the plan's order)
+        order = sorted(order, key=lambda i: -ratios[i])
+    parent, parent_history, parent_name = base, [], None
+    for i in order:
+        g = plan.groups[i]
         if plan.allocation == "budget" and achieved:
             ratios = budget_ratios(
                 [x.difficulty for x in plan.groups],
@@ -56,29 +69,31 @@ def compress(
         if log:
             log(f"group {g.name} [{g.lo},{g.hi}): target {target / 1e6:.2f} MMACs ({ratios[i]:.3f} x base)")
         res = search_group(
-            base, scheduler_cfg, g.lo, g.hi, target, proxy_train, proxy_val,
+            parent, scheduler_cfg, g.lo, g.hi, target, proxy_train, proxy_val,
             candidates=candidates, memory=memory, seed=seed, log=log,
         )  # fmt: skip
         achieved[i] = res.best.macs / base_macs
-        models[g.name] = (res.best.model, res.best.history)
-        specs.append(
-            ExpertSpec(
-                name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=int(target),
-                macs=res.best.macs, params=res.best.params, weights="", sha256="",
-                structure="", structure_sha256="",
-                importance=res.best_label if res.best.history else "unpruned",
-                proxy_loss=round(res.proxy_loss, 6),
-            )
+        history = parent_history + res.best.history
+        models[g.name] = (res.best.model, history)
+        specs[i] = ExpertSpec(
+            name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=int(target),
+            macs=res.best.macs, params=res.best.params, weights="", sha256="",
+            structure="", structure_sha256="",
+            importance=res.best_label if res.best.history else ("unpruned" if not history else "parent's"),
+            proxy_loss=round(res.proxy_loss, 6), parent=parent_name if parent_history else None,
         )  # fmt: skip
+        if nested:
+            parent, parent_history = res.best.model, history
+            parent_name = g.name if history else None
     manifest = Manifest(
         base_config=clean_config(base),
         scheduler=dict(scheduler_cfg),
         sample_shape=(base.config.in_channels, base.config.sample_size, base.config.sample_size),
         base_macs=base_macs,
         base_params=base_params,
-        experts=specs,
+        experts=[specs[i] for i in range(len(plan.groups))],
         plan=plan.to_dict(),
-        provenance=provenance(command, seed=seed, candidates=[c.label for c in candidates]),
+        provenance=provenance(command, seed=seed, nested=nested, candidates=[c.label for c in candidates]),
     )
     save_bundle(out, manifest, models)
     return manifest

@@ -50,3 +50,20 @@ def plot_plan(
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def side_by_side(images: list[str | os.PathLike], titles: list[str], path: str | os.PathLike) -> Path:
+    """Sample grids next to each other with their titles (base vs experts, same noise)."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.6), squeeze=False)
+    for ax, img, title in zip(axes[0], images, titles, strict=True):
+        ax.imshow(Image.open(img), cmap="gray")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

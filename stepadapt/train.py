@@ -32,6 +32,7 @@ from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_WEIGHTS = ("none", "min-snr")
+DEFAULT_DISTILL = 0.7  # Diff-Pruning's mix: 0.7 x the base's eps + 0.3 x the true noise
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:

@@ -30,9 +30,8 @@ def tiny():
     return build_unet("tiny", seed=0).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory):
-    """A 3-expert bundle pruned from a random tiny base (built once per test run)."""
+def make_bundle(base, out, nested: bool = True):
+    """3 experts (the first unpruned) at a 0.6 budget, pruned from ``base`` with Taylor/global."""
     from stepadapt.compress import compress
     from stepadapt.difficulty import normalise, snr_profile
     from stepadapt.importance import Candidate, Memory
@@ -40,14 +39,24 @@ def tiny_bundle(tmp_path_factory):
     from stepadapt.prune import count_macs
     from stepadapt.schedule import DEFAULT_SCHEDULER
 
-    torch.set_num_threads(2)
-    base = build_unet("tiny", seed=0)
     s = snr_profile(DEFAULT_SCHEDULER)
     plan = make_plan(
         normalise(s), s, count_macs(base)[0], groups=3, budget=0.6, scheduler_cfg=DEFAULT_SCHEDULER
     )
     x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = tmp_path_factory.mktemp("b") / "bundle"
     mem = Memory(out.with_name("memory.json"))
-    compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem)
+    compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem,
+             nested=nested)  # fmt: skip
     return out
+
+
+@pytest.fixture
+def bundle_maker():
+    return make_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A 3-expert bundle pruned from a random tiny base (built once per test run)."""
+    torch.set_num_threads(2)
+    return make_bundle(build_unet("tiny", seed=0), tmp_path_factory.mktemp("b") / "bundle")

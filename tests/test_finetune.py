@@ -37,14 +37,16 @@ def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tm
     before = {
         e.name: proxy_loss(b.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5)) for e in b.experts
     }
-    b.expert("g0").onnx = {"path": "onnx/g0.onnx", "sha256": "x"}  # stale export must be dropped
+    b.expert("g1").onnx = {"path": "onnx/g1.onnx", "sha256": "x"}  # stale export must be dropped
+    unpruned = b.expert("g0").sha256
     cfg = TrainConfig(batch_size=16, lr=2e-3, warmup=2, ema_decay=0.0, checkpoint_every=100)
-    finetune_bundle(b, x, cfg, 60, progress=False)
+    finetune_bundle(b, x, cfg, 60, mode="separate", progress=False)
     again = Bundle.load(d)  # checksums of the new weights verify
-    for e in again.experts:
+    assert again.expert("g0").sha256 == unpruned and again.expert("g0").training is None  # it is the base
+    for e in again.experts[1:]:
         after = proxy_loss(again.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5))
         assert after < before[e.name], (e.name, before[e.name], after)
-        assert e.training["t_lo"] == e.lo and e.training["t_hi"] == e.hi
+        assert e.training["t_lo"] == e.lo and e.training["t_hi"] == e.hi and e.training["mode"] == "separate"
         assert e.onnx is None
     assert (d / "finetune" / "g1" / "checkpoint.pt").is_file()
 
@@ -54,7 +56,7 @@ def test_distillation_needs_a_teacher(tiny_bundle, tmp_path, squares):
     shutil.copytree(tiny_bundle, d)
     cfg = TrainConfig(batch_size=4, distill=0.5)
     with pytest.raises(StepadaptError, match="teacher"):
-        finetune_bundle(Bundle.load(d), squares(8), cfg, 3, progress=False)
+        finetune_bundle(Bundle.load(d), squares(8), cfg, 3, mode="separate", progress=False)
 
 
 def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, squares):
@@ -77,7 +79,8 @@ def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, 
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python",
          str(Path(sys.executable).with_name("stepadapt")), "finetune", str(d),
          "--data", str(tmp_path / "sq.npz"), "--expert", "g1", "--iterations", "12",
-         "--batch-size", "8", "--sampler", "loss-moment", "--device", "cpu"],
+         "--batch-size", "8", "--sampler", "loss-moment", "--device", "cpu", "--mode", "separate",
+         "--distill", "0"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,0 +1,184 @@
+"""`stepadapt demo` as a pipeline of the stages the commands run, each callable (and testable) alone.
+
+It lives in stepadapt.serving because its last stages export and serve: the
+flow stays one-way (core <- export <- serving). Every grid uses the same seed,
+so grids compare image by image.
+
+A fine-tune that fits the demo's minutes cannot make the experts look like the
+base (docs/results.md measures how far they get), so the demo runs the whole
+recipe on its own bundle briefly, to show each step working, and serves the
+shipped bundle that the same commands fine-tuned for longer
+(stepadapt/weights/fashion-tiny-experts, its card says how), and prints the
+KID of both beside the base's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepadapt.bundle import Bundle
+from stepadapt.models import DEFAULT_BASE, load_base
+from stepadapt.sampling import max_pixel_diff, module_denoiser, sample_images, save_grid
+
+SHIPPED_BUNDLE = DEFAULT_BASE.with_name("fashion-tiny-experts")
+
+
+@dataclass
+class Demo:
+    out: Path
+    base_dir: Path = DEFAULT_BASE
+    budget: float = 0.5
+    groups: int = 4
+    n: int = 36  # images per grid
+    finetune_iterations: int = 300
+    kid_images: int = 128  # images per KID (0 skips KID)
+    shipped: Path = SHIPPED_BUNDLE
+    log: Callable[[str], None] = print
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.model, self.scheduler = load_base(self.base_dir)
+        c, s = self.model.config.in_channels, self.model.config.sample_size
+        self.shape = (c, s, s)
+
+    def grid(self, denoiser, name: str) -> Any:
+        images = sample_images(denoiser, self.scheduler, self.shape, self.n)
+        path = save_grid(images, self.out / f"{name}.png")
+        self.log(f"{name} -> {path}")
+        return images
+
+    def base_samples(self) -> None:
+        self.grid(module_denoiser(self.model), "base_samples")
+
+    def analyze(self):
+        from stepadapt.analyze import analyze_base
+        from stepadapt.data import proxy_sets
+        from stepadapt.plots import plot_plan
+
+        c, s = self.shape[0], self.shape[1]
+        self.state["proxy"] = proxy_sets("fashion-mnist", 128, s, c)
+        plan, profiles = analyze_base(
+            self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget
+        )
+        plan.save(self.out / "plan.json")
+        plot_plan(plan, profiles, self.out / "plan.png")
+        self.state["plan"], self.state["profiles"] = plan, profiles
+        return plan
+
+    def prune(self):
+        from stepadapt.compress import compress
+        from stepadapt.importance import Memory
+        from stepadapt.plots import plot_plan
+
+        plan = self.state["plan"]
+        train, val = self.state["proxy"]
+        manifest = compress(
+            self.model, self.scheduler, plan, train, val, self.out / "bundle",
+            memory=Memory(self.out / "memory.json"), log=self.log, command="stepadapt demo",
+        )  # fmt: skip
+        achieved = [e.macs / manifest.base_macs for e in manifest.experts]
+        plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)
+        self.grid(Bundle.load(self.out / "bundle").router(), "bundle_samples")
+        return manifest
+
+    def finetune(self) -> None:
+        from stepadapt.data import load_dataset
+        from stepadapt.finetune import finetune_bundle
+        from stepadapt.train import DEFAULT_DISTILL, TrainConfig
+
+        if self.finetune_iterations <= 0:
+            return
+        b = Bundle.load(self.out / "bundle")
+        data = load_dataset("fashion-mnist", "train", self.shape[1], self.shape[0])
+        cfg = TrainConfig(batch_size=64, lr=5e-4, warmup=min(100, self.finetune_iterations // 10),
+                          distill=DEFAULT_DISTILL, checkpoint_every=250, sample_every=10**9)  # fmt: skip
+        finetune_bundle(b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log)
+        self.grid(b.router(), "finetuned_samples")
+
+    def serve_copy(self) -> Bundle:
+        """The bundle the last stages export and serve: the shipped one if present, else the demo's."""
+        served = self.out / "served"
+        source = self.shipped if (self.shipped / "manifest.json").is_file() else self.out / "bundle"
+        if served.exists():
+            shutil.rmtree(served)
+        shutil.copytree(source, served, ignore=shutil.ignore_patterns("finetune", "onnx", "triton", "*.md"))
+        self.log(f"serving {source} (copied to {served})")
+        return Bundle.load(served)
+
+    def kid(self, names: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """KID of each denoiser against real test images (``kid_images`` each, 50 DDIM steps)."""
+        from stepadapt.evaluate import InceptionFeatures, generate, kid, real_set
+        from stepadapt.evaluate import features as inception
+
+        if self.kid_images <= 0:
+            return {}
+        net = InceptionFeatures()
+        _, real = real_set(net, "fashion-mnist", self.kid_images, self.shape[1], self.shape[0])
+        scores = {}
+        for name, den in names.items():
+            fake = inception(net, generate(den, self.scheduler, self.shape, self.kid_images))
+            scores[name] = kid(real, fake)
+            self.log(f"KID {name}: {scores[name][0]:.4f} ± {scores[name][1]:.4f} (n={self.kid_images})")
+        return scores
+
+    def export(self, b: Bundle):
+        from stepadapt.export.onnx import export_bundle, onnx_router
+
+        export_bundle(b, log=self.log)
+        images = self.grid(onnx_router(b), "onnxruntime_samples")
+        torch_images = sample_images(b.router(), self.scheduler, self.shape, self.n)
+        self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
+        return images
+
+    def serve(self, b: Bundle, reference) -> Any:
+        from stepadapt.serving.client import GenerateRequest
+        from stepadapt.serving.client import generate as call
+        from stepadapt.serving.repository import write_repository
+        from stepadapt.serving.server import TritonServer
+
+        repo = write_repository(b, b.path / "triton")
+        with TritonServer(repo, log_path=self.out / "triton.log") as server:
+            served = call(server.http_url, GenerateRequest(num_images=self.n, steps=50, seed=0))
+        path = save_grid(served, self.out / "endpoint_samples.png")
+        self.log(f"endpoint samples -> {path} (max pixel difference to onnxruntime: "
+                 f"{max_pixel_diff(served, reference)}/255)")  # fmt: skip
+        return served
+
+    def run(self) -> dict[str, Any]:
+        from stepadapt.plots import side_by_side
+
+        stages = 7
+        self.log(f"[1/{stages}] base samples ({self.n}, DDIM 50 steps)")
+        self.base_samples()
+        self.log(f"[2/{stages}] analyze: difficulty, groups, budgets")
+        self.analyze()
+        self.log(f"[3/{stages}] prune: nested experts, candidate search per group")
+        self.prune()
+        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, shared, distilled)")
+        self.finetune()
+        self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
+        served = self.serve_copy()
+        targets = {"base": module_denoiser(self.model), "served": served.router()}
+        if self.finetune_iterations > 0 and served.path.resolve() != (self.out / "bundle").resolve():
+            targets["demo"] = Bundle.load(self.out / "bundle").router()
+        scores = self.kid(targets)
+        self.log(f"[6/{stages}] export: ONNX per expert, parity-checked in onnxruntime")
+        ort_images = self.export(served)
+        self.log(f"[7/{stages}] serve: tritonserver on 127.0.0.1, generate through the endpoint")
+        self.serve(served, ort_images)
+        ratio = served.manifest.trajectory_macs_ratio()
+        titles = ["base, 1.00 x MACs", f"endpoint: experts, {ratio:.2f} x MACs"]
+        for i, key in enumerate(("base", "served")):
+            if key in scores:
+                titles[i] += f"\nKID {scores[key][0]:.4f} ± {scores[key][1]:.4f}"
+        figure = side_by_side(
+            [self.out / "base_samples.png", self.out / "endpoint_samples.png"], titles,
+            self.out / "base_vs_experts.png",
+        )  # fmt: skip
+        self.log(f"base vs experts -> {figure}")
+        return {"kid": scores, "macs_ratio": ratio, "figure": figure}
