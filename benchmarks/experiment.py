@@ -49,16 +49,22 @@ class Arm:
     name: str
     kind: str
     budget: float
+    analyze: tuple[str, ...] = ()  # options of `stepadapt analyze` beyond the budget
     prune: tuple[str, ...] = ()  # options of `stepadapt prune` beyond the plan
     finetune: tuple[str, ...] = ()  # options of `stepadapt finetune` beyond the shared ones
     seeds: tuple[int, ...] = (0,)
     note: str = ""
 
     @property
+    def plan_key(self) -> str:
+        """Arms that analyze alike share the plan."""
+        return "-".join([str(self.budget), *[o.strip("-") for o in self.analyze]])
+
+    @property
     def pruned_key(self) -> str:
-        """Arms that prune alike share the pruned bundle."""
+        """Arms that analyze and prune alike share the pruned bundle."""
         extra = [o.strip("-") for o in self.prune if o != "--uniform"]
-        return "-".join(["u" if "--uniform" in self.prune else "e", *extra])
+        return "-".join(["u" if "--uniform" in self.prune else "e", *extra, self.plan_key])
 
 
 ARMS = (
@@ -69,6 +75,10 @@ ARMS = (
     Arm("separate-0.5", "separate", 0.5, (), ("--mode", "separate"), note="default, experts trained alone"),
     Arm("no-distill-0.5", "no-distill", 0.5, (), ("--distill", "0"), note="default without distillation"),
     Arm("independent-0.5", "independent", 0.5, ("--independent",), note="default, experts not nested"),
+    Arm("damage-0.5", "damage", 0.5, analyze=("--measure", "damage"),
+        note="default, sizes by measured damage (knapsack)"),
+    Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "25"),
+        note="default, trained only on the timesteps 25 DDIM steps visit"),
     Arm("uniform-0.8", "uniform", 0.8, ("--uniform",)),
     Arm("default-0.8", "default", 0.8),
 )  # fmt: skip
@@ -321,19 +331,21 @@ def main() -> None:
             score_once(f"base-{st}", seed, st, None)  # None: the base's own (reference) images
 
     def arm_job(a: Arm, seed: int) -> None:
-        plan = out / f"plan-{a.budget}.json"
-        run(["analyze", "--out", str(plan), "--groups", "4", "--budget", str(a.budget)], log, log_path, plan)
-        pruned = out / "pruned" / f"{a.pruned_key}-{a.budget}-s{seed}"
+        plan = out / f"plan-{a.plan_key}.json"
+        cmd = ["analyze", "--out", str(plan), "--groups", "4", "--budget", str(a.budget), *a.analyze]
+        run(cmd, log, log_path, plan)
+        pruned = out / "pruned" / f"{a.pruned_key}-s{seed}"
         cmd = ["prune", "--plan", str(plan), "--out", str(pruned), "--seed", str(seed), *a.prune]
         run(cmd, log, log_path, pruned / "manifest.json")
         arm = out / "arms" / f"{a.name}-s{seed}"
         done = arm / "finetune.done"
-        if not done.exists():
+        resume = any(arm.glob("finetune/*/checkpoint.pt"))  # a killed fine-tune goes on from its checkpoint
+        if not done.exists() and not resume:
             shutil.rmtree(arm, ignore_errors=True)
             shutil.copytree(pruned, arm)
         cmd = ["finetune", str(arm), "--iterations", str(args.iterations), "--batch-size",
                str(args.batch_size), "--seed", str(seed), *a.finetune, *threads]  # fmt: skip
-        seconds = run(cmd, log, log_path, done)
+        seconds = run(cmd + ["--resume"] if resume else cmd, log, log_path, done)
         done.touch()
         info = arms[a.name]
         info.setdefault("finetune_seconds_per_seed", {})[str(seed)] = seconds

@@ -34,7 +34,8 @@ def _fail(e: Exception) -> None:
 
 SAMPLER_HELP = (
     "Timestep sampler: uniform, curriculum (easy-to-hard clusters), adaptive (REINFORCE policy), "
-    "loss-moment (improved-DDPM importance sampling, unbiased weights)."
+    "loss-moment (improved-DDPM importance sampling, unbiased weights), visited (only the timesteps "
+    "a --visit-steps DDIM run visits: for a fixed serving step count)."
 )
 
 
@@ -207,13 +208,21 @@ def _bundle_router(b, backend: str):
     raise StepadaptError(f"unknown backend {backend!r}; choose torch or onnxruntime")
 
 
-def _parse_ints(text: str | None, what: str) -> list[int] | None:
+def _parse_list(text: str | None, what: str, kind: type = int) -> list | None:
     if text is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise StepadaptError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise StepadaptError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    return _parse_list(text, what, int)
+
+
+def _parse_floats(text: str | None, what: str) -> list[float] | None:
+    return _parse_list(text, what, float)
 
 
 @app.command()
@@ -225,7 +234,20 @@ def analyze(
     data: Annotated[
         str, typer.Option(help="Proxy data: 'fashion-mnist', an image folder or .npz.")
     ] = "fashion-mnist",
-    measure: Annotated[str, typer.Option(help="Difficulty that sizes the groups: snr or loss.")] = "snr",
+    measure: Annotated[
+        str,
+        typer.Option(
+            help="What sizes the groups: snr or loss (a difficulty proxy), or damage (each of --sizes "
+            "pruned, recovered briefly and swapped into the base's trajectory; a knapsack picks under "
+            "--budget)."
+        ),
+    ] = "snr",
+    sizes: Annotated[
+        str, typer.Option(help="damage: sizes to try per group (MACs / base).")
+    ] = "0.25,0.4,0.55,0.7",
+    recover_iterations: Annotated[
+        int, typer.Option(help="damage: distilled fine-tuning iterations per tried size.")
+    ] = 100,
     groups: Annotated[int, typer.Option(help="Number of timestep groups (experts).")] = 4,
     partition: Annotated[str, typer.Option(help="uniform (in t), snr (equal SNR-dB width) or mass.")] = "snr",
     boundaries: Annotated[
@@ -247,7 +269,7 @@ def analyze(
 ) -> None:
     """Difficulty per timestep -> groups and a MAC budget per group (plan.json + plot)."""
     from stepadapt.analyze import analyze_base
-    from stepadapt.data import load_dataset
+    from stepadapt.data import load_dataset, proxy_sets
     from stepadapt.models import load_base
     from stepadapt.plots import plot_plan
 
@@ -255,10 +277,18 @@ def analyze(
         model, sched_cfg = load_base(base)
         c, size = model.config.in_channels, model.config.sample_size
         proxy = load_dataset(data, "test", size, c, limit=proxy_size, seed=seed)
+        damage = None
+        if measure == "damage":
+            proxy_train, proxy_val = proxy_sets(data, proxy_size, size, c, seed)
+            damage = {
+                "data": load_dataset(data, "train", size, c, seed=seed), "proxy_train": proxy_train,
+                "proxy_val": proxy_val, "sizes": _parse_floats(sizes, "--sizes"),
+                "recover_iterations": recover_iterations, "log": console.print,
+            }  # fmt: skip
         plan, profiles = analyze_base(
             model, sched_cfg, proxy, measure=measure, groups=groups, partition=partition,
             boundaries=_parse_ints(boundaries, "--boundaries"), budget=None if tdc else budget,
-            tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed,
+            tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed, damage=damage,
         )  # fmt: skip
         plan.save(out_path)
         png = plot_plan(plan, profiles, out_path.with_suffix(".png"))
@@ -414,6 +444,7 @@ def finetune(
     sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
     clusters: Annotated[int, typer.Option(help="curriculum: clusters per interval.")] = 20,
     patience: Annotated[int, typer.Option(help="curriculum: flat-loss updates before the next stage.")] = 200,
+    visit_steps: Annotated[int, typer.Option(help="visited: the DDIM step count served.")] = 25,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
     """Fine-tune the pruned experts on their own timesteps; the EMA weights replace the pruned ones.
@@ -441,6 +472,7 @@ def finetune(
             batch_size=batch_size, lr=lr, warmup=min(100, iterations // 10), seed=seed,
             loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, distill=distill,
             checkpoint_every=250, sample_every=10**9, sampler=sampler, clusters=clusters, patience=patience,
+            visit_steps=visit_steps,
         )  # fmt: skip
         t_model = load_base(teacher)[0] if distill > 0 or mode == "shared" else None
         results = finetune_bundle(

@@ -49,6 +49,7 @@ class Plan:
     budget: float | None = None
     tdc_k: float | None = None
     profile: list[float] = field(default_factory=list)  # normalised difficulty per t
+    damage: list[list[list[float]]] | None = None  # measure "damage": per group, [MACs ratio, damage] tried
 
     @property
     def boundaries(self) -> list[int]:

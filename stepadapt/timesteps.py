@@ -315,7 +315,40 @@ class AdaptiveSampler(TimestepSampler):
         self._baseline, self._scale = float(state["baseline"]), float(state["scale"])
 
 
-_CLASSES = {c.name: c for c in (TimestepSampler, CurriculumSampler, AdaptiveSampler, LossMomentSampler)}
+class VisitedSampler(TimestepSampler):
+    """Uniform over the timesteps a fixed sampler schedule visits inside [lo, hi).
+
+    When the serving step count is fixed (say 25 DDIM steps), an expert only
+    ever sees those few timesteps; training on them alone spends every update
+    where it counts. The expert is then untrained in between: serve it at that
+    step count (or one whose timesteps are a subset, e.g. 25 of 50 "leading").
+    """
+
+    name = "visited"
+
+    def __init__(self, lo: int, hi: int, timesteps: torch.Tensor | list[int] | None = None):
+        super().__init__(lo, hi)
+        if timesteps is None:
+            raise StepadaptError("the visited sampler needs the timesteps its schedule visits")
+        t = torch.as_tensor(timesteps, dtype=torch.long).unique()
+        self.support = t[(t >= self.lo) & (t < self.hi)]
+        if len(self.support) == 0:
+            raise StepadaptError(f"no visited timestep falls in [{lo}, {hi}): nothing to train on")
+
+    def probabilities(self) -> torch.Tensor:
+        p = torch.zeros(self.n, dtype=torch.float64)
+        p[self.support - self.lo] = 1.0 / len(self.support)
+        return p
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.randint(len(self.support), (batch,), generator=generator)
+        return self.support[i], torch.ones(batch)
+
+
+_CLASSES = {
+    c.name: c
+    for c in (TimestepSampler, CurriculumSampler, AdaptiveSampler, LossMomentSampler, VisitedSampler)
+}
 SAMPLERS = tuple(_CLASSES)
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.io import load_torch, save_torch, write_json
+from stepadapt.plan import visited_timesteps
 from stepadapt.schedule import make_scheduler, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
@@ -68,6 +69,7 @@ class TrainConfig:
     clusters: int = 20  # curriculum: clusters of the interval
     patience: int = 200  # curriculum: plateau length (updates) before the next stage
     probe_images: int = 8  # adaptive: images per probe timestep
+    visit_steps: int = 25  # visited: the DDIM step count whose timesteps are trained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +97,12 @@ class TrainConfig:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
         sampler_class(self.sampler)  # an unknown name fails with the other option checks
 
-    def make_sampler(self, lo: int, hi: int) -> TimestepSampler:
+    def make_sampler(self, lo: int, hi: int, scheduler_cfg: dict | None = None) -> TimestepSampler:
         if self.sampler == "curriculum":
             return make_sampler(self.sampler, lo, hi, clusters=self.clusters, patience=self.patience)
+        if self.sampler == "visited":
+            visits = visited_timesteps("ddim", self.visit_steps, scheduler_cfg or {})
+            return make_sampler(self.sampler, lo, hi, timesteps=visits.tolist())
         return make_sampler(self.sampler, lo, hi)
 
 
@@ -218,7 +223,7 @@ def train(
     t_hi = cfg.t_hi if cfg.t_hi is not None else T
     if not 0 <= cfg.t_lo < t_hi <= T:
         raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
-    sampler = cfg.make_sampler(cfg.t_lo, t_hi)
+    sampler = cfg.make_sampler(cfg.t_lo, t_hi, scheduler_cfg)
     snr_all = snr(scheduler).float()
     if cfg.distill > 0 and teacher is None:
         raise StepadaptError("distillation asked for, but no teacher model given")

@@ -121,3 +121,18 @@ def test_adaptive_needs_probe_losses():
     s = AdaptiveSampler(0, 100)
     with pytest.raises(StepadaptError, match="probe"):
         s.update(torch.tensor([1]), torch.ones(1))
+
+
+def test_visited_sampler_draws_only_the_visited_timesteps_of_its_interval():
+    from stepadapt.plan import visited_timesteps
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+    from stepadapt.train import TrainConfig
+
+    visits = set(visited_timesteps("ddim", 25, DEFAULT_SCHEDULER).tolist())
+    s = TrainConfig(sampler="visited", visit_steps=25).make_sampler(300, 700, DEFAULT_SCHEDULER)
+    t, w = s.sample(4000, torch.Generator().manual_seed(0))
+    inside = {v for v in visits if 300 <= v < 700}
+    assert set(t.tolist()) == inside and torch.all(w == 1)
+    assert abs(float(s.probabilities().sum()) - 1.0) < 1e-9
+    with pytest.raises(StepadaptError, match="no visited timestep"):
+        TrainConfig(sampler="visited", visit_steps=2).make_sampler(1, 30, DEFAULT_SCHEDULER)
