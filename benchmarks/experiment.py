@@ -17,8 +17,9 @@ changes the proxy sets, the training order and the sampling noise).
     python -m benchmarks.experiment [--out runs/experiment] [--iterations 2400] [--n 500]
 
 Pruning and fine-tuning are ``stepadapt`` commands (logged with their wall times); scores land in
-OUT/scores.json one by one and every finished score rewrites benchmarks/results/experiment.json and
-the plot, so a killed run continues where it stopped and a partial run is already a result.
+benchmarks/results/experiment_scores.json one by one and every finished score rewrites
+benchmarks/results/experiment.json and the plot, so a killed run continues where it stopped (in a later
+session too: what is scored and committed is skipped) and a partial run is already a result.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ ARMS = (
         note="default, sizes by measured damage (knapsack)"),
     Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "25"),
         note="default, trained only on the timesteps 25 DDIM steps visit"),
+    Arm("distill1-0.5", "distill1", 0.5, finetune=("--distill", "1"), note="default, the base's eps only"),
     Arm("uniform-0.8", "uniform", 0.8, ("--uniform",)),
     Arm("default-0.8", "default", 0.8),
 )  # fmt: skip
@@ -284,8 +286,10 @@ def main() -> None:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path, scores_path = out / "commands.json", out / "scores.json"
-    log: list[dict] = read_json(log_path) if log_path.exists() else []
+    # Scores and the results file are committed: a later session on a fresh machine skips what is scored.
+    log_path, scores_path = out / "commands.json", args.results.with_name("experiment_scores.json")
+    prior = read_json(args.results) if args.results.exists() else {}
+    log: list[dict] = read_json(log_path) if log_path.exists() else prior.get("commands", [])
     scores: dict[str, dict] = read_json(scores_path) if scores_path.exists() else {}
     threads = ["--threads", str(args.threads)]
     steps_list = [int(s) for s in args.steps.split(",")]
@@ -331,6 +335,8 @@ def main() -> None:
             score_once(f"base-{st}", seed, st, None)  # None: the base's own (reference) images
 
     def arm_job(a: Arm, seed: int) -> None:
+        if all(f"{a.name}|{seed}|{st}" in scores for st in steps_list):
+            return  # scored (maybe in an earlier session): its metadata came with the prior results
         plan = out / f"plan-{a.plan_key}.json"
         cmd = ["analyze", "--out", str(plan), "--groups", "4", "--budget", str(a.budget), *a.analyze]
         run(cmd, log, log_path, plan)
@@ -362,9 +368,11 @@ def main() -> None:
             score_once(a.name, seed, steps, router)
 
     for a in chosen:
-        arms[a.name] = {"kind": a.kind, "budget": a.budget, "steps": steps_list, "seeds": list(a.seeds),
-                        "macs_per_step": {}, "finetune_images": args.iterations * args.batch_size,
-                        "prune": list(a.prune), "finetune": list(a.finetune), "note": a.note}  # fmt: skip
+        fresh = {"kind": a.kind, "budget": a.budget, "steps": steps_list, "seeds": list(a.seeds),
+                 "macs_per_step": {}, "finetune_images": args.iterations * args.batch_size,
+                 "analyze": list(a.analyze), "prune": list(a.prune), "finetune": list(a.finetune),
+                 "note": a.note}  # fmt: skip
+        arms[a.name] = prior.get("arms", {}).get(a.name) or fresh
     # Interleaved by priority: the bar, the headline arms (seed 0), their second seeds, the rest.
     headline = [a for a in chosen if a.kind in HEADLINE and a.budget == 0.5]
     base_job(0, BASE_STEPS)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stepadapt.bundle import Bundle
+from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
 from stepadapt.models import DEFAULT_BASE, load_base
 from stepadapt.sampling import max_pixel_diff, module_denoiser, sample_images, save_grid
 
@@ -37,6 +38,8 @@ class Demo:
     finetune_iterations: int = 300
     kid_images: int = 128  # images per KID (0 skips KID)
     shipped: Path = SHIPPED_BUNDLE
+    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
+    proxy_size: int = 128  # images per proxy set (importance, candidate scoring, loss profile)
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +64,7 @@ class Demo:
         from stepadapt.plots import plot_plan
 
         c, s = self.shape[0], self.shape[1]
-        self.state["proxy"] = proxy_sets("fashion-mnist", 128, s, c)
+        self.state["proxy"] = proxy_sets("fashion-mnist", self.proxy_size, s, c)
         plan, profiles = analyze_base(
             self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget
         )
@@ -79,7 +82,8 @@ class Demo:
         train, val = self.state["proxy"]
         manifest = compress(
             self.model, self.scheduler, plan, train, val, self.out / "bundle",
-            memory=Memory(self.out / "memory.json"), log=self.log, command="stepadapt demo",
+            candidates=self.candidates, memory=Memory(self.out / "memory.json"), log=self.log,
+            command="stepadapt demo",
         )  # fmt: skip
         achieved = [e.macs / manifest.base_macs for e in manifest.experts]
         plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)

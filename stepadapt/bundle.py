@@ -270,6 +270,20 @@ class Bundle:
     def save_manifest(self) -> None:
         write_json(self.path / MANIFEST, self.manifest.to_dict())
 
+    def cast_weights(self, dtype: torch.dtype) -> None:
+        """Store every expert's weights as ``dtype`` (float16 ships a bundle at half the size).
+
+        Loading casts them back to the rebuilt model's float32, so only the
+        stored precision changes.
+        """
+        for e in self.experts:
+            path = self.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
+            tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(path)).items()}
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp))
+            e.sha256 = sha256_file(path)
+        self.save_manifest()
+
     def update_expert_weights(self, name: str, model: UNet2DModel, **fields) -> None:
         """Replace one expert's weights (same structure) and update the manifest atomically."""
         e = self.expert(name)

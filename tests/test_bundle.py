@@ -88,3 +88,18 @@ def test_not_a_bundle(tmp_path):
 def test_memory_bank_makes_reruns_cheap(bundle_dir, tmp_path):
     mem = Memory(bundle_dir.with_name("memory.json"))
     assert len(mem.entries) == 3  # one candidate per group, remembered
+
+
+def test_half_precision_weights_load_back_as_float32(tiny_bundle, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    full = Bundle.load(d).load_expert("g1").state_dict()
+    size = (d / Bundle.load(d).expert("g1").weights).stat().st_size
+    b = Bundle.load(d)
+    b.cast_weights(torch.float16)
+    again = Bundle.load(d)  # checksums were updated
+    assert (d / again.expert("g1").weights).stat().st_size < 0.6 * size
+    half = again.load_expert("g1").state_dict()
+    for k, v in full.items():
+        assert half[k].dtype == torch.float32
+        assert torch.allclose(half[k], v, rtol=1e-3, atol=1e-4)
