@@ -44,10 +44,15 @@ def plot_plan(
     bx.set_ylim(0, 1.25)
     bx.set_ylabel("MACs / base")
     bx.set_xlabel("timestep t (0 = clean image)")
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write atomically as PNG, and free the figure."""
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return path
 
@@ -61,9 +66,4 @@ def side_by_side(images: list[str | os.PathLike], titles: list[str], path: str |
         ax.imshow(Image.open(img), cmap="gray")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
