@@ -108,6 +108,7 @@ class Demo:
         """The bundle the last stages export and serve: the shipped one if present, else the demo's."""
         served = self.out / "served"
         source = self.shipped if (self.shipped / "manifest.json").is_file() else self.out / "bundle"
+        self.state["served_from"] = source.resolve()
         if served.exists():
             shutil.rmtree(served)
         shutil.copytree(source, served, ignore=shutil.ignore_patterns("finetune", "onnx", "triton", "*.md"))
@@ -168,7 +169,7 @@ class Demo:
         self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
         served = self.serve_copy()
         targets = {"base": module_denoiser(self.model), "served": served.router()}
-        if self.finetune_iterations > 0 and served.path.resolve() != (self.out / "bundle").resolve():
+        if self.state["served_from"] != (self.out / "bundle").resolve():
             targets["demo"] = Bundle.load(self.out / "bundle").router()
         scores = self.kid(targets)
         self.log(f"[6/{stages}] export: ONNX per expert, parity-checked in onnxruntime")

@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.evaluate import fidelity
 from stepadapt.importance import Candidate, search_group
 from stepadapt.prune import count_macs
 from stepadapt.sampling import Router, module_denoiser, sample_images
@@ -77,7 +78,7 @@ def swap_damage(
     images = sample_images(
         Router(bounds, experts), scheduler_cfg, shape, len(reference), steps=steps, seed=seed
     )
-    return float(np.square((images.astype(np.float64) - reference) / 255.0).mean())
+    return fidelity(images, reference)["mse"]
 
 
 def measure_damage(
@@ -112,8 +113,8 @@ def measure_damage(
                 base, scheduler_cfg, lo, hi, size * base_macs, proxy_train, proxy_val,
                 candidates=(Candidate("taylor", True),), seed=seed,
             ).best  # fmt: skip
-            ratio = found.macs / base_macs
-            if any(abs(o.ratio - ratio) < 1e-6 for o in row):
+            ratio = round(found.macs / base_macs, 4)
+            if any(o.ratio == ratio for o in row):
                 continue  # the GroupNorm staircase gave a size already tried
             cfg = TrainConfig(
                 iterations=recover_iterations, batch_size=batch_size, lr=5e-4, t_lo=lo, t_hi=hi,
@@ -123,7 +124,7 @@ def measure_damage(
             with tempfile.TemporaryDirectory() as tmp:
                 recovered, _ = train(found.model, data, scheduler_cfg, cfg, tmp, progress=False, teacher=base)
             damage = swap_damage(recovered, base, lo, hi, scheduler_cfg, reference, sample_steps, seed)
-            row.append(Option(round(ratio, 4), damage))
+            row.append(Option(ratio, damage))
             if log:
                 log(
                     f"  [{lo},{hi}) {ratio:.3f} x MACs, {recover_iterations} recovery it: damage {damage:.5f}"

@@ -38,6 +38,10 @@ def analyze_base(
     if measure == "damage":
         if budget is None:
             raise StepadaptError("--measure damage sizes the groups under a --budget; the TDC rule has none")
+        if not damage or not {"data", "proxy_train", "proxy_val"} <= damage.keys():
+            raise StepadaptError(
+                "--measure damage needs training data and two proxy sets to recover and judge sizes"
+            )
         return _damage_plan(
             model, scheduler_cfg, proxy, groups=groups, partition=partition, boundaries=boundaries,
             budget=budget, sampler=sampler, steps=steps, seed=seed, **(damage or {}),

@@ -107,6 +107,12 @@ def finetune_bundle(
             raise StepadaptError("--expert picks experts for --mode separate; shared training trains all")
         if teacher is None:
             raise StepadaptError("shared fine-tuning needs the base the bundle was pruned from (--teacher)")
+        spans = sorted((e.lo, e.hi) for e in pruned)
+        if any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)):
+            raise StepadaptError(
+                "shared fine-tuning trains one interval, but an unpruned expert sits between pruned ones "
+                f"({', '.join(f'[{lo},{hi})' for lo, hi in spans)}): use --mode separate"
+            )
         run_dir, started = _run(bundle, SHARED_RUN)
         shared = shared_experts(bundle, teacher, check=not (resume and started))
         cfg = TrainConfig.from_dict(
@@ -132,13 +138,13 @@ def finetune_bundle(
         return results
     chosen = [bundle.expert(n) for n in experts] if experts else pruned
     budgets = iteration_budgets(pruned, n_separate)
-    for i, e in enumerate(chosen):
+    for e in chosen:
         if e not in pruned:
             say(f"expert {e.name} is the unpruned base: nothing to fine-tune")
             continue
         cfg = TrainConfig.from_dict(
             {**template.to_dict(), "iterations": budgets[e.name], "t_lo": e.lo, "t_hi": e.hi,
-             "seed": template.seed + i}
+             "seed": template.seed + bundle.experts.index(e)}
         )  # fmt: skip
         run_dir, started = _run(bundle, e.name)
         say(f"expert {e.name} [{e.lo},{e.hi}): {cfg.iterations} iterations")

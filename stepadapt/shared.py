@@ -32,7 +32,7 @@ Slices = dict[str, tuple[torch.Tensor | None, ...]]  # parameter -> kept indices
 
 
 def _kept_along(model: UNet2DModel, history: History, dim: int) -> dict[str, torch.Tensor]:
-    enc = copy.deepcopy(model).eval()
+    enc = copy.deepcopy(model).cpu().float().eval()  # float32 holds indices exactly up to 2**24
     with torch.no_grad():
         for p in enc.parameters():
             if p.ndim > dim:
@@ -111,7 +111,7 @@ class SharedExperts(torch.nn.Module):
         return {n: gather(p, self._slices[i][n]) for n, p in self.base.named_parameters()}
 
     def forward_expert(self, i: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        skeleton = self._skeletons[i].to(x.device)
+        skeleton = self._skeletons[i].to(x.device).train(self.training)  # dropout as in the base
         return torch.func.functional_call(skeleton, self.expert_parameters(i), (x, t)).sample
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> UNet2DOutput:

@@ -96,6 +96,8 @@ class TrainConfig:
         if not 0.0 <= self.distill <= 1.0:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
         sampler_class(self.sampler)  # an unknown name fails with the other option checks
+        if self.sampler == "visited" and self.visit_steps < 1:
+            raise StepadaptError(f"--visit-steps must be at least 1, got {self.visit_steps}")
 
     def make_sampler(self, lo: int, hi: int, scheduler_cfg: dict | None = None) -> TimestepSampler:
         if self.sampler == "curriculum":
