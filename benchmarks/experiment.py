@@ -69,19 +69,22 @@ class Arm:
 
 
 ARMS = (
-    Arm("uniform-0.5", "uniform", 0.5, ("--uniform",), seeds=(0, 1), note="one model, distilled"),
+    Arm("uniform-0.5", "uniform", 0.5, prune=("--uniform",), seeds=(0, 1), note="one model, distilled"),
     Arm("default-0.5", "default", 0.5, seeds=(0, 1), note="nested, shared, distilled"),
-    Arm("snr-old-0.5", "snr-old", 0.5, ("--independent",), ("--mode", "separate", "--distill", "0"),
+    Arm("snr-old-0.5", "snr-old", 0.5, prune=("--independent",),
+        finetune=("--mode", "separate", "--distill", "0"),
         note="independent experts, each alone, no distillation"),
-    Arm("separate-0.5", "separate", 0.5, (), ("--mode", "separate"), note="default, experts trained alone"),
-    Arm("no-distill-0.5", "no-distill", 0.5, (), ("--distill", "0"), note="default without distillation"),
-    Arm("independent-0.5", "independent", 0.5, ("--independent",), note="default, experts not nested"),
+    Arm("separate-0.5", "separate", 0.5, finetune=("--mode", "separate"),
+        note="default, experts trained alone"),
+    Arm("no-distill-0.5", "no-distill", 0.5, finetune=("--distill", "0"),
+        note="default without distillation"),
+    Arm("independent-0.5", "independent", 0.5, prune=("--independent",), note="default, experts not nested"),
     Arm("damage-0.5", "damage", 0.5, analyze=("--measure", "damage"),
         note="default, sizes by measured damage (knapsack)"),
     Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "25"),
         note="default, trained only on the timesteps 25 DDIM steps visit"),
     Arm("distill1-0.5", "distill1", 0.5, finetune=("--distill", "1"), note="default, the base's eps only"),
-    Arm("uniform-0.8", "uniform", 0.8, ("--uniform",)),
+    Arm("uniform-0.8", "uniform", 0.8, prune=("--uniform",)),
     Arm("default-0.8", "default", 0.8),
 )  # fmt: skip
 
