@@ -261,6 +261,72 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: in
     return rows
 
 
+def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
+    """Copy a trained arm's bundle into the package (fp16 weights, no checkpoints) with its card."""
+    from stepadapt.bundle import Bundle
+
+    name, _, seed = arm.rpartition("-s")
+    res = read_json(results)
+    scores = read_json(results.with_name("experiment_scores.json"))
+    settings = res["settings"]
+    if dest.exists():
+        shutil.rmtree(dest)
+    skip = shutil.ignore_patterns("finetune", "onnx", "triton", "*.done")
+    shutil.copytree(out / "arms" / arm, dest, ignore=skip)
+    b = Bundle.load(dest)
+    b.cast_weights(torch.float16)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    tuned = next(
+        c for c in res["commands"] if c["command"].startswith("stepadapt finetune") and arm in c["command"]
+    )
+    made = f"python -m benchmarks.experiment --out {out} --iterations {settings['iterations']}"
+    made += f" --n {settings['n']}"
+
+    def kid(key: str) -> str:
+        r = scores.get(key)
+        return f"{r['kid']:.4f} ± {r['kid_std']:.4f}" if r else "not measured"
+
+    m = b.manifest
+    rows = [
+        f"| {e.name} | [{e.lo}, {e.hi}) | {e.macs / m.base_macs:.3f} | {e.params / 1e6:.3f} M "
+        f"| {e.parent or '-'} | {(e.training or {}).get('mode', 'none: it is the base')} |"
+        for e in b.experts
+    ]
+    psnr = scores.get(f"{name}|{seed}|50", {}).get("psnr", float("nan"))
+    card = [
+        "# fashion-tiny-experts: the shipped step-adaptive bundle",
+        "",
+        "Nested experts pruned from [fashion-tiny](../fashion-tiny/MODEL_CARD.md) at a budget of 0.5 x the",
+        "base's MACs per DDIM step (mean over the 50 steps a sample visits: "
+        f"{m.trajectory_macs_ratio():.3f}; over 25 steps: {m.trajectory_macs_ratio(25):.3f}), fine-tuned",
+        "together on shared weights with distillation from the base",
+        "(the defaults of `analyze`, `prune` and `finetune`). `make demo` serves it. Weights are float16",
+        f"safetensors ({size / 1e6:.1f} MB in all) and load as float32.",
+        "",
+        "| expert | timesteps | MACs / base | params | cut from | fine-tuning |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "| | |",
+        "|---|---|",
+        f"| made by | `{made}` (arm `{arm}`), "
+        f"then `python -m benchmarks.experiment --out {out} --ship {arm}` |",
+        f"| fine-tuning | `{tuned['command']}`: {settings['iterations']} x {settings['batch_size']} images, "
+        f"{tuned['seconds'] / 60:.1f} min |",
+        f"| machine | {res['machine']}, shared with other work |",
+        f"| KID, 50 DDIM steps (n = {settings['n']}, seed {seed}) | {kid(f'{name}|{seed}|50')} "
+        f"(the base: {kid(f'base-50|{seed}|50')}) |",
+        f"| KID, 25 DDIM steps | {kid(f'{name}|{seed}|25')} (the base: {kid(f'base-25|{seed}|25')}; "
+        f"at 12 steps, the same MACs per image: {kid(f'base-12|{seed}|12')}) |",
+        f"| PSNR to the base's images, same noise, 50 steps | {psnr:.2f} dB |",
+        "",
+        "How it compares with one uniformly pruned model and with fewer steps of the base:",
+        "[docs/results.md](../../../docs/results.md#quality-at-equal-compute-issue-11).",
+    ]
+    (dest / "MODEL_CARD.md").write_text("\n".join(card) + "\n")
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
@@ -273,6 +339,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
     ap.add_argument("--replot", action="store_true", help="only redraw --plot from --results")
+    ap.add_argument("--ship", default=None, help="copy a trained arm (e.g. default-0.5-s0) into the package")
     ap.add_argument(
         "--why", default=None, help="comma-separated arms: each alone on each group, base elsewhere"
     )
@@ -280,6 +347,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.why:
         why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
+        return
+    if args.ship:
+        dest = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-experts"
+        print(f"shipped -> {ship(args.out, args.ship, args.results, dest)}")
         return
     if args.replot:
         print(plot(read_json(args.results), args.plot))
