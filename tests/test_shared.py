@@ -126,3 +126,25 @@ def test_shared_finetune_needs_the_base(tiny_bundle, tmp_path, squares):
     shutil.copytree(tiny_bundle, d)
     with pytest.raises(StepadaptError, match="--teacher"):
         finetune_bundle(Bundle.load(d), squares(8), TrainConfig(batch_size=4), 3, progress=False)
+
+
+def test_shared_training_refuses_an_unpruned_expert_between_pruned_ones(tmp_path, squares, tiny):
+    from stepadapt.compress import compress
+    from stepadapt.difficulty import normalise, snr_profile
+    from stepadapt.importance import Candidate
+    from stepadapt.plan import make_plan
+    from stepadapt.prune import count_macs
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+
+    s = snr_profile(DEFAULT_SCHEDULER)
+    plan = make_plan(normalise(s), s, count_macs(tiny)[0], boundaries=[0, 300, 600, 1000], budget=None,
+                     scheduler_cfg=DEFAULT_SCHEDULER)  # fmt: skip
+    for g, r in zip(plan.groups, (0.5, 1.0, 0.5), strict=True):
+        g.macs_ratio = r
+    x = squares(8)
+    compress(tiny, DEFAULT_SCHEDULER, plan, x, x, tmp_path / "b", candidates=(Candidate("magnitude", False),),
+             nested=False)  # fmt: skip
+    b = Bundle.load(tmp_path / "b")
+    assert [b.is_pruned(e.name) for e in b.experts] == [True, False, True]
+    with pytest.raises(StepadaptError, match="unpruned expert sits between"):
+        finetune_bundle(b, x, TrainConfig(batch_size=4), 2, teacher=tiny, progress=False)
