@@ -175,6 +175,23 @@ def aggregate(arms: dict[str, dict], scores: dict[str, dict], settings: dict) ->
     return rows
 
 
+def table(results: dict) -> str:
+    """The rows as a markdown table (what docs/results.md shows), grouped by arm."""
+    lines = [
+        "| arm | kind | MACs / step | steps | MACs / image | fine-tuning images | KID ↓ (± std) | seeds "
+        "| PSNR vs base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        std = f"± {r['kid_std']:.4f}" + ("" if r["kid_std_over"] == "seeds" else " (subsets)")
+        psnr = "—" if r["kind"] in ("base", "base-steps") or r["psnr"] is None else f"{r['psnr']:.1f} dB"
+        lines.append(
+            f"| {r['arm']} | {r['kind']} | {r['budget']:.3f} | {r['steps']} | {r['macs_per_image']:.1f} | "
+            f"{r['finetune_images']:,} | {r['kid']:.4f} {std} | {len(r['seeds'])} | {psnr} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> Path:
     """KID against MACs per image: the base at fewer steps as a curve, the pruned arms on it."""
     import matplotlib
@@ -340,7 +357,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
-    ap.add_argument("--replot", action="store_true", help="only redraw --plot from --results")
+    ap.add_argument(
+        "--replot", action="store_true", help="only print the table and redraw --plot from --results"
+    )
     ap.add_argument("--ship", default=None, help="copy a trained arm (e.g. default-0.5-s0) into the package")
     ap.add_argument(
         "--why", default=None, help="comma-separated arms: each alone on each group, base elsewhere"
@@ -355,7 +374,9 @@ def main() -> None:
         print(f"shipped -> {ship(args.out, args.ship, args.results, dest)}")
         return
     if args.replot:
-        print(plot(read_json(args.results), args.plot))
+        results = read_json(args.results)
+        print(table(results))
+        print(plot(results, args.plot))
         return
 
     from stepadapt.bundle import Bundle
