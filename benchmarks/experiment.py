@@ -354,6 +354,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="generated (and real) images per arm and seed")
     ap.add_argument("--steps", default="25,50", help="DDIM steps each trained arm is scored at")
     ap.add_argument("--arms", default=None, help="comma-separated arm names (default: all, in order)")
+    ap.add_argument(
+        "--first", default=None, help="comma-separated arms to run right after the headline seed 0"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
@@ -475,6 +478,9 @@ def main() -> None:
     base_job(0, BASE_STEPS)
     for a in headline:
         arm_job(a, 0)
+    for a in chosen:  # arms asked for first: before the second seeds
+        if args.first and a.name in args.first.split(","):
+            arm_job(a, a.seeds[0])
     base_job(1, (12, 25, 50))
     for a in headline:
         for seed in a.seeds[1:]:
