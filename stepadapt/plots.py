@@ -61,7 +61,7 @@ def side_by_side(images: list[str | os.PathLike], titles: list[str], path: str |
     """Sample grids next to each other with their titles (base vs experts, same noise)."""
     from PIL import Image
 
-    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 5.0), squeeze=False)
     for ax, img, title in zip(axes[0], images, titles, strict=True):
         ax.imshow(Image.open(img), cmap="gray")
         ax.set_title(title, fontsize=10)
