@@ -17,6 +17,7 @@ manifest, since they no longer match the weights.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -59,8 +60,6 @@ def _run(bundle: Bundle, name: str) -> tuple:
 
 def shared_experts(bundle: Bundle, base: UNet2DModel, check: bool = True) -> SharedExperts:
     """The bundle's experts as slices of a copy of ``base``; ``check``: they must be slices of it now."""
-    import copy
-
     shared = SharedExperts(
         copy.deepcopy(base), bundle.manifest.boundaries, [bundle.structure(e.name) for e in bundle.experts]
     )
