@@ -262,7 +262,7 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: in
     uniform model). The damage each interval's model does, alone, then compares interval by interval.
     """
     from stepadapt.bundle import Bundle
-    from stepadapt.sampling import Router
+    from stepadapt.sampling import swapped_in
 
     scorer = Scorer(out, n)
     T = int(scorer.sched["num_train_timesteps"])
@@ -271,9 +271,7 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: in
     for arm in arms:
         owner = Bundle.load(out / "arms" / arm).router()
         for g in groups:
-            bounds = sorted({0, g.lo, g.hi, T})
-            hybrid = Router(bounds, [owner if lo == g.lo else scorer.base for lo in bounds[:-1]])
-            r = scorer(hybrid, steps, seed, None)
+            r = scorer(swapped_in(scorer.base, owner, g.lo, g.hi, T), steps, seed, None)
             rows[f"{arm} on [{g.lo},{g.hi})"] = {"arm": arm, "lo": g.lo, "hi": g.hi, **r}
             print(f"{arm} only on [{g.lo},{g.hi}): KID {r['kid']:.4f}, PSNR {r['psnr']:.2f}", flush=True)
     write_json(path, {"n": n, "seed": seed, "steps": steps, "rows": rows})

@@ -25,7 +25,7 @@ from stepadapt import StepadaptError
 from stepadapt.evaluate import fidelity
 from stepadapt.importance import Candidate, search_group
 from stepadapt.prune import count_macs
-from stepadapt.sampling import Router, module_denoiser, sample_images
+from stepadapt.sampling import module_denoiser, sample_images, swapped_in
 from stepadapt.train import DEFAULT_DISTILL, TrainConfig, train
 
 DEFAULT_SIZES = (0.25, 0.4, 0.55, 0.7)
@@ -72,12 +72,9 @@ def swap_damage(
 ) -> float:  # fmt: skip
     """Mean squared pixel error (range [0, 1]) against the base's images, ``model`` alone on [lo, hi)."""
     T = int(scheduler_cfg["num_train_timesteps"])
-    bounds = sorted({0, lo, hi, T})
-    experts = [module_denoiser(model) if b == lo else module_denoiser(base) for b in bounds[:-1]]
+    hybrid = swapped_in(module_denoiser(base), module_denoiser(model), lo, hi, T)
     shape = reference.shape[3], reference.shape[1], reference.shape[2]
-    images = sample_images(
-        Router(bounds, experts), scheduler_cfg, shape, len(reference), steps=steps, seed=seed
-    )
+    images = sample_images(hybrid, scheduler_cfg, shape, len(reference), steps=steps, seed=seed)
     return fidelity(images, reference)["mse"]
 
 

@@ -63,6 +63,12 @@ class Router:
         return out
 
 
+def swapped_in(base: Denoiser, other: Denoiser, lo: int, hi: int, num_train_timesteps: int) -> Router:
+    """The base everywhere except [lo, hi), which ``other`` takes: one interval's damage, alone."""
+    bounds = sorted({0, lo, hi, num_train_timesteps})
+    return Router(bounds, [other if b == lo else base for b in bounds[:-1]])
+
+
 def module_denoiser(model: torch.nn.Module) -> Denoiser:
     """Wrap a diffusers UNet2DModel as a plain ``(x, t) -> eps`` function."""
 

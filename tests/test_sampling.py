@@ -94,3 +94,18 @@ def test_grid_and_uint8(tmp_path):
     g = make_grid(u, ncol=3, pad=1)
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
     assert save_grid(u, tmp_path / "g.png").stat().st_size > 0
+
+
+def test_swapped_in_gives_one_interval_to_the_other_denoiser():
+    import torch
+
+    from stepadapt.sampling import swapped_in
+
+    base = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    other = lambda x, t: torch.ones_like(x)  # noqa: E731
+    r = swapped_in(base, other, 300, 700, 1000)
+    x = torch.zeros(4, 1, 2, 2)
+    out = r(x, torch.tensor([0, 299, 300, 699])).flatten(1).mean(1)
+    assert out.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert r(x[:1], torch.tensor([999])).sum() == 0
+    assert swapped_in(base, other, 0, 1000, 1000).boundaries == [0, 1000]
