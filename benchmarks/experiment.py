@@ -3,12 +3,13 @@
 On the shipped Fashion-MNIST base, every arm in one run, in priority order (the headline arms first, so
 a run cut short still answers the main question):
 - ``base-steps``: the base at 10, 12, 20, 25, 40 and 50 DDIM steps (the competitor a user already has);
-- ``uniform``: one uniformly pruned model at the plan's mean MACs, with the same recovery as the
-  default (distillation from the base);
-- ``default``: today's defaults of ``analyze`` / ``prune`` / ``finetune`` (nested experts trained
-  together on shared weights, distilled from the base);
-- ``snr-old``: the previous recipe (independent experts, each fine-tuned alone, no distillation);
-- ablations at 0.5 x, one change to the default each (``separate``, ``no-distill``, ``independent``).
+- ``uniform``: one uniformly pruned model at the plan's mean MACs, with the default recovery
+  (distillation from the base);
+- ``default``: today's defaults of ``analyze`` / ``prune`` / ``finetune`` (experts pruned independently
+  from the base, each fine-tuned alone on its interval, distilled from the base);
+- ``shared``: the previous default (nested experts trained together as slices of one network);
+- ``snr-old``: the default without distillation;
+- ablations at 0.5 x, one change to the default each (``nested``, ``relative``, ``visited``, ``damage``).
 Every trained arm gets the same fine-tuning images (``--iterations`` x ``--batch-size``). Each arm is
 scored at 25 and 50 DDIM steps against ``--n`` real test images (KID on TF-FID Inception features,
 FID, PSNR against the base at the same steps and noise); headline arms run with 2 seeds (the seed
@@ -20,17 +21,22 @@ Pruning and fine-tuning are ``stepadapt`` commands (logged with their wall times
 benchmarks/results/experiment_scores.json one by one and every finished score rewrites
 benchmarks/results/experiment.json and the plot, so a killed run continues where it stopped (in a later
 session too: what is scored and committed is skipped) and a partial run is already a result.
+``--only ARM-sSEED,...`` runs just those jobs; several such processes can run side by side (one thread
+each uses 2 cores better than one process with two), merging into the same results files under a lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,26 +75,33 @@ class Arm:
 
 
 ARMS = (
-    Arm("uniform-0.5", "uniform", 0.5, prune=("--uniform",), seeds=(0, 1), note="one model, distilled"),
-    Arm("default-0.5", "default", 0.5, seeds=(0, 1), note="nested, shared, distilled"),
-    Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "25"),
-        note="default, trained only on the timesteps 25 DDIM steps visit"),
-    Arm("snr-old-0.5", "snr-old", 0.5, prune=("--independent",),
-        finetune=("--mode", "separate", "--distill", "0"),
+    Arm("uniform-0.5", "uniform", 0.5, prune=("--uniform",), seeds=(0, 1),
+        note="one model, the default recovery (0.7 distillation from the base)"),
+    Arm("default-0.5", "default", 0.5, seeds=(0, 1),
+        note="independent experts, each alone on its interval, 0.7 distillation"),
+    Arm("shared-0.5", "shared", 0.5, prune=("--nested",), finetune=("--mode", "shared"),
+        note="nested experts trained together on shared weights (the previous default)"),
+    Arm("snr-old-0.5", "snr-old", 0.5, finetune=("--distill", "0"),
         note="independent experts, each alone, no distillation"),
-    Arm("separate-0.5", "separate", 0.5, finetune=("--mode", "separate"),
-        note="default, experts trained alone"),
+    Arm("nested-0.5", "nested", 0.5, prune=("--nested",), note="default, experts nested"),
+    Arm("relative-0.5", "relative", 0.5, finetune=("--distill", "1", "--loss-weight", "relative"),
+        note="default, the base's eps only, each t's loss over the base's own"),
+    Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "50"),
+        note="default, trained only on the timesteps 50 (and so 25) DDIM steps visit"),
     Arm("damage-0.5", "damage", 0.5, analyze=("--measure", "damage"),
         note="default, sizes by measured damage (knapsack)"),
-    Arm("no-distill-0.5", "no-distill", 0.5, finetune=("--distill", "0"),
-        note="default without distillation"),
-    Arm("distill1-0.5", "distill1", 0.5, finetune=("--distill", "1"), note="default, the base's eps only"),
-    Arm("independent-0.5", "independent", 0.5, prune=("--independent",), note="default, experts not nested"),
-    Arm("specialize-0.5", "specialize", 0.5, finetune=("--specialize", "0.25"),
-        note="default, the last quarter of the iterations per expert alone"),
     Arm("uniform-0.8", "uniform", 0.8, prune=("--uniform",)),
     Arm("default-0.8", "default", 0.8),
 )  # fmt: skip
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive use of ``path`` among experiment processes (``--only`` runs side by side)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = None) -> float:
@@ -101,8 +114,10 @@ def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = Non
     t0 = time.perf_counter()
     subprocess.run([*CLI, *cmd], check=True)
     seconds = round(time.perf_counter() - t0, 1)
-    log.append({"command": text, "seconds": seconds})
-    write_json(log_path, log)
+    with locked(log_path):  # another process may have logged since: append to what is on disk
+        on_disk = read_json(log_path) if log_path.exists() else []
+        log[:] = [*on_disk, *[c for c in log if c not in on_disk], {"command": text, "seconds": seconds}]
+        write_json(log_path, log)
     return seconds
 
 
@@ -209,7 +224,10 @@ def plot(results: dict, path: Path) -> Path:
         for r in base:
             ax.annotate(f"{r['steps']}", (r["macs_per_image"], r["kid"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)  # fmt: skip
-    style = {"uniform": ("tab:red", "s"), "default": ("tab:blue", "o"), "snr-old": ("tab:gray", "v")}
+    style = {
+        "uniform": ("tab:red", "s"), "default": ("tab:blue", "o"), "snr-old": ("tab:gray", "v"),
+        "shared": ("tab:purple", "D"),
+    }  # fmt: skip
     for r in rows:
         if r["kind"] in ("base", "base-steps"):
             continue
@@ -278,6 +296,41 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: in
     return rows
 
 
+ERROR_TIMESTEPS = (40, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980)
+
+
+def errors(bundles: list[Path], n: int = 128, seed: int = 0) -> dict[str, dict[int, dict[str, float]]]:
+    """How far each bundle's eps is from the base's, per timestep, in units of the base's own loss.
+
+    ``ratio`` = E|eps_arm - eps_base|^2 / E|eps_base - eps|^2 on real test images noised to t (the same
+    images and noise for every arm); 1 means the arm is as far from the base as the base is from the
+    truth. ``dc`` is the mean of eps_arm - eps_base (x 1e3): a bias that shifts every pixel.
+    """
+    from stepadapt.bundle import Bundle
+    from stepadapt.data import load_dataset
+    from stepadapt.models import load_base
+    from stepadapt.schedule import make_scheduler
+
+    base, sched_cfg = load_base(BASE)
+    sched = make_scheduler("ddpm", sched_cfg)
+    x = load_dataset("fashion-mnist", "test", 32, 1, limit=n, seed=seed)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for path in bundles:
+        router, g, rows = Bundle.load(path).router(), torch.Generator().manual_seed(seed), {}
+        for t in ERROR_TIMESTEPS:
+            noise = torch.randn(x.shape, generator=g)
+            tt = torch.full((len(x),), t)
+            x_t = sched.add_noise(x, noise, tt)
+            with torch.no_grad():
+                e_base = base(x_t, tt).sample
+                d = router(x_t, tt) - e_base
+            rows[t] = {"ratio": float((d**2).mean() / ((e_base - noise) ** 2).mean()),
+                       "dc": float(d.mean() * 1e3)}  # fmt: skip
+        out[str(path)] = rows
+        print(f"{path}: " + " ".join(f"{t}:{r['ratio']:.2f}/{r['dc']:+.1f}" for t, r in rows.items()))
+    return out
+
+
 def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     """Copy a trained arm's bundle into the package (fp16 weights, no checkpoints) with its card."""
     from stepadapt.bundle import Bundle
@@ -297,7 +350,7 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         c for c in res["commands"] if c["command"].startswith("stepadapt finetune") and arm in c["command"]
     )
     made = f"python -m benchmarks.experiment --out {out} --iterations {settings['iterations']}"
-    made += f" --n {settings['n']}"
+    made += f" --n {settings['n']} --threads 1 --only {arm}"
 
     def kid(key: str) -> str:
         r = scores.get(key)
@@ -310,15 +363,22 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         for e in b.experts
     ]
     psnr = scores.get(f"{name}|{seed}|50", {}).get("psnr", float("nan"))
+    tuned_cfg = next(e.training for e in b.experts if e.training)
+    how = (
+        "nested (each cut from the next larger one)"
+        if any(e.parent for e in b.experts)
+        else ("pruned independently from the base")
+    )
+    together = {"shared": "together on shared weights", "separate": "each alone on its own interval"}
     card = [
         "# fashion-tiny-experts: the shipped step-adaptive bundle",
         "",
-        "Nested experts pruned from [fashion-tiny](../fashion-tiny/MODEL_CARD.md) at a budget of 0.5 x the",
+        f"Experts {how} from [fashion-tiny](../fashion-tiny/MODEL_CARD.md) at a budget of 0.5 x the",
         "base's MACs per DDIM step (mean over the 50 steps a sample visits: "
         f"{m.trajectory_macs_ratio():.3f}; over 25 steps: {m.trajectory_macs_ratio(25):.3f}), fine-tuned",
-        "together on shared weights with distillation from the base",
-        "(the defaults of `analyze`, `prune` and `finetune`). `make demo` serves it. Weights are float16",
-        f"safetensors ({size / 1e6:.1f} MB in all) and load as float32.",
+        f"{together[tuned_cfg['mode']]} with {tuned_cfg['distill']} x the base's eps in the target",
+        f"(arm `{name}` of the experiment: {res['arms'][name]['note']}). `make demo` serves it. Weights are",
+        f"float16 safetensors ({size / 1e6:.1f} MB in all) and load as float32.",
         "",
         "| expert | timesteps | MACs / base | params | cut from | fine-tuning |",
         "|---|---|---|---|---|---|",
@@ -355,6 +415,10 @@ def main() -> None:
     ap.add_argument(
         "--first", default=None, help="comma-separated arms to run right after the headline seed 0"
     )
+    ap.add_argument(
+        "--only", default=None,
+        help="comma-separated jobs ARM-sSEED or base-sSEED, nothing else; several processes may run at once",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/experiment.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/experiment.png"))
@@ -365,8 +429,17 @@ def main() -> None:
     ap.add_argument(
         "--why", default=None, help="comma-separated arms: each alone on each group, base elsewhere"
     )
+    ap.add_argument(
+        "--errors", default=None,
+        help="comma-separated bundle dirs: their eps error against the base per timestep (no training)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.errors:
+        rows = errors([Path(p) for p in args.errors.split(",")])
+        path = args.results.with_name("experiment_errors.json")
+        write_json(path, {**(read_json(path) if path.exists() else {}), **rows})
+        return
     if args.why:
         why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
         return
@@ -401,14 +474,26 @@ def main() -> None:
     }  # fmt: skip
     scorer = Scorer(out, args.n)
 
+    touched: set[str] = set()  # arms this process trained or scored: its metadata wins over the file's
+
     def publish() -> None:
-        write_json(scores_path, scores)
-        results = {
-            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-            "settings": settings, "commands": log, "arms": arms, "rows": aggregate(arms, scores, settings),
-        }  # fmt: skip
-        write_json(args.results, results)
+        with locked(scores_path):  # merge with what a parallel --only process has written meanwhile
+            if scores_path.exists():
+                scores.update({k: v for k, v in read_json(scores_path).items() if k not in scores})
+            write_json(scores_path, scores)
+            if args.results.exists():
+                for name, a in read_json(args.results).get("arms", {}).items():
+                    if name not in touched:
+                        arms[name] = a
+            if log_path.exists():
+                log[:] = [*(on_disk := read_json(log_path)), *[c for c in log if c not in on_disk]]
+            results = {
+                "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+                           f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+                "settings": settings, "commands": log, "arms": arms,
+                "rows": aggregate(arms, scores, settings),
+            }  # fmt: skip
+            write_json(args.results, results)
         plot(results, args.plot)
         grids = {
             f"{r['arm']} @{r['steps']}": r["grid"]
@@ -423,6 +508,7 @@ def main() -> None:
         arms[name].setdefault("grids", {})[str(steps)] = str(grid)
         if key in scores:
             return
+        touched.add(name)
         r = scorer(denoiser, steps, seed, grid if seed == 0 else None)
         scores[key] = r
         print(f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, PSNR {r.get('psnr', 0):.2f}", flush=True)
@@ -451,6 +537,7 @@ def main() -> None:
                str(args.batch_size), "--seed", str(seed), *a.finetune, *threads]  # fmt: skip
         seconds = run(cmd + ["--resume"] if resume else cmd, log, log_path, done)
         done.touch()
+        touched.add(a.name)
         info = arms[a.name]
         info.setdefault("finetune_seconds_per_seed", {})[str(seed)] = seconds
         info["finetune_seconds"] = float(np.nanmean(list(info["finetune_seconds_per_seed"].values())))
@@ -471,6 +558,18 @@ def main() -> None:
                  "analyze": list(a.analyze), "prune": list(a.prune), "finetune": list(a.finetune),
                  "note": a.note}  # fmt: skip
         arms[a.name] = prior.get("arms", {}).get(a.name) or fresh
+    if args.only:  # exactly these jobs, e.g. one process per arm side by side
+        by_name = {a.name: a for a in ARMS}
+        for job in args.only.split(","):
+            name, _, seed = job.rpartition("-s")
+            if name == "base":
+                base_job(int(seed), BASE_STEPS if int(seed) == 0 else (12, 25, 50))
+            elif name in by_name and name in arms:
+                arm_job(by_name[name], int(seed))
+            else:
+                raise SystemExit(f"--only: unknown job {job!r} (ARM-sSEED or base-sSEED)")
+        publish()
+        return
     # Interleaved by priority: the bar, the headline arms (seed 0), their second seeds, the rest.
     headline = [a for a in chosen if a.kind in HEADLINE and a.budget == 0.5]
     base_job(0, BASE_STEPS)

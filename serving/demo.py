@@ -92,15 +92,13 @@ class Demo:
 
     def finetune(self) -> None:
         from stepadapt.data import load_dataset
-        from stepadapt.finetune import finetune_bundle
-        from stepadapt.train import DEFAULT_DISTILL, TrainConfig
+        from stepadapt.finetune import finetune_bundle, finetune_config
 
         if self.finetune_iterations <= 0:
             return
         b = Bundle.load(self.out / "bundle")
         data = load_dataset("fashion-mnist", "train", self.shape[1], self.shape[0])
-        cfg = TrainConfig(batch_size=64, lr=5e-4, warmup=min(100, self.finetune_iterations // 10),
-                          distill=DEFAULT_DISTILL, checkpoint_every=250, sample_every=10**9)  # fmt: skip
+        cfg = finetune_config(self.finetune_iterations)
         finetune_bundle(b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log)
         self.grid(b.router(), "finetuned_samples")
 
@@ -162,9 +160,9 @@ class Demo:
         self.base_samples()
         self.log(f"[2/{stages}] analyze: difficulty, groups, budgets")
         self.analyze()
-        self.log(f"[3/{stages}] prune: nested experts, candidate search per group")
+        self.log(f"[3/{stages}] prune: one expert per group from the base, candidate search")
         self.prune()
-        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, shared, distilled)")
+        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, each expert alone, distilled)")
         self.finetune()
         self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
         served = self.serve_copy()

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from stepadapt import StepadaptError
+from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
 from stepadapt.train import DEFAULT_DISTILL
 
@@ -340,10 +341,11 @@ def prune(
         bool,
         typer.Option(
             "--nested/--independent",
-            help="Nested: each expert is cut from the next larger one, so their channels nest and they "
-            "share weights coherently under 'finetune --mode shared'. Independent: each from the base.",
+            help="Independent (default): each expert is pruned from the base for its own timesteps. "
+            "Nested: each is cut from the next larger one, so their channels nest and they share "
+            "weights coherently under 'finetune --mode shared'.",
         ),
-    ] = True,
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of proxy sets and random importance.")] = 0,
 ) -> None:
     """Prune one expert per plan group (candidate search by proxy loss) -> bundle."""
@@ -416,16 +418,23 @@ def finetune(
     mode: Annotated[
         str,
         typer.Option(
-            help="shared: all pruned experts train at once as slices of one network (every update "
-            "reaches every expert); separate: each alone, iterations split by interval length."
+            help="separate: each expert alone on its interval, iterations split by interval length; "
+            "shared: all pruned experts at once as slices of one network (every update reaches every "
+            "expert; measured worse on the shipped base, see docs/results.md)."
         ),
-    ] = "shared",
+    ] = DEFAULT_MODE,
     specialize: Annotated[
         float, typer.Option(help="shared: fraction of the iterations for a separate phase afterwards.")
     ] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
-    loss_weight: Annotated[str, typer.Option(help="none or min-snr.")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = DEFAULT_BATCH,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = DEFAULT_LR,
+    loss_weight: Annotated[
+        str,
+        typer.Option(
+            help="none, min-snr, or relative: each timestep's loss over the base's own loss there, so "
+            "the noisy steps (small eps errors, large image errors) are not neglected."
+        ),
+    ] = "none",
     min_snr_gamma: Annotated[float, typer.Option(help="gamma of min-SNR weighting.")] = 5.0,
     distill: Annotated[
         float, typer.Option(help="Weight of the base's eps in the target (0..1); the rest is the true noise.")
@@ -457,9 +466,8 @@ def finetune(
     from stepadapt import distributed
     from stepadapt.bundle import Bundle
     from stepadapt.data import load_dataset
-    from stepadapt.finetune import finetune_bundle
+    from stepadapt.finetune import finetune_bundle, finetune_config
     from stepadapt.models import load_base
-    from stepadapt.train import TrainConfig
 
     try:
         if threads:
@@ -468,13 +476,14 @@ def finetune(
         b = Bundle.load(bundle)
         c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
         x = load_dataset(data, "train", size, c, limit=limit, seed=seed)
-        template = TrainConfig(
-            batch_size=batch_size, lr=lr, warmup=min(100, iterations // 10), seed=seed,
-            loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, distill=distill,
-            checkpoint_every=250, sample_every=10**9, sampler=sampler, clusters=clusters, patience=patience,
-            visit_steps=visit_steps,
+        template = finetune_config(
+            iterations, batch_size=batch_size, lr=lr, seed=seed, loss_weight=loss_weight,
+            min_snr_gamma=min_snr_gamma, distill=distill, sampler=sampler, clusters=clusters,
+            patience=patience, visit_steps=visit_steps,
         )  # fmt: skip
-        t_model = load_base(teacher)[0] if distill > 0 or mode == "shared" else None
+        t_model = (
+            load_base(teacher)[0] if distill > 0 or mode == "shared" or loss_weight == "relative" else None
+        )
         results = finetune_bundle(
             b, x, template, iterations, mode=mode, specialize=specialize, experts=expert, teacher=t_model,
             resume=resume, log=console.print, device=_device(device),

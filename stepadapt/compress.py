@@ -5,10 +5,12 @@ groups still to come are re-solved after each, so the widths one group could
 not reach (GroupNorm staircase) are paid back by the others and the trajectory
 mean still meets the target.
 
-``nested`` prunes the groups from the largest budget to the smallest, each from
-the expert before it, so every expert's channels are a subset of every larger
-expert's: the experts then share weights coherently when fine-tuned together
-(stepadapt.shared), as the widths of a slimmable network do. An expert's
+Each expert is pruned from the base by default, keeping the channels that
+matter at its own timesteps. ``nested`` prunes the groups from the largest
+budget to the smallest instead, each from the expert before it, so every
+expert's channels are a subset of every larger expert's: the experts then share
+weights coherently when fine-tuned together (stepadapt.shared), as the widths
+of a slimmable network do. An expert's
 structure is still one history replayed on the base (the parents' steps, then
 its own).
 """
@@ -44,7 +46,7 @@ def compress(
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES,
     memory: Memory | None = None,
     seed: int = 0,
-    nested: bool = True,
+    nested: bool = False,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> Manifest:

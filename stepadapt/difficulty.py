@@ -29,24 +29,29 @@ def loss_profile(
     data: torch.Tensor,
     points: int = 40,
     seed: int = 0,
+    log: bool = False,
 ) -> np.ndarray:
     """The model's denoising loss at ``points`` timesteps, interpolated to all T.
 
     The same images and noise are used at every timestep, so differences
-    between timesteps are not sampling noise.
+    between timesteps are not sampling noise. ``log`` interpolates log-loss: the
+    loss spans three decades over the schedule.
     """
     sched = make_scheduler("ddpm", scheduler_cfg)
     T = sched.config.num_train_timesteps
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(data.shape, generator=g)
+    noise = torch.randn(data.shape, generator=g).to(data.device)
     ts = np.unique(np.linspace(0, T - 1, points).round().astype(int))
     losses = []
     model.eval()
     for t in ts:
-        tt = torch.full((len(data),), int(t), dtype=torch.long)
+        tt = torch.full((len(data),), int(t), dtype=torch.long, device=data.device)
         eps = model(sched.add_noise(data, noise, tt), tt).sample
         losses.append(torch.mean((eps - noise) ** 2).item())
-    return np.interp(np.arange(T), ts, np.asarray(losses))
+    losses = np.asarray(losses)
+    if log:
+        return np.exp(np.interp(np.arange(T), ts, np.log(np.maximum(losses, 1e-12))))
+    return np.interp(np.arange(T), ts, losses)
 
 
 def normalise(values: np.ndarray, floor: float = 0.05) -> np.ndarray:

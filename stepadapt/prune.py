@@ -169,7 +169,8 @@ def apply_history(model: UNet2DModel, history: History) -> UNet2DModel:
     """Prune ``model`` in place by replaying a recorded pruning history."""
     if history:
         try:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs(model))
+            with torch.enable_grad():  # DepGraph traces through autograd, also when called under no_grad
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs(model))
             dg.load_pruning_history([(n, o, idx) for n, o, idx in history])
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
             raise StepadaptError(f"pruning history does not fit the base model: {e}") from None

@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.plan import visited_timesteps
 from stepadapt.schedule import make_scheduler, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_WEIGHTS = ("none", "min-snr")
+LOSS_WEIGHTS = ("none", "min-snr", "relative")
+RELATIVE_PROXY = 64  # images the base's own loss profile is measured on (relative weighting)
 DEFAULT_DISTILL = 0.7  # Diff-Pruning's mix: 0.7 x the base's eps + 0.3 x the true noise
 
 
@@ -62,7 +64,7 @@ class TrainConfig:
     t_hi: int | None = None  # None: the whole schedule
     checkpoint_every: int = 500
     sample_every: int = 1000
-    loss_weight: str = "none"  # "none" or "min-snr"
+    loss_weight: str = "none"  # one of LOSS_WEIGHTS
     min_snr_gamma: float = 5.0
     distill: float = 0.0  # weight of the teacher's eps in the target (0 = true noise only)
     sampler: str = "uniform"  # one of timesteps.SAMPLERS
@@ -115,6 +117,26 @@ class TrainResult:
     seconds: float
     images_per_second: float
     checkpoint: Path
+
+
+def relative_weights(
+    teacher: UNet2DModel, scheduler_cfg: dict[str, Any], data: torch.Tensor, lo: int, hi: int, seed: int
+) -> torch.Tensor:
+    """Per-timestep weights 1 / (the base's own loss at t), mean 1 over [lo, hi).
+
+    A pruned student's eps error matters relative to how well the base itself does there: at the
+    noisy end the base's loss is ~1e-4 and an error of 1e-3, negligible in plain eps-MSE, is a
+    large, systematic error in the image (x0 error = eps error / sqrt(SNR)). Dividing by the base's
+    loss counts every timestep's error in units of the base's own, which is what "as good as the
+    base" means; it behaves like x0 weighting at low SNR and like eps weighting at high SNR.
+    """
+    g = torch.Generator().manual_seed(seed)
+    proxy = data[torch.randperm(len(data), generator=g)[:RELATIVE_PROXY]].to(
+        next(teacher.parameters()).device
+    )
+    ref = loss_profile(teacher, scheduler_cfg, proxy, points=50, seed=seed, log=True)
+    w = torch.from_numpy(1.0 / ref).float()
+    return w / w[lo:hi].mean()
 
 
 def denoising_losses(
@@ -231,6 +253,13 @@ def train(
         raise StepadaptError("distillation asked for, but no teacher model given")
     if teacher is not None:
         teacher = teacher.to(device).eval()
+    rel_w = None
+    if cfg.loss_weight == "relative":
+        if teacher is None:
+            raise StepadaptError(
+                "relative loss weights divide by the base's own loss: give the base (teacher)"
+            )
+        rel_w = relative_weights(teacher, scheduler_cfg, data, cfg.t_lo, t_hi, cfg.seed)
 
     model.to(device).train()
     net = model
@@ -291,6 +320,8 @@ def train(
             )
         if cfg.loss_weight == "min-snr":
             w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
+        elif rel_w is not None:
+            w = w * rel_w[t]
         per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
         loss = (per_sample * w.to(device)).mean()
         if not torch.isfinite(loss):

@@ -20,10 +20,10 @@ def test_demo_stages_prune_finetune_and_pick_the_bundle_to_serve(tmp_path, tiny)
     assert abs(plan.mean_ratio() - 0.5) < 0.02 and (tmp_path / "out" / "plan.png").is_file()
     manifest = demo.prune()
     assert [e.name for e in manifest.experts] == [g.name for g in plan.groups]
-    assert any(e.parent for e in manifest.experts)  # nested by default
+    assert not any(e.parent for e in manifest.experts)  # each expert pruned from the base by default
     demo.finetune()
     b = Bundle.load(tmp_path / "out" / "bundle")
-    assert all(e.training["mode"] == "shared" for e in b.experts if b.is_pruned(e.name))
+    assert all(e.training["mode"] == "separate" for e in b.experts if b.is_pruned(e.name))
     assert all(e.training["distilled"] for e in b.experts if b.is_pruned(e.name))
     served = demo.serve_copy()  # nothing shipped at tmp/none: the demo serves its own bundle
     assert served.path == tmp_path / "out" / "served"

@@ -106,3 +106,27 @@ def test_train_config_round_trips_and_rejects_unknown_keys():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(StepadaptError, match="unknown training options"):
         TrainConfig.from_dict({"iterations": 1, "bogus": 2})
+
+
+def test_relative_weights_count_errors_in_units_of_the_base_loss():
+    """1 / (the base's loss at t), mean 1 over the interval: the trained base's noisy end weighs most."""
+    from stepadapt.data import load_dataset
+    from stepadapt.difficulty import loss_profile
+    from stepadapt.models import DEFAULT_BASE, load_base
+    from stepadapt.train import RELATIVE_PROXY, relative_weights
+
+    base, sched = load_base(DEFAULT_BASE)
+    x = load_dataset("fashion-mnist", "train", 32, 1, limit=256)
+    w = relative_weights(base, sched, x, 300, 1000, seed=0)
+    assert w.shape == (1000,)
+    assert w[300:].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert w[990] > 20 * w[310]  # the base's loss at t=990 is ~1e-4, at t=310 ~2e-2
+    proxy = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:RELATIVE_PROXY]]
+    ref = torch.from_numpy(loss_profile(base, sched, proxy, points=50, seed=0, log=True)).float()
+    assert torch.allclose(w * ref, (w * ref)[500].expand(1000), rtol=1e-4)  # w is proportional to 1/ref
+
+
+def test_relative_weights_need_the_base(tmp_path, squares):
+    cfg = TrainConfig(iterations=2, batch_size=4, warmup=0, loss_weight="relative")
+    with pytest.raises(StepadaptError, match="base"):
+        train(build_unet("tiny", seed=0), squares(), DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
