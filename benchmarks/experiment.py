@@ -296,6 +296,50 @@ def why(out: Path, arms: list[str], n: int, path: Path, seed: int = 0, steps: in
     return rows
 
 
+def gaussian(out: Path, n: int, lows: list[int], arms: list[str], steps: list[int], path: Path) -> dict:
+    """The closed-form Gaussian denoiser (stepadapt.gaussian) on [lo, T), the base or an arm elsewhere.
+
+    Its eps error against the truth and against the base per timestep, then KID and PSNR (same
+    noise as every arm) with it swapped into the base's trajectory, and into trained arms' at the
+    arm's own noisiest boundary. Scores land in ``path`` one by one.
+    """
+    from stepadapt.bundle import Bundle
+    from stepadapt.data import load_dataset
+    from stepadapt.gaussian import fit_gaussian
+    from stepadapt.sampling import swapped_in
+    from stepadapt.schedule import make_scheduler
+
+    scorer = Scorer(out, n)
+    T = int(scorer.sched["num_train_timesteps"])
+    den = fit_gaussian(load_dataset("fashion-mnist", "train", 32, 1), scorer.sched)
+    res = read_json(path) if path.exists() else {}
+    sched, x = make_scheduler("ddpm", scorer.sched), load_dataset("fashion-mnist", "test", 32, 1, limit=128)
+    g, rows = torch.Generator().manual_seed(0), {}
+    for t in ERROR_TIMESTEPS:
+        noise, tt = torch.randn(x.shape, generator=g), torch.full((len(x),), t)
+        x_t = sched.add_noise(x, noise, tt)
+        e_base, e_g = scorer.base(x_t, tt), den(x_t, tt)
+        rows[t] = {"base_vs_truth": float(((e_base - noise) ** 2).mean()),
+                   "gaussian_vs_truth": float(((e_g - noise) ** 2).mean()),
+                   "gaussian_vs_base": float(((e_g - e_base) ** 2).mean())}  # fmt: skip
+        print(f"t={t}: " + ", ".join(f"{k} {v:.2e}" for k, v in rows[t].items()), flush=True)
+    res["errors"], res["macs_per_image"] = rows, den.macs
+    targets = {f"base+gaussian[{lo},{T})": (scorer.base, lo) for lo in lows}
+    for arm in arms:
+        b = Bundle.load(out / "arms" / arm)
+        targets[f"{arm}+gaussian[{b.experts[-1].lo},{T})"] = (b.router(), b.experts[-1].lo)
+    for name, (inner, lo) in targets.items():
+        for st in steps:
+            key = f"{name}@{st}"
+            if key not in res:
+                r = scorer(swapped_in(inner, den, lo, T, T), st, 0, out / "samples" / f"{name}-{st}.png")
+                res[key] = {"lo": lo, "steps": st, **r}
+                print(f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, PSNR {r['psnr']:.2f}", flush=True)
+                write_json(path, res)
+    write_json(path, res)
+    return res
+
+
 ERROR_TIMESTEPS = (40, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980)
 
 
@@ -346,8 +390,10 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     b = Bundle.load(dest)
     b.cast_weights(torch.float16)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    tuned = next(
-        c for c in res["commands"] if c["command"].startswith("stepadapt finetune") and arm in c["command"]
+    tuned = next(  # the latest: an arm's name may have served another recipe in an earlier session
+        c
+        for c in reversed(res["commands"])
+        if c["command"].startswith("stepadapt finetune") and f"arms/{arm} " in c["command"]
     )
     made = f"python -m benchmarks.experiment --out {out} --iterations {settings['iterations']}"
     made += f" --n {settings['n']} --threads 1 --only {arm}"
@@ -396,6 +442,13 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         f"| KID, 25 DDIM steps | {kid(f'{name}|{seed}|25')} (the base: {kid(f'base-25|{seed}|25')}; "
         f"at 12 steps, the same MACs per image: {kid(f'base-12|{seed}|12')}) |",
         f"| PSNR to the base's images, same noise, 50 steps | {psnr:.2f} dB |",
+        "| the other seeds of the same recipe, KID at 50 / 25 steps | "
+        + "; ".join(
+            f"seed {s}: {kid(f'{name}|{s}|50')} / {kid(f'{name}|{s}|25')}"
+            for s in res["arms"][name]["seeds"]
+            if str(s) != seed
+        )
+        + " |",
         "",
         "How it compares with one uniformly pruned model and with fewer steps of the base:",
         "[docs/results.md](../../../docs/results.md#quality-at-equal-compute-issue-11).",
@@ -433,8 +486,19 @@ def main() -> None:
         "--errors", default=None,
         help="comma-separated bundle dirs: their eps error against the base per timestep (no training)",
     )  # fmt: skip
+    ap.add_argument(
+        "--gaussian", default=None,
+        help="comma-separated LO: the Gaussian denoiser on [LO, T), the base elsewhere (and on the "
+        "noisiest group of the --arms given), scored at --steps",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gaussian:
+        lows = [int(v) for v in args.gaussian.split(",")]
+        arms = args.arms.split(",") if args.arms else []
+        steps = [int(v) for v in args.steps.split(",")]
+        gaussian(args.out, args.n, lows, arms, steps, args.results.with_name("experiment_gaussian.json"))
+        return
     if args.errors:
         rows = errors([Path(p) for p in args.errors.split(",")])
         path = args.results.with_name("experiment_errors.json")

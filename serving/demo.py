@@ -162,7 +162,7 @@ class Demo:
         self.analyze()
         self.log(f"[3/{stages}] prune: one expert per group from the base, candidate search")
         self.prune()
-        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, each expert alone, distilled)")
+        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, each alone, distilled)")
         self.finetune()
         self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
         served = self.serve_copy()

@@ -96,7 +96,7 @@ def test_shared_finetune_trains_every_pruned_expert_and_exports_the_shared_net(
     before = {e.name: proxy_loss(b.load_expert(e.name), sched, ProxyBatch.draw(x, e.lo, e.hi, 5))
               for e in b.experts[1:]}  # fmt: skip
     cfg = TrainConfig(batch_size=16, lr=2e-3, warmup=2, ema_decay=0.0, checkpoint_every=100)
-    res = finetune_bundle(b, x, cfg, 40, teacher=base, progress=False)
+    res = finetune_bundle(b, x, cfg, 40, mode="shared", teacher=base, progress=False)
     assert set(res) == {"shared"} and res["shared"].steps == 40
     again = Bundle.load(d)
     assert again.expert("g0").sha256 == untouched  # the base fits g0: it is the base
@@ -115,7 +115,7 @@ def test_shared_finetune_trains_every_pruned_expert_and_exports_the_shared_net(
         assert all(torch.allclose(net.export(i).state_dict()[k], v) for k, v in mine.items())
     # Once fine-tuned, the experts are no slices of the base any more: shared training refuses.
     with pytest.raises(StepadaptError, match="not a slice"):
-        finetune_bundle(again, x, cfg, 4, teacher=base, progress=False)
+        finetune_bundle(again, x, cfg, 4, mode="shared", teacher=base, progress=False)
     # ...while a separate specialisation phase goes on from them.
     finetune_bundle(again, x, cfg, 4, mode="separate", progress=False)
     assert Bundle.load(d).expert("g2").training["after"]["mode"] == "shared"
@@ -125,7 +125,9 @@ def test_shared_finetune_needs_the_base(tiny_bundle, tmp_path, squares):
     d = tmp_path / "b"
     shutil.copytree(tiny_bundle, d)
     with pytest.raises(StepadaptError, match="--teacher"):
-        finetune_bundle(Bundle.load(d), squares(8), TrainConfig(batch_size=4), 3, progress=False)
+        finetune_bundle(
+            Bundle.load(d), squares(8), TrainConfig(batch_size=4), 3, mode="shared", progress=False
+        )
 
 
 def test_shared_training_refuses_an_unpruned_expert_between_pruned_ones(tmp_path, squares, tiny):
@@ -147,4 +149,4 @@ def test_shared_training_refuses_an_unpruned_expert_between_pruned_ones(tmp_path
     b = Bundle.load(tmp_path / "b")
     assert [b.is_pruned(e.name) for e in b.experts] == [True, False, True]
     with pytest.raises(StepadaptError, match="unpruned expert sits between"):
-        finetune_bundle(b, x, TrainConfig(batch_size=4), 2, teacher=tiny, progress=False)
+        finetune_bundle(b, x, TrainConfig(batch_size=4), 2, mode="shared", teacher=tiny, progress=False)
