@@ -104,6 +104,15 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
+def merge_log(log: list[dict], log_path: Path, *new: dict) -> None:
+    """``log`` := the log on disk (another process may have added to it), then ours, then ``new``."""
+    with locked(log_path):
+        on_disk = read_json(log_path) if log_path.exists() else []
+        log[:] = [*on_disk, *[c for c in log if c not in on_disk], *new]
+        if new:
+            write_json(log_path, log)
+
+
 def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = None) -> float:
     """Run one CLI command (unless ``done`` exists); record it with its wall time in ``log_path``."""
     text = " ".join(["stepadapt", *cmd])
@@ -114,10 +123,7 @@ def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = Non
     t0 = time.perf_counter()
     subprocess.run([*CLI, *cmd], check=True)
     seconds = round(time.perf_counter() - t0, 1)
-    with locked(log_path):  # another process may have logged since: append to what is on disk
-        on_disk = read_json(log_path) if log_path.exists() else []
-        log[:] = [*on_disk, *[c for c in log if c not in on_disk], {"command": text, "seconds": seconds}]
-        write_json(log_path, log)
+    merge_log(log, log_path, {"command": text, "seconds": seconds})
     return seconds
 
 
@@ -307,17 +313,13 @@ def gaussian(out: Path, n: int, lows: list[int], arms: list[str], steps: list[in
     from stepadapt.data import load_dataset
     from stepadapt.gaussian import fit_gaussian
     from stepadapt.sampling import swapped_in
-    from stepadapt.schedule import make_scheduler
 
     scorer = Scorer(out, n)
     T = int(scorer.sched["num_train_timesteps"])
     den = fit_gaussian(load_dataset("fashion-mnist", "train", 32, 1), scorer.sched)
     res = read_json(path) if path.exists() else {}
-    sched, x = make_scheduler("ddpm", scorer.sched), load_dataset("fashion-mnist", "test", 32, 1, limit=128)
-    g, rows = torch.Generator().manual_seed(0), {}
-    for t in ERROR_TIMESTEPS:
-        noise, tt = torch.randn(x.shape, generator=g), torch.full((len(x),), t)
-        x_t = sched.add_noise(x, noise, tt)
+    rows = {}
+    for t, x_t, tt, noise in noised_test_images(scorer.sched):
         e_base, e_g = scorer.base(x_t, tt), den(x_t, tt)
         rows[t] = {"base_vs_truth": float(((e_base - noise) ** 2).mean()),
                    "gaussian_vs_truth": float(((e_g - noise) ** 2).mean()),
@@ -343,6 +345,22 @@ def gaussian(out: Path, n: int, lows: list[int], arms: list[str], steps: list[in
 ERROR_TIMESTEPS = (40, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980)
 
 
+def noised_test_images(
+    scheduler_cfg: dict, n: int = 128, seed: int = 0
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(t, x_t, t as a batch, noise) at each of ERROR_TIMESTEPS: the same test images and noise for
+    every model compared (--errors, --gaussian)."""
+    from stepadapt.data import load_dataset
+    from stepadapt.schedule import make_scheduler
+
+    sched = make_scheduler("ddpm", scheduler_cfg)
+    x = load_dataset("fashion-mnist", "test", 32, 1, limit=n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for t in ERROR_TIMESTEPS:
+        noise, tt = torch.randn(x.shape, generator=g), torch.full((len(x),), t)
+        yield t, sched.add_noise(x, noise, tt), tt, noise
+
+
 def errors(bundles: list[Path], n: int = 128, seed: int = 0) -> dict[str, dict[int, dict[str, float]]]:
     """How far each bundle's eps is from the base's, per timestep, in units of the base's own loss.
 
@@ -351,20 +369,13 @@ def errors(bundles: list[Path], n: int = 128, seed: int = 0) -> dict[str, dict[i
     truth. ``dc`` is the mean of eps_arm - eps_base (x 1e3): a bias that shifts every pixel.
     """
     from stepadapt.bundle import Bundle
-    from stepadapt.data import load_dataset
     from stepadapt.models import load_base
-    from stepadapt.schedule import make_scheduler
 
     base, sched_cfg = load_base(BASE)
-    sched = make_scheduler("ddpm", sched_cfg)
-    x = load_dataset("fashion-mnist", "test", 32, 1, limit=n, seed=seed)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for path in bundles:
-        router, g, rows = Bundle.load(path).router(), torch.Generator().manual_seed(seed), {}
-        for t in ERROR_TIMESTEPS:
-            noise = torch.randn(x.shape, generator=g)
-            tt = torch.full((len(x),), t)
-            x_t = sched.add_noise(x, noise, tt)
+        router, rows = Bundle.load(path).router(), {}
+        for t, x_t, tt, noise in noised_test_images(sched_cfg, n, seed):
             with torch.no_grad():
                 e_base = base(x_t, tt).sample
                 d = router(x_t, tt) - e_base
@@ -410,16 +421,12 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     ]
     psnr = scores.get(f"{name}|{seed}|50", {}).get("psnr", float("nan"))
     tuned_cfg = next(e.training for e in b.experts if e.training)
-    how = (
-        "nested (each cut from the next larger one)"
-        if any(e.parent for e in b.experts)
-        else ("pruned independently from the base")
-    )
+    how = "nested (each cut from the next larger one)" if any(e.parent for e in b.experts) else "pruned"
     together = {"shared": "together on shared weights", "separate": "each alone on its own interval"}
     card = [
         "# fashion-tiny-experts: the shipped step-adaptive bundle",
         "",
-        f"Experts {how} from [fashion-tiny](../fashion-tiny/MODEL_CARD.md) at a budget of 0.5 x the",
+        f"Experts {how} from the base [fashion-tiny](../fashion-tiny/MODEL_CARD.md) at a budget of 0.5 x the",
         "base's MACs per DDIM step (mean over the 50 steps a sample visits: "
         f"{m.trajectory_macs_ratio():.3f}; over 25 steps: {m.trajectory_macs_ratio(25):.3f}), fine-tuned",
         f"{together[tuned_cfg['mode']]} with {tuned_cfg['distill']} x the base's eps in the target",
@@ -549,8 +556,7 @@ def main() -> None:
                 for name, a in read_json(args.results).get("arms", {}).items():
                     if name not in touched:
                         arms[name] = a
-            if log_path.exists():
-                log[:] = [*(on_disk := read_json(log_path)), *[c for c in log if c not in on_disk]]
+            merge_log(log, log_path)
             results = {
                 "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",

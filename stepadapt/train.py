@@ -320,7 +320,7 @@ def train(
             )
         if cfg.loss_weight == "min-snr":
             w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
-        elif rel_w is not None:
+        elif cfg.loss_weight == "relative":
             w = w * rel_w[t]
         per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
         loss = (per_sample * w.to(device)).mean()
