@@ -5,8 +5,11 @@ a run cut short still answers the main question):
 - ``base-steps``: the base at 10, 12, 20, 25, 40 and 50 DDIM steps (the competitor a user already has);
 - ``uniform``: one uniformly pruned model at the plan's mean MACs, with the default recovery
   (distillation from the base);
-- ``default``: today's defaults of ``analyze`` / ``prune`` / ``finetune`` (experts pruned independently
-  from the base, each fine-tuned alone on its interval, distilled from the base);
+- ``default``: today's defaults of ``analyze`` / ``prune`` / ``finetune`` (the closed-form Gaussian expert
+  on the noisy end, its saved budget spent on U-Net experts pruned independently from the base, each
+  fine-tuned alone on its interval, distilled from the base);
+- ``no-gaussian``: the previous default (U-Net experts on every interval);
+- ``uniform+gaussian``: one uniform U-Net below the Gaussian's cut-off (is it the sizes or the Gaussian?);
 - ``shared``: the previous default (nested experts trained together as slices of one network);
 - ``snr-old``: the default without distillation;
 - ablations at 0.5 x, one change to the default each (``nested``, ``relative``, ``visited``, ``damage``).
@@ -77,8 +80,14 @@ class Arm:
 ARMS = (
     Arm("uniform-0.5", "uniform", 0.5, prune=("--uniform",), seeds=(0, 1),
         note="one model, the default recovery (0.7 distillation from the base)"),
-    Arm("default-0.5", "default", 0.5, seeds=(0, 1),
-        note="independent experts, each alone on its interval, 0.7 distillation"),
+    Arm("default-0.5", "default", 0.5, analyze=("--gaussian", "auto"), seeds=(0, 1),
+        note="Gaussian expert on the noisy end (auto cut-off), its budget to independent U-Net experts, "
+             "each fine-tuned alone on its interval, 0.7 distillation"),
+    Arm("nogauss-0.5", "no-gaussian", 0.5, analyze=("--gaussian", "off"), seeds=(0, 1),
+        note="U-Net experts on every interval, no Gaussian expert (the default until the Gaussian expert; "
+             "run as default-0.5)"),
+    Arm("uniform-gauss-0.5", "uniform+gaussian", 0.5, analyze=("--groups", "2", "--gaussian", "auto"),
+        note="one uniformly pruned U-Net below the Gaussian's cut-off, the Gaussian above it"),
     Arm("shared-0.5", "shared", 0.5, prune=("--nested",), finetune=("--mode", "shared"),
         note="nested experts trained together on shared weights (the previous default)"),
     Arm("snr-old-0.5", "snr-old", 0.5, finetune=("--distill", "0"),

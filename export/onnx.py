@@ -24,6 +24,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
+from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.io import sha256_file
 from stepadapt.sampling import Router
 
@@ -43,14 +44,27 @@ class _EpsOnly(torch.nn.Module):
         return self.model(sample, timestep).sample
 
 
-def export_model(model: UNet2DModel, path: str | os.PathLike, opset: int = OPSET) -> Path:
+Expert = UNet2DModel | GaussianDenoiser
+
+
+def sample_shape(model: Expert) -> tuple[int, int, int]:
+    if isinstance(model, GaussianDenoiser):
+        return model.sample_shape
+    return model.config.in_channels, model.config.sample_size, model.config.sample_size
+
+
+def as_eps(model: Expert) -> torch.nn.Module:
+    """Any expert as a module ``(sample, timestep) -> eps`` tensor."""
+    return _EpsOnly(model) if isinstance(model, UNet2DModel) else model
+
+
+def export_model(model: Expert, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write ``model`` as ONNX to ``path`` (the caller makes the write atomic)."""
-    c, s = model.config.in_channels, model.config.sample_size
-    x, t = torch.randn(2, c, s, s), torch.tensor([1, 2], dtype=torch.long)
+    x, t = torch.randn(2, *sample_shape(model)), torch.tensor([1, 2], dtype=torch.long)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
         torch.onnx.export(
-            _EpsOnly(model.eval()),
+            as_eps(model.eval()),
             (x, t),
             str(path),
             input_names=["sample", "timestep"],
@@ -90,7 +104,7 @@ class OnnxDenoiser:
 
 
 def parity(
-    model: UNet2DModel,
+    model: Expert,
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     lo: int,
     hi: int,
@@ -99,13 +113,13 @@ def parity(
 ) -> float:
     """Max abs difference between PyTorch and ``denoiser`` on random inputs, t in [lo, hi)."""
     g = torch.Generator().manual_seed(seed)
-    c, s = model.config.in_channels, model.config.sample_size
+    reference = as_eps(model.eval())
     worst = 0.0
     for b in batches:
-        x = torch.randn(b, c, s, s, generator=g)
+        x = torch.randn(b, *sample_shape(model), generator=g)
         t = torch.randint(lo, hi, (b,), generator=g)
         with torch.no_grad():
-            ref = model(x, t).sample
+            ref = reference(x, t)
         worst = max(worst, float((denoiser(x, t) - ref).abs().max()))
     return worst
 

@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
+from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, gaussian_cutoff
 from stepadapt.plan import Plan, make_plan
 from stepadapt.prune import count_macs
 
@@ -27,8 +28,15 @@ def analyze_base(
     steps: int = 50,
     seed: int = 0,
     damage: dict | None = None,
+    gaussian: GaussianDenoiser | None = None,
+    gaussian_from: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[Plan, dict[str, np.ndarray]]:
     """Returns the plan and every normalised profile (all are plotted, ``measure`` decides).
+
+    ``gaussian``: a fitted closed-form denoiser takes the noisy end [t*, T), from
+    ``gaussian_from`` or, when that is None, from the t* where its eps error on the
+    proxy comes within ``tolerance`` x the base's (:func:`stepadapt.gaussian.gaussian_cutoff`).
 
     ``measure="damage"`` groups by ``partition`` and sizes each group by measured
     damage (stepadapt.allocate); ``damage`` then holds the training data
@@ -44,12 +52,21 @@ def analyze_base(
             )
         return _damage_plan(
             model, scheduler_cfg, proxy, groups=groups, partition=partition, boundaries=boundaries,
-            budget=budget, sampler=sampler, steps=steps, seed=seed, **(damage or {}),
+            budget=budget, sampler=sampler, steps=steps, seed=seed, gaussian=gaussian,
+            gaussian_from=gaussian_from, tolerance=tolerance, **(damage or {}),
         )  # fmt: skip
     if measure not in MEASURES:
         choices = ", ".join((*MEASURES, "damage"))
         raise StepadaptError(f"unknown measure {measure!r}; choose one of {choices}")
     s = snr_profile(scheduler_cfg)
+    chosen = None
+    if gaussian is not None:
+        chosen = {"rule": "given", "from": gaussian_from}
+        if gaussian_from is None:
+            cut, errs = gaussian_cutoff(model, gaussian, scheduler_cfg, proxy, tolerance=tolerance, seed=seed)
+            chosen = {"rule": "auto", "from": cut, "tolerance": tolerance,
+                      "eps_mse": {str(t): [round(b, 7), round(g, 7)] for t, (b, g) in sorted(errs.items())}}  # fmt: skip
+            gaussian_from = cut if cut < len(s) else None
     profiles = {
         "snr": normalise(s),
         "loss": normalise(loss_profile(model, scheduler_cfg, proxy, seed=seed)),
@@ -67,24 +84,33 @@ def analyze_base(
         steps=steps,
         measure=measure,
         scheduler_cfg=scheduler_cfg,
+        gaussian_from=gaussian_from,
+        gaussian_macs=gaussian.macs if gaussian is not None else 0,
     )
+    plan.gaussian = chosen
     return plan, profiles
 
 
 def _damage_plan(
     model: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, *, groups: int, partition: str,
     boundaries: list[int] | None, budget: float | None, sampler: str, steps: int, seed: int,
-    data: torch.Tensor, proxy_train: torch.Tensor, proxy_val: torch.Tensor, **options,
+    data: torch.Tensor, proxy_train: torch.Tensor, proxy_val: torch.Tensor,
+    gaussian: GaussianDenoiser | None, gaussian_from: int | None, tolerance: float, **options,
 ) -> tuple[Plan, dict[str, np.ndarray]]:  # fmt: skip
-    from stepadapt.allocate import choose, measure_damage
+    from stepadapt.allocate import Option, choose, measure_damage
 
     plan, profiles = analyze_base(
         model, scheduler_cfg, proxy, measure="snr", groups=groups, partition=partition,
         boundaries=boundaries, budget=budget, sampler=sampler, steps=steps, seed=seed,
+        gaussian=gaussian, gaussian_from=gaussian_from, tolerance=tolerance,
     )  # fmt: skip
-    table = measure_damage(
-        model, scheduler_cfg, plan.boundaries, data, proxy_train, proxy_val, seed=seed, **options
-    )
+    fixed = plan.fixed_ratios()  # the Gaussian's size is set: only the U-Net groups are measured
+    unet = [g for i, g in enumerate(plan.groups) if i not in fixed]
+    measured = iter(measure_damage(
+        model, scheduler_cfg, [g.lo for g in unet] + [unet[-1].hi], data, proxy_train, proxy_val, seed=seed,
+        **options,
+    ))  # fmt: skip
+    table = [[Option(fixed[i], 0.0)] if i in fixed else next(measured) for i in range(len(plan.groups))]
     picks = choose(table, [g.visit_share for g in plan.groups], budget)
     for g, row, k in zip(plan.groups, table, picks, strict=True):
         g.macs_ratio = row[k].ratio

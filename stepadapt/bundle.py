@@ -7,7 +7,9 @@ experts/<name>.structure.json torch-pruning history that turns the base config i
 ```
 No pickle anywhere: an expert is rebuilt by replaying its pruning history on a
 fresh base built from the config, then its safetensors are loaded. Loading
-checks every checksum, the coverage of [0, T) and every tensor shape.
+checks every checksum, the coverage of [0, T) and every tensor shape. An expert
+of kind ``gaussian`` (stepadapt.gaussian) has no structure: its safetensors
+hold the data's mean, covariance eigenbasis and the schedule.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from stepadapt import StepadaptError, __version__
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
-from stepadapt.sampling import Router, module_denoiser
+from stepadapt.gaussian import GaussianDenoiser
+from stepadapt.sampling import Denoiser, Router, module_denoiser
 
 BUNDLE_FORMAT = "stepadapt-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+EXPERT_KINDS = ("unet", "gaussian")
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ExpertSpec:
     onnx: dict[str, Any] | None = None
     trt: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    kind: str = "unet"  # or "gaussian": the closed-form denoiser, nothing to prune or fine-tune
 
     @property
     def lo(self) -> int:
@@ -160,16 +165,29 @@ def write_expert_files(directory: Path, name: str, model: UNet2DModel, history: 
     }
 
 
+def write_gaussian_files(directory: Path, name: str, model: GaussianDenoiser) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    w = directory / f"{name}.safetensors"
+    with atomic_path(w) as tmp:
+        save_file(model.tensors(), str(tmp))
+    return {"weights": f"experts/{w.name}", "sha256": sha256_file(w)}
+
+
 def save_bundle(
-    path: str | os.PathLike, manifest: Manifest, models: dict[str, tuple[UNet2DModel, History]]
+    path: str | os.PathLike,
+    manifest: Manifest,
+    models: dict[str, tuple[UNet2DModel, History] | GaussianDenoiser],
 ) -> Path:
     """Write a whole bundle atomically (a crash leaves the previous one, or none)."""
     check_coverage(manifest.boundaries, manifest.num_train_timesteps)
     path = Path(path)
     with atomic_dir(path) as tmp:
         for e in manifest.experts:
-            model, history = models[e.name]
-            for k, v in write_expert_files(tmp / "experts", e.name, model, history).items():
+            if e.kind == "gaussian":
+                fields = write_gaussian_files(tmp / "experts", e.name, models[e.name])
+            else:
+                fields = write_expert_files(tmp / "experts", e.name, *models[e.name])
+            for k, v in fields.items():
                 setattr(e, k, v)
         write_json(tmp / MANIFEST, manifest.to_dict())
     return path
@@ -201,13 +219,19 @@ class Bundle:
                 raise StepadaptError(
                     f"no expert covers timesteps [{a.hi}, {b.lo}) (gap between {a.name} and {b.name})"
                 )
+        for e in ordered:
+            if e.kind not in EXPERT_KINDS:
+                raise StepadaptError(
+                    f"expert {e.name} has unknown kind {e.kind!r}; choose one of {', '.join(EXPERT_KINDS)}"
+                )
         m.experts = ordered
         check_coverage(m.boundaries, m.num_train_timesteps)
         b = cls(path, m)
         if verify:
             for e in m.experts:
                 b.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
-                b.verify_file(e.structure, e.structure_sha256, f"structure of expert {e.name}")
+                if e.kind == "unet":
+                    b.verify_file(e.structure, e.structure_sha256, f"structure of expert {e.name}")
         return b
 
     def verify_file(self, rel: str, sha: str, what: str) -> Path:
@@ -230,19 +254,28 @@ class Bundle:
 
     def structure(self, name: str) -> History:
         """The expert's pruning history on the base (empty: the expert is the base itself)."""
-        return json.loads((self.path / self.expert(name).structure).read_text())
+        e = self.expert(name)
+        if e.kind != "unet":
+            raise StepadaptError(f"expert {name} is a {e.kind} denoiser: it has no pruning structure")
+        return json.loads((self.path / e.structure).read_text())
 
     def is_pruned(self, name: str) -> bool:
-        return bool(self.structure(name))
+        """A pruned U-Net: what fine-tuning recovers (not the base itself, not a closed form)."""
+        return self.expert(name).kind == "unet" and bool(self.structure(name))
 
-    def load_expert(self, name: str) -> UNet2DModel:
+    def _tensors(self, e: ExpertSpec) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.path / e.weights))
+        except (SafetensorError, OSError) as err:
+            raise StepadaptError(f"cannot read weights of expert {e.name}: {err}") from None
+
+    def load_expert(self, name: str) -> UNet2DModel | GaussianDenoiser:
         """Rebuild an expert's structure and load its weights, checking every shape."""
         e = self.expert(name)
+        if e.kind == "gaussian":
+            return GaussianDenoiser.from_tensors(self._tensors(e), self.manifest.sample_shape)
         model = replay(self.manifest.base_config, self.structure(name))
-        try:
-            tensors = load_file(str(self.path / e.weights))
-        except (SafetensorError, OSError) as err:
-            raise StepadaptError(f"cannot read weights of expert {name}: {err}") from None
+        tensors = self._tensors(e)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
@@ -264,8 +297,13 @@ class Bundle:
         """PyTorch experts behind a Router: a denoiser like any other."""
         return Router(
             self.manifest.boundaries,
-            [module_denoiser(self.load_expert(e.name)) for e in self.experts],
+            [self.denoiser(e.name) for e in self.experts],
         )
+
+    def denoiser(self, name: str) -> Denoiser:
+        """One expert as a plain ``(x, t) -> eps`` function (PyTorch)."""
+        model = self.load_expert(name)
+        return module_denoiser(model) if isinstance(model, UNet2DModel) else torch.no_grad()(model)
 
     def save_manifest(self) -> None:
         write_json(self.path / MANIFEST, self.manifest.to_dict())

@@ -266,6 +266,18 @@ def analyze(
     ] = "ddim",
     steps: Annotated[int, typer.Option(help="Sampling steps the mean is taken over.")] = 50,
     proxy_size: Annotated[int, typer.Option(help="Images in the proxy batch for the loss profile.")] = 128,
+    gaussian: Annotated[
+        str,
+        typer.Option(
+            help="The noisy end goes to a closed-form Gaussian denoiser (the training images' mean and "
+            "covariance, ~2% of the base's MACs) and its budget to the other groups: auto (from where "
+            "its eps error on the proxy is within --gaussian-tolerance of the base's), a timestep to "
+            "start at, or off."
+        ),
+    ] = "auto",
+    gaussian_tolerance: Annotated[
+        float, typer.Option(help="auto: how much worse than the base's eps error the Gaussian's may be.")
+    ] = 1.1,
     seed: Annotated[int, typer.Option(help="Seed of the proxy batch and noise.")] = 0,
 ) -> None:
     """Difficulty per timestep -> groups and a MAC budget per group (plan.json + plot)."""
@@ -286,10 +298,13 @@ def analyze(
                 "proxy_val": proxy_val, "sizes": _parse_floats(sizes, "--sizes"),
                 "recover_iterations": recover_iterations, "log": console.print,
             }  # fmt: skip
+        g_from = _parse_gaussian(gaussian)
+        g_model = None if g_from == "off" else _fit_gaussian(data, model, sched_cfg)
         plan, profiles = analyze_base(
             model, sched_cfg, proxy, measure=measure, groups=groups, partition=partition,
             boundaries=_parse_ints(boundaries, "--boundaries"), budget=None if tdc else budget,
-            tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed, damage=damage,
+            tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed, damage=damage, gaussian=g_model,
+            gaussian_from=None if g_from in ("auto", "off") else g_from, tolerance=gaussian_tolerance,
         )  # fmt: skip
         plan.save(out_path)
         png = plot_plan(plan, profiles, out_path.with_suffix(".png"))
@@ -297,6 +312,23 @@ def analyze(
         _fail(e)
     _print_plan(plan)
     out.print(f"plan -> {out_path}, plot -> {png}")
+
+
+def _parse_gaussian(text: str) -> str | int:
+    if text in ("auto", "off"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise StepadaptError(f"--gaussian must be auto, off or a timestep, got {text!r}") from None
+
+
+def _fit_gaussian(data: str, model, sched_cfg: dict):
+    from stepadapt.data import load_dataset
+    from stepadapt.gaussian import fit_gaussian
+
+    c, size = model.config.in_channels, model.config.sample_size
+    return fit_gaussian(load_dataset(data, "train", size, c), sched_cfg)
 
 
 def _print_plan(plan) -> None:
@@ -312,7 +344,7 @@ def _print_plan(plan) -> None:
             f"{g.snr_db[0]:.1f} .. {g.snr_db[1]:.1f}",
             f"{g.difficulty:.3f}",
             f"{g.visit_share:.0%}",
-            f"{g.macs_ratio:.3f}",
+            f"{g.macs_ratio:.3f}" + (" (Gaussian)" if g.kind == "gaussian" else ""),
         )
     out.print(table)
 
@@ -325,7 +357,11 @@ def prune(
     ),
     base: BaseOpt = DEFAULT_BASE,
     data: Annotated[
-        str, typer.Option(help="Proxy data for importance and candidate scoring.")
+        str,
+        typer.Option(
+            help="Proxy data for importance and candidate scoring (its training split also fits a "
+            "Gaussian expert, when the plan has one)."
+        ),
     ] = "fashion-mnist",
     proxy_size: Annotated[int, typer.Option(help="Images per proxy set (importance / held-out).")] = 128,
     candidates: Annotated[
@@ -363,9 +399,10 @@ def prune(
         cands = [Candidate.parse(c) for c in candidates.split(",")]
         train, val = proxy_sets(data, proxy_size, model.config.sample_size, model.config.in_channels, seed)
         mem = Memory(memory or out_dir.with_name(out_dir.name + ".memory.json"))
+        fitted = _fit_gaussian(data, model, sched_cfg) if plan.fixed_ratios() else None
         manifest = compress(
             model, sched_cfg, plan, train, val, out_dir, candidates=tuple(cands), memory=mem, seed=seed,
-            nested=nested, log=console.print,
+            nested=nested, gaussian=fitted, log=console.print,
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)

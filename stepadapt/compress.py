@@ -23,7 +23,9 @@ from collections.abc import Callable
 import torch
 from diffusers import UNet2DModel
 
+from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertSpec, Manifest, provenance, save_bundle
+from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.importance import (
     DEFAULT_CANDIDATES,
     Candidate,
@@ -47,20 +49,37 @@ def compress(
     memory: Memory | None = None,
     seed: int = 0,
     nested: bool = False,
+    gaussian: GaussianDenoiser | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> Manifest:
+    """``gaussian``: the fitted closed-form denoiser for the plan's ``gaussian`` groups."""
     base_macs, base_params = count_macs(base)
     ratios = [g.macs_ratio for g in plan.groups]
     achieved: dict[int, float] = {}
     models, specs = {}, {}
-    order = range(len(plan.groups))
+    for i, g in enumerate(plan.groups):
+        if g.kind == "unet":
+            continue
+        if gaussian is None:
+            raise StepadaptError(f"the plan gives [{g.lo},{g.hi}) to a Gaussian expert, but none was fitted")
+        achieved[i] = gaussian.macs / base_macs
+        models[g.name] = gaussian
+        specs[i] = ExpertSpec(
+            name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=gaussian.macs,
+            macs=gaussian.macs, params=gaussian.params, weights="", sha256="", structure="",
+            structure_sha256="", importance="closed form", kind="gaussian",
+        )  # fmt: skip
+        if log:
+            log(f"group {g.name} [{g.lo},{g.hi}): Gaussian denoiser, {gaussian.macs / 1e6:.2f} MMACs "
+                f"({achieved[i]:.3f} x base)")  # fmt: skip
+    order = [i for i in range(len(plan.groups)) if plan.groups[i].kind == "unet"]
     if nested:  # largest first (stable: ties keep the plan's order)
         order = sorted(order, key=lambda i: -ratios[i])
     parent, parent_history, parent_name = base, [], None
     for i in order:
         g = plan.groups[i]
-        if plan.allocation == "budget" and achieved:
+        if plan.allocation == "budget" and len(achieved) > len(plan.fixed_ratios()):
             ratios = budget_ratios(
                 [x.difficulty for x in plan.groups],
                 [x.visit_share for x in plan.groups],

@@ -73,13 +73,22 @@ def _run(bundle: Bundle, name: str) -> tuple:
     return d, (d / CHECKPOINT_NAME).is_file()
 
 
+def unet_experts(bundle: Bundle) -> list:
+    """The U-Net experts (in timestep order): what shared weights can hold. They must tile one interval."""
+    unets = [e for e in bundle.experts if e.kind == "unet"]
+    if not unets or any(a.hi != b.lo for a, b in zip(unets, unets[1:], strict=False)):
+        raise StepadaptError("shared fine-tuning needs the U-Net experts to tile one interval of timesteps")
+    return unets
+
+
 def shared_experts(bundle: Bundle, base: UNet2DModel, check: bool = True) -> SharedExperts:
     """The bundle's experts as slices of a copy of ``base``; ``check``: they must be slices of it now."""
+    unets = unet_experts(bundle)
     shared = SharedExperts(
-        copy.deepcopy(base), bundle.manifest.boundaries, [bundle.structure(e.name) for e in bundle.experts]
+        copy.deepcopy(base), [e.lo for e in unets] + [unets[-1].hi], [bundle.structure(e.name) for e in unets]
     )
     if check:
-        for i, e in enumerate(bundle.experts):
+        for i, e in enumerate(unets):
             own = bundle.load_expert(e.name).state_dict()
             cut = shared.export(i).state_dict()
             if any(not torch.allclose(own[k], cut[k], atol=1e-6) for k in own):
@@ -112,7 +121,8 @@ def finetune_bundle(
     say = log if log and dist.is_main() else (lambda _: None)
     for e in bundle.experts:
         if e not in pruned:
-            say(f"expert {e.name} [{e.lo},{e.hi}) is the unpruned base: kept as it is")
+            what = "the unpruned base" if e.kind == "unet" else f"a closed-form {e.kind} denoiser"
+            say(f"expert {e.name} [{e.lo},{e.hi}) is {what}: kept as it is")
     if not pruned:
         return {}
     results: dict[str, TrainResult] = {}
@@ -140,7 +150,7 @@ def finetune_bundle(
             progress=progress, device=device, teacher=teacher,
         )  # fmt: skip
         if dist.is_main():
-            for i, e in enumerate(bundle.experts):
+            for i, e in enumerate(unet_experts(bundle)):
                 if e in pruned:
                     bundle.update_expert_weights(
                         e.name, ema.export(i), onnx=None, trt=None,
@@ -154,7 +164,8 @@ def finetune_bundle(
     budgets = iteration_budgets(pruned, n_separate)
     for e in chosen:
         if e not in pruned:
-            say(f"expert {e.name} is the unpruned base: nothing to fine-tune")
+            say(f"expert {e.name} is {'the unpruned base' if e.kind == 'unet' else 'closed form'}: "
+                "nothing to fine-tune")  # fmt: skip
             continue
         cfg = TrainConfig.from_dict(
             {**template.to_dict(), "iterations": budgets[e.name], "t_lo": e.lo, "t_hi": e.hi,

@@ -11,41 +11,81 @@ is close to this, so the noisiest steps can go to a denoiser that costs two
 matrix-vector products (2 x D^2 MACs for D pixels) instead of a U-Net: on the
 shipped Fashion-MNIST base it is *closer to the truth than the base itself*
 for t >= 700 (docs/results.md), where pruned U-Nets are furthest from it.
+
+It is a ``torch.nn.Module`` of plain tensor ops (gather, matmul, elementwise), so
+a bundle stores it as safetensors and exports it to ONNX like any expert.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
 from stepadapt import StepadaptError
 from stepadapt.schedule import make_scheduler
 
+TENSORS = ("mean", "basis", "eigenvalues", "alphas_cumprod")
+# --gaussian auto: the Gaussian takes [t*, T) where, from t* on, its eps error on held-out images is
+# within this factor of the base's own (the base is not the truth either).
+DEFAULT_TOLERANCE = 1.1
+CUTOFF_GRID = 20  # timesteps between the points the cut-off is searched on
 
-@dataclass(frozen=True)
-class GaussianDenoiser:
+
+class GaussianDenoiser(torch.nn.Module):
     """``(x, t) -> eps`` for data N(mean, U diag(lam) U^T); a denoiser like any expert."""
 
-    mean: torch.Tensor  # D
-    basis: torch.Tensor  # D x D, columns are eigenvectors
-    eigenvalues: torch.Tensor  # D, >= 0
-    alphas_cumprod: torch.Tensor  # T
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        eigenvalues: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        sample_shape: tuple[int, int, int],
+    ):
+        super().__init__()
+        d = int(np.prod(sample_shape))
+        if mean.shape != (d,) or basis.shape != (d, d) or eigenvalues.shape != (d,):
+            raise StepadaptError(
+                f"Gaussian denoiser tensors do not fit a {sample_shape} image: mean {tuple(mean.shape)}, "
+                f"basis {tuple(basis.shape)}, eigenvalues {tuple(eigenvalues.shape)}"
+            )
+        for name, v in zip(TENSORS, (mean, basis, eigenvalues, alphas_cumprod), strict=True):
+            if not torch.isfinite(v).all():
+                raise StepadaptError(f"Gaussian denoiser tensor {name} has NaN or inf values")
+            self.register_buffer(name, v.float().contiguous())
+        self.sample_shape = tuple(int(v) for v in sample_shape)
 
     @property
     def macs(self) -> int:
         """Per image: two D x D products (the elementwise steps are negligible)."""
         return 2 * self.basis.shape[0] ** 2
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(len(x), -1).to(self.basis.dtype)
-        if flat.shape[1] != self.basis.shape[0]:
-            raise StepadaptError(f"Gaussian denoiser fits {self.basis.shape[0]} pixels, got {flat.shape[1]}")
-        ab = self.alphas_cumprod[t.cpu()].to(flat.dtype).view(-1, 1)
-        a, s = ab.sqrt(), (1.0 - ab).sqrt()
-        gain = a * self.eigenvalues / (a * a * self.eigenvalues + s * s)
+    @property
+    def params(self) -> int:
+        return sum(v.numel() for v in self.buffers())
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if tuple(sample.shape[1:]) != self.sample_shape:
+            raise StepadaptError(
+                f"Gaussian denoiser fits {self.sample_shape} images, got {tuple(sample.shape[1:])}"
+            )
+        flat = sample.reshape(sample.shape[0], -1).to(self.basis.dtype)
+        ab = self.alphas_cumprod[timestep.reshape(-1).long()].unsqueeze(1)
+        a, s2 = ab.sqrt(), 1.0 - ab
+        gain = a * self.eigenvalues / (a * a * self.eigenvalues + s2)
         x0 = self.mean + ((flat - a * self.mean) @ self.basis * gain) @ self.basis.T
-        return ((flat - a * x0) / s).reshape(x.shape).to(x.dtype)
+        return ((flat - a * x0) / s2.sqrt()).reshape(sample.shape).to(sample.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a bundle stores (safetensors); :meth:`from_tensors` is the inverse."""
+        return {name: getattr(self, name).detach().contiguous().cpu() for name in TENSORS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], sample_shape: tuple[int, int, int]):
+        missing = [k for k in TENSORS if k not in tensors]
+        if missing:
+            raise StepadaptError(f"Gaussian denoiser weights lack {', '.join(missing)}")
+        return cls(*(tensors[k].float() for k in TENSORS), sample_shape=sample_shape).eval()
 
 
 def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
@@ -56,4 +96,39 @@ def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
     mean = flat.mean(0)
     lam, basis = torch.linalg.eigh(torch.cov((flat - mean).T))
     sched = make_scheduler("ddpm", scheduler_cfg)
-    return GaussianDenoiser(mean, basis, lam.clamp(min=0.0), sched.alphas_cumprod.double())
+    return GaussianDenoiser(
+        mean, basis, lam.clamp(min=0.0), sched.alphas_cumprod, sample_shape=tuple(data.shape[1:])
+    ).eval()
+
+
+@torch.no_grad()
+def gaussian_cutoff(
+    base: torch.nn.Module,
+    gaussian: GaussianDenoiser,
+    scheduler_cfg: dict,
+    held_out: torch.Tensor,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    grid: int = CUTOFF_GRID,
+    seed: int = 0,
+) -> tuple[int, dict[int, tuple[float, float]]]:
+    """The lowest t* on the grid from which on the Gaussian's eps error (against the truth, on
+    ``held_out`` images) stays within ``tolerance`` x the base's; T when it never does.
+
+    Returns t* and, per grid point, (base error, Gaussian error): what the plot and the log show.
+    """
+    sched = make_scheduler("ddpm", scheduler_cfg)
+    T = int(scheduler_cfg["num_train_timesteps"])
+    g = torch.Generator().manual_seed(seed)
+    errors: dict[int, tuple[float, float]] = {}
+    cut = T
+    for t in range(T - 1 - (T - 1) % grid, -1, -grid):  # from the noisy end down
+        noise, tt = torch.randn(held_out.shape, generator=g), torch.full((len(held_out),), t)
+        x_t = sched.add_noise(held_out, noise, tt)
+        e_base = float(((base(x_t, tt).sample - noise) ** 2).mean())
+        e_gauss = float(((gaussian(x_t, tt) - noise) ** 2).mean())
+        errors[t] = (e_base, e_gauss)
+        if e_gauss > tolerance * e_base:
+            break
+        cut = t
+    return cut, errors

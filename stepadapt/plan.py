@@ -34,6 +34,7 @@ class Group:
     difficulty: float  # mean normalised difficulty over [lo, hi)
     visit_share: float  # fraction of the sampler's steps that land here
     macs_ratio: float  # budget as a fraction of the base MACs
+    kind: str = "unet"  # "unet": a pruned copy of the base; "gaussian": the closed-form denoiser
 
 
 @dataclass
@@ -50,10 +51,15 @@ class Plan:
     tdc_k: float | None = None
     profile: list[float] = field(default_factory=list)  # normalised difficulty per t
     damage: list[list[list[float]]] | None = None  # measure "damage": per group, [MACs ratio, damage] tried
+    gaussian: dict[str, Any] | None = None  # how the Gaussian expert's interval was chosen
 
     @property
     def boundaries(self) -> list[int]:
         return [g.lo for g in self.groups] + [self.groups[-1].hi]
+
+    def fixed_ratios(self) -> dict[int, float]:
+        """The groups whose size is not the allocator's to choose (the Gaussian's is set by the image)."""
+        return {i: g.macs_ratio for i, g in enumerate(self.groups) if g.kind != "unet"}
 
     def mean_ratio(self, ratios: list[float] | None = None) -> float:
         r = ratios if ratios is not None else [g.macs_ratio for g in self.groups]
@@ -186,30 +192,50 @@ def make_plan(
     steps: int = 50,
     measure: str = "snr",
     scheduler_cfg: dict | None = None,
+    gaussian_from: int | None = None,
+    gaussian_macs: int = 0,
 ) -> Plan:
     """Group the timesteps and give each group its MAC budget.
 
     ``budget=None`` uses the TDC rule with ``tdc_k``; otherwise ``budget`` is the
     target mean MACs per visited step as a fraction of the base.
+
+    ``gaussian_from``: the closed-form Gaussian denoiser (``gaussian_macs`` per
+    image) takes [gaussian_from, T) as the last group; the other ``groups - 1``
+    groups partition [0, gaussian_from) and share what is left of the budget.
     """
     T = len(difficulty)
+    if gaussian_from is not None and not 0 < gaussian_from < T:
+        raise StepadaptError(f"the Gaussian expert's interval must start inside (0, {T}), got {gaussian_from}")
     if boundaries is not None:
         b = [int(v) for v in boundaries]
         check_coverage(b, T)
+        if gaussian_from is not None:  # the Gaussian group replaces every group above its start
+            b = [v for v in b if v < gaussian_from] + [gaussian_from, T]
         partition_kind = "explicit"
+    elif gaussian_from is not None:
+        if groups < 2:
+            raise StepadaptError("a plan with a Gaussian expert needs at least 2 groups (1 U-Net + 1 Gaussian)")
+        cut = gaussian_from
+        b = partition(partition_kind, groups - 1, difficulty[:cut], snr_db[:cut]) + [T]
     else:
         b = partition(partition_kind, groups, difficulty, snr_db)
+    kinds = ["unet"] * (len(b) - 1)
+    if gaussian_from is not None:
+        kinds[-1] = "gaussian"
     visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
     shares, diffs = [], []
     for lo, hi in zip(b, b[1:], strict=False):
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))
         diffs.append(float(difficulty[lo:hi].mean()))
+    fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if k == "gaussian"}
     if budget is None:
         ratios, allocation = tdc_ratios(diffs, tdc_k), "tdc"
+        ratios = [fixed.get(i, r) for i, r in enumerate(ratios)]
     else:
         if not MIN_RATIO <= budget <= 1.0:
             raise StepadaptError(f"budget must be in [{MIN_RATIO}, 1], got {budget}")
-        ratios, allocation = budget_ratios(diffs, shares, budget), "budget"
+        ratios, allocation = budget_ratios(diffs, shares, budget, fixed=fixed), "budget"
     gs = [
         Group(
             name=f"g{i}",
@@ -219,6 +245,7 @@ def make_plan(
             difficulty=round(diffs[i], 4),
             visit_share=shares[i],
             macs_ratio=round(ratios[i], 4),
+            kind=kinds[i],
         )
         for i, (lo, hi) in enumerate(zip(b, b[1:], strict=False))
     ]

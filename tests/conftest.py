@@ -30,23 +30,28 @@ def tiny():
     return build_unet("tiny", seed=0).eval()
 
 
-def make_bundle(base, out, nested: bool = True):
-    """3 experts (the first unpruned) at a 0.6 budget, pruned from ``base`` with Taylor/global."""
+def make_bundle(base, out, nested: bool = True, gaussian: bool = False):
+    """3 experts (the first unpruned) at a 0.6 budget, pruned from ``base`` with Taylor/global;
+    ``gaussian``: a 4th, closed-form expert (fitted to squares) on [700, 1000), budget 0.45."""
     from stepadapt.compress import compress
     from stepadapt.difficulty import normalise, snr_profile
+    from stepadapt.gaussian import fit_gaussian
     from stepadapt.importance import Candidate, Memory
     from stepadapt.plan import make_plan
     from stepadapt.prune import count_macs
     from stepadapt.schedule import DEFAULT_SCHEDULER
 
     s = snr_profile(DEFAULT_SCHEDULER)
+    fitted = fit_gaussian(_squares(256, seed=5), DEFAULT_SCHEDULER) if gaussian else None
     plan = make_plan(
-        normalise(s), s, count_macs(base)[0], groups=3, budget=0.6, scheduler_cfg=DEFAULT_SCHEDULER
-    )
+        normalise(s), s, count_macs(base)[0], groups=4 if gaussian else 3, budget=0.45 if gaussian else 0.6,
+        scheduler_cfg=DEFAULT_SCHEDULER, gaussian_from=700 if gaussian else None,
+        gaussian_macs=fitted.macs if gaussian else 0,
+    )  # fmt: skip
     x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mem = Memory(out.with_name("memory.json"))
     compress(base, DEFAULT_SCHEDULER, plan, x, x, out, candidates=(Candidate("taylor", True),), memory=mem,
-             nested=nested)  # fmt: skip
+             nested=nested, gaussian=fitted)  # fmt: skip
     return out
 
 
@@ -57,6 +62,6 @@ def bundle_maker():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """A 3-expert bundle pruned from a random tiny base (built once per test run)."""
+    """3 U-Net experts pruned from a random tiny base and a Gaussian one (built once per test run)."""
     torch.set_num_threads(2)
-    return make_bundle(build_unet("tiny", seed=0), tmp_path_factory.mktemp("b") / "bundle")
+    return make_bundle(build_unet("tiny", seed=0), tmp_path_factory.mktemp("b") / "bundle", gaussian=True)

@@ -23,10 +23,11 @@ def _copy(src, tmp_path):
 
 def test_bundle_round_trip_is_exact(bundle_dir):
     b = Bundle.load(bundle_dir)
-    assert [e.name for e in b.experts] == ["g0", "g1", "g2"]
+    assert [e.name for e in b.experts] == ["g0", "g1", "g2", "g3"]
+    assert [e.kind for e in b.experts] == ["unet"] * 3 + ["gaussian"]
     assert b.manifest.boundaries[0] == 0 and b.manifest.boundaries[-1] == 1000
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 10])
-    for e in b.experts:
+    for e in b.experts[:3]:
         m1, m2 = b.load_expert(e.name), Bundle.load(bundle_dir).load_expert(e.name)
         with torch.no_grad():
             y1, y2 = m1(x, t).sample, m2(x, t).sample
@@ -34,7 +35,33 @@ def test_bundle_round_trip_is_exact(bundle_dir):
         assert count_macs(m1)[0] == e.macs
     # Experts really differ in size: the hardest group keeps the most compute.
     macs = [e.macs for e in b.experts]
-    assert macs[0] > macs[-1]
+    assert macs[0] > macs[2] > macs[3] == 2 * 1024**2
+
+
+def test_gaussian_expert_round_trips_and_its_budget_goes_to_the_unets(bundle_dir):
+    """The Gaussian's 2% leaves the U-Nets more than the 0.45 budget on average."""
+    b = Bundle.load(bundle_dir)
+    g = b.expert("g3")
+    assert g.timesteps == (700, 1000) and not b.is_pruned("g3")
+    with pytest.raises(StepadaptError, match="no pruning structure"):
+        b.structure("g3")
+    den = b.load_expert("g3")
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([700, 850, 999])
+    assert torch.equal(b.router()(x, t), den(x, t))
+    m = b.manifest
+    assert m.trajectory_macs_ratio() == pytest.approx(0.45, abs=0.03)
+    shares = m.visit_shares()
+    unet_mean = sum(s * e.macs for s, e in zip(shares[:3], b.experts[:3], strict=True)) / sum(shares[:3])
+    assert unet_mean / m.base_macs > 0.45 + 0.2 * shares[3]
+
+
+def test_unknown_expert_kind_is_refused(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m["experts"][3]["kind"] = "oracle"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StepadaptError, match="unknown kind 'oracle'"):
+        Bundle.load(d)
 
 
 def test_router_from_bundle_runs_every_step(bundle_dir):

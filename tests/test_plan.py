@@ -63,3 +63,24 @@ def test_plan_json_round_trip_and_validation(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
     with pytest.raises(StepadaptError, match="not a stepadapt plan"):
         Plan.load(tmp_path / "bad.json")
+
+
+def test_gaussian_group_takes_the_noisy_end_and_frees_budget_for_the_rest():
+    plan = make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
+                     gaussian_from=600, gaussian_macs=20_000)  # fmt: skip
+    assert [g.kind for g in plan.groups] == ["unet"] * 3 + ["gaussian"]
+    assert plan.boundaries[-2:] == [600, 1000] and plan.groups[-1].macs_ratio == pytest.approx(0.02)
+    assert plan.mean_ratio() == pytest.approx(0.5, abs=1e-3)
+    assert plan.fixed_ratios() == {3: pytest.approx(0.02)}
+    unet = plan.groups[:3]
+    assert sum(g.visit_share * g.macs_ratio for g in unet) / sum(g.visit_share for g in unet) > 0.75
+    # Explicit boundaries: every group above the Gaussian's start merges into it.
+    explicit = make_plan(D, SNR, 1_000_000, boundaries=[0, 300, 700, 1000], budget=0.5,
+                         scheduler_cfg=DEFAULT_SCHEDULER, gaussian_from=500, gaussian_macs=20_000)  # fmt: skip
+    assert explicit.boundaries == [0, 300, 500, 1000] and explicit.groups[-1].kind == "gaussian"
+    again = Plan.from_dict(plan.to_dict())
+    assert again == plan
+    with pytest.raises(StepadaptError, match="inside"):
+        make_plan(D, SNR, 1, groups=4, gaussian_from=1000)
+    with pytest.raises(StepadaptError, match="at least 2 groups"):
+        make_plan(D, SNR, 1, groups=1, gaussian_from=500)
