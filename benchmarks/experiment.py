@@ -397,7 +397,7 @@ def errors(bundles: list[Path], n: int = 128, seed: int = 0) -> dict[str, dict[i
 
 def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     """Copy a trained arm's bundle into the package (fp16 weights, no checkpoints) with its card."""
-    from stepadapt.bundle import Bundle
+    from stepadapt.bundle import Bundle, save_bundle
 
     name, _, seed = arm.rpartition("-s")
     res = read_json(results)
@@ -407,6 +407,8 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     skip = shutil.ignore_patterns("finetune", "onnx", "triton", "*.done")
     shutil.copytree(out / "arms" / arm, dest, ignore=skip)
+    b = Bundle.load(dest)
+    save_bundle(dest, b.manifest, b.models())  # neighbouring copies of the base stored once
     b = Bundle.load(dest)
     b.cast_weights(torch.float16)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
@@ -423,9 +425,10 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         return f"{r['kid']:.4f} ± {r['kid_std']:.4f}" if r else "not measured"
 
     m = b.manifest
+    untrained = {"unet": "none: it is the base", "gaussian": "none: closed form"}
     rows = [
         f"| {e.name} | [{e.lo}, {e.hi}) | {e.macs / m.base_macs:.3f} | {e.params / 1e6:.3f} M "
-        f"| {e.parent or '-'} | {(e.training or {}).get('mode', 'none: it is the base')} |"
+        f"| {e.parent or '-'} | {(e.training or {}).get('mode', untrained[e.kind])} |"
         for e in b.experts
     ]
     psnr = scores.get(f"{name}|{seed}|50", {}).get("psnr", float("nan"))

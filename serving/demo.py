@@ -40,6 +40,7 @@ class Demo:
     shipped: Path = SHIPPED_BUNDLE
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
     proxy_size: int = 128  # images per proxy set (importance, candidate scoring, loss profile)
+    gaussian: bool = True  # the closed-form Gaussian expert on the noisy end (analyze --gaussian auto)
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -65,9 +66,16 @@ class Demo:
 
         c, s = self.shape[0], self.shape[1]
         self.state["proxy"] = proxy_sets("fashion-mnist", self.proxy_size, s, c)
+        if self.gaussian:
+            from stepadapt.data import load_dataset
+            from stepadapt.gaussian import fit_gaussian
+
+            data = load_dataset("fashion-mnist", "train", s, c)
+            self.state["gaussian"] = fit_gaussian(data, self.scheduler)
         plan, profiles = analyze_base(
-            self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget
-        )
+            self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget,
+            gaussian=self.state.get("gaussian"),
+        )  # fmt: skip
         plan.save(self.out / "plan.json")
         plot_plan(plan, profiles, self.out / "plan.png")
         self.state["plan"], self.state["profiles"] = plan, profiles
@@ -82,10 +90,12 @@ class Demo:
         train, val = self.state["proxy"]
         manifest = compress(
             self.model, self.scheduler, plan, train, val, self.out / "bundle",
-            candidates=self.candidates, memory=Memory(self.out / "memory.json"), log=self.log,
-            command="stepadapt demo",
+            candidates=self.candidates, memory=Memory(self.out / "memory.json"),
+            gaussian=self.state.get("gaussian"), log=self.log, command="stepadapt demo",
         )  # fmt: skip
-        achieved = [e.macs / manifest.base_macs for e in manifest.experts]
+        # Per plan group (neighbours that both got the whole base are one expert in the bundle).
+        owner = {g.name: next(e for e in manifest.experts if e.lo <= g.lo < e.hi) for g in plan.groups}
+        achieved = [owner[g.name].macs / manifest.base_macs for g in plan.groups]
         plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)
         self.grid(Bundle.load(self.out / "bundle").router(), "bundle_samples")
         return manifest

@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 from stepadapt import StepadaptError
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
 from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, gaussian_cutoff
-from stepadapt.plan import Plan, make_plan
+from stepadapt.plan import Plan, make_plan, visited_timesteps
 from stepadapt.prune import count_macs
 
 
@@ -64,8 +64,12 @@ def analyze_base(
         chosen = {"rule": "given", "from": gaussian_from}
         if gaussian_from is None:
             cut, errs = gaussian_cutoff(model, gaussian, scheduler_cfg, proxy, tolerance=tolerance, seed=seed)
-            chosen = {"rule": "auto", "from": cut, "tolerance": tolerance,
-                      "eps_mse": {str(t): [round(b, 7), round(g, 7)] for t, (b, g) in sorted(errs.items())}}  # fmt: skip
+            mse = {str(t): [round(b, 7), round(g, 7)] for t, (b, g) in sorted(errs.items())}
+            chosen = {"rule": "auto", "from": cut, "tolerance": tolerance, "eps_mse": mse}
+            if budget is not None and cut < len(s):  # never so far down that the budget cannot be spent
+                cut = _spendable_from(cut, budget, gaussian.macs / count_macs(model)[0], sampler, steps,
+                                      scheduler_cfg)  # fmt: skip
+                chosen["from"] = cut
             gaussian_from = cut if cut < len(s) else None
     profiles = {
         "snr": normalise(s),
@@ -89,6 +93,19 @@ def analyze_base(
     )
     plan.gaussian = chosen
     return plan, profiles
+
+
+def _spendable_from(
+    cut: int, budget: float, ratio: float, sampler: str, steps: int, scheduler_cfg: dict
+) -> int:
+    """The lowest start >= ``cut`` at which U-Nets of at most the base's size can still spend ``budget``:
+    a Gaussian on more of the visited steps would leave the budget unreachable."""
+    visits = visited_timesteps(sampler, steps, scheduler_cfg)
+    for lo in sorted({cut, *(int(v) + 1 for v in visits if v >= cut)}):
+        gaussian_share = float(np.mean(visits >= lo))
+        if (1.0 - gaussian_share) + gaussian_share * ratio >= budget - 1e-9:
+            return lo
+    return int(scheduler_cfg["num_train_timesteps"])
 
 
 def _damage_plan(

@@ -30,10 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stepadapt import StepadaptError, __version__
+from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
-from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.sampling import Denoiser, Router, module_denoiser
 
 BUNDLE_FORMAT = "stepadapt-bundle"
@@ -173,13 +173,41 @@ def write_gaussian_files(directory: Path, name: str, model: GaussianDenoiser) ->
     return {"weights": f"experts/{w.name}", "sha256": sha256_file(w)}
 
 
+def _same_network(a: tuple[UNet2DModel, History], b: tuple[UNet2DModel, History]) -> bool:
+    if a[1] != b[1]:
+        return False
+    sa, sb = a[0].state_dict(), b[0].state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def merge_identical(experts: list[ExpertSpec], models: dict) -> list[ExpertSpec]:
+    """Experts in timestep order, each run of neighbouring identical U-Nets folded into the first."""
+    merged: list[ExpertSpec] = []
+    for e in sorted(experts, key=lambda e: e.lo):
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None and prev.kind == e.kind == "unet" and prev.hi == e.lo
+            and _same_network(models[prev.name], models[e.name])
+        ):  # fmt: skip
+            prev.timesteps, prev.snr_db = (prev.lo, e.hi), (e.snr_db[0], prev.snr_db[1])
+            continue
+        merged.append(e)
+    return merged
+
+
 def save_bundle(
     path: str | os.PathLike,
     manifest: Manifest,
     models: dict[str, tuple[UNet2DModel, History] | GaussianDenoiser],
 ) -> Path:
-    """Write a whole bundle atomically (a crash leaves the previous one, or none)."""
+    """Write a whole bundle atomically (a crash leaves the previous one, or none).
+
+    Neighbouring experts that are the same network (typically two groups that
+    both got the whole base) are written once, as one expert over both
+    intervals: one copy of the weights, one model to serve.
+    """
     check_coverage(manifest.boundaries, manifest.num_train_timesteps)
+    manifest.experts = merge_identical(manifest.experts, models)
     path = Path(path)
     with atomic_dir(path) as tmp:
         for e in manifest.experts:
@@ -292,6 +320,15 @@ class Bundle:
                 )
         model.load_state_dict(tensors)
         return model.eval()
+
+    def models(self) -> dict[str, tuple[UNet2DModel, History] | GaussianDenoiser]:
+        """Every expert loaded, in the form :func:`save_bundle` writes."""
+        return {
+            e.name: (self.load_expert(e.name), self.structure(e.name))
+            if e.kind == "unet"
+            else self.load_expert(e.name)
+            for e in self.experts
+        }
 
     def router(self) -> Router:
         """PyTorch experts behind a Router: a denoiser like any other."""

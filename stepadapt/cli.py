@@ -736,6 +736,13 @@ def demo(
     base: BaseOpt = DEFAULT_BASE,
     budget: Annotated[float, typer.Option(help="Target mean MACs per step, fraction of the base.")] = 0.5,
     groups: Annotated[int, typer.Option(help="Number of experts.")] = 4,
+    gaussian: Annotated[
+        bool,
+        typer.Option(
+            "--gaussian/--no-gaussian",
+            help="The closed-form Gaussian expert on the noisy end (as analyze --gaussian auto).",
+        ),
+    ] = True,
     n: Annotated[int, typer.Option("--n", help="Images per sample grid.")] = 36,
     finetune_iterations: Annotated[
         int, typer.Option(help="Fine-tuning iterations for this run's bundle (0 skips fine-tuning).")
@@ -762,8 +769,9 @@ def demo(
     try:
         shipped = SHIPPED_BUNDLE if serve_shipped else out_dir / "bundle"
         result = Demo(
-            out_dir, base_dir=base, budget=budget, groups=groups, n=n, kid_images=kid_images,
-            finetune_iterations=finetune_iterations, shipped=shipped, log=console.print,
+            out_dir, base_dir=base, budget=budget, groups=groups, gaussian=gaussian, n=n,
+            kid_images=kid_images, finetune_iterations=finetune_iterations, shipped=shipped,
+            log=console.print,
         ).run()  # fmt: skip
     except StepadaptError as e:
         _fail(e)

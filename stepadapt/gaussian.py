@@ -113,7 +113,8 @@ def gaussian_cutoff(
     seed: int = 0,
 ) -> tuple[int, dict[int, tuple[float, float]]]:
     """The lowest t* on the grid from which on the Gaussian's eps error (against the truth, on
-    ``held_out`` images) stays within ``tolerance`` x the base's; T when it never does.
+    ``held_out`` images) stays within ``tolerance`` x the base's; T when it never does. The lowest
+    grid step stays with the U-Net even when the base is worse everywhere (an untrained base).
 
     Returns t* and, per grid point, (base error, Gaussian error): what the plot and the log show.
     """
@@ -128,7 +129,7 @@ def gaussian_cutoff(
         e_base = float(((base(x_t, tt).sample - noise) ** 2).mean())
         e_gauss = float(((gaussian(x_t, tt) - noise) ** 2).mean())
         errors[t] = (e_base, e_gauss)
-        if e_gauss > tolerance * e_base:
+        if e_gauss > tolerance * e_base or t < grid:
             break
         cut = t
     return cut, errors

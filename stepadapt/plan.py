@@ -206,7 +206,7 @@ def make_plan(
     """
     T = len(difficulty)
     if gaussian_from is not None and not 0 < gaussian_from < T:
-        raise StepadaptError(f"the Gaussian expert's interval must start inside (0, {T}), got {gaussian_from}")
+        raise StepadaptError(f"the Gaussian expert must start inside (0, {T}), got {gaussian_from}")
     if boundaries is not None:
         b = [int(v) for v in boundaries]
         check_coverage(b, T)
@@ -215,7 +215,7 @@ def make_plan(
         partition_kind = "explicit"
     elif gaussian_from is not None:
         if groups < 2:
-            raise StepadaptError("a plan with a Gaussian expert needs at least 2 groups (1 U-Net + 1 Gaussian)")
+            raise StepadaptError("a plan with a Gaussian expert needs at least 2 groups (U-Net + Gaussian)")
         cut = gaussian_from
         b = partition(partition_kind, groups - 1, difficulty[:cut], snr_db[:cut]) + [T]
     else:

@@ -32,9 +32,8 @@ def plot_plan(
         for a in (ax, bx):
             a.axvline(g.lo, color="grey", lw=0.8, ls="--")
         bx.fill_between([g.lo, g.hi], 0, g.macs_ratio, step="pre", alpha=0.35, color="C0")
-        bx.text(
-            (g.lo + g.hi) / 2, g.macs_ratio + 0.02, f"{g.name}{' Gaussian' if g.kind == 'gaussian' else ''}\n{g.macs_ratio:.2f}", ha="center", va="bottom"
-        )
+        label = f"{g.name}{' Gaussian' if g.kind == 'gaussian' else ''}\n{g.macs_ratio:.2f}"
+        bx.text((g.lo + g.hi) / 2, g.macs_ratio + 0.02, label, ha="center", va="bottom")
     if achieved:
         for g, r in zip(plan.groups, achieved, strict=True):
             bx.hlines(r, g.lo, g.hi, color="C3", lw=2)

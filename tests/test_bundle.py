@@ -130,3 +130,29 @@ def test_half_precision_weights_load_back_as_float32(tiny_bundle, tmp_path):
     for k, v in full.items():
         assert half[k].dtype == torch.float32
         assert torch.allclose(half[k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_neighbouring_copies_of_one_network_are_stored_once(tiny, tmp_path):
+    """Two groups that both got the whole base become one expert over both intervals."""
+    from stepadapt.bundle import ExpertSpec, Manifest, save_bundle
+    from stepadapt.models import clean_config
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+
+    def spec(name, lo, hi):
+        return ExpertSpec(
+            name=name, timesteps=(lo, hi), snr_db=(float(-hi), float(-lo)), target_macs=1, macs=1, params=1,
+            weights="", sha256="", structure="", structure_sha256="",
+        )  # fmt: skip
+
+    other = type(tiny)(**tiny.config)  # same structure, other weights: must stay apart
+    experts = [spec("a", 0, 100), spec("b", 100, 400), spec("c", 400, 1000)]
+    m = Manifest(
+        base_config=clean_config(tiny), scheduler=dict(DEFAULT_SCHEDULER), sample_shape=(1, 32, 32),
+        base_macs=1, base_params=1, experts=experts,
+    )  # fmt: skip
+    save_bundle(tmp_path / "b", m, {"a": (tiny, []), "b": (tiny, []), "c": (other, [])})
+    b = Bundle.load(tmp_path / "b")
+    assert [(e.name, e.timesteps) for e in b.experts] == [("a", (0, 400)), ("c", (400, 1000))]
+    assert b.experts[0].snr_db == (-400.0, -0.0)
+    assert sorted(p.name for p in (tmp_path / "b" / "experts").glob("*.safetensors")) == [
+        "a.safetensors", "c.safetensors"]  # fmt: skip

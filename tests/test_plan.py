@@ -75,8 +75,10 @@ def test_gaussian_group_takes_the_noisy_end_and_frees_budget_for_the_rest():
     unet = plan.groups[:3]
     assert sum(g.visit_share * g.macs_ratio for g in unet) / sum(g.visit_share for g in unet) > 0.75
     # Explicit boundaries: every group above the Gaussian's start merges into it.
-    explicit = make_plan(D, SNR, 1_000_000, boundaries=[0, 300, 700, 1000], budget=0.5,
-                         scheduler_cfg=DEFAULT_SCHEDULER, gaussian_from=500, gaussian_macs=20_000)  # fmt: skip
+    explicit = make_plan(
+        D, SNR, 1_000_000, boundaries=[0, 300, 700, 1000], budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
+        gaussian_from=500, gaussian_macs=20_000,
+    )  # fmt: skip
     assert explicit.boundaries == [0, 300, 500, 1000] and explicit.groups[-1].kind == "gaussian"
     again = Plan.from_dict(plan.to_dict())
     assert again == plan
