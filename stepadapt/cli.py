@@ -173,9 +173,8 @@ def sample(
     ] = "torch",
 ) -> None:
     """Sample images from a base model, or from a bundle's experts with per-step routing."""
-    from tqdm.auto import tqdm
-
     from stepadapt.models import load_base
+    from stepadapt.progress import progress
     from stepadapt.sampling import sample_images, save_grid, save_npz
 
     try:
@@ -187,7 +186,7 @@ def sample(
         else:
             model, sched_cfg = load_base(base)
             den, shape = _model_denoiser(model)
-        with tqdm(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
+        with progress(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
             images = sample_images(
                 den, sched_cfg, shape, n, steps=steps, sampler=sampler, eta=eta, seed=seed, batch=batch,
                 callback=lambda i, t, x: bar.update(1),
@@ -703,8 +702,7 @@ def generate(
     ),
 ) -> None:
     """Ask a running endpoint for images and save them as a grid."""
-    from tqdm.auto import tqdm
-
+    from stepadapt.progress import progress
     from stepadapt.sampling import save_grid, save_npz
     from stepadapt.serving.client import GenerateRequest, generate_stream
     from stepadapt.serving.client import generate as call
@@ -712,10 +710,10 @@ def generate(
     req = GenerateRequest(num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta)
     try:
         if stream:
-            with tqdm(total=steps, unit="step") as bar:
+            with progress(total=steps, unit="step") as bar:
 
                 def on_step(i: int, t: int, expert: str) -> None:
-                    bar.set_postfix(t=t, expert=expert)
+                    bar.set_postfix(t=t, expert=expert, refresh=False)
                     bar.update(1)
 
                 images = generate_stream(url, req, on_step)

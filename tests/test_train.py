@@ -130,3 +130,17 @@ def test_relative_weights_need_the_base(tmp_path, squares):
     cfg = TrainConfig(iterations=2, batch_size=4, warmup=0, loss_weight="relative")
     with pytest.raises(StepadaptError, match="base"):
         train(build_unet("tiny", seed=0), squares(), DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
+
+
+def test_progress_off_a_terminal_writes_a_line_per_interval_not_per_update():
+    import io
+
+    from stepadapt.progress import progress
+
+    buf = io.StringIO()  # pytest's stderr is not a terminal either
+    with progress(total=2000, file=buf) as bar:
+        for i in range(2000):
+            bar.set_postfix(loss=i, refresh=False)
+            bar.update(1)
+    redraws = buf.getvalue().count("\r")
+    assert 1 <= redraws <= 3, redraws  # first, last, maybe one 30 s tick; per update would be 2000
