@@ -10,7 +10,7 @@ a run cut short still answers the main question):
   fine-tuned alone on its interval, distilled from the base);
 - ``no-gaussian``: the previous default (U-Net experts on every interval);
 - ``uniform+gaussian``: one uniform U-Net below the Gaussian's cut-off (is it the sizes or the Gaussian?);
-- ``shared``: the previous default (nested experts trained together as slices of one network);
+- ``shared``: the default before ``no-gaussian`` (nested experts trained together as slices of one network);
 - ``snr-old``: the default without distillation;
 - ablations at 0.5 x, one change to the default each (``nested``, ``relative``, ``visited``, ``damage``).
 Every trained arm gets the same fine-tuning images (``--iterations`` x ``--batch-size``). Each arm is
@@ -77,30 +77,34 @@ class Arm:
         return "-".join(["u" if "--uniform" in self.prune else "e", *extra, self.plan_key])
 
 
+# Every arm says whether it has the Gaussian expert, so its plan (and the plan's cache key) does not
+# follow the CLI's default; arms scored before the option existed ran what is now OFF.
+AUTO, OFF = ("--gaussian", "auto"), ("--gaussian", "off")
 ARMS = (
-    Arm("uniform-0.5", "uniform", 0.5, prune=("--uniform",), seeds=(0, 1),
+    Arm("uniform-0.5", "uniform", 0.5, analyze=OFF, prune=("--uniform",), seeds=(0, 1),
         note="one model, the default recovery (0.7 distillation from the base)"),
-    Arm("default-0.5", "default", 0.5, analyze=("--gaussian", "auto"), seeds=(0, 1),
+    Arm("default-0.5", "default", 0.5, analyze=AUTO, seeds=(0, 1),
         note="Gaussian expert on the noisy end (auto cut-off), its budget to independent U-Net experts, "
              "each fine-tuned alone on its interval, 0.7 distillation"),
-    Arm("nogauss-0.5", "no-gaussian", 0.5, analyze=("--gaussian", "off"), seeds=(0, 1),
+    Arm("nogauss-0.5", "no-gaussian", 0.5, analyze=OFF, seeds=(0, 1),
         note="U-Net experts on every interval, no Gaussian expert (the default until the Gaussian expert; "
              "run as default-0.5)"),
-    Arm("uniform-gauss-0.5", "uniform+gaussian", 0.5, analyze=("--groups", "2", "--gaussian", "auto"),
+    Arm("uniform-gauss-0.5", "uniform+gaussian", 0.5, analyze=("--groups", "2", *AUTO),
         note="one uniformly pruned U-Net below the Gaussian's cut-off, the Gaussian above it"),
-    Arm("shared-0.5", "shared", 0.5, prune=("--nested",), finetune=("--mode", "shared"),
-        note="nested experts trained together on shared weights (the previous default)"),
-    Arm("snr-old-0.5", "snr-old", 0.5, finetune=("--distill", "0"),
-        note="independent experts, each alone, no distillation"),
-    Arm("nested-0.5", "nested", 0.5, prune=("--nested",), note="default, experts nested"),
-    Arm("relative-0.5", "relative", 0.5, finetune=("--distill", "1", "--loss-weight", "relative"),
+    Arm("shared-0.5", "shared", 0.5, analyze=OFF, prune=("--nested",), finetune=("--mode", "shared"),
+        note="nested experts trained together on shared weights (the default before no-gaussian)"),
+    Arm("snr-old-0.5", "snr-old", 0.5, analyze=OFF, finetune=("--distill", "0"),
+        note="no-gaussian without distillation"),
+    Arm("nested-0.5", "nested", 0.5, analyze=AUTO, prune=("--nested",), note="default, experts nested"),
+    Arm("relative-0.5", "relative", 0.5, analyze=AUTO,
+        finetune=("--distill", "1", "--loss-weight", "relative"),
         note="default, the base's eps only, each t's loss over the base's own"),
-    Arm("visited-0.5", "visited", 0.5, finetune=("--sampler", "visited", "--visit-steps", "50"),
+    Arm("visited-0.5", "visited", 0.5, analyze=AUTO, finetune=("--sampler", "visited", "--visit-steps", "50"),
         note="default, trained only on the timesteps 50 (and so 25) DDIM steps visit"),
-    Arm("damage-0.5", "damage", 0.5, analyze=("--measure", "damage"),
+    Arm("damage-0.5", "damage", 0.5, analyze=(*AUTO, "--measure", "damage"),
         note="default, sizes by measured damage (knapsack)"),
-    Arm("uniform-0.8", "uniform", 0.8, prune=("--uniform",)),
-    Arm("default-0.8", "default", 0.8),
+    Arm("uniform-0.8", "uniform", 0.8, analyze=OFF, prune=("--uniform",)),
+    Arm("default-0.8", "default", 0.8, analyze=AUTO),
 )  # fmt: skip
 
 

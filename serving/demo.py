@@ -66,7 +66,13 @@ class Demo:
 
         c, s = self.shape[0], self.shape[1]
         self.state["proxy"] = proxy_sets("fashion-mnist", self.proxy_size, s, c)
-        if self.gaussian:
+        from stepadapt.gaussian import affordable
+        from stepadapt.prune import count_macs
+
+        why_not = affordable(self.shape, count_macs(self.model)[0]) if self.gaussian else "turned off"
+        if why_not:
+            self.log(f"no Gaussian expert: {why_not}")
+        else:
             from stepadapt.data import load_dataset
             from stepadapt.gaussian import fit_gaussian
 

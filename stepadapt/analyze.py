@@ -60,12 +60,15 @@ def analyze_base(
         raise StepadaptError(f"unknown measure {measure!r}; choose one of {choices}")
     s = snr_profile(scheduler_cfg)
     chosen = None
+    if gaussian is not None and gaussian_from is None and boundaries is None and groups < 2:
+        gaussian = None  # auto, but a single group leaves no room for a second kind of expert
     if gaussian is not None:
         chosen = {"rule": "given", "from": gaussian_from}
         if gaussian_from is None:
             cut, errs = gaussian_cutoff(model, gaussian, scheduler_cfg, proxy, tolerance=tolerance, seed=seed)
             mse = {str(t): [round(b, 7), round(g, 7)] for t, (b, g) in sorted(errs.items())}
-            chosen = {"rule": "auto", "from": cut, "tolerance": tolerance, "eps_mse": mse}
+            chosen = {"rule": "auto", "from": cut, "tolerance_from": cut, "tolerance": tolerance}
+            chosen["eps_mse"] = mse
             if budget is not None and cut < len(s):  # never so far down that the budget cannot be spent
                 cut = _spendable_from(cut, budget, gaussian.macs / count_macs(model)[0], sampler, steps,
                                       scheduler_cfg)  # fmt: skip

@@ -37,7 +37,7 @@ from stepadapt.prune import History, replay
 from stepadapt.sampling import Denoiser, Router, module_denoiser
 
 BUNDLE_FORMAT = "stepadapt-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: experts have a kind (1 loads as all U-Nets)
 MANIFEST = "manifest.json"
 EXPERT_KINDS = ("unet", "gaussian")
 
@@ -111,7 +111,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
             raise StepadaptError("not a stepadapt bundle manifest (format field missing or wrong)")
-        if d.get("version") != BUNDLE_VERSION:
+        if d.get("version") not in (1, BUNDLE_VERSION):
             raise StepadaptError(f"unsupported bundle version {d.get('version')} (want {BUNDLE_VERSION})")
         body = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
@@ -301,7 +301,8 @@ class Bundle:
         """Rebuild an expert's structure and load its weights, checking every shape."""
         e = self.expert(name)
         if e.kind == "gaussian":
-            return GaussianDenoiser.from_tensors(self._tensors(e), self.manifest.sample_shape)
+            m = self.manifest
+            return GaussianDenoiser.from_tensors(self._tensors(e), m.sample_shape, m.scheduler)
         model = replay(self.manifest.base_config, self.structure(name))
         tensors = self._tensors(e)
         expected = model.state_dict()

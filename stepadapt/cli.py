@@ -248,7 +248,13 @@ def analyze(
     recover_iterations: Annotated[
         int, typer.Option(help="damage: distilled fine-tuning iterations per tried size.")
     ] = 100,
-    groups: Annotated[int, typer.Option(help="Number of timestep groups (experts).")] = 4,
+    groups: Annotated[
+        int,
+        typer.Option(
+            help="Number of timestep groups, the Gaussian's included; neighbouring groups that both get "
+            "the whole base become one expert."
+        ),
+    ] = 4,
     partition: Annotated[str, typer.Option(help="uniform (in t), snr (equal SNR-dB width) or mass.")] = "snr",
     boundaries: Annotated[
         str | None, typer.Option(help="Explicit boundaries, e.g. 0,250,500,1000 (overrides --groups).")
@@ -269,13 +275,16 @@ def analyze(
         str,
         typer.Option(
             help="The noisy end goes to a closed-form Gaussian denoiser (the training images' mean and "
-            "covariance, ~2% of the base's MACs) and its budget to the other groups: auto (from where "
-            "its eps error on the proxy is within --gaussian-tolerance of the base's), a timestep to "
-            "start at, or off."
+            "covariance: 2 x pixels^2 MACs, 0.022 x the shipped base's) as the last of --groups, and "
+            "what it saves of --budget to the U-Net groups: auto (from where its eps error on the "
+            "proxy is within --gaussian-tolerance of the base's; later if the budget needs it; none "
+            "for images where it would cost over 0.25 x the base), a timestep to start at, or off. "
+            "With --boundaries, the groups above its start merge into it."
         ),
     ] = "auto",
     gaussian_tolerance: Annotated[
-        float, typer.Option(help="auto: how much worse than the base's eps error the Gaussian's may be.")
+        float,
+        typer.Option(help="auto: the factor by which the Gaussian's eps error may exceed the base's (1.1)."),
     ] = 1.1,
     seed: Annotated[int, typer.Option(help="Seed of the proxy batch and noise.")] = 0,
 ) -> None:
@@ -298,13 +307,16 @@ def analyze(
                 "recover_iterations": recover_iterations, "log": console.print,
             }  # fmt: skip
         g_from = _parse_gaussian(gaussian)
-        g_model = None if g_from == "off" else _fit_gaussian(data, model, sched_cfg)
+        g_model = _gaussian_for(g_from, data, model, sched_cfg)
         plan, profiles = analyze_base(
             model, sched_cfg, proxy, measure=measure, groups=groups, partition=partition,
             boundaries=_parse_ints(boundaries, "--boundaries"), budget=None if tdc else budget,
             tdc_k=tdc_k, sampler=sampler, steps=steps, seed=seed, damage=damage, gaussian=g_model,
             gaussian_from=None if g_from in ("auto", "off") else g_from, tolerance=gaussian_tolerance,
         )  # fmt: skip
+        if plan.gaussian:
+            plan.gaussian["data"] = data  # prune fits the same Gaussian again from the same images
+            _print_gaussian(plan)
         plan.save(out_path)
         png = plot_plan(plan, profiles, out_path.with_suffix(".png"))
     except StepadaptError as e:
@@ -322,12 +334,40 @@ def _parse_gaussian(text: str) -> str | int:
         raise StepadaptError(f"--gaussian must be auto, off or a timestep, got {text!r}") from None
 
 
-def _fit_gaussian(data: str, model, sched_cfg: dict):
+def _gaussian_for(choice: str | int, data: str, model, sched_cfg: dict):
+    """The fitted Gaussian expert, or None: off, or auto where it cannot pay (said in one line)."""
     from stepadapt.data import load_dataset
-    from stepadapt.gaussian import fit_gaussian
+    from stepadapt.gaussian import affordable, fit_gaussian
+    from stepadapt.prune import count_macs
 
+    if choice == "off":
+        return None
     c, size = model.config.in_channels, model.config.sample_size
-    return fit_gaussian(load_dataset(data, "train", size, c), sched_cfg)
+    why_not = affordable((c, size, size), count_macs(model)[0])
+    if why_not is None:
+        try:
+            return fit_gaussian(load_dataset(data, "train", size, c), sched_cfg)
+        except StepadaptError as e:
+            why_not = str(e)
+    if choice != "auto":
+        raise StepadaptError(f"Gaussian expert ({choice}): {why_not}")
+    console.print(f"no Gaussian expert: {why_not}")
+    return None
+
+
+def _print_gaussian(plan) -> None:
+    g = plan.gaussian
+    group = next((x for x in plan.groups if x.kind == "gaussian"), None)
+    if g["rule"] == "auto":
+        found = g["tolerance_from"]
+        if group is None:
+            out.print(f"no Gaussian expert: its eps error is never within {g['tolerance']} x the base's")
+            return
+        out.print(f"Gaussian expert: eps error within {g['tolerance']} x the base's from t = {found} on")
+        if group.lo != found:
+            out.print(f"  started at t = {group.lo} instead, so that the budget can still be spent")
+    out.print(f"Gaussian expert on [{group.lo}, {group.hi}): {group.visit_share:.0%} of the steps, "
+              f"{group.macs_ratio:.3f} x the base's MACs")  # fmt: skip
 
 
 def _print_plan(plan) -> None:
@@ -383,7 +423,11 @@ def prune(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of proxy sets and random importance.")] = 0,
 ) -> None:
-    """Prune one expert per plan group (candidate search by proxy loss) -> bundle."""
+    """Prune one expert per plan group (candidate search by proxy loss) -> bundle.
+
+    A Gaussian group gets the closed-form denoiser fitted to --data's training
+    images instead; neighbouring groups that both keep the whole base are one expert.
+    """
     from stepadapt.compress import compress
     from stepadapt.data import proxy_sets
     from stepadapt.importance import Candidate, Memory
@@ -398,7 +442,14 @@ def prune(
         cands = [Candidate.parse(c) for c in candidates.split(",")]
         train, val = proxy_sets(data, proxy_size, model.config.sample_size, model.config.in_channels, seed)
         mem = Memory(memory or out_dir.with_name(out_dir.name + ".memory.json"))
-        fitted = _fit_gaussian(data, model, sched_cfg) if plan.fixed_ratios() else None
+        fitted = None
+        if plan.fixed_ratios():
+            chosen_on = (plan.gaussian or {}).get("data", data)
+            if chosen_on != data:
+                raise StepadaptError(
+                    f"the plan's Gaussian expert was chosen on --data {chosen_on}; prune with the same data"
+                )
+            fitted = _gaussian_for("in the plan", data, model, sched_cfg)
         manifest = compress(
             model, sched_cfg, plan, train, val, out_dir, candidates=tuple(cands), memory=mem, seed=seed,
             nested=nested, gaussian=fitted, log=console.print,

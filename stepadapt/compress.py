@@ -1,4 +1,7 @@
-"""Base + plan -> expert bundle: the candidate search for every group.
+"""Base + plan -> expert bundle: the candidate search for every U-Net group.
+
+A ``gaussian`` group gets the caller's fitted closed-form denoiser
+(stepadapt.gaussian) and its fixed cost; the U-Net groups share the rest.
 
 In budget mode the groups are pruned one after another and the budgets of the
 groups still to come are re-solved after each, so the widths one group could

@@ -86,7 +86,9 @@ def features(
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = []
     with torch.no_grad():
-        bar = progress_bar(iterable=range(0, len(x), batch), disable=not progress, desc=desc or "inception")
+        bar = progress_bar(
+            iterable=range(0, len(x), batch), disable=not progress, desc=desc or "inception", unit="batch"
+        )
         for lo in bar:
             out.append(net(x[lo : lo + batch]).float())
     return torch.cat(out)

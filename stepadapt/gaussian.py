@@ -13,7 +13,9 @@ shipped Fashion-MNIST base it is *closer to the truth than the base itself*
 for t >= 700 (docs/results.md), where pruned U-Nets are furthest from it.
 
 It is a ``torch.nn.Module`` of plain tensor ops (gather, matmul, elementwise), so
-a bundle stores it as safetensors and exports it to ONNX like any expert.
+a bundle stores it as safetensors and exports it to ONNX like any expert. Its
+cost grows with the square of the pixel count, so it pays only for small images
+(:func:`affordable` says when).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.schedule import make_scheduler
 
-TENSORS = ("mean", "basis", "eigenvalues", "alphas_cumprod")
+TENSORS = ("mean", "basis", "eigenvalues")  # what a bundle stores; the schedule comes from its manifest
+MAX_RATIO = 0.25  # a Gaussian expert costing more than this x the base's MACs saves too little
 # --gaussian auto: the Gaussian takes [t*, T) where, from t* on, its eps error on held-out images is
 # within this factor of the base's own (the base is not the truth either).
 DEFAULT_TOLERANCE = 1.1
@@ -49,7 +52,8 @@ class GaussianDenoiser(torch.nn.Module):
                 f"Gaussian denoiser tensors do not fit a {sample_shape} image: mean {tuple(mean.shape)}, "
                 f"basis {tuple(basis.shape)}, eigenvalues {tuple(eigenvalues.shape)}"
             )
-        for name, v in zip(TENSORS, (mean, basis, eigenvalues, alphas_cumprod), strict=True):
+        values = (mean, basis, eigenvalues, alphas_cumprod)
+        for name, v in zip((*TENSORS, "alphas_cumprod"), values, strict=True):
             if not torch.isfinite(v).all():
                 raise StepadaptError(f"Gaussian denoiser tensor {name} has NaN or inf values")
             self.register_buffer(name, v.float().contiguous())
@@ -81,18 +85,45 @@ class GaussianDenoiser(torch.nn.Module):
         return {name: getattr(self, name).detach().contiguous().cpu() for name in TENSORS}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], sample_shape: tuple[int, int, int]):
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], sample_shape: tuple[int, int, int], scheduler_cfg: dict
+    ) -> GaussianDenoiser:
+        """Inverse of :meth:`tensors`; the schedule is rebuilt in float32 from ``scheduler_cfg`` (a
+        stored copy, e.g. in float16, would round 1 - alpha_bar to 0 at the first timesteps)."""
         missing = [k for k in TENSORS if k not in tensors]
         if missing:
             raise StepadaptError(f"Gaussian denoiser weights lack {', '.join(missing)}")
-        return cls(*(tensors[k].float() for k in TENSORS), sample_shape=sample_shape).eval()
+        schedule = make_scheduler("ddpm", scheduler_cfg).alphas_cumprod
+        return cls(*(tensors[k].float() for k in TENSORS), schedule, sample_shape=sample_shape).eval()
+
+
+def macs_for(sample_shape: tuple[int, ...]) -> int:
+    """What a Gaussian expert for images of this shape costs per image: 2 x D^2 for D pixels."""
+    return 2 * int(np.prod(sample_shape)) ** 2
+
+
+def affordable(sample_shape: tuple[int, ...], base_macs: int, limit: float = MAX_RATIO) -> str | None:
+    """None if a Gaussian expert is worth fitting for this base, else why not (one line)."""
+    ratio = macs_for(sample_shape) / base_macs
+    if ratio > limit:
+        d = int(np.prod(sample_shape))
+        return (
+            f"a Gaussian expert for {d}-pixel images costs 2 x {d}^2 MACs = {ratio:.2f} x the base's "
+            f"(more than {limit}): it pays only for small images"
+        )
+    return None
 
 
 def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
-    """Mean and covariance of ``data`` (N x C x H x W in the model's range), in float64."""
+    """Mean and covariance of ``data`` (N x C x H x W in the model's range), fitted in float64 and
+    kept in float32. Needs at least as many images as pixels, or the covariance is singular and
+    the denoiser reproduces its training images instead of the distribution."""
     flat = data.reshape(len(data), -1).double()
-    if len(flat) < 2:
-        raise StepadaptError("a Gaussian denoiser needs at least 2 images")
+    if len(flat) < max(2, flat.shape[1]):
+        raise StepadaptError(
+            f"a Gaussian denoiser for {flat.shape[1]}-pixel images needs at least {max(2, flat.shape[1])} "
+            f"training images, got {len(flat)}"
+        )
     mean = flat.mean(0)
     lam, basis = torch.linalg.eigh(torch.cov((flat - mean).T))
     sched = make_scheduler("ddpm", scheduler_cfg)

@@ -21,7 +21,7 @@ from stepadapt.schedule import make_scheduler
 
 PARTITIONS = ("uniform", "snr", "mass")
 PLAN_FORMAT = "stepadapt-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: groups have a kind (1 loads as all U-Nets)
 MIN_RATIO = 0.05
 
 
@@ -75,6 +75,9 @@ class Plan:
             raise StepadaptError(f"not a stepadapt plan (format {d.get('format')!r})")
         if d.get("version") != PLAN_VERSION:
             raise StepadaptError(f"unsupported plan version {d.get('version')}")
+        kinds = {g.get("kind", "unet") for g in d.get("groups", []) if isinstance(g, dict)}
+        if not kinds <= {"unet", "gaussian"}:
+            raise StepadaptError(f"plan has groups of unknown kind {sorted(kinds - {'unet', 'gaussian'})}")
         body = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
             body["groups"] = [Group(**{**g, "snr_db": tuple(g["snr_db"])}) for g in body["groups"]]
@@ -229,13 +232,23 @@ def make_plan(
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))
         diffs.append(float(difficulty[lo:hi].mean()))
     fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if k == "gaussian"}
-    if budget is None:
-        ratios, allocation = tdc_ratios(diffs, tdc_k), "tdc"
-        ratios = [fixed.get(i, r) for i, r in enumerate(ratios)]
+    if budget is None:  # the TDC rule ranks the U-Net groups among themselves
+        unet = [i for i in range(len(kinds)) if i not in fixed]
+        ranked = dict(zip(unet, tdc_ratios([diffs[i] for i in unet], tdc_k), strict=True))
+        ratios, allocation = [fixed.get(i, ranked.get(i, 0.0)) for i in range(len(kinds))], "tdc"
     else:
         if not MIN_RATIO <= budget <= 1.0:
             raise StepadaptError(f"budget must be in [{MIN_RATIO}, 1], got {budget}")
-        ratios, allocation = budget_ratios(diffs, shares, budget, fixed=fixed), "budget"
+        try:
+            ratios, allocation = budget_ratios(diffs, shares, budget, fixed=fixed), "budget"
+        except StepadaptError as e:
+            if not fixed:
+                raise
+            raise StepadaptError(
+                f"{e}: the Gaussian expert on [{gaussian_from}, {T}) serves "
+                f"{sum(shares[i] for i in fixed):.0%} of the steps at its own small cost; lower the budget, "
+                "start it later (--gaussian T) or turn it off (--gaussian off)"
+            ) from None
     gs = [
         Group(
             name=f"g{i}",

@@ -19,5 +19,6 @@ def progress(**kwargs: Any) -> tqdm:
     """``tqdm(**kwargs)``, throttled off a terminal (``mininterval`` given by the caller wins)."""
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_INTERVAL)
-        kwargs.setdefault("dynamic_ncols", False)
+        kwargs.setdefault("maxinterval", float("inf"))  # tqdm's monitor would redraw every 10 s
+        kwargs.setdefault("miniters", 1)
     return tqdm(**kwargs)

@@ -301,7 +301,7 @@ def train(
 
     n = len(data)
     show = progress and dist.is_main()
-    bar = progress_bar(total=cfg.iterations, initial=step, disable=not show, unit="it")
+    bar = progress_bar(total=cfg.iterations, initial=step, disable=not show, unit="it", dynamic_ncols=True)
     bar.set_description(f"t in [{cfg.t_lo},{t_hi}) {cfg.sampler}")
     t0, step0 = time.perf_counter(), step
     smooth = losses[-1] if losses else None

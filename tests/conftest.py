@@ -42,7 +42,7 @@ def make_bundle(base, out, nested: bool = True, gaussian: bool = False):
     from stepadapt.schedule import DEFAULT_SCHEDULER
 
     s = snr_profile(DEFAULT_SCHEDULER)
-    fitted = fit_gaussian(_squares(256, seed=5), DEFAULT_SCHEDULER) if gaussian else None
+    fitted = fit_gaussian(_squares(1024, seed=5), DEFAULT_SCHEDULER) if gaussian else None
     plan = make_plan(
         normalise(s), s, count_macs(base)[0], groups=4 if gaussian else 3, budget=0.45 if gaussian else 0.6,
         scheduler_cfg=DEFAULT_SCHEDULER, gaussian_from=700 if gaussian else None,

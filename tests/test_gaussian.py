@@ -18,7 +18,9 @@ def _gaussian_data(n: int = 4000, seed: int = 0) -> torch.Tensor:
 def _scaled(den: GaussianDenoiser, k: float) -> GaussianDenoiser:
     """The same denoiser, told the data vary k times as much: a mis-specified prior."""
     t = den.tensors()
-    return GaussianDenoiser.from_tensors({**t, "eigenvalues": t["eigenvalues"] * k}, den.sample_shape)
+    return GaussianDenoiser.from_tensors(
+        {**t, "eigenvalues": t["eigenvalues"] * k}, den.sample_shape, DEFAULT_SCHEDULER
+    )
 
 
 def _eps_mse(den, x0: torch.Tensor, t: int) -> float:
@@ -49,24 +51,25 @@ def test_it_samples_through_the_one_sampling_loop_and_checks_shapes():
     assert den.macs == 2 * 16 * 16
     with pytest.raises(StepadaptError, match=r"fits \(1, 4, 4\) images, got \(1, 8, 8\)"):
         den(torch.zeros(2, 1, 8, 8), torch.tensor([5, 5]))
-    with pytest.raises(StepadaptError, match="at least 2"):
-        fit_gaussian(torch.zeros(1, 1, 4, 4), DEFAULT_SCHEDULER)
+    with pytest.raises(StepadaptError, match="needs at least 16 training images, got 15"):
+        fit_gaussian(torch.zeros(15, 1, 4, 4), DEFAULT_SCHEDULER)  # fewer images than pixels
 
 
 def test_tensors_round_trip_and_bad_tensors_are_refused():
     den = fit_gaussian(_gaussian_data(), DEFAULT_SCHEDULER)
-    again = GaussianDenoiser.from_tensors(den.tensors(), (1, 4, 4))
+    assert sorted(den.tensors()) == ["basis", "eigenvalues", "mean"]  # the schedule is the manifest's
+    again = GaussianDenoiser.from_tensors(den.tensors(), (1, 4, 4), DEFAULT_SCHEDULER)
     x, t = torch.randn(5, 1, 4, 4), torch.tensor([900, 10, 500, 999, 0])
     assert torch.equal(den(x, t), again(x, t))
     bad = den.tensors()
     bad["mean"] = bad["mean"].clone()
     bad["mean"][3] = float("nan")
     with pytest.raises(StepadaptError, match="mean has NaN"):
-        GaussianDenoiser.from_tensors(bad, (1, 4, 4))
+        GaussianDenoiser.from_tensors(bad, (1, 4, 4), DEFAULT_SCHEDULER)
     with pytest.raises(StepadaptError, match="do not fit"):
-        GaussianDenoiser.from_tensors(den.tensors(), (1, 8, 8))
+        GaussianDenoiser.from_tensors(den.tensors(), (1, 8, 8), DEFAULT_SCHEDULER)
     with pytest.raises(StepadaptError, match="lack basis"):
-        GaussianDenoiser.from_tensors({"mean": bad["mean"]}, (1, 4, 4))
+        GaussianDenoiser.from_tensors({"mean": bad["mean"]}, (1, 4, 4), DEFAULT_SCHEDULER)
 
 
 class _AsUNet(torch.nn.Module):

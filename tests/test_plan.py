@@ -86,3 +86,41 @@ def test_gaussian_group_takes_the_noisy_end_and_frees_budget_for_the_rest():
         make_plan(D, SNR, 1, groups=4, gaussian_from=1000)
     with pytest.raises(StepadaptError, match="at least 2 groups"):
         make_plan(D, SNR, 1, groups=1, gaussian_from=500)
+
+
+def test_tdc_ranks_the_unet_groups_among_themselves_and_the_gaussian_keeps_its_cost():
+    plan = make_plan(D, SNR, 1_000_000, groups=4, budget=None, tdc_k=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
+                     gaussian_from=600, gaussian_macs=20_000)  # fmt: skip
+    assert [g.macs_ratio for g in plan.groups] == pytest.approx([1.0, 2 / 3 + 1 / 6, 2 / 3, 0.02], abs=1e-4)
+
+
+def test_a_budget_the_gaussian_leaves_no_room_for_names_the_gaussian():
+    with pytest.raises(
+        StepadaptError, match=r"Gaussian expert on \[300, 1000\) serves 70% .*--gaussian off"
+    ):
+        make_plan(D, SNR, 1_000_000, groups=3, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
+                  gaussian_from=300, gaussian_macs=20_000)  # fmt: skip
+    bad = make_plan(D, SNR, 1, groups=2, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER).to_dict()
+    bad["groups"][0]["kind"] = "oracle"
+    with pytest.raises(StepadaptError, match="unknown kind"):
+        Plan.from_dict(bad)
+
+
+def test_auto_cutoff_moves_up_until_the_budget_can_be_spent():
+    from stepadapt.analyze import _spendable_from
+
+    visits = visited_timesteps("ddim", 50, DEFAULT_SCHEDULER)
+    lo = _spendable_from(300, 0.6, 0.02, "ddim", 50, DEFAULT_SCHEDULER)
+    share = float(np.mean(visits >= lo))
+    assert (1 - share) + 0.02 * share >= 0.6  # reachable from lo on ...
+    below = max(v for v in visits if v < lo)  # ... and not with one more visited step given to it
+    assert (1 - np.mean(visits >= below)) + 0.02 * np.mean(visits >= below) < 0.6
+    assert _spendable_from(700, 0.5, 0.02, "ddim", 50, DEFAULT_SCHEDULER) == 700  # no need to move
+
+
+def test_gaussian_expert_is_only_offered_where_it_is_cheap():
+    from stepadapt.gaussian import affordable, macs_for
+
+    assert macs_for((1, 32, 32)) == 2 * 1024**2
+    assert affordable((1, 32, 32), 95_000_000) is None
+    assert "0.25" in affordable((3, 64, 64), 1_000_000_000)
