@@ -121,7 +121,8 @@ def merge_log(log: list[dict], log_path: Path, *new: dict) -> None:
     """``log`` := the log on disk (another process may have added to it), then ours, then ``new``."""
     with locked(log_path):
         on_disk = read_json(log_path) if log_path.exists() else []
-        log[:] = [*on_disk, *[c for c in log if c not in on_disk], *new]
+        seen = {(c["command"], c["seconds"]) for c in on_disk}  # a note added on disk is the same entry
+        log[:] = [*on_disk, *[c for c in log if (c["command"], c["seconds"]) not in seen], *new]
         if new:
             write_json(log_path, log)
 
