@@ -246,7 +246,8 @@ def plot(results: dict, path: Path) -> Path:
                         xytext=(4, 4), fontsize=7)  # fmt: skip
     style = {
         "uniform": ("tab:red", "s"), "default": ("tab:blue", "o"), "snr-old": ("tab:gray", "v"),
-        "shared": ("tab:purple", "D"),
+        "shared": ("tab:purple", "D"), "no-gaussian": ("tab:olive", "^"),
+        "uniform+gaussian": ("tab:orange", "P"),
     }  # fmt: skip
     for r in rows:
         if r["kind"] in ("base", "base-steps"):
@@ -258,7 +259,7 @@ def plot(results: dict, path: Path) -> Path:
                     xytext=(5, -8), fontsize=6, color=color)  # fmt: skip
     ax.set_xlabel("MACs per image, in base-model steps (steps x mean MACs per step / base)")
     ax.set_ylabel("KID vs Fashion-MNIST test (lower is better)")
-    ax.set_ylim(bottom=0)
+    ax.set_yscale("log")  # the arms near the base differ by percent, the others by multiples
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper right", fontsize=8)
     s = results["settings"]
@@ -585,7 +586,9 @@ def main() -> None:
         grids = {
             f"{r['arm']} @{r['steps']}": r["grid"]
             for r in results["rows"]
-            if r["grid"] and r["steps"] in (25, 50) and r["kind"] in ("base", "base-steps", *HEADLINE)
+            if r["grid"]
+            and r["steps"] in (12, 25, 50)
+            and r["kind"] in ("base", "base-steps", *HEADLINE, "no-gaussian")
         }
         sample_figure(grids, args.plot.with_name("experiment_samples.png"))  # fmt: skip
 
@@ -594,6 +597,10 @@ def main() -> None:
         grid = out / "samples" / f"{name}-{steps}.png"
         arms[name].setdefault("grids", {})[str(steps)] = str(grid)
         if key in scores:
+            if denoiser is None and seed == 0 and not grid.is_file():  # the base's grid: from its references
+                from stepadapt.sampling import save_grid
+
+                save_grid(scorer.reference(steps, seed)[:16], grid)
             return
         touched.add(name)
         r = scorer(denoiser, steps, seed, grid if seed == 0 else None)
