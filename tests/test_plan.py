@@ -95,9 +95,7 @@ def test_tdc_ranks_the_unet_groups_among_themselves_and_the_gaussian_keeps_its_c
 
 
 def test_a_budget_the_gaussian_leaves_no_room_for_names_the_gaussian():
-    with pytest.raises(
-        StepadaptError, match=r"Gaussian expert on \[300, 1000\) serves 70% .*--gaussian off"
-    ):
+    with pytest.raises(StepadaptError, match=r"Gaussian expert on \[300, 1000\) serves 70% .*--gaussian off"):
         make_plan(D, SNR, 1_000_000, groups=3, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
                   gaussian_from=300, gaussian_macs=20_000)  # fmt: skip
     bad = make_plan(D, SNR, 1, groups=2, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER).to_dict()
