@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
 from stepadapt.models import DEFAULT_BASE, load_base
@@ -66,18 +67,15 @@ class Demo:
 
         c, s = self.shape[0], self.shape[1]
         self.state["proxy"] = proxy_sets("fashion-mnist", self.proxy_size, s, c)
-        from stepadapt.gaussian import affordable
-        from stepadapt.prune import count_macs
+        from stepadapt.gaussian import gaussian_for
 
-        why_not = affordable(self.shape, count_macs(self.model)[0]) if self.gaussian else "turned off"
-        if why_not:
-            self.log(f"no Gaussian expert: {why_not}")
+        if not self.gaussian:
+            self.log("no Gaussian expert: turned off")
         else:
-            from stepadapt.data import load_dataset
-            from stepadapt.gaussian import fit_gaussian
-
-            data = load_dataset("fashion-mnist", "train", s, c)
-            self.state["gaussian"] = fit_gaussian(data, self.scheduler)
+            try:
+                self.state["gaussian"] = gaussian_for(self.model, self.scheduler, "fashion-mnist")
+            except StepadaptError as e:
+                self.log(f"no Gaussian expert: {e}")
         plan, profiles = analyze_base(
             self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget,
             gaussian=self.state.get("gaussian"),

@@ -59,6 +59,7 @@ def analyze_base(
         choices = ", ".join((*MEASURES, "damage"))
         raise StepadaptError(f"unknown measure {measure!r}; choose one of {choices}")
     s = snr_profile(scheduler_cfg)
+    base_macs = count_macs(model)[0]
     chosen = None
     if gaussian is not None and gaussian_from is None and boundaries is None and groups < 2:
         gaussian = None  # auto, but a single group leaves no room for a second kind of expert
@@ -70,8 +71,7 @@ def analyze_base(
             chosen = {"rule": "auto", "from": cut, "tolerance_from": cut, "tolerance": tolerance}
             chosen["eps_mse"] = mse
             if budget is not None and cut < len(s):  # never so far down that the budget cannot be spent
-                cut = _spendable_from(cut, budget, gaussian.macs / count_macs(model)[0], sampler, steps,
-                                      scheduler_cfg)  # fmt: skip
+                cut = _spendable_from(cut, budget, gaussian.macs / base_macs, sampler, steps, scheduler_cfg)
                 chosen["from"] = cut
             gaussian_from = cut if cut < len(s) else None
     profiles = {
@@ -81,7 +81,7 @@ def analyze_base(
     plan = make_plan(
         profiles[measure],
         s,
-        count_macs(model)[0],
+        base_macs,
         groups=groups,
         partition_kind=partition,
         boundaries=boundaries,

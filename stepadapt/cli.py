@@ -336,22 +336,16 @@ def _parse_gaussian(text: str) -> str | int:
 
 def _gaussian_for(choice: str | int, data: str, model, sched_cfg: dict):
     """The fitted Gaussian expert, or None: off, or auto where it cannot pay (said in one line)."""
-    from stepadapt.data import load_dataset
-    from stepadapt.gaussian import affordable, fit_gaussian
-    from stepadapt.prune import count_macs
+    from stepadapt.gaussian import gaussian_for
 
     if choice == "off":
         return None
-    c, size = model.config.in_channels, model.config.sample_size
-    why_not = affordable((c, size, size), count_macs(model)[0])
-    if why_not is None:
-        try:
-            return fit_gaussian(load_dataset(data, "train", size, c), sched_cfg)
-        except StepadaptError as e:
-            why_not = str(e)
-    if choice != "auto":
-        raise StepadaptError(f"Gaussian expert ({choice}): {why_not}")
-    console.print(f"no Gaussian expert: {why_not}")
+    try:
+        return gaussian_for(model, sched_cfg, data)
+    except StepadaptError as e:
+        if choice != "auto":
+            raise StepadaptError(f"Gaussian expert ({choice}): {e}") from None
+        console.print(f"no Gaussian expert: {e}")
     return None
 
 

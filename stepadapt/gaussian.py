@@ -61,8 +61,7 @@ class GaussianDenoiser(torch.nn.Module):
 
     @property
     def macs(self) -> int:
-        """Per image: two D x D products (the elementwise steps are negligible)."""
-        return 2 * self.basis.shape[0] ** 2
+        return macs_for(self.sample_shape)
 
     @property
     def params(self) -> int:
@@ -98,7 +97,8 @@ class GaussianDenoiser(torch.nn.Module):
 
 
 def macs_for(sample_shape: tuple[int, ...]) -> int:
-    """What a Gaussian expert for images of this shape costs per image: 2 x D^2 for D pixels."""
+    """What a Gaussian expert for images of this shape costs per image: two D x D products for D
+    pixels (the elementwise steps are negligible)."""
     return 2 * int(np.prod(sample_shape)) ** 2
 
 
@@ -130,6 +130,19 @@ def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
     return GaussianDenoiser(
         mean, basis, lam.clamp(min=0.0), sched.alphas_cumprod, sample_shape=tuple(data.shape[1:])
     ).eval()
+
+
+def gaussian_for(base: torch.nn.Module, scheduler_cfg: dict, data: str) -> GaussianDenoiser:
+    """The Gaussian expert for ``base``, fitted to the training images of ``data`` (a dataset name,
+    folder or .npz); a one-line StepadaptError where it cannot pay or cannot be fitted."""
+    from stepadapt.data import load_dataset
+    from stepadapt.prune import count_macs
+
+    c, size = base.config.in_channels, base.config.sample_size
+    why_not = affordable((c, size, size), count_macs(base)[0])
+    if why_not is not None:
+        raise StepadaptError(why_not)
+    return fit_gaussian(load_dataset(data, "train", size, c), scheduler_cfg)
 
 
 @torch.no_grad()
