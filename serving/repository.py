@@ -1,12 +1,21 @@
-"""Exported bundle -> Triton model repository.
+"""Exported bundle -> Triton model repository, in one of two layouts.
 
+``fused`` (default): the experts run inside the router's process, so a step
+costs no hop; concurrent requests are stepped together as one batch.
+```
+generate/        front.py: the endpoint; hands each request to sampler (numpy only)
+sampler/         generate.py + manifest.json + <expert>.onnx; dynamic batching over requests
+generate_stream/ generate.py, decoupled (one message per step), experts in process
+```
+``bls``: each expert is its own Triton model and every step is a BLS call to
+it; the layout for a full Triton with GPU backends (TensorRT, onnxruntime).
 ```
 expert_<name>/config.pbtxt            python backend + onnxruntime, KIND_CPU, dynamic batching
 expert_<name>/configs/gpu.pbtxt       full Triton on GPU (--model-config-name gpu)
 expert_<name>/1/{model.py,model.onnx}
-generate/config.pbtxt, 1/{model.py,manifest.json}
-generate_stream/...                   the same router, decoupled (one message per step)
+generate/, generate_stream/           generate.py + manifest.json, BLS per step
 ```
+Router overhead per layout is measured by ``stepadapt bench`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,13 +33,19 @@ from stepadapt.io import atomic_dir
 MODELS_SRC = Path(__file__).parent / "triton_models"
 
 
+LAYOUTS = ("fused", "bls")
+
+
 @dataclass
 class RepositoryOptions:
-    threads: int = 1  # onnxruntime threads per expert instance
-    instances: int = 1  # expert instances (KIND_CPU)
+    threads: int = 1  # onnxruntime threads per expert session
+    instances: int = 1  # expert instances (bls) or sampler instances (fused), KIND_CPU
     max_batch: int = 64  # images per expert batch, also the most images one request may ask for
     queue_delay_us: int = 0  # extra wait for batching; on a saturated CPU 0 measured best (docs/results.md)
-    router_instances: int = 2  # concurrent generate requests per router model
+    router_instances: int = 2  # bls: requests the router runs at once (each steps alone)
+    front_instances: int = 8  # fused: requests the endpoint accepts at once (each waits on the sampler)
+    layout: str = "fused"
+    max_requests: int = 16  # fused: requests the sampler steps together in one batch
 
 
 def _params(d: dict[str, str]) -> str:
@@ -78,6 +93,51 @@ instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 """
 
 
+def _router_inputs(dims: str) -> str:
+    return "\n".join(
+        f'  {{ name: "{n}" data_type: {t} dims: {dims} optional: true }},'
+        for n, t in (
+            ("seed", "TYPE_INT64"),
+            ("num_images", "TYPE_INT32"),
+            ("steps", "TYPE_INT32"),
+            ("sampler", "TYPE_STRING"),
+            ("eta", "TYPE_FP32"),
+        )  # fmt: skip
+    ).rstrip(",")
+
+
+def front_config(shape: tuple, o: RepositoryOptions) -> str:
+    """The fused layout's endpoint: the same inputs and outputs as the bls router."""
+    c, h, w = shape
+    return f"""name: "generate"
+backend: "python"
+max_batch_size: 0
+input [
+{_router_inputs("[ 1 ]")}
+]
+output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
+instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
+{_params({"target": "sampler"})}
+"""
+
+
+def sampler_config(shape: tuple, o: RepositoryOptions) -> str:
+    """Requests carry a batch axis of 1 so Triton's dynamic batcher can hand several to one call."""
+    c, h, w = shape
+    params = {"max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads)}
+    return f"""name: "sampler"
+backend: "python"
+max_batch_size: {o.max_requests}
+input [
+{_router_inputs("[ 1 ]")}
+]
+output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
+instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
+{_params(params)}
+"""
+
+
 def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool) -> str:
     c, h, w = shape
     stream_out = (
@@ -89,21 +149,20 @@ def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool
         else ""
     )
     policy = "model_transaction_policy { decoupled: true }\n" if decoupled else ""
+    params = {"max_images": str(o.max_batch)}
+    if o.layout == "fused":
+        params.update(experts="local", threads=str(o.threads))
     return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
 input [
-  {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
-  {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "sampler" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
-  {{ name: "eta" data_type: TYPE_FP32 dims: [ 1 ] optional: true }}
+{_router_inputs("[ 1 ]")}
 ]
 output [
 {stream_out}  {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }}
 ]
 {policy}instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
-{_params({"max_images": str(o.max_batch)})}
+{_params(params)}
 """
 
 
@@ -112,15 +171,37 @@ def write_repository(
 ) -> Path:
     """Write the model repository for an exported bundle (atomically)."""
     o = options or RepositoryOptions()
+    if o.layout not in LAYOUTS:
+        raise StepadaptError(f"unknown repository layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
     shape = tuple(bundle.manifest.sample_shape)
     path = Path(path)
+    onnx = {}
+    for e in bundle.experts:
+        if not e.onnx:
+            raise StepadaptError(
+                f"expert {e.name} has no ONNX file: run 'stepadapt export {bundle.path}' first"
+            )
+        onnx[e.name] = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
+    manifest = json.dumps(bundle.manifest.to_dict())
+
+    def router(d: Path, config: str, local: bool) -> None:
+        (d / "1").mkdir(parents=True)
+        (d / "config.pbtxt").write_text(config)
+        shutil.copy(MODELS_SRC / "generate.py", d / "1" / "model.py")
+        (d / "1" / "manifest.json").write_text(manifest)
+        for name, src in onnx.items() if local else ():
+            shutil.copy(src, d / "1" / f"{name}.onnx")
+
     with atomic_dir(path) as tmp:
+        if o.layout == "fused":
+            (tmp / "generate" / "1").mkdir(parents=True)
+            (tmp / "generate" / "config.pbtxt").write_text(front_config(shape, o))
+            shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
+            router(tmp / "sampler", sampler_config(shape, o), local=True)
+            router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
+            return path
         for e in bundle.experts:
-            if not e.onnx:
-                raise StepadaptError(
-                    f"expert {e.name} has no ONNX file: run 'stepadapt export {bundle.path}' first"
-                )
-            onnx_path = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
+            onnx_path = onnx[e.name]
             d = tmp / f"expert_{e.name}"
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
@@ -133,9 +214,5 @@ def write_repository(
             if e.trt:
                 shutil.copy(bundle.path / e.trt["path"], d / "1" / "model.plan")
         for name, decoupled in (("generate", False), ("generate_stream", True)):
-            d = tmp / name
-            (d / "1").mkdir(parents=True)
-            (d / "config.pbtxt").write_text(router_config(name, shape, o, decoupled))
-            shutil.copy(MODELS_SRC / "generate.py", d / "1" / "model.py")
-            (d / "1" / "manifest.json").write_text(json.dumps(bundle.manifest.to_dict()))
+            router(tmp / name, router_config(name, shape, o, decoupled), local=False)
     return path

@@ -680,8 +680,18 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
-    threads: Annotated[int, typer.Option(help="onnxruntime threads per expert instance.")] = 1,
-    instances: Annotated[int, typer.Option(help="Instances per expert.")] = 1,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="fused: the experts run inside the router, concurrent requests share each step's "
+            "batch (fastest on CPU, docs/benchmarks.md). bls: each expert is a Triton model called "
+            "once per step (for a full Triton's GPU backends)."
+        ),
+    ] = "fused",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads per session.")] = 1,
+    instances: Annotated[
+        int, typer.Option(help="Copies of the sampler (fused) or of each expert (bls) running at once.")
+    ] = 2,
     max_images: Annotated[
         int, typer.Option(help="Most images one request may ask for (= expert max batch).")
     ] = 64,
@@ -701,7 +711,7 @@ def serve(
 
     try:
         b = Bundle.load(bundle)
-        opts = RepositoryOptions(threads=threads, instances=instances, max_batch=max_images)
+        opts = RepositoryOptions(threads=threads, instances=instances, max_batch=max_images, layout=layout)
         repo_path = write_repository(b, repo or b.path / "triton", opts)
         server = TritonServer(
             repo_path, host=host, http_port=http_port, grpc_port=grpc_port,
@@ -728,6 +738,73 @@ def serve(
     finally:
         console.print("stopping tritonserver ...")
         server.stop()
+
+
+@app.command()
+def bench(
+    bundles: Annotated[
+        list[Path] | None, typer.Argument(help="Bundle directories to measure (none: only --docs).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A small run (CI): batches 1 and 8, 10 steps, few requests.")
+    ] = False,
+    sections: Annotated[
+        str, typer.Option(help="Comma-separated: flops, latency, trajectory, serving.")
+    ] = "flops,latency,trajectory,serving",
+    base: Annotated[
+        Path | None, typer.Option(help="Base model dir for the base arm (default: the architecture, fresh).")
+    ] = None,
+    results: Annotated[Path, typer.Option(help="Where bench-<name>.json goes.")] = Path("benchmarks/results"),
+    docs: Annotated[
+        Path | None, typer.Option(help="Regenerate this page (and its plots) from the reports in --results.")
+    ] = None,
+    work: Annotated[Path, typer.Option(help="Exported arms and Triton repositories (reused).")] = Path(
+        "runs/bench-work"
+    ),
+    concurrency: Annotated[str | None, typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
+    requests: Annotated[int | None, typer.Option(help="Requests per concurrency level.")] = None,
+    layouts: Annotated[str | None, typer.Option(help="Repository layouts to serve: fused,bls.")] = None,
+) -> None:
+    """Latency/FLOP benchmark: MACs per expert and per image, latency per step per backend beside the
+    MAC ratio, time per image in process and through the endpoint, and serving under concurrency.
+
+    Writes RESULTS/bench-<bundle name>.json (machine, versions, commit, settings, raw samples). With
+    --docs, renders every report in RESULTS into that page with PNG plots.
+    """
+    import dataclasses
+    import shlex
+    import sys
+
+    from stepadapt.benchmarks.bench import BenchSettings, run_bench, write_report
+
+    try:
+        settings = BenchSettings.quick_run() if quick else BenchSettings()
+        changes: dict = {"sections": tuple(x.strip() for x in sections.split(",") if x.strip())}
+        if concurrency:
+            changes["concurrency"] = tuple(_parse_ints(concurrency, "--concurrency"))
+        if requests:
+            changes["requests"] = requests
+        if layouts:
+            changes["layouts"] = tuple(x.strip() for x in layouts.split(","))
+        settings = dataclasses.replace(settings, **changes)
+        if not bundles and not docs:
+            raise StepadaptError("nothing to do: name a bundle to measure, or --docs to render the reports")
+        command = "stepadapt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        for b in bundles or []:
+            report = run_bench(b, settings, work=work / b.name, base=base, command=command, log=console.print)
+            out.print(f"report -> {write_report(report, results)}")
+        if docs:
+            out.print(f"page -> {_render_docs(results, docs)}")
+    except StepadaptError as e:
+        _fail(e)
+
+
+def _render_docs(results: Path, docs: Path) -> Path:
+    from stepadapt.benchmarks.report import render
+    from stepadapt.io import read_json
+
+    reports = [read_json(p, "bench report") for p in sorted(results.glob("bench-*.json"))]
+    return render(reports, docs)
 
 
 @app.command()

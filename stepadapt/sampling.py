@@ -101,11 +101,13 @@ def sample(
     steps: int,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_t``; returns x_0 in [-1, 1] (model range).
 
+    ``generator`` may be one per image (diffusers draws each image's noise from
+    its own), which is what lets unrelated requests share a batch.
     ``callback(i, t, x)`` runs after every step (progress bars, streaming).
     """
     scheduler.set_timesteps(steps)
@@ -185,12 +187,48 @@ def sample_images(
             x_t[lo : lo + batch],
             steps,
             eta=eta,
-            generator=gen,
+            generator=[gen] * len(x_t[lo : lo + batch]),
             callback=callback,
         )  # fmt: skip
         for lo in range(0, n, batch)
     ]
     return to_uint8(torch.cat(chunks))
+
+
+def sample_together(
+    denoiser: Denoiser,
+    scheduler_cfg: dict,
+    shape: Sequence[int],
+    requests: Sequence[tuple[int, int]],
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+) -> list[np.ndarray]:
+    """Several requests ``(n, seed)`` as one batch, stepped in lockstep.
+
+    Each request gets exactly the images ``sample_images(..., n, seed=seed)``
+    gives it alone (its own x_T and its own noise generator), so a server may
+    batch the steps of concurrent requests without changing what anyone gets.
+    """
+    if not requests:
+        return []
+    noise, generators = [], []
+    for n, seed in requests:
+        x, g = initial_noise(n, shape, seed)
+        noise.append(x)
+        generators += [g] * n
+    x0 = sample(
+        denoiser,
+        make_scheduler(sampler, scheduler_cfg),
+        torch.cat(noise),
+        steps,
+        eta=eta,
+        generator=generators,
+    )
+    images = to_uint8(x0)
+    ends = np.cumsum([n for n, _ in requests])
+    return np.split(images, ends[:-1])
 
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:

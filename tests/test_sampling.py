@@ -9,6 +9,8 @@ from stepadapt.sampling import (
     make_grid,
     module_denoiser,
     sample,
+    sample_images,
+    sample_together,
     save_grid,
     to_uint8,
     validate_request,
@@ -109,3 +111,23 @@ def test_swapped_in_gives_one_interval_to_the_other_denoiser():
     assert out.tolist() == [0.0, 0.0, 1.0, 1.0]
     assert r(x[:1], torch.tensor([999])).sum() == 0
     assert swapped_in(base, other, 0, 1000, 1000).boundaries == [0, 1000]
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
+def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
+    """Lockstep batching (the server's) must not change anyone's images, noise included."""
+
+    def den(x, t):  # per-sample, so batching cannot change the arithmetic
+        return 0.3 * x + 1e-3 * t.view(-1, 1, 1, 1).float()
+
+    shape = (3, 7, 7)  # 147 values per image: not a multiple of torch's 16-wide normal sampler
+    kw = dict(steps=8, sampler=sampler, eta=eta)
+    together = sample_together(den, DEFAULT_SCHEDULER, shape, [(2, 11), (1, 12), (3, 11)], **kw)
+    alone = [
+        sample_images(den, DEFAULT_SCHEDULER, shape, n, seed=seed, **kw)
+        for n, seed in [(2, 11), (1, 12), (3, 11)]
+    ]
+    assert [a.shape for a in together] == [(2, 7, 7, 3), (1, 7, 7, 3), (3, 7, 7, 3)]
+    for a, b in zip(together, alone, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(together[0], together[1][:1].repeat(2, 0))

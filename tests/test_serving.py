@@ -21,13 +21,21 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def served(tiny_bundle, tmp_path_factory):
+def exported(tiny_bundle, tmp_path_factory):
     d = tmp_path_factory.mktemp("s") / "bundle"
     shutil.copytree(tiny_bundle, d)
     b = Bundle.load(d)
     export_bundle(b, batches=(2,))
-    repo = write_repository(b, d / "triton", RepositoryOptions(max_batch=8, queue_delay_us=1000))
-    with TritonServer(repo, log_path=d / "triton.log") as server:
+    return b
+
+
+@pytest.fixture(scope="module", params=["fused", "bls"])
+def served(exported, request):
+    """Every endpoint test runs against both repository layouts."""
+    b = exported
+    options = RepositoryOptions(max_batch=8, queue_delay_us=1000, layout=request.param, front_instances=4)
+    repo = write_repository(b, b.path / f"triton-{request.param}", options)
+    with TritonServer(repo, log_path=b.path / f"triton-{request.param}.log") as server:
         yield b, server
 
 
@@ -142,12 +150,45 @@ def test_bounded_load_run(served):
     assert server.ready()
 
 
-def test_failed_model_load_reports_tritons_message(served, tmp_path):
-    b, _ = served
-    repo = write_repository(b, tmp_path / "repo")
-    (repo / "expert_g1" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(StepadaptError, match="expert_g1"):
+@pytest.mark.parametrize("layout, broken, named", [
+    ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "sampler/1/g1.onnx", "g1.onnx"),
+])  # fmt: skip
+def test_failed_model_load_reports_tritons_message(exported, tmp_path, layout, broken, named):
+    repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(layout=layout, front_instances=1))
+    (repo / broken).write_bytes(b"not an onnx file")
+    with pytest.raises(StepadaptError, match=named):
         TritonServer(repo, log_path=tmp_path / "log").start(timeout=120)
+
+
+def test_layouts_hold_the_models_they_promise(exported, tmp_path):
+    fused = write_repository(exported, tmp_path / "f", RepositoryOptions(layout="fused"))
+    bls = write_repository(exported, tmp_path / "b", RepositoryOptions(layout="bls"))
+    names = {e.name for e in exported.experts}
+    assert {p.name for p in fused.iterdir()} == {"generate", "sampler", "generate_stream"}
+    assert {p.name for p in (fused / "sampler" / "1").glob("*.onnx")} == {f"{n}.onnx" for n in names}
+    assert "max_batch_size: 16" in (fused / "sampler" / "config.pbtxt").read_text()
+    assert {p.name for p in bls.iterdir()} == {"generate", "generate_stream"} | {f"expert_{n}" for n in names}
+    with pytest.raises(StepadaptError, match="unknown repository layout"):
+        write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
+
+
+def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path):
+    """The fused sampler steps concurrent requests together (its log counts them) and each still
+    gets what the in-process sampler gives it alone."""
+    options = RepositoryOptions(layout="fused", instances=1, queue_delay_us=200_000, front_instances=4)
+    repo = write_repository(exported, tmp_path / "repo", options)
+    reqs = [GenerateRequest(num_images=n, steps=STEPS, seed=s) for n, s in [(1, 5), (2, 6), (1, 7)]]
+    with TritonServer(repo, log_path=tmp_path / "log", verbose=1) as server:
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda r: generate(server.http_url, r), reqs))
+    log = (tmp_path / "log").read_text()
+    local = onnx_router(exported)
+    m = exported.manifest
+    for r, images in zip(reqs, got, strict=True):
+        alone = sample_images(local, m.scheduler, m.sample_shape, r.num_images, steps=STEPS, seed=r.seed)
+        assert images.shape == alone.shape
+        assert np.abs(images.astype(int) - alone.astype(int)).max() <= 2
+    assert "model sampler, instance sampler_0_0, executing 3 requests" in log
 
 
 def test_generate_cli_plain_and_streaming(served, tmp_path):

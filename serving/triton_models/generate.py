@@ -1,27 +1,45 @@
 """Triton python-backend model: the router.
 
 Runs stepadapt's own sampling loop (imported, not copied) with a Router whose
-experts are BLS calls to ``expert_<name>``. ``generate`` answers once with the
-images; ``generate_stream`` (decoupled) also sends one message per step.
+experts are either onnxruntime sessions in this process (``experts: local``,
+the default layout: no hop per step) or BLS calls to ``expert_<name>``
+(``experts: bls``: each expert its own Triton model, e.g. TensorRT on a GPU).
+
+Given several requests at once (dynamic batching), the ones that ask for the
+same sampler, steps and eta run as one batch in lockstep; each still gets the
+images it would get alone (``sample_together``). ``generate_stream``
+(decoupled) runs one request at a time and sends a message per step.
 """
 
 import json
 import os
+import sys
+from collections import defaultdict
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from stepadapt import StepadaptError
-from stepadapt.sampling import Router, sample_images, validate_request
+from stepadapt.sampling import Router, sample_images, sample_together, validate_request
 from stepadapt.schedule import SAMPLERS
 
 
-def _error(msg):
+def _error(msg, client=True):
+    code = "INVALID_ARG" if client else "INTERNAL"
     try:
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG))
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))
+        )
     except (AttributeError, TypeError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+
+
+def _internal(e):
+    """Our failure: a short line for the client, the details in the server log."""
+    pb_utils.Logger.log_error(f"generate: {type(e).__name__}: {e}")
+    print(f"generate: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return _error(f"internal error ({type(e).__name__}); see the server log", client=False)
 
 
 def _bls_expert(model_name):
@@ -30,14 +48,14 @@ def _bls_expert(model_name):
             model_name=model_name,
             requested_output_names=["eps"],
             inputs=[
-                pb_utils.Tensor("sample", x.numpy().astype(np.float32)),
-                pb_utils.Tensor("timestep", t.numpy().astype(np.int64).reshape(-1, 1)),
+                pb_utils.Tensor("sample", x.numpy().astype(np.float32, copy=False)),
+                pb_utils.Tensor("timestep", t.numpy().astype(np.int64, copy=False).reshape(-1, 1)),
             ],
         )
         resp = req.exec()
         if resp.has_error():
             raise StepadaptError(f"{model_name}: {resp.error().message()}")
-        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy().copy())
+        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy())
 
     return call
 
@@ -50,7 +68,12 @@ def _scalar(request, name, default):
     if a.size != 1:
         raise StepadaptError(f"input {name} must hold exactly one value, got {a.size}")
     v = a[0]
-    return v.decode() if isinstance(v, bytes) else v.item()
+    if isinstance(v, bytes):
+        try:
+            return v.decode()
+        except UnicodeDecodeError:
+            raise StepadaptError(f"input {name} is not UTF-8 text") from None
+    return v.item()
 
 
 class TritonPythonModel:
@@ -65,11 +88,19 @@ class TritonPythonModel:
         self.shape = tuple(manifest["sample_shape"])
         self.names = [e["name"] for e in manifest["experts"]]
         bounds = [e["timesteps"][0] for e in manifest["experts"]] + [manifest["experts"][-1]["timesteps"][1]]
-        self.router = Router(bounds, [_bls_expert(f"expert_{n}") for n in self.names])
+        if params.get("experts", "bls") == "local":
+            from stepadapt.export.onnx import OnnxDenoiser
+
+            threads = int(params.get("threads", "1"))
+            experts = [OnnxDenoiser(os.path.join(version_dir, f"{n}.onnx"), threads) for n in self.names]
+        else:
+            experts = [_bls_expert(f"expert_{n}") for n in self.names]
+        self.router = Router(bounds, experts)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
+        self.batched = int(cfg.get("max_batch_size", 0)) > 0  # then every tensor has a leading 1
         torch.set_num_threads(1)
 
-    def _run(self, request, callback=None):
+    def _parse(self, request):
         seed = int(_scalar(request, "seed", 0))
         n = int(_scalar(request, "num_images", 1))
         steps = int(_scalar(request, "steps", 50))
@@ -78,24 +109,52 @@ class TritonPythonModel:
         if sampler not in SAMPLERS:
             raise StepadaptError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         validate_request(steps, n, eta, self.max_images, int(self.scheduler["num_train_timesteps"]))
-        return sample_images(
-            self.router, self.scheduler, self.shape, n, steps=steps, sampler=sampler, eta=eta,
-            seed=seed, batch=self.max_images, callback=callback,
-        )  # fmt: skip
+        return seed, n, steps, sampler, eta
 
     def execute(self, requests):
         if self.decoupled:
             for r in requests:
                 self._stream(r)
             return None
-        responses = []
-        for r in requests:
+        responses = [None] * len(requests)
+        groups = defaultdict(list)  # (sampler, steps, eta) -> [(index, n, seed)]
+        for i, r in enumerate(requests):
             try:
-                images = self._run(r)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("images", images)]))
+                seed, n, steps, sampler, eta = self._parse(r)
+                groups[(sampler, steps, eta)].append((i, n, seed))
             except StepadaptError as e:
-                responses.append(_error(str(e)))
+                responses[i] = _error(str(e))
+            except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
+                responses[i] = _internal(e)
+        for (sampler, steps, eta), members in groups.items():
+            for chunk in self._chunks(members):
+                try:
+                    images = sample_together(
+                        self.router, self.scheduler, self.shape, [(n, seed) for _, n, seed in chunk],
+                        steps=steps, sampler=sampler, eta=eta,
+                    )  # fmt: skip
+                    for (i, _, _), im in zip(chunk, images, strict=True):
+                        out = im[None] if self.batched else im
+                        responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("images", out)])
+                except StepadaptError as e:
+                    for i, _, _ in chunk:
+                        responses[i] = _error(str(e), client=False)
+                except Exception as e:  # noqa: BLE001
+                    for i, _, _ in chunk:
+                        responses[i] = _internal(e)
         return responses
+
+    def _chunks(self, members):
+        """Consecutive runs of requests whose images together fit one batch."""
+        chunk, total = [], 0
+        for m in members:
+            if chunk and total + m[1] > self.max_images:
+                yield chunk
+                chunk, total = [], 0
+            chunk.append(m)
+            total += m[1]
+        if chunk:
+            yield chunk
 
     def _stream(self, request):
         sender = request.get_response_sender()
@@ -112,11 +171,15 @@ class TritonPythonModel:
                 )
             )
 
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            images = self._run(request, progress)
-            sender.send(
-                pb_utils.InferenceResponse([pb_utils.Tensor("images", images)]),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
+            seed, n, steps, sampler, eta = self._parse(request)
+            images = sample_images(
+                self.router, self.scheduler, self.shape, n, steps=steps, sampler=sampler, eta=eta,
+                seed=seed, batch=self.max_images, callback=progress,
+            )  # fmt: skip
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("images", images)]), flags=final)
         except StepadaptError as e:
-            sender.send(_error(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(_error(str(e)), flags=final)
+        except Exception as e:  # noqa: BLE001
+            sender.send(_internal(e), flags=final)

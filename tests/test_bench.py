@@ -1,0 +1,69 @@
+"""`stepadapt bench --quick` end to end (real onnxruntime, real Triton): the report's schema and
+that every figure is a positive finite number; never the values themselves."""
+
+import copy
+import json
+
+import pytest
+from stepadapt.benchmarks.bench import SECTIONS, check_report
+from typer.testing import CliRunner
+
+from stepadapt.cli import app
+from stepadapt.models import DEFAULT_BASE
+
+SHIPPED = DEFAULT_BASE.parent / "fashion-tiny-experts"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    args = ["bench", str(SHIPPED), "--quick", "--results", str(d / "results"),
+            "--docs", str(d / "docs" / "benchmarks.md"), "--work", str(d / "work")]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return d, json.loads((d / "results" / "bench-fashion-tiny-experts.json").read_text())
+
+
+def test_quick_bench_report_is_complete_and_sound(quick):
+    _, report = quick
+    assert check_report(report) == []
+    assert set(SECTIONS) <= set(report)
+    assert report["settings"]["quick"] is True and report["machine"]["cores"] >= 1
+    arms = {c["arm"] for c in report["latency"]["cells"]}
+    assert arms == {"base", "uniform", "experts"}
+    cells = report["latency"]["cells"]
+    assert {(c["backend"], c["batch"]) for c in cells} == {
+        (b, n) for b in ("torch", "onnxruntime-t1") for n in (1, 8)
+    }
+    assert all(len(c["samples_ms"]) >= 3 for c in cells)
+    assert [lv["concurrency"] for lv in report["serving"]["layouts"]["fused"]["levels"]] == [1, 4]
+    assert all(lv["requests"] >= lv["concurrency"] for lv in report["serving"]["layouts"]["fused"]["levels"])
+    experts = [t for t in report["flops"]["trajectory"] if t["arm"] == "experts"]
+    assert all(0 < t["mac_ratio"] < 1 for t in experts)  # the shipped bundle is pruned
+
+
+def test_quick_bench_renders_the_page_and_plots(quick):
+    d, report = quick
+    page = (d / "docs" / "benchmarks.md").read_text()
+    assert "## fashion-tiny-experts" in page and report["command"] in page
+    for kind in ("latency", "serving"):
+        png = d / "docs" / "images" / f"bench-fashion-tiny-experts-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"images/{png.name}" in page
+
+
+def test_check_report_names_what_is_wrong(quick):
+    _, report = quick
+    bad = copy.deepcopy(report)
+    bad["latency"]["cells"][0]["median_ms"] = float("nan")
+    bad["serving"]["layouts"]["fused"]["levels"][0]["images_per_s"] = -1.0
+    del bad["machine"]
+    problems = check_report(bad)
+    assert "missing machine" in problems
+    assert any(p.startswith("latency.cells[0].median_ms") for p in problems)
+    assert any("levels[0].images_per_s" in p for p in problems)
+
+
+def test_bench_refuses_unknown_sections(tmp_path):
+    r = CliRunner().invoke(app, ["bench", str(SHIPPED), "--sections", "flops,speed", "--work", str(tmp_path)])
+    assert r.exit_code != 0 and "unknown bench section" in r.output
