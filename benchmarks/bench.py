@@ -79,6 +79,7 @@ class BenchSettings:
     warmup: int = 2
     steps: tuple[int, ...] = (50, 25)
     trajectory_repeats: int = 3
+    overhead_repeats: int = 15  # endpoint / in-process pairs for the experts' router overhead
     trajectory_backends: tuple[str, ...] = ("torch", "onnxruntime-t2")
     endpoint_arms: tuple[str, ...] = ARMS
     layouts: tuple[str, ...] = ("fused", "bls")
@@ -94,7 +95,7 @@ class BenchSettings:
     def quick_run(cls) -> BenchSettings:
         return cls(
             quick=True, batches=(1, 8), backends=("torch", "onnxruntime-t1"), repeats=3, warmup=1,
-            steps=(10,), trajectory_repeats=1, trajectory_backends=("onnxruntime-t1",),
+            steps=(10,), trajectory_repeats=1, overhead_repeats=3, trajectory_backends=("onnxruntime-t1",),
             endpoint_arms=("experts",), layouts=("fused",), concurrency=(1, 4), requests=8,
             serving_steps=10,
         )  # fmt: skip
@@ -164,15 +165,9 @@ def prepare_arms(bundle: Bundle, work: Path, base_dir: Path | None = None, log=p
 
 
 def _onnx_session(path: Path, backend: str):
-    import onnxruntime as ort
-
+    """``onnxruntime[-basic]-t<threads>``: the level of graph optimisation and the thread count."""
     threads = int(backend.rsplit("-t", 1)[1])
-    if "-basic-" not in backend:
-        return session(path, threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads, level="basic" if "-basic-" in backend else "all")
 
 
 def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -385,8 +380,9 @@ def serving_section(
             with server, Endpoint(server.http_url) as endpoint:
                 # Warm-up: every instance, every expert (5 DDIM steps visit each interval here).
                 _load(server.http_url, 2 * s.instances, 4 * s.instances, WARMUP_STEPS)
+                repeats = s.overhead_repeats if arm == "experts" else s.trajectory_repeats
                 for n in s.steps:
-                    for r in range(s.trajectory_repeats):  # interleaved with the in-process run
+                    for r in range(repeats):  # interleaved with the in-process run
                         req = GenerateRequest(num_images=1, steps=n, seed=r)
                         t = _timed(endpoint.generate, req)
                         served.setdefault((arm, layout, n), []).append(t)
@@ -477,11 +473,13 @@ def _steps_total(arms: dict[str, Bundle], s: BenchSettings) -> int:
     n = 0
     if "latency" in s.sections:
         models = sum(len(b.experts) for b in arms.values())
+        models -= sum(_is_base(e, arms["experts"].manifest) for e in arms["experts"].experts)
         n += len(s.batches) * s.repeats * models * len(s.backends)
     if "trajectory" in s.sections:
         n += len(arms) * len(s.trajectory_backends) * len(s.steps) * s.trajectory_repeats
     if "serving" in s.sections:
-        n += (len(s.endpoint_arms) + len(s.layouts) - 1) * len(s.steps) * s.trajectory_repeats
+        n += (len(s.endpoint_arms) - 1) * len(s.steps) * s.trajectory_repeats
+        n += len(s.layouts) * len(s.steps) * s.overhead_repeats
         n += len(s.layouts) * len(s.concurrency)
     return n
 

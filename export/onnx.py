@@ -31,6 +31,11 @@ from stepadapt.sampling import Router
 OPSET = 17
 FP32_ATOL = 1e-4
 PARITY_BATCHES = (1, 3, 8)
+GRAPH_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 class _EpsOnly(torch.nn.Module):
@@ -77,11 +82,17 @@ def export_model(model: Expert, path: str | os.PathLike, opset: int = OPSET) -> 
     return Path(path)
 
 
-def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+def session(path: str | os.PathLike, threads: int | None = None, level: str = "all") -> ort.InferenceSession:
+    """A CPU session. Its worker threads do not spin between runs: a router holds one session per
+    expert, and a pool spinning after its run steals the cores from the next expert's run
+    (measured 2-3 x slower steps with spinning; docs/benchmarks.md)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.graph_optimization_level = GRAPH_LEVELS[level]
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types

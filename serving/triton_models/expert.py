@@ -28,6 +28,9 @@ class TritonPythonModel:
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(params.get("threads", "1"))
         so.inter_op_num_threads = 1
+        # No spinning between runs: the other experts' instances need these cores (docs/benchmarks.md).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
         self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
