@@ -8,6 +8,7 @@ that produced it.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,28 @@ def _overhead(r: dict, layout: str, steps: int) -> float | None:
         if o["arm"] == "experts" and o["layout"] == layout and o["steps"] == steps:
             return o["router_overhead_ms_per_step"]
     return None
+
+
+def _overhead_ci(r: dict, o: dict, draws: int = 2000) -> tuple[float, float] | None:
+    """95% bootstrap interval of a router overhead from the raw endpoint and in-process samples."""
+    import random
+
+    rows = r.get("serving", {}).get("trajectory_rows", [])
+    be = f"onnxruntime-t{r['serving'].get('threads', 1)}"
+    e = next((x["samples_s"] for x in rows if (x["arm"], x["backend"], x["steps"])
+              == (o["arm"], f"endpoint-{o['layout']}", o["steps"])), None)  # fmt: skip
+    loc = next((x["samples_s"] for x in rows if (x["arm"], x["backend"], x["steps"])
+                == (o["arm"], be, o["steps"])), None)  # fmt: skip
+    if not e or not loc or len(e) < 3:
+        return None
+    rng = random.Random(0)
+    boots = sorted(
+        (statistics.median(rng.choices(e, k=len(e))) - statistics.median(rng.choices(loc, k=len(loc))))
+        * 1e3
+        / o["steps"]
+        for _ in range(draws)
+    )
+    return boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1]
 
 
 def _level(r: dict, layout: str, c: int) -> dict | None:
@@ -218,11 +241,21 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
             table.append(row)
         heads = [f"{lay}: images/s (p50 / p99)" for lay in s["layouts"]]
         out += _table(["concurrency", *heads, "in-process ceiling"], table)
-        out += _table(
-            ["arm", "layout", "steps", "endpoint", "in process", "router overhead per step"],
-            [[o["arm"], o["layout"], o["steps"], _ms(o["endpoint_ms"]), _ms(o["in_process_ms"]),
-              f"{o['router_overhead_ms_per_step']:.3f} ms"] for o in sv["router_overhead"]],
-        )  # fmt: skip
+        rows = []
+        for o in sv["router_overhead"]:
+            ci = _overhead_ci(r, o)
+            n = len(next(x["samples_s"] for x in sv["trajectory_rows"] if (x["arm"], x["backend"], x["steps"])
+                         == (o["arm"], f"endpoint-{o['layout']}", o["steps"])))  # fmt: skip
+            rows.append([o["arm"], o["layout"], o["steps"], n, _ms(o["endpoint_ms"]), _ms(o["in_process_ms"]),
+                         f"{o['router_overhead_ms_per_step']:.3f} ms",
+                         f"{ci[0]:.2f} .. {ci[1]:.2f} ms" if ci else "—"])  # fmt: skip
+        out += [
+            "Router overhead per step = (endpoint median − in-process median for the same one-image "
+            "requests, interleaved) / steps; 95% bootstrap interval beside it.",
+            "",
+        ]
+        heads = ["arm", "layout", "steps", "pairs", "endpoint", "in process", "router overhead per step"]
+        out += _table([*heads, "95% interval"], rows)
         if "serving" in images:
             out += [f"![serving]({images['serving']})", ""]
     t = targets(r)
