@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -163,12 +164,19 @@ class Memory:
             write_json(self.path, self.entries)
 
 
+def tensor_fingerprint(tensors: dict[str, torch.Tensor], extra: Any = None) -> str:
+    """Every byte of every tensor (and ``extra`` as JSON): a memory-bank entry is reused only for
+    the very same base and proxy images, never for one that merely starts alike."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for k, v in sorted(tensors.items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:24]
+
+
 def base_fingerprint(model: UNet2DModel) -> str:
-    h = hashlib.sha256(json.dumps(dict(model.config), sort_keys=True, default=str).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().flatten()[:64].numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_fingerprint(model.state_dict(), dict(model.config))
 
 
 @dataclass
@@ -197,6 +205,7 @@ def search_group(
     """Prune ``base`` to ``target_macs`` with each candidate; keep the lowest proxy loss."""
     memory = memory or Memory(None)
     fp = base_fingerprint(base)
+    proxy_fp = tensor_fingerprint({"train": proxy_train, "val": proxy_val})
     grad_batch = ProxyBatch.draw(proxy_train, lo, hi, seed)
     val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1)
     grads_cache: dict[str, dict] = {}
@@ -205,7 +214,7 @@ def search_group(
     for cand in candidates:
         key = memory.key(
             base=fp, lo=lo, hi=hi, target=round(float(target_macs)), cand=cand.label,
-            n_train=len(proxy_train), n_val=len(proxy_val), seed=seed,
+            proxy=proxy_fp, seed=seed,
         )  # fmt: skip
         hit = memory.get(key)
         if hit is not None:

@@ -7,6 +7,7 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.importance import Memory
+from stepadapt.models import build_unet
 from stepadapt.prune import count_macs
 
 
@@ -112,9 +113,34 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path)
 
 
-def test_memory_bank_makes_reruns_cheap(bundle_dir, tmp_path):
-    mem = Memory(bundle_dir.with_name("memory.json"))
-    assert len(mem.entries) == 3  # one candidate per group, remembered
+def test_memory_bank_makes_reruns_cheap(bundle_dir, tiny, tmp_path, monkeypatch):
+    import stepadapt.importance as imp
+    from stepadapt.prune import count_macs
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+
+    assert len(Memory(bundle_dir.with_name("memory.json")).entries) == 3  # one per group, on disk
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cand = (imp.Candidate("magnitude", False),)
+    target = 0.6 * count_macs(tiny)[0]
+
+    def search(base, data):
+        return imp.search_group(base, DEFAULT_SCHEDULER, 0, 500, target, data, data, candidates=cand,
+                                memory=Memory(tmp_path / "memory.json"))  # fmt: skip
+
+    first = search(tiny, x)
+    pruned = []
+    real = imp.prune_to_macs
+    monkeypatch.setattr(imp, "prune_to_macs", lambda *a, **k: pruned.append(1) or real(*a, **k))
+    again = search(tiny, x)
+    assert pruned == [], "a rerun must come from the memory bank, not prune again"
+    assert again.best.history == first.best.history and again.proxy_loss == first.proxy_loss
+    search(tiny, -x)  # same count, other images: not the same search
+    assert pruned == [1]
+    changed = build_unet("tiny", seed=0).eval()
+    with torch.no_grad():
+        changed.conv_out.weight.view(-1)[-1] += 1.0  # far past any tensor's first values
+    search(changed, x)
+    assert pruned == [1, 1]
 
 
 def test_half_precision_weights_load_back_as_float32(tiny_bundle, tmp_path):

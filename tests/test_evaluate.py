@@ -40,14 +40,21 @@ def test_kid_real_vs_real_is_near_zero_and_far_below_real_vs_noise(net, real):
     assert far > 0.2 and far > 20 * abs(same)
 
 
-def test_real_features_are_cached_and_a_corrupt_cache_is_recomputed(net, real, tmp_path):
+def test_real_features_are_cached_and_a_corrupt_cache_is_recomputed(net, real, tmp_path, monkeypatch):
+    import stepadapt.evaluate as ev
+
     images, feats = real
     a_images, a = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
     (cache,) = tmp_path.glob("real-*.safetensors")
+    computed = []
+    real_features = ev.features
+    monkeypatch.setattr(ev, "features", lambda *a, **k: computed.append(1) or real_features(*a, **k))
     b_images, b = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
+    assert computed == [], "the second call must read the cache, not run Inception"
     assert torch.equal(a, b) and np.array_equal(a_images, b_images)
     cache.write_bytes(b"not a safetensors file")
     _, c = real_set(net, "fashion-mnist", 8, 32, 1, cache_dir=tmp_path)
+    assert computed == [1]
     assert torch.allclose(a, c, atol=1e-4)
     assert cache.stat().st_size > 8 * 2048 * 4  # rewritten whole
 

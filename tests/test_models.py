@@ -37,9 +37,21 @@ def test_diffusers_dir_round_trip_is_exact(tmp_path, tiny):
     assert not list((tmp_path).glob(".m.*")), "temporary dirs must not be left behind"
 
 
-def test_overwriting_a_model_dir_is_atomic(tmp_path, tiny):
+def test_overwriting_a_model_dir_is_atomic(tmp_path, tiny, monkeypatch):
     save_base(tiny, tmp_path / "m")
     other = build_unet("tiny", seed=1)
+
+    def crash_half_way(self, directory, **kwargs):  # the weights are written, then the process dies
+        real_save(self, directory, **kwargs)
+        raise KeyboardInterrupt
+
+    real_save = type(other).save_pretrained
+    monkeypatch.setattr(type(other), "save_pretrained", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_base(other, tmp_path / "m")
+    loaded, _ = load_base(tmp_path / "m")  # a delete-then-write would have lost the old model here
+    assert torch.equal(loaded.conv_in.weight, tiny.conv_in.weight)
+    monkeypatch.undo()
     save_base(other, tmp_path / "m")
     loaded, _ = load_base(tmp_path / "m")
     assert torch.equal(loaded.conv_in.weight, other.conv_in.weight)
