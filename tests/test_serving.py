@@ -128,6 +128,26 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(served, inputs, messa
     assert ok.shape == (1, 32, 32, 1)
 
 
+def test_bad_bytes_are_a_400_in_one_line(served):
+    """A sampler that is not UTF-8 (binary BYTES over HTTP): the client's mistake, said in one line
+    with no traceback and no server paths."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    _, server = served
+    t = th.InferInput("sampler", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b"\xff\xfe\x00ddim"], dtype=np.object_), binary_data=True)
+    client = th.InferenceServerClient(server.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("generate", [t])
+    finally:
+        client.close()
+    msg = e.value.message()
+    assert msg == "input sampler is not UTF-8 text" and e.value.status() == "400"
+    assert generate(server.http_url, GenerateRequest(num_images=1, steps=2)).shape == (1, 32, 32, 1)
+
+
 def test_malformed_json_and_client_errors(served):
     _, server = served
     # Triton's HTTP frontend itself answers malformed JSON (with 500, its choice), naming the parse error.
