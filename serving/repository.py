@@ -212,7 +212,8 @@ def write_repository(
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             shutil.copy(onnx_path, d / "1" / "model.onnx")
             if e.trt:
-                shutil.copy(bundle.path / e.trt["path"], d / "1" / "model.plan")
+                plan = bundle.verify_file(e.trt["path"], e.trt["sha256"], f"TensorRT plan of expert {e.name}")
+                shutil.copy(plan, d / "1" / "model.plan")
         for name, decoupled in (("generate", False), ("generate_stream", True)):
             router(tmp / name, router_config(name, shape, o, decoupled), local=False)
     return path

@@ -35,11 +35,11 @@ from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
 from stepadapt.sampling import Denoiser, Router, module_denoiser
+from stepadapt.schema import safe_relative, validate_manifest
 
 BUNDLE_FORMAT = "stepadapt-bundle"
 BUNDLE_VERSION = 2  # 2: experts have a kind (1 loads as all U-Nets)
 MANIFEST = "manifest.json"
-EXPERT_KINDS = ("unet", "gaussian")
 
 
 @dataclass
@@ -113,6 +113,7 @@ class Manifest:
             raise StepadaptError("not a stepadapt bundle manifest (format field missing or wrong)")
         if d.get("version") not in (1, BUNDLE_VERSION):
             raise StepadaptError(f"unsupported bundle version {d.get('version')} (want {BUNDLE_VERSION})")
+        validate_manifest(d)
         body = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
             body["experts"] = [
@@ -247,11 +248,6 @@ class Bundle:
                 raise StepadaptError(
                     f"no expert covers timesteps [{a.hi}, {b.lo}) (gap between {a.name} and {b.name})"
                 )
-        for e in ordered:
-            if e.kind not in EXPERT_KINDS:
-                raise StepadaptError(
-                    f"expert {e.name} has unknown kind {e.kind!r}; choose one of {', '.join(EXPERT_KINDS)}"
-                )
         m.experts = ordered
         check_coverage(m.boundaries, m.num_train_timesteps)
         b = cls(path, m)
@@ -263,7 +259,10 @@ class Bundle:
         return b
 
     def verify_file(self, rel: str, sha: str, what: str) -> Path:
-        p = self.path / rel
+        p = self.path / safe_relative(rel, what)
+        root = self.path.resolve()
+        if root not in p.resolve().parents:  # a symlink out of the bundle
+            raise StepadaptError(f"{what} points outside the bundle: {rel}")
         if not p.is_file():
             raise StepadaptError(f"{what} missing: {p}")
         if sha256_file(p) != sha:

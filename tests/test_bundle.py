@@ -61,7 +61,9 @@ def test_unknown_expert_kind_is_refused(bundle_dir, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["experts"][3]["kind"] = "oracle"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(StepadaptError, match="unknown kind 'oracle'"):
+    with pytest.raises(
+        StepadaptError, match=r"experts\[3\]\.kind must be one of unet, gaussian, got 'oracle'"
+    ):
         Bundle.load(d)
 
 
@@ -182,3 +184,53 @@ def test_neighbouring_copies_of_one_network_are_stored_once(tiny, tmp_path):
     assert b.experts[0].snr_db == (-400.0, -0.0)
     assert sorted(p.name for p in (tmp_path / "b" / "experts").glob("*.safetensors")) == [
         "a.safetensors", "c.safetensors"]  # fmt: skip
+
+
+def _set(m, path, value):
+    *head, last = path
+    for k in head:
+        m = m[k]
+    if value is DELETE:
+        del m[last]
+    else:
+        m[last] = value
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("experts", 1, "weights"), "../../etc/passwd", r"experts\[1\]\.weights must be a relative path inside"),
+    (("experts", 1, "weights"), "/etc/passwd", r"experts\[1\]\.weights must be a relative path inside"),
+    (("experts", 0, "structure"), "experts/../../x.json", r"experts\[0\]\.structure must be a relative path"),
+    (("experts", 2, "onnx"), {"path": "/tmp/x.onnx", "sha256": "0" * 64}, r"onnx\.path must be"),
+    (("experts", 2, "trt"), {"path": "trt/x.plan", "sha256": "nope"}, r"trt\.sha256 must be"),
+    (("experts", 1, "name"), 'g1"\ninput [', r"experts\[1\]\.name must be 1-64 of"),
+    (("experts", 1, "name"), "../g1", r"experts\[1\]\.name must be 1-64 of"),
+    (("experts", 0, "timesteps"), [5], r"experts\[0\]\.timesteps must be two integers 0 <= lo < hi <= 1000"),
+    (("experts", 0, "timesteps"), ["0", "187"], r"experts\[0\]\.timesteps must be two integers"),
+    (("experts", 0, "macs"), "many", r"experts\[0\]\.macs must be an integer >= 0"),
+    (("scheduler", "num_train_timesteps"), DELETE, r"scheduler\.num_train_timesteps must be an integer >= 2"),
+    (("sample_shape",), [1, 32], r"sample_shape must be three positive integers"),
+    (("experts",), {}, r"experts must be a list"),
+])  # fmt: skip
+def test_a_manifest_is_untrusted_input(bundle_dir, tmp_path, path, value, message):
+    """Every violation is refused in one line naming the field, before any file is touched."""
+    d = _copy(bundle_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    _set(m, path, value)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StepadaptError, match=message) as e:
+        Bundle.load(d)
+    assert "\n" not in str(e.value) and str(e.value).startswith("bundle manifest: ")
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    target = d / m["experts"][1]["weights"]
+    outside = tmp_path / "outside.safetensors"
+    target.rename(outside)
+    target.symlink_to(outside)
+    with pytest.raises(StepadaptError, match="points outside the bundle"):
+        Bundle.load(d)

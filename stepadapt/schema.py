@@ -1,0 +1,100 @@
+"""The bundle manifest's schema: a manifest is untrusted input.
+
+Checked before anything is built from it, so a hand-edited or hostile manifest
+fails with one line naming the field instead of an ``IndexError`` deep inside,
+and no path in it can point outside the bundle (the checksums sit in the same
+file, so they cannot protect against that themselves).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+from stepadapt import StepadaptError
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+EXPERT_KINDS = ("unet", "gaussian")
+
+
+def _fail(field: str, want: str, got: Any) -> None:
+    shown = repr(got)
+    raise StepadaptError(f"bundle manifest: {field} must be {want}, got {shown[:60]}")
+
+
+def _int(d: dict, key: str, field: str, lo: int = 0) -> int:
+    v = d.get(key)
+    if not _integer(v) or v < lo:
+        _fail(f"{field}{key}", f"an integer >= {lo}", v)
+    return v
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def safe_relative(path: Any, field: str) -> str:
+    """A relative POSIX path that stays inside the bundle (no absolute paths, no '..')."""
+    if not isinstance(path, str) or not path or "\x00" in path or "\\" in path:
+        _fail(field, "a relative path inside the bundle", path)
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts:
+        _fail(field, "a relative path inside the bundle", path)
+    return path
+
+
+def _file(d: dict, key: str, sha_key: str, field: str) -> None:
+    safe_relative(d.get(key), f"{field}{key}")
+    if not isinstance(d.get(sha_key), str) or not SHA256.match(d[sha_key]):
+        _fail(f"{field}{sha_key}", "a sha256 hex digest", d.get(sha_key))
+
+
+def validate_manifest(d: dict[str, Any]) -> None:
+    """Raise a one-line StepadaptError for the first field that is missing, mistyped or unsafe."""
+    for key, kind in (("base_config", dict), ("scheduler", dict), ("experts", list)):
+        if not isinstance(d.get(key), kind):
+            _fail(key, f"a {'JSON object' if kind is dict else 'list'}", d.get(key))
+    T = _int(d["scheduler"], "num_train_timesteps", "scheduler.", lo=2)
+    shape = d.get("sample_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_integer(v) and v > 0 for v in shape)):
+        _fail("sample_shape", "three positive integers [C, H, W]", shape)
+    _int(d, "base_macs", "", lo=1)
+    _int(d, "base_params", "", lo=1)
+    if not d["experts"]:
+        raise StepadaptError("bundle manifest: experts is empty (the bundle has no experts)")
+    for i, e in enumerate(d["experts"]):
+        f = f"experts[{i}]."
+        if not isinstance(e, dict):
+            _fail(f"experts[{i}]", "a JSON object", e)
+        if not isinstance(e.get("name"), str) or not NAME.match(e["name"]):
+            _fail(f"{f}name", "1-64 of A-Z a-z 0-9 _ -", e.get("name"))
+        kind = e.get("kind", "unet")
+        if kind not in EXPERT_KINDS:
+            _fail(f"{f}kind", f"one of {', '.join(EXPERT_KINDS)}", kind)
+        ts = e.get("timesteps")
+        if not (isinstance(ts, list) and len(ts) == 2 and all(map(_integer, ts)) and 0 <= ts[0] < ts[1] <= T):
+            _fail(f"{f}timesteps", f"two integers 0 <= lo < hi <= {T}", ts)
+        snr = e.get("snr_db")
+        if not (isinstance(snr, list) and len(snr) == 2 and all(_number(v) for v in snr)):
+            _fail(f"{f}snr_db", "two numbers", snr)
+        for key in ("target_macs", "macs", "params"):
+            _int(e, key, f)
+        _file(e, "weights", "sha256", f)
+        if kind == "unet":
+            _file(e, "structure", "structure_sha256", f)
+        for key in ("onnx", "trt"):
+            if e.get(key) is not None:
+                if not isinstance(e[key], dict):
+                    _fail(f"{f}{key}", "a JSON object or null", e[key])
+                _file(e[key], "path", "sha256", f"{f}{key}.")
+        for key in ("parent", "importance"):
+            if e.get(key) is not None and not isinstance(e[key], str):
+                _fail(f"{f}{key}", "a string", e[key])
+        if e.get("proxy_loss") is not None and not _number(e["proxy_loss"]):
+            _fail(f"{f}proxy_loss", "a number or null", e["proxy_loss"])
