@@ -178,18 +178,21 @@ def export_bundle(
             if log:
                 log(f"  {e.name}: onnx ok, max abs err {err:.2e} at batch {list(batches)}")
         out_dir.mkdir(exist_ok=True)
+        changes = {}
         for r in reports:
             os.replace(stage / r.path.name, r.path)
-            bundle.expert(r.name).onnx = {
-                "path": f"onnx/{r.path.name}",
-                "sha256": sha256_file(r.path),
-                "opset": opset,
-                "precision": "fp32",
-                "max_abs_err": r.max_abs_err,
-                "inputs": {"sample": "float32[B,C,H,W]", "timestep": "int64[B]"},
-                "outputs": {"eps": "float32[B,C,H,W]"},
+            changes[r.name] = {
+                "onnx": {
+                    "path": f"onnx/{r.path.name}",
+                    "sha256": sha256_file(r.path),
+                    "opset": opset,
+                    "precision": "fp32",
+                    "max_abs_err": r.max_abs_err,
+                    "inputs": {"sample": "float32[B,C,H,W]", "timestep": "int64[B]"},
+                    "outputs": {"eps": "float32[B,C,H,W]"},
+                }
             }
-        bundle.save_manifest()
+        bundle.update_experts(changes)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return reports

@@ -342,8 +342,27 @@ class Bundle:
         model = self.load_expert(name)
         return module_denoiser(model) if isinstance(model, UNet2DModel) else torch.no_grad()(model)
 
-    def save_manifest(self) -> None:
-        write_json(self.path / MANIFEST, self.manifest.to_dict())
+    def update_experts(self, changes: dict[str, dict[str, Any]]) -> None:
+        """The one way a bundle's manifest changes after it is written: under a lock, re-read it
+        from disk, set the given fields of the given experts, write it atomically. Parallel jobs on
+        one bundle (``finetune --expert`` per expert, ``export``) then each add their own experts'
+        fields instead of the last writer restoring everyone else's stale copy."""
+        import fcntl
+
+        with open(self.path / ".manifest.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = Manifest.from_dict(read_json(self.path / MANIFEST, "bundle manifest"))
+                by_name = {e.name: e for e in current.experts}
+                for name, fields in changes.items():
+                    if name not in by_name:
+                        raise StepadaptError(f"bundle {self.path} no longer has an expert {name!r}")
+                    for k, v in fields.items():
+                        setattr(by_name[name], k, v)
+                        setattr(self.expert(name), k, v)
+                write_json(self.path / MANIFEST, current.to_dict())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def cast_weights(self, dtype: torch.dtype) -> None:
         """Store every expert's weights as ``dtype`` (float16 ships a bundle at half the size).
@@ -351,18 +370,16 @@ class Bundle:
         Loading casts them back to the rebuilt model's float32, so only the
         stored precision changes.
         """
+        changes = {}
         for e in self.experts:
             path = self.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
             tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(path)).items()}
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp))
-            e.sha256 = sha256_file(path)
-        self.save_manifest()
+            changes[e.name] = {"sha256": sha256_file(path)}
+        self.update_experts(changes)
 
     def update_expert_weights(self, name: str, model: UNet2DModel, **fields) -> None:
         """Replace one expert's weights (same structure) and update the manifest atomically."""
         e = self.expert(name)
-        e.sha256 = save_weights(self.path / e.weights, model)
-        for k, v in fields.items():
-            setattr(e, k, v)
-        self.save_manifest()
+        self.update_experts({name: {"sha256": save_weights(self.path / e.weights, model), **fields}})

@@ -663,8 +663,8 @@ def export(
                 err = parity(plan, b.path / e.onnx["path"], e.lo, e.hi, b.manifest.sample_shape)
                 if err > atol * 10:
                     raise StepadaptError(f"expert {e.name}: TensorRT parity failed (max abs error {err:.2e})")
-                e.trt = {"path": f"trt/{plan.name}", "sha256": sha256_file(plan), "max_abs_err": err}
-            b.save_manifest()
+                trt = {"path": f"trt/{plan.name}", "sha256": sha256_file(plan), "max_abs_err": err}
+                b.update_experts({e.name: {"trt": trt}})
     except StepadaptError as e:
         _fail(e)
     for r in reports:

@@ -93,3 +93,38 @@ def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, 
     log = json.loads((d / "finetune" / "g1" / "train_log.json").read_text())
     assert log["world_size"] == 2 and log["steps"] == g1.training["steps"]
     assert r.stdout.count("bundle updated") == 1  # only rank 0 reports
+
+
+def test_two_finetune_processes_on_one_bundle_both_land(tiny_bundle, tmp_path, squares):
+    """One `finetune --expert` job per expert, started together (what the README suggests): each
+    re-reads the manifest under a lock and adds its own expert, so neither undoes the other."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    x = squares(32)
+    np.savez(tmp_path / "sq.npz", images=((x[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy())
+    before = {n: Bundle.load(d).expert(n).sha256 for n in ("g1", "g2")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    exe = str(Path(sys.executable).with_name("stepadapt"))
+    args = ["--data", str(tmp_path / "sq.npz"), "--iterations", "8", "--batch-size", "8",
+            "--device", "cpu", "--distill", "0", "--threads", "1"]  # fmt: skip
+    jobs = [
+        subprocess.Popen(
+            [exe, "finetune", str(d), "--expert", name, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for name in ("g1", "g2")
+    ]
+    outputs = [j.communicate(timeout=300)[0] for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    b = Bundle.load(d)  # every checksum verifies: no job restored the other's stale entry
+    for name in ("g1", "g2"):
+        assert b.expert(name).sha256 != before[name] and b.expert(name).training is not None
