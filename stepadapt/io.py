@@ -24,18 +24,53 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+STALE_SECONDS = 3600.0  # a temp sibling this old belongs to a writer that died, not a live one
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for d, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(d) / f)
+        _fsync(Path(d))
+
+
+def clean_stale(path: Path, max_age: float = STALE_SECONDS) -> None:
+    """Remove the temp siblings of ``path`` (``.name.*.tmp`` / ``.old``) that crashed writers left."""
+    import time
+
+    now = time.time()
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.suffix not in (".tmp", ".old") or now - p.lstat().st_mtime <= max_age:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success rename it over ``path``."""
+    """Yield a temporary sibling of ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; behave like open()
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # the rename itself must survive a power cut
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -50,15 +85,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        _fsync_tree(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "d")
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -88,3 +88,25 @@ def test_shipped_base_loads_and_has_a_model_card():
     cfg = json.loads((DEFAULT_BASE / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DModel"
     assert sched["beta_schedule"] == "linear"
+
+
+def test_writes_are_fsynced_and_crashed_writers_temp_dirs_are_cleaned(tmp_path, tiny, monkeypatch):
+    import os
+    import time
+
+    stale_dir, stale_file = tmp_path / ".m.abc123.tmp", tmp_path / ".m.def456.old"
+    live = tmp_path / ".m.ghi789.tmp"  # a writer at work right now: not ours to delete
+    for p in (stale_dir, live):
+        p.mkdir()
+        (p / "x").write_text("half")
+    stale_file.write_text("half")
+    hours_ago = time.time() - 2 * 3600
+    for p in (stale_dir, stale_file):
+        os.utime(p, (hours_ago, hours_ago))
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    save_base(tiny, tmp_path / "m")
+    assert not stale_dir.exists() and not stale_file.exists() and live.is_dir()
+    assert len(synced) >= 4  # the files, their directories and the parent after the rename
+    assert load_base(tmp_path / "m")[0] is not None
