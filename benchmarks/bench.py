@@ -47,7 +47,7 @@ from stepadapt.serving.server import TritonServer
 from stepadapt import StepadaptError, __version__
 from stepadapt.bundle import Bundle, ExpertSpec, Manifest, provenance, save_bundle
 from stepadapt.io import write_json
-from stepadapt.plan import tdc_ratios, visited_timesteps
+from stepadapt.plan import tdc_ratios
 from stepadapt.progress import progress
 from stepadapt.prune import count_macs, prune_to_macs
 from stepadapt.sampling import Denoiser, Router, module_denoiser, sample_images, sample_together
@@ -164,19 +164,22 @@ def prepare_arms(bundle: Bundle, work: Path, base_dir: Path | None = None, log=p
 # ----------------------------------------------------------------------------- backends
 
 
+def _threads(backend: str) -> int:
+    """``onnxruntime[-basic]-t<threads>`` -> threads."""
+    return int(backend.rsplit("-t", 1)[1])
+
+
 def _onnx_session(path: Path, backend: str):
     """``onnxruntime[-basic]-t<threads>``: the level of graph optimisation and the thread count."""
-    threads = int(backend.rsplit("-t", 1)[1])
-    return session(path, threads, level="basic" if "-basic-" in backend else "all")
+    return session(path, _threads(backend), level="basic" if "-basic-" in backend else "all")
 
 
 def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.ndarray, np.ndarray], Any]:
     """One expert as a function of numpy inputs on ``backend``: what a step costs there."""
     if backend == "torch":
         module = bundle.load_expert(expert.name)
-        if isinstance(module, UNet2DModel):
-            return lambda x, t: module_denoiser(module)(torch.from_numpy(x), torch.from_numpy(t))
-        return lambda x, t: module(torch.from_numpy(x), torch.from_numpy(t))
+        den = module_denoiser(module) if isinstance(module, UNet2DModel) else module
+        return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
     if backend.startswith("onnxruntime"):
         s = _onnx_session(bundle.path / expert.onnx["path"], backend)
         return lambda x, t: s.run(["eps"], {"sample": x, "timestep": t})
@@ -187,8 +190,7 @@ def denoiser_for(bundle: Bundle, backend: str) -> Denoiser:
     """The bundle's router on ``backend`` (torch modules or onnxruntime sessions)."""
     if backend == "torch":
         return bundle.router()
-    threads = int(backend.rsplit("-t", 1)[1])
-    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], threads) for e in bundle.experts]
+    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], _threads(backend)) for e in bundle.experts]
     return Router(bundle.manifest.boundaries, experts)
 
 
@@ -235,11 +237,10 @@ def flops_section(arms: dict[str, Bundle], steps: Sequence[int]) -> dict[str, An
     trajectory = []
     for n in sorted({*steps, plan_steps}, reverse=True):
         for arm, b in arms.items():
-            visits = visited_timesteps(sampler, n, m.scheduler)
-            macs = sum(b.experts[Router(b.manifest.boundaries, b.experts).index(int(t))].macs for t in visits)
+            ratio = b.manifest.trajectory_macs_ratio(n)
             trajectory.append({
-                "arm": arm, "sampler": sampler, "steps": n, "macs_per_image": int(macs),
-                "mac_ratio": macs / (m.base_macs * n),
+                "arm": arm, "sampler": sampler, "steps": n, "macs_per_image": round(ratio * m.base_macs * n),
+                "mac_ratio": ratio,
             })  # fmt: skip
     groups = (m.plan or {}).get("groups") or []
     tdc = tdc_ratios([g["difficulty"] for g in groups], 0.5) if groups else []
@@ -313,13 +314,11 @@ def trajectory_section(arms: dict[str, Bundle], s: BenchSettings, pool: Denoiser
 
 
 def _time_rows(samples: dict[tuple, list[float]], arms: dict[str, Bundle]) -> list[dict[str, Any]]:
-    m = arms["experts"].manifest
     rows = []
     for (arm, be, n), xs in samples.items():
         base = samples.get(("base", be, n))
         rows.append({
-            "arm": arm, "backend": be, "steps": n, "mac_ratio": arms[arm].manifest.trajectory_macs_ratio(n)
-            if arm == "experts" else arms[arm].experts[0].macs / m.base_macs,
+            "arm": arm, "backend": be, "steps": n, "mac_ratio": arms[arm].manifest.trajectory_macs_ratio(n),
             "samples_s": [round(v, 5) for v in xs], "median_s": statistics.median(xs),
             "time_ratio": statistics.median(xs) / statistics.median(base) if base else None,
         })  # fmt: skip

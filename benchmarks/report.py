@@ -44,11 +44,13 @@ def _pruned(r: dict) -> list[dict]:
     return [c for c in _cells(r, arm="experts") if c["kind"] == "unet"]
 
 
+def _find(rows: list[dict], arm: str, backend: str, steps: int) -> dict | None:
+    return next((x for x in rows if (x["arm"], x["backend"], x["steps"]) == (arm, backend, steps)), None)
+
+
 def _image_row(r: dict, arm: str, backend: str, steps: int) -> dict | None:
     rows = r.get("trajectory", {}).get("rows", []) + r.get("serving", {}).get("trajectory_rows", [])
-    return next(
-        (x for x in rows if x["arm"] == arm and x["backend"] == backend and x["steps"] == steps), None
-    )
+    return _find(rows, arm, backend, steps)
 
 
 def _overhead(r: dict, layout: str, steps: int) -> float | None:
@@ -64,12 +66,11 @@ def _overhead_ci(r: dict, o: dict, draws: int = 2000) -> tuple[float, float] | N
 
     rows = r.get("serving", {}).get("trajectory_rows", [])
     be = f"onnxruntime-t{r['serving'].get('threads', 1)}"
-    e = next((x["samples_s"] for x in rows if (x["arm"], x["backend"], x["steps"])
-              == (o["arm"], f"endpoint-{o['layout']}", o["steps"])), None)  # fmt: skip
-    loc = next((x["samples_s"] for x in rows if (x["arm"], x["backend"], x["steps"])
-                == (o["arm"], be, o["steps"])), None)  # fmt: skip
-    if not e or not loc or len(e) < 3:
+    e = _find(rows, o["arm"], f"endpoint-{o['layout']}", o["steps"])
+    loc = _find(rows, o["arm"], be, o["steps"])
+    if not e or not loc or len(e["samples_s"]) < 3:
         return None
+    e, loc = e["samples_s"], loc["samples_s"]
     rng = random.Random(0)
     boots = sorted(
         (statistics.median(rng.choices(e, k=len(e))) - statistics.median(rng.choices(loc, k=len(loc))))
@@ -244,8 +245,8 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
         rows = []
         for o in sv["router_overhead"]:
             ci = _overhead_ci(r, o)
-            n = len(next(x["samples_s"] for x in sv["trajectory_rows"] if (x["arm"], x["backend"], x["steps"])
-                         == (o["arm"], f"endpoint-{o['layout']}", o["steps"])))  # fmt: skip
+            served = _find(sv["trajectory_rows"], o["arm"], f"endpoint-{o['layout']}", o["steps"])
+            n = len(served["samples_s"])
             rows.append([o["arm"], o["layout"], o["steps"], n, _ms(o["endpoint_ms"]), _ms(o["in_process_ms"]),
                          f"{o['router_overhead_ms_per_step']:.3f} ms",
                          f"{ci[0]:.2f} .. {ci[1]:.2f} ms" if ci else "—"])  # fmt: skip

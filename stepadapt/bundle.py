@@ -235,8 +235,6 @@ class Bundle:
         if not path.is_dir():
             raise StepadaptError(f"bundle directory not found: {path}")
         m = Manifest.from_dict(read_json(path / MANIFEST, "bundle manifest"))
-        if not m.experts:
-            raise StepadaptError(f"bundle {path} has no experts")
         names = [e.name for e in m.experts]
         if len(set(names)) != len(names):
             raise StepadaptError(f"bundle {path} has duplicate expert names")

@@ -13,7 +13,6 @@ images it would get alone (``sample_together``). ``generate_stream``
 
 import json
 import os
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -38,7 +37,6 @@ def _error(msg, client=True):
 def _internal(e):
     """Our failure: a short line for the client, the details in the server log."""
     pb_utils.Logger.log_error(f"generate: {type(e).__name__}: {e}")
-    print(f"generate: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     return _error(f"internal error ({type(e).__name__}); see the server log", client=False)
 
 
@@ -55,7 +53,8 @@ def _bls_expert(model_name):
         resp = req.exec()
         if resp.has_error():
             raise StepadaptError(f"{model_name}: {resp.error().message()}")
-        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy())
+        # A copy: the response's memory belongs to the response and goes with it.
+        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy().copy())
 
     return call
 
