@@ -1,8 +1,15 @@
-"""A small client for the generate endpoints (tritonclient, HTTP or gRPC)."""
+"""A small client for the generate endpoints (tritonclient, HTTP or gRPC).
+
+Over gRPC a request given up on (its timeout, Ctrl-C) is cancelled on the
+server, which stops working on it within a step. Triton's HTTP front end has no
+cancellation: an abandoned HTTP request runs on until it ends or reaches the
+server's time limit (``stepadapt serve --max-seconds``).
+"""
 
 from __future__ import annotations
 
 import queue
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +46,15 @@ def _inputs(mod, req: GenerateRequest) -> list:
 def _message(e: Exception) -> str:
     msg = getattr(e, "message", None)
     text = msg() if callable(msg) else str(e)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    text = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    text = re.sub(r"^\[request id: [^\]]*\] ", "", text)
+    if "maximum queue size" in text or "timeout expired" in text.lower():
+        return f"the server is busy, retry later ({text})"
+    return text
+
+
+def _refused(e: Exception) -> StepadaptError:
+    return StepadaptError(f"server refused the request: {_message(e)}")
 
 
 class Endpoint:
@@ -56,23 +71,50 @@ class Endpoint:
             self.client = mod.InferenceServerClient(url)
         else:
             raise StepadaptError(f"unknown protocol {protocol!r}; use http or grpc")
-        self.url, self.mod, self.timeout = url, mod, timeout
-        self.kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
+        self.url, self.mod, self.protocol, self.timeout = url, mod, protocol, timeout
 
     def generate(self, req: GenerateRequest) -> np.ndarray:
         """Images (uint8, N x H x W x C)."""
         from tritonclient.utils import InferenceServerException
 
+        inputs, outputs = _inputs(self.mod, req), [self.mod.InferRequestedOutput("images")]
         try:
-            res = self.client.infer(
-                "generate", _inputs(self.mod, req), outputs=[self.mod.InferRequestedOutput("images")],
-                **self.kwargs,
-            )  # fmt: skip
+            if self.protocol == "grpc":
+                res = self._grpc(inputs, outputs)
+            else:
+                res = self.client.infer("generate", inputs, outputs=outputs)
+        except StepadaptError:
+            raise
         except InferenceServerException as e:
-            raise StepadaptError(f"server refused the request: {_message(e)}") from None
+            raise _refused(e) from None
         except Exception as e:  # connection refused, DNS, timeouts
+            if isinstance(e, TimeoutError) or "timed out" in str(e):
+                raise StepadaptError(
+                    f"no answer from Triton at {self.url} in {self.timeout:g}s (HTTP cannot cancel: the "
+                    "server works on to its time limit; gRPC cancels)"
+                ) from None
             raise StepadaptError(f"cannot reach Triton at {self.url}: {_message(e)}") from None
         return res.as_numpy("images")
+
+    def _grpc(self, inputs: list, outputs: list):
+        """One call that the server is told to drop if we stop waiting (timeout, Ctrl-C)."""
+        done: queue.Queue = queue.Queue()
+        call = self.client.async_infer(
+            "generate", inputs, callback=lambda result, error: done.put((result, error)), outputs=outputs
+        )
+        try:
+            result, error = done.get(timeout=self.timeout)
+        except queue.Empty:
+            call.cancel()
+            raise StepadaptError(
+                f"no answer from Triton at {self.url} in {self.timeout:g}s (request cancelled)"
+            ) from None
+        except KeyboardInterrupt:
+            call.cancel()
+            raise
+        if error is not None:
+            raise error
+        return result
 
     def close(self) -> None:
         self.client.close()
@@ -101,17 +143,18 @@ def generate_stream(
 
     results: queue.Queue = queue.Queue()
     client = mod.InferenceServerClient(url)
+    images = None
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         client.async_stream_infer("generate_stream", _inputs(mod, req), enable_empty_final_response=True)
-        images = None
         while True:
             try:
                 result, error = results.get(timeout=timeout)
             except queue.Empty:
-                raise StepadaptError(f"no message from the server in {timeout:.0f}s") from None
+                msg = f"no message from the server in {timeout:.0f}s (request cancelled)"
+                raise StepadaptError(msg) from None
             if error is not None:
-                raise StepadaptError(f"server refused the request: {_message(error)}")
+                raise _refused(error)
             resp = result.get_response()
             if result.as_numpy("images") is not None:
                 images = result.as_numpy("images")
@@ -129,8 +172,8 @@ def generate_stream(
         raise
     except Exception as e:
         raise StepadaptError(f"cannot stream from Triton at {url}: {_message(e)}") from None
-    finally:
-        client.stop_stream()
+    finally:  # given up on (timeout, Ctrl-C, an error): the server drops the request at its next step
+        client.stop_stream(cancel_requests=images is None)
         client.close()
     if images is None:
         raise StepadaptError("the stream ended without images")

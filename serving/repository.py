@@ -46,12 +46,26 @@ class RepositoryOptions:
     front_instances: int = 8  # fused: requests the endpoint accepts at once (each waits on the sampler)
     layout: str = "fused"
     max_requests: int = 16  # fused: requests the sampler steps together in one batch
+    max_queue: int = 16  # requests waiting at the endpoint beyond those running; more are refused at once
+    queue_timeout_s: float = 60.0  # a request still waiting after this is refused
+    max_seconds: float = 600.0  # a request still running after this is stopped with an error
 
 
 def _params(d: dict[str, str]) -> str:
     return "\n".join(
         f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in d.items()
     )
+
+
+def queue_policy(o: RepositoryOptions) -> str:
+    """A bounded queue for an endpoint: overload is refused quickly and clearly, not queued for minutes."""
+    us = int(o.queue_timeout_s * 1e6)
+    return f"""dynamic_batching {{
+  default_queue_policy {{
+    max_queue_size: {o.max_queue} timeout_action: REJECT
+    default_timeout_microseconds: {us} allow_timeout_override: true
+  }}
+}}"""
 
 
 def expert_config(name: str, shape: tuple, lo: int, hi: int, o: RepositoryOptions) -> str:
@@ -116,6 +130,7 @@ input [
 {_router_inputs("[ 1 ]")}
 ]
 output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
+{queue_policy(o)}
 instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
 {_params({"target": "sampler"})}
 """
@@ -124,7 +139,10 @@ instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
 def sampler_config(shape: tuple, o: RepositoryOptions) -> str:
     """Requests carry a batch axis of 1 so Triton's dynamic batcher can hand several to one call."""
     c, h, w = shape
-    params = {"max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads)}
+    params = {
+        "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
+        "max_seconds": str(o.max_seconds),
+    }  # fmt: skip
     return f"""name: "sampler"
 backend: "python"
 max_batch_size: {o.max_requests}
@@ -149,7 +167,7 @@ def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool
         else ""
     )
     policy = "model_transaction_policy { decoupled: true }\n" if decoupled else ""
-    params = {"max_images": str(o.max_batch)}
+    params = {"max_images": str(o.max_batch), "max_seconds": str(o.max_seconds)}
     if o.layout == "fused":
         params.update(experts="local", threads=str(o.threads))
     return f"""name: "{name}"
@@ -161,7 +179,8 @@ input [
 output [
 {stream_out}  {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }}
 ]
-{policy}instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
+{policy}{queue_policy(o)}
+instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
 {_params(params)}
 """
 

@@ -6,10 +6,17 @@ machines once (1) the python backend stub for this Python sits in
 first (else the stub loads the system one and every model dies with
 ``'_thread.RLock' object has no attribute '_recursion_count'``) and (3) the
 stub can import this environment's packages (``PYTHONPATH``).
+
+Stopping marks ``shutdown`` in the server's signal directory first, so every
+request in flight ends with an error at its next step and Triton's own drain
+takes a moment, not the length of the longest request; whatever is still
+alive after ``timeout`` is killed with its whole process group (the model
+stubs included), and the work directory goes with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +30,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from stepadapt.serving import cancel
 
 from stepadapt import StepadaptError
 
@@ -59,10 +68,12 @@ def prepare_backends(work: Path) -> Path:
     return dst
 
 
-def server_env() -> dict[str, str]:
+def server_env(signals: Path | None = None) -> dict[str, str]:
     import pytriton
 
     env = dict(os.environ)
+    if signals is not None:
+        env[cancel.ENV] = str(signals)
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
     ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in ld if p)
@@ -121,6 +132,7 @@ class TritonServer:
             "--allow-cpu-metrics=false",
             f"--log-verbose={self.verbose}",
             "--exit-on-error=true",
+            "--exit-timeout-secs=3",  # requests in flight see the shutdown mark within a step
             "--strict-readiness=true",
         ]
         if self.model_config_name:
@@ -131,23 +143,28 @@ class TritonServer:
         if not (self.repository / "generate" / "config.pbtxt").is_file():
             raise StepadaptError(f"{self.repository} is not a stepadapt model repository")
         prepare_backends(self.work)
+        (self.work / "signals").mkdir(exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(self.work / "signals"),
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 msg = self.load_errors() or f"tritonserver exited with code {self.proc.returncode}"
-                self.stop()
+                self.stop(keep_log=True)
                 raise StepadaptError(f"Triton failed to start: {msg} (log: {self.log_path})")
             if self.ready():
                 return self
             time.sleep(0.25)
         msg = self.load_errors()
-        self.stop()
+        self.stop(keep_log=True)
         raise StepadaptError(
             f"Triton not ready after {timeout:.0f}s{': ' + msg if msg else ''} (log: {self.log_path})"
         )
@@ -168,16 +185,32 @@ class TritonServer:
         lines = [ln for ln in text.splitlines() if re.match(r"^E\d{4}", ln) or "failed to load" in ln]
         return " | ".join(ln.split("] ", 1)[-1] for ln in lines[:3])
 
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+    def stop(self, timeout: float = 5.0, keep_log: bool = False) -> None:
+        """Stop within ``timeout`` seconds: requests in flight get an error, nothing is left running.
+
+        The work directory goes, with the log when it lives there, unless ``keep_log`` (a failed start
+        names the log in its error).
+        """
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                (self.work / "signals" / cancel.SHUTDOWN).touch()
+                os.killpg(self.proc.pid, signal.SIGINT)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            with contextlib.suppress(ProcessLookupError):  # stubs outliving tritonserver, too
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            self.proc.wait()
         self.proc = None
-        shutil.rmtree(self.work / "backends", ignore_errors=True)
+        if keep_log and self.log_path.is_relative_to(self.work):
+            for p in self.work.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p != self.log_path:
+                    p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.proc is None else self

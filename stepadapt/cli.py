@@ -14,6 +14,7 @@ from rich.console import Console
 from stepadapt import StepadaptError
 from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
+from stepadapt.serving.repository import RepositoryOptions
 from stepadapt.train import DEFAULT_DISTILL
 
 app = typer.Typer(
@@ -529,7 +530,10 @@ def finetune(
     expert: Annotated[list[str] | None, typer.Option(help="Only this expert (repeatable; separate).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use a deterministic subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed (expert i uses seed + i).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from BUNDLE/finetune/ checkpoints.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint period in steps.")] = 250,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
     clusters: Annotated[int, typer.Option(help="curriculum: clusters per interval.")] = 20,
@@ -560,7 +564,7 @@ def finetune(
         template = finetune_config(
             iterations, batch_size=batch_size, lr=lr, seed=seed, loss_weight=loss_weight,
             min_snr_gamma=min_snr_gamma, distill=distill, sampler=sampler, clusters=clusters,
-            patience=patience, visit_steps=visit_steps,
+            patience=patience, visit_steps=visit_steps, checkpoint_every=checkpoint_every,
         )  # fmt: skip
         t_model = (
             load_base(teacher)[0] if distill > 0 or mode == "shared" or loss_weight == "relative" else None
@@ -695,23 +699,42 @@ def serve(
     max_images: Annotated[
         int, typer.Option(help="Most images one request may ask for (= expert max batch).")
     ] = 64,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait beyond those running; more are refused at once.")
+    ] = RepositoryOptions.max_queue,
+    queue_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may wait in the queue before it is refused.")
+    ] = RepositoryOptions.queue_timeout_s,
+    max_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request may run before it is stopped with an error (bounds work an HTTP "
+            "client abandoned: only gRPC can cancel)."
+        ),
+    ] = RepositoryOptions.max_seconds,
     model_config_name: Annotated[
         str | None,
         typer.Option(help="'gpu' selects the TensorRT/ONNX Runtime GPU configs (full Triton only)."),
     ] = None,
     log: Annotated[Path | None, typer.Option(help="Triton log file (default BUNDLE/triton.log).")] = None,
 ) -> None:
-    """Write the Triton model repository for BUNDLE and run tritonserver until Ctrl-C."""
+    """Write the Triton model repository for BUNDLE and run tritonserver until Ctrl-C / SIGTERM.
+
+    Stopping takes a few seconds even with requests in flight: they end with an error.
+    """
     import signal
     import threading
 
     from stepadapt.bundle import Bundle
-    from stepadapt.serving.repository import RepositoryOptions, write_repository
+    from stepadapt.serving.repository import write_repository
     from stepadapt.serving.server import TritonServer
 
     try:
         b = Bundle.load(bundle)
-        opts = RepositoryOptions(threads=threads, instances=instances, max_batch=max_images, layout=layout)
+        opts = RepositoryOptions(
+            threads=threads, instances=instances, max_batch=max_images, layout=layout, max_queue=max_queue,
+            queue_timeout_s=queue_timeout, max_seconds=max_seconds,
+        )  # fmt: skip
         repo_path = write_repository(b, repo or b.path / "triton", opts)
         server = TritonServer(
             repo_path, host=host, http_port=http_port, grpc_port=grpc_port,

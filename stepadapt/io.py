@@ -7,6 +7,8 @@ full disk never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +58,25 @@ def clean_stale(path: Path, max_age: float = STALE_SECONDS) -> None:
             p.unlink(missing_ok=True)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the kernel, libc or filesystem cannot; then the caller falls back to two renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success fsync it and rename it over ``path``."""
@@ -80,8 +101,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success swap it in for ``path``.
 
-    An existing directory is moved aside first and deleted only once the new
-    one is in place, so at every instant one complete version exists on disk.
+    An existing directory is exchanged with the new one in a single rename, so
+    a reader always finds one complete version at ``path``; where the system
+    cannot exchange, it is moved aside first (a moment with nothing there) and
+    deleted only once the new one is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +114,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        if path.exists() and exchange(tmp, path):
+            _fsync(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old version now
+            return
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

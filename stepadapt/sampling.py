@@ -26,6 +26,7 @@ from stepadapt.schedule import make_scheduler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
+RowFilter = Callable[[int], Sequence[bool] | None]
 
 MAX_STEPS = 1000
 
@@ -103,17 +104,32 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
+    keep: RowFilter | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_t``; returns x_0 in [-1, 1] (model range).
 
     ``generator`` may be one per image (diffusers draws each image's noise from
     its own), which is what lets unrelated requests share a batch.
     ``callback(i, t, x)`` runs after every step (progress bars, streaming).
+    ``keep(i)``, asked before step i, may return a mask over the rows of
+    ``x_t``: rows it drops stop there and are not returned (a server drops a
+    cancelled request's images and steps the others on). DDPM and DDIM keep no
+    state across steps, so the rows left get exactly what they would alone.
     """
     scheduler.set_timesteps(steps)
     x = x_t * scheduler.init_noise_sigma
+    rows = torch.arange(x.shape[0])
     extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     for i, t in enumerate(scheduler.timesteps):
+        mask = keep(i) if keep is not None else None
+        if mask is not None:
+            sel = torch.as_tensor(mask, dtype=torch.bool)[rows]
+            if not sel.all():
+                x, rows = x[sel], rows[sel]
+                if isinstance(generator, list):
+                    generator = [g for g, s in zip(generator, sel.tolist(), strict=True) if s]
+                if not len(rows):
+                    return x
         tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
         eps = denoiser(x, tt)
         if eps.shape != x.shape:
@@ -204,12 +220,15 @@ def sample_together(
     steps: int = 50,
     sampler: str = "ddim",
     eta: float = 0.0,
-) -> list[np.ndarray]:
+    stopped: Callable[[], Sequence[bool]] | None = None,
+) -> list[np.ndarray | None]:
     """Several requests ``(n, seed)`` as one batch, stepped in lockstep.
 
     Each request gets exactly the images ``sample_images(..., n, seed=seed)``
     gives it alone (its own x_T and its own noise generator), so a server may
     batch the steps of concurrent requests without changing what anyone gets.
+    ``stopped()``, asked before every step, flags requests to give up on
+    (cancelled, out of time): they get ``None`` and cost nothing from then on.
     """
     if not requests:
         return []
@@ -218,6 +237,16 @@ def sample_together(
         x, g = initial_noise(n, shape, seed)
         noise.append(x)
         generators += [g] * n
+    sizes = [n for n, _ in requests]
+    dropped = [False] * len(requests)
+
+    def keep(_: int) -> list[bool] | None:
+        flags = stopped()
+        if not any(f and not d for f, d in zip(flags, dropped, strict=True)):
+            return None
+        dropped[:] = [f or d for f, d in zip(flags, dropped, strict=True)]
+        return [not d for d, n in zip(dropped, sizes, strict=True) for _ in range(n)]
+
     x0 = sample(
         denoiser,
         make_scheduler(sampler, scheduler_cfg),
@@ -225,10 +254,11 @@ def sample_together(
         steps,
         eta=eta,
         generator=generators,
+        keep=keep if stopped is not None else None,
     )
-    images = to_uint8(x0)
-    ends = np.cumsum([n for n, _ in requests])
-    return np.split(images, ends[:-1])
+    kept = [n for n, d in zip(sizes, dropped, strict=True) if not d]
+    images = iter(np.split(to_uint8(x0), np.cumsum(kept)[:-1]))
+    return [None if d else next(images) for d in dropped]
 
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:

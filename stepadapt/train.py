@@ -374,6 +374,7 @@ def train(
                 "config": cfg.to_dict(),
                 "world_size": world,
                 "steps": result.steps,
+                "resumed_from": step0,  # 0: a fresh run; else the checkpoint's step it continued from
                 "final_loss": result.final_loss,
                 "seconds_this_run": round(seconds, 1),
                 "images_per_second": round(result.images_per_second, 1),

@@ -128,3 +128,54 @@ def test_two_finetune_processes_on_one_bundle_both_land(tiny_bundle, tmp_path, s
     b = Bundle.load(d)  # every checksum verifies: no job restored the other's stale entry
     for name in ("g1", "g2"):
         assert b.expert(name).sha256 != before[name] and b.expert(name).training is not None
+
+
+def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(tiny_bundle, tmp_path, squares):
+    """A real `finetune` process killed with SIGKILL after a checkpoint, then `--resume`: the expert
+    lands with exactly the weights of a run that was never interrupted."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    x = squares(32)
+    np.savez(tmp_path / "sq.npz", images=((x[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy())
+    exe = str(Path(sys.executable).with_name("stepadapt"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--expert", "g1", "--data", str(tmp_path / "sq.npz"), "--iterations", "300", "--batch-size", "8",
+            "--device", "cpu", "--distill", "0", "--threads", "1", "--checkpoint-every", "20"]  # fmt: skip
+    runs = {}
+    for name in ("whole", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(tiny_bundle, runs[name])
+    before = Bundle.load(runs["killed"]).expert("g1").sha256
+    job = subprocess.Popen([exe, "finetune", str(runs["killed"]), *args], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt = runs["killed"] / "finetune" / "g1" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait(30) == -signal.SIGKILL  # killed mid-run, not finished
+    assert Bundle.load(runs["killed"]).expert("g1").sha256 == before
+    from stepadapt.io import load_torch
+
+    at = int(load_torch(ckpt)["step"])
+    assert at > 0
+    for name, extra in (("killed", ["--resume"]), ("whole", [])):
+        r = subprocess.run([exe, "finetune", str(runs[name]), *args, *extra], env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    whole, resumed = (Bundle.load(runs[n]).load_expert("g1").state_dict() for n in ("whole", "killed"))
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert Bundle.load(runs["killed"]).expert("g1").sha256 != before
+    log, whole_log = (json.loads((runs[n] / "finetune" / "g1" / "train_log.json").read_text())
+                      for n in ("killed", "whole"))  # fmt: skip
+    assert log["resumed_from"] == at and whole_log["resumed_from"] == 0  # it continued, not started over
+    assert log["steps"] == whole_log["steps"] > at

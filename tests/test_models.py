@@ -110,3 +110,33 @@ def test_writes_are_fsynced_and_crashed_writers_temp_dirs_are_cleaned(tmp_path, 
     assert not stale_dir.exists() and not stale_file.exists() and live.is_dir()
     assert len(synced) >= 4  # the files, their directories and the parent after the rename
     assert load_base(tmp_path / "m")[0] is not None
+
+
+def test_replacing_a_directory_never_leaves_the_path_empty(tmp_path, monkeypatch):
+    """atomic_dir swaps old and new in one rename: spy on every rename it makes and look at the
+    path after each; a move-aside-then-move-in would leave a moment with nothing there."""
+    import os
+
+    from stepadapt import io
+
+    target = tmp_path / "bundle"
+    with io.atomic_dir(target) as d:
+        (d / "manifest.json").write_text("1")
+    probe, probe2 = tmp_path / "p", tmp_path / "q"
+    probe.mkdir(), probe2.mkdir()
+    if not io.exchange(probe, probe2):
+        pytest.skip("this filesystem cannot exchange two paths (renameat2 RENAME_EXCHANGE)")
+    seen = []
+    real = os.replace
+
+    def spy(a, b):
+        real(a, b)
+        seen.append((target / "manifest.json").read_text() if target.exists() else None)
+
+    monkeypatch.setattr(os, "replace", spy)
+    for version in "23":
+        with io.atomic_dir(target) as d:
+            (d / "manifest.json").write_text(version)
+        assert (target / "manifest.json").read_text() == version
+    assert None not in seen
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]  # old versions gone

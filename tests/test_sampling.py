@@ -131,3 +131,27 @@ def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
     for a, b in zip(together, alone, strict=True):
         assert np.array_equal(a, b)
     assert not np.array_equal(together[0], together[1][:1].repeat(2, 0))
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.7), ("ddpm", 0.0)])
+def test_a_request_stopped_mid_batch_costs_nothing_more_and_the_others_keep_their_images(sampler, eta):
+    """What a server does with a cancelled request: its rows leave the batch at the next step."""
+    rows_seen = []
+
+    def den(x, t):
+        rows_seen.append(x.shape[0])
+        return 0.3 * x + 1e-3 * t.view(-1, 1, 1, 1).float()
+
+    reqs, kw = [(2, 11), (1, 12), (3, 13)], dict(steps=8, sampler=sampler, eta=eta)
+    calls = []
+
+    def stopped():
+        calls.append(None)
+        return [False, len(calls) > 3, False]  # the second request gives up before step 3
+
+    got = sample_together(den, DEFAULT_SCHEDULER, (1, 4, 4), reqs, stopped=stopped, **kw)
+    assert got[1] is None and rows_seen == [6, 6, 6] + [5] * 5
+    for (n, seed), images in zip([reqs[0], reqs[2]], [got[0], got[2]], strict=True):
+        assert np.array_equal(images, sample_images(den, DEFAULT_SCHEDULER, (1, 4, 4), n, seed=seed, **kw))
+    everyone = sample_together(den, DEFAULT_SCHEDULER, (1, 4, 4), reqs, stopped=lambda: [True] * 3, **kw)
+    assert everyone == [None, None, None]

@@ -1,15 +1,18 @@
 """Against a real tritonserver (from the nvidia-pytriton wheel) on 127.0.0.1."""
 
 import json
+import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from stepadapt.export.onnx import export_bundle, onnx_router
-from stepadapt.serving.client import GenerateRequest, generate, generate_stream
+from stepadapt.serving.client import Endpoint, GenerateRequest, generate, generate_stream
 from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer
 
@@ -33,7 +36,9 @@ def exported(tiny_bundle, tmp_path_factory):
 def served(exported, request):
     """Every endpoint test runs against both repository layouts."""
     b = exported
-    options = RepositoryOptions(max_batch=8, queue_delay_us=1000, layout=request.param, front_instances=4)
+    options = RepositoryOptions(
+        max_batch=8, queue_delay_us=1000, layout=request.param, front_instances=4, max_queue=8
+    )
     repo = write_repository(b, b.path / f"triton-{request.param}", options)
     with TritonServer(repo, log_path=b.path / f"triton-{request.param}.log") as server:
         yield b, server
@@ -236,3 +241,172 @@ def test_generate_cli_plain_and_streaming(served, tmp_path):
         app, ["generate", "--url", server.http_url, "--sampler", "euler", "--out", str(tmp_path / "c.png")]
     )
     assert r.exit_code == 2 and "unknown sampler" in r.output and not (tmp_path / "c.png").exists()
+
+
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by every process of the server's group (tritonserver and its stubs)."""
+    total = 0.0
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _idle_within_a_second(server) -> float:
+    """CPU seconds the server spends in the second after it was given a second to stop."""
+    time.sleep(1.0)
+    before = _group_cpu(server.proc.pid)
+    time.sleep(1.0)
+    return _group_cpu(server.proc.pid) - before
+
+
+LONG = GenerateRequest(num_images=8, steps=1000)  # tens of seconds here, were it not cancelled
+
+
+def test_a_cancelled_request_frees_the_cpu_within_a_second(served):
+    """gRPC: the client's timeout cancels the request; the server drops it at its next step."""
+    _, server = served
+    with Endpoint(server.grpc_url, "grpc", timeout=1.5) as endpoint:
+        with pytest.raises(StepadaptError, match="in 1.5s \\(request cancelled\\)"):
+            endpoint.generate(LONG)
+    assert _idle_within_a_second(server) < 0.3
+    assert generate(server.grpc_url, GenerateRequest(num_images=1, steps=2), "grpc").shape == (1, 32, 32, 1)
+
+
+def test_a_stream_given_up_on_is_cancelled(served):
+    """Ctrl-C while streaming: the client cancels the stream and the server stops stepping."""
+    _, server = served
+    steps = []
+
+    def interrupt(step, t, expert):
+        steps.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_stream(server.grpc_url, LONG, on_step=interrupt)
+    assert _idle_within_a_second(server) < 0.3
+    assert steps == [1, 2, 3]
+
+
+def test_a_burst_beyond_the_queue_is_served_or_refused_at_once(served):
+    """32 requests at once against 4 running + a queue of 8: every one is answered, none hangs;
+    the ones that do not fit are refused at once with a message that says so."""
+    _, server = served
+
+    def one(seed):
+        t0 = time.monotonic()
+        try:
+            req = GenerateRequest(num_images=8, steps=100, seed=seed)
+            images = generate(server.grpc_url, req, "grpc", 120)
+            return images.shape, time.monotonic() - t0
+        except StepadaptError as e:
+            return str(e), time.monotonic() - t0
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(32)))
+    served_ = [a for a, _ in answers if a == (8, 32, 32, 1)]
+    refused = [(a, dt) for a, dt in answers if a != (8, 32, 32, 1)]
+    assert len(served_) >= 4 and refused, answers
+    for msg, dt in refused:
+        assert msg.startswith("server refused the request: the server is busy, retry later"), msg
+        assert dt < 5.0, (msg, dt)
+    assert server.ready()
+
+
+def test_an_unexpected_failure_is_one_line_and_the_server_keeps_serving(exported, tmp_path):
+    """An expert that onnxruntime refuses at run time (a fixed batch of 2): the client gets one line
+    naming no path and no traceback; the details are in the server log; batch 2 still works."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["sample"], ["eps"])], "fixed",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 1, 32, 32]),
+         helper.make_tensor_value_info("timestep", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("eps", TensorProto.FLOAT, [2, 1, 32, 32])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(front_instances=1, instances=1))
+    for f in (repo / "sampler" / "1").glob("*.onnx"):
+        onnx.save(model, f)
+    with TritonServer(repo, log_path=tmp_path / "log") as server:
+        status, text = _infer_json(server, {"num_images": ("INT32", 1), "steps": ("INT32", 2)})
+        assert status == 500, text
+        msg = json.loads(text)["error"]
+        assert msg.startswith("internal error (") and msg.endswith("); see the server log"), msg
+        assert "/" not in msg and "\\n" not in msg and "Traceback" not in msg
+        assert generate(server.http_url, GenerateRequest(num_images=2, steps=2)).shape == (2, 32, 32, 1)
+    assert "generate: " in (tmp_path / "log").read_text()
+
+
+def test_sigterm_stops_serve_within_5s_with_no_orphans(exported, tmp_path):
+    """`stepadapt serve`, a long request in flight, SIGTERM: the request ends with an error, the
+    server is gone within 5 s, no process of it is left and its temp directory is removed."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from stepadapt.serving.server import free_port
+
+    d = tmp_path / "bundle"
+    shutil.copytree(exported.path, d, ignore=shutil.ignore_patterns("triton*"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    http, grpc = free_port(), free_port()
+    exe = str(Path(sys.executable).with_name("stepadapt"))
+    proc = subprocess.Popen(
+        [exe, "serve", str(d), "--http-port", str(http), "--grpc-port", str(grpc), "--instances", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    try:
+        url = f"127.0.0.1:{http}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        answer = {}
+
+        def long():
+            try:
+                generate(url, LONG, timeout=120)
+                answer["got"] = "images"
+            except StepadaptError as e:
+                answer["got"] = str(e)
+
+        client = threading.Thread(target=long)
+        client.start()
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        client.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 5.0, took
+    assert proc.returncode == 0
+    assert answer["got"] == "server refused the request: the server is shutting down", answer
+    left = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if str(d).encode() in f.read():
+                    left.append(p)
+        except OSError:
+            continue
+    assert not left, left
+    assert not list(tmp.glob("stepadapt-*")), list(tmp.iterdir())

@@ -5,14 +5,24 @@ models whose tensors carry a batch axis. So this thin model (numpy only, many
 instances, no torch) adds that axis and hands each request to ``sampler``,
 where concurrent requests are stepped together as one batch. One hop per
 request instead of one per step.
+
+Triton does not cancel the request made here when the client cancels this one,
+so while it waits the front looks at its own request and, on cancellation,
+marks the sampler's request id (``stepadapt.serving.cancel``); the sampler
+drops it at its next step. The bounded queue in front of this model (its
+``dynamic_batching`` queue policy) is where overload is refused.
 """
 
+import asyncio
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from stepadapt.serving import cancel
 
 INPUTS = ("seed", "num_images", "steps", "sampler", "eta")
+CODES = ("INVALID_ARG", "INTERNAL", "UNAVAILABLE", "CANCELLED")
+POLL = 0.05  # seconds between looks at the client's cancellation while the sampler works
 
 
 def _error(msg, code="INVALID_ARG"):
@@ -24,6 +34,21 @@ def _error(msg, code="INVALID_ARG"):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
 
 
+def _relay(resp):
+    """The sampler's answer as this endpoint's: its images without the batch axis, or its error.
+
+    A BLS error reaches us as INTERNAL whatever its code, so the sampler sends the code at the head
+    of the message (``INVALID_ARG: steps must be ...``); anything else is Triton's and ours.
+    """
+    if resp.has_error():
+        code, sep, msg = resp.error().message().partition(": ")
+        if not sep or code not in CODES:
+            code, msg = "INTERNAL", resp.error().message()
+        return _error(msg, code)
+    images = pb_utils.get_output_tensor_by_name(resp, "images").as_numpy()
+    return pb_utils.InferenceResponse([pb_utils.Tensor("images", np.ascontiguousarray(images[0]))])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
@@ -31,9 +56,12 @@ class TritonPythonModel:
         self.target = params.get("target", "sampler")
 
     def execute(self, requests):
-        return [self._one(r) for r in requests]
+        return asyncio.run(self._all(requests))
 
-    def _one(self, request):
+    async def _all(self, requests):
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def _inputs(self, request):
         inputs = []
         for name in INPUTS:
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -41,14 +69,28 @@ class TritonPythonModel:
                 continue
             a = t.as_numpy().reshape(-1)
             if a.size != 1:
-                return _error(f"input {name} must hold exactly one value, got {a.size}")
+                raise ValueError(f"input {name} must hold exactly one value, got {a.size}")
             inputs.append(pb_utils.Tensor(name, a.reshape(1, 1)))
-        resp = pb_utils.InferenceRequest(
-            model_name=self.target, requested_output_names=["images"], inputs=inputs
-        ).exec()
-        if resp.has_error():
-            msg = resp.error().message()
-            internal = msg.startswith("internal error")
-            return _error(msg, "INTERNAL" if internal else "INVALID_ARG")
-        images = pb_utils.get_output_tensor_by_name(resp, "images").as_numpy()
-        return pb_utils.InferenceResponse([pb_utils.Tensor("images", np.ascontiguousarray(images[0]))])
+        return inputs
+
+    async def _one(self, request):
+        try:
+            inputs = self._inputs(request)
+        except ValueError as e:
+            return _error(str(e))
+        rid = cancel.new_id()
+        call = asyncio.ensure_future(
+            pb_utils.InferenceRequest(
+                model_name=self.target, requested_output_names=["images"], inputs=inputs, request_id=rid
+            ).async_exec()
+        )
+        try:
+            marked = False
+            while not call.done():
+                await asyncio.wait([call], timeout=POLL)
+                if not marked and not call.done() and request.is_cancelled():
+                    cancel.mark(rid)
+                    marked = True
+            return _relay(call.result())
+        finally:
+            cancel.clear(rid)

@@ -9,23 +9,35 @@ Given several requests at once (dynamic batching), the ones that ask for the
 same sampler, steps and eta run as one batch in lockstep; each still gets the
 images it would get alone (``sample_together``). ``generate_stream``
 (decoupled) runs one request at a time and sends a message per step.
+
+Between steps every request is looked at (``Watch``): cancelled by its client
+(directly, or through the front's mark), past the server's time limit, or the
+server stopping; such a request gets its error and its images stop costing
+anything, while the rest of its batch steps on.
 """
 
 import json
 import os
+import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from stepadapt.serving import cancel
 
 from stepadapt import StepadaptError
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request
 from stepadapt.schedule import SAMPLERS
 
+CHECK_EVERY = 0.05  # seconds between looks at one request (each asks Triton over IPC)
 
-def _error(msg, client=True):
-    code = "INVALID_ARG" if client else "INTERNAL"
+
+def _error(msg, code="INVALID_ARG", relayed=False):
+    """``relayed``: the answer goes to the fused layout's front, which cannot read a BLS error's code
+    (it arrives as INTERNAL), so the code travels at the head of the message; the front takes it off."""
+    if relayed:
+        msg = f"{code}: {msg}"
     try:
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))
@@ -34,10 +46,44 @@ def _error(msg, client=True):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
 
 
-def _internal(e):
+def _internal(e, relayed=False):
     """Our failure: a short line for the client, the details in the server log."""
     pb_utils.Logger.log_error(f"generate: {type(e).__name__}: {e}")
-    return _error(f"internal error ({type(e).__name__}); see the server log", client=False)
+    return _error(f"internal error ({type(e).__name__}); see the server log", "INTERNAL", relayed)
+
+
+class Stopped(Exception):
+    """A request given up on between steps; ``code`` is the Triton status it ends with."""
+
+    def __init__(self, code, msg):
+        super().__init__(msg)
+        self.code = code
+
+
+class Watch:
+    """Whether one request should stop now, and why; asked before every step, looked up at most every
+    CHECK_EVERY seconds so a fast step does not pay an IPC per request."""
+
+    def __init__(self, request, max_seconds, cancelled=None):
+        self.cancelled = cancelled or request.is_cancelled  # decoupled: the response sender's
+        self.id = request.request_id()
+        self.max_seconds = max_seconds
+        self.deadline = time.monotonic() + max_seconds
+        self.stopped = None
+        self._next = 0.0
+
+    def check(self):
+        now = time.monotonic()
+        if self.stopped is None and now >= self._next:
+            self._next = now + CHECK_EVERY
+            if cancel.marked(cancel.SHUTDOWN):
+                self.stopped = Stopped("UNAVAILABLE", "the server is shutting down")
+            elif self.cancelled() or cancel.marked(self.id):
+                self.stopped = Stopped("CANCELLED", "cancelled by the client")
+            elif now > self.deadline:
+                limit = f"{self.max_seconds:g}"
+                self.stopped = Stopped("UNAVAILABLE", f"the request ran past the server's limit of {limit} s")
+        return self.stopped
 
 
 def _bls_expert(model_name):
@@ -83,6 +129,7 @@ class TritonPythonModel:
         with open(os.path.join(version_dir, "manifest.json")) as f:
             manifest = json.load(f)
         self.max_images = int(params.get("max_images", "64"))
+        self.max_seconds = float(params.get("max_seconds", "600"))
         self.scheduler = manifest["scheduler"]
         self.shape = tuple(manifest["sample_shape"])
         self.names = [e["name"] for e in manifest["experts"]]
@@ -116,32 +163,47 @@ class TritonPythonModel:
                 self._stream(r)
             return None
         responses = [None] * len(requests)
-        groups = defaultdict(list)  # (sampler, steps, eta) -> [(index, n, seed)]
+        groups = defaultdict(list)  # (sampler, steps, eta) -> [(index, n, seed, watch)]
         for i, r in enumerate(requests):
             try:
                 seed, n, steps, sampler, eta = self._parse(r)
-                groups[(sampler, steps, eta)].append((i, n, seed))
+                groups[(sampler, steps, eta)].append((i, n, seed, Watch(r, self.max_seconds)))
             except StepadaptError as e:
-                responses[i] = _error(str(e))
+                responses[i] = _error(str(e), relayed=self.batched)
             except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
-                responses[i] = _internal(e)
+                responses[i] = _internal(e, self.batched)
         for (sampler, steps, eta), members in groups.items():
             for chunk in self._chunks(members):
-                try:
-                    images = sample_together(
-                        self.router, self.scheduler, self.shape, [(n, seed) for _, n, seed in chunk],
-                        steps=steps, sampler=sampler, eta=eta,
-                    )  # fmt: skip
-                    for (i, _, _), im in zip(chunk, images, strict=True):
-                        out = im[None] if self.batched else im
-                        responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("images", out)])
-                except StepadaptError as e:
-                    for i, _, _ in chunk:
-                        responses[i] = _error(str(e), client=False)
-                except Exception as e:  # noqa: BLE001
-                    for i, _, _ in chunk:
-                        responses[i] = _internal(e)
+                self._run(chunk, responses, sampler, steps, eta)
         return responses
+
+    def _run(self, chunk, responses, sampler, steps, eta):
+        """One lockstep batch; if it fails, each request is tried alone so only its culprit fails."""
+
+        def stopped():
+            return [w.check() is not None for *_, w in chunk]
+
+        try:
+            images = sample_together(
+                self.router, self.scheduler, self.shape, [(n, seed) for _, n, seed, _ in chunk],
+                steps=steps, sampler=sampler, eta=eta, stopped=stopped,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            if len(chunk) > 1:
+                for member in chunk:
+                    self._run([member], responses, sampler, steps, eta)
+                return
+            ours = isinstance(e, StepadaptError)  # a message meant for the user, still our failure
+            responses[chunk[0][0]] = (
+                _error(str(e), "INTERNAL", self.batched) if ours else _internal(e, self.batched)
+            )
+            return
+        for (i, _, _, watch), im in zip(chunk, images, strict=True):
+            if im is None:
+                responses[i] = _error(str(watch.stopped), watch.stopped.code, self.batched)
+            else:
+                out = pb_utils.Tensor("images", im[None] if self.batched else im)
+                responses[i] = pb_utils.InferenceResponse([out])
 
     def _chunks(self, members):
         """Consecutive runs of requests whose images together fit one batch."""
@@ -157,8 +219,11 @@ class TritonPythonModel:
 
     def _stream(self, request):
         sender = request.get_response_sender()
+        watch = Watch(request, self.max_seconds, sender.is_cancelled)
 
         def progress(i, t, x):
+            if watch.check() is not None:
+                raise watch.stopped
             expert = self.names[self.router.index(t)]
             sender.send(
                 pb_utils.InferenceResponse(
@@ -170,15 +235,20 @@ class TritonPythonModel:
                 )
             )
 
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             seed, n, steps, sampler, eta = self._parse(request)
             images = sample_images(
                 self.router, self.scheduler, self.shape, n, steps=steps, sampler=sampler, eta=eta,
                 seed=seed, batch=self.max_images, callback=progress,
             )  # fmt: skip
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("images", images)]), flags=final)
+            last = pb_utils.InferenceResponse([pb_utils.Tensor("images", images)])
+        except Stopped as e:
+            last = _error(str(e), e.code)
         except StepadaptError as e:
-            sender.send(_error(str(e)), flags=final)
+            last = _error(str(e))
         except Exception as e:  # noqa: BLE001
-            sender.send(_internal(e), flags=final)
+            last = _internal(e)
+        try:
+            sender.send(last, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # noqa: BLE001 - the client went away; nobody is left to tell
+            pb_utils.Logger.log_warn(f"generate_stream: final message not delivered: {e}")

@@ -1,0 +1,59 @@
+"""Marks that stop work in flight, shared by the models of one server through a directory.
+
+Triton tells a model when *its* client cancelled (gRPC only; Triton 2.51's HTTP
+front end never cancels), but not the request a model made for it over BLS:
+the fused layout's ``generate`` front sees the cancellation and the ``sampler``
+doing the work does not. So the front marks the request id it gave the
+sampler's request, and the sampler looks for the mark between steps. The
+server's own stop is one more mark (``shutdown``) so that requests in flight
+end within a step instead of holding the exit for minutes.
+
+Files, not sockets: both sides are separate stub processes with no channel of
+their own, a ``stat`` is microseconds, and nothing is left running if either dies.
+Numpy-free and torch-free: the front imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+ENV = "STEPADAPT_SIGNAL_DIR"
+SHUTDOWN = "shutdown"
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def signal_dir() -> Path:
+    """The server's directory (set by ``TritonServer``), else one per user for a foreign tritonserver."""
+    d = os.environ.get(ENV)
+    return Path(d) if d else Path(tempfile.gettempdir()) / f"stepadapt-signals-{os.getuid()}"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _path(name: str) -> Path | None:
+    # Request ids come from clients too: only our own form names a file.
+    return signal_dir() / name if name == SHUTDOWN or _ID.fullmatch(name) else None
+
+
+def mark(name: str) -> None:
+    p = _path(name)
+    if p is not None:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+
+def clear(name: str) -> None:
+    p = _path(name)
+    if p is not None:
+        p.unlink(missing_ok=True)
+
+
+def marked(name: str) -> bool:
+    p = _path(name)
+    return p is not None and p.exists()
