@@ -115,7 +115,7 @@ def _model_bundle(path: Path, like: Manifest, name: str, model: UNet2DModel, his
     manifest = Manifest(
         base_config=like.base_config, scheduler=like.scheduler, sample_shape=like.sample_shape,
         base_macs=like.base_macs, base_params=like.base_params, experts=[spec],
-        prediction_type=like.prediction_type, plan=like.plan, provenance=provenance(),
+        plan=like.plan, provenance=provenance(),
     )  # fmt: skip
     save_bundle(path, manifest, {name: (model, history)})
     return Bundle.load(path)

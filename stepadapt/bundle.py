@@ -79,9 +79,13 @@ class Manifest:
     base_macs: int
     base_params: int
     experts: list[ExpertSpec]
-    prediction_type: str = "epsilon"
     plan: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        """What every expert outputs (eps, v or x0): the scheduler's, never a second copy of it."""
+        return str(self.scheduler.get("prediction_type", "epsilon"))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -114,7 +118,8 @@ class Manifest:
         if d.get("version") not in (1, BUNDLE_VERSION):
             raise StepadaptError(f"unsupported bundle version {d.get('version')} (want {BUNDLE_VERSION})")
         validate_manifest(d)
-        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        # prediction_type: bundles before 2026-12 kept a copy beside the scheduler's own
+        body = {k: v for k, v in d.items() if k not in ("format", "version", "prediction_type")}
         try:
             body["experts"] = [
                 ExpertSpec(**{**e, "timesteps": tuple(e["timesteps"]), "snr_db": tuple(e["snr_db"])})

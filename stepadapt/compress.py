@@ -88,6 +88,7 @@ def compress(
                 [x.visit_share for x in plan.groups],
                 plan.budget,
                 fixed=achieved,
+                saturate=True,  # widths reached so far may leave no exact solution: the nearest, and a note
             )
         target = ratios[i] * base_macs
         if log:
@@ -112,7 +113,10 @@ def compress(
     mean = plan.mean_ratio([achieved[i] for i in range(len(plan.groups))])
     if log and plan.budget is not None and abs(mean - plan.budget) > 0.02 * plan.budget:
         # Only budget allocation re-solves later groups; damage sizes and nested parents can drift.
-        log(f"note: trajectory mean {mean:.3f} x base MACs, budget {plan.budget:.3f} (reachable widths)")
+        log(
+            f"note: trajectory mean {mean:.3f} x base MACs, budget {plan.budget:.3f}: the widths the groups "
+            "could reach (GroupNorm steps) left the others no exact way to pay it back"
+        )
     manifest = Manifest(
         base_config=clean_config(base),
         scheduler=dict(scheduler_cfg),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stepadapt import StepadaptError
-from stepadapt.schedule import make_scheduler
+from stepadapt.schedule import make_scheduler, model_target, per_sample
 
 TENSORS = ("mean", "basis", "eigenvalues")  # what a bundle stores; the schedule comes from its manifest
 MAX_RATIO = 0.25  # a Gaussian expert costing more than this x the base's MACs saves too little
@@ -35,7 +35,8 @@ CUTOFF_GRID = 20  # timesteps between the points the cut-off is searched on
 
 
 class GaussianDenoiser(torch.nn.Module):
-    """``(x, t) -> eps`` for data N(mean, U diag(lam) U^T); a denoiser like any expert."""
+    """``(x, t) -> eps`` (or v, or x0: the model's ``prediction_type``) for data N(mean, U diag(lam)
+    U^T); a denoiser like any expert, so it answers in the parameterisation the sampler expects."""
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class GaussianDenoiser(torch.nn.Module):
         eigenvalues: torch.Tensor,
         alphas_cumprod: torch.Tensor,
         sample_shape: tuple[int, int, int],
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
         d = int(np.prod(sample_shape))
@@ -58,6 +60,7 @@ class GaussianDenoiser(torch.nn.Module):
                 raise StepadaptError(f"Gaussian denoiser tensor {name} has NaN or inf values")
             self.register_buffer(name, v.float().contiguous())
         self.sample_shape = tuple(int(v) for v in sample_shape)
+        self.prediction_type = prediction_type
 
     @property
     def macs(self) -> int:
@@ -77,7 +80,8 @@ class GaussianDenoiser(torch.nn.Module):
         a, s2 = ab.sqrt(), 1.0 - ab
         gain = a * self.eigenvalues / (a * a * self.eigenvalues + s2)
         x0 = self.mean + ((flat - a * self.mean) @ self.basis * gain) @ self.basis.T
-        return ((flat - a * x0) / s2.sqrt()).reshape(sample.shape).to(sample.dtype)
+        eps = (flat - a * x0) / s2.sqrt()
+        return model_target(self.prediction_type, x0, eps, ab).reshape(sample.shape).to(sample.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a bundle stores (safetensors); :meth:`from_tensors` is the inverse."""
@@ -92,8 +96,11 @@ class GaussianDenoiser(torch.nn.Module):
         missing = [k for k in TENSORS if k not in tensors]
         if missing:
             raise StepadaptError(f"Gaussian denoiser weights lack {', '.join(missing)}")
-        schedule = make_scheduler("ddpm", scheduler_cfg).alphas_cumprod
-        return cls(*(tensors[k].float() for k in TENSORS), schedule, sample_shape=sample_shape).eval()
+        sched = make_scheduler("ddpm", scheduler_cfg)
+        return cls(
+            *(tensors[k].float() for k in TENSORS), sched.alphas_cumprod, sample_shape=sample_shape,
+            prediction_type=sched.config.prediction_type,
+        ).eval()  # fmt: skip
 
 
 def macs_for(sample_shape: tuple[int, ...]) -> int:
@@ -128,8 +135,9 @@ def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
     lam, basis = torch.linalg.eigh(torch.cov((flat - mean).T))
     sched = make_scheduler("ddpm", scheduler_cfg)
     return GaussianDenoiser(
-        mean, basis, lam.clamp(min=0.0), sched.alphas_cumprod, sample_shape=tuple(data.shape[1:])
-    ).eval()
+        mean, basis, lam.clamp(min=0.0), sched.alphas_cumprod, sample_shape=tuple(data.shape[1:]),
+        prediction_type=sched.config.prediction_type,
+    ).eval()  # fmt: skip
 
 
 def gaussian_for(base: torch.nn.Module, scheduler_cfg: dict, data: str) -> GaussianDenoiser:
@@ -163,15 +171,16 @@ def gaussian_cutoff(
     Returns t* and, per grid point, (base error, Gaussian error): what the plot and the log show.
     """
     sched = make_scheduler("ddpm", scheduler_cfg)
-    T = int(scheduler_cfg["num_train_timesteps"])
+    T, pt = int(sched.config.num_train_timesteps), sched.config.prediction_type
     g = torch.Generator().manual_seed(seed)
     errors: dict[int, tuple[float, float]] = {}
     cut = T
     for t in range(T - 1 - (T - 1) % grid, -1, -grid):  # from the noisy end down
         noise, tt = torch.randn(held_out.shape, generator=g), torch.full((len(held_out),), t)
         x_t = sched.add_noise(held_out, noise, tt)
-        e_base = float(((base(x_t, tt).sample - noise) ** 2).mean())
-        e_gauss = float(((gaussian(x_t, tt) - noise) ** 2).mean())
+        target = model_target(pt, held_out, noise, per_sample(sched.alphas_cumprod, tt, held_out))
+        e_base = float(((base(x_t, tt).sample - target) ** 2).mean())
+        e_gauss = float(((gaussian(x_t, tt) - target) ** 2).mean())
         errors[t] = (e_base, e_gauss)
         if e_gauss > tolerance * e_base or t < grid:
             break

@@ -12,7 +12,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
 from stepadapt.io import atomic_dir, read_json
-from stepadapt.schedule import DEFAULT_SCHEDULER
+from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
 
 # `tiny`: <= 0.1 GMACs at 32x32 so it trains on 2 CPU cores in minutes; GroupNorm
 # with 8 groups means widths prune in steps of C/8 (2 channels at the top level).
@@ -79,8 +79,9 @@ def save_base(model: UNet2DModel, path: str | os.PathLike, scheduler_cfg: dict |
 def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[str, Any]]:
     """Load a diffusers UNet2DModel dir (safetensors only) and its scheduler config.
 
-    A dir without ``scheduler_config.json`` (e.g. a plain download of
-    google/ddpm-cifar10-32's unet) gets the standard linear DDPM schedule.
+    The scheduler config is kept whole, as diffusers' own pipeline would build from it; a dir
+    without ``scheduler_config.json`` (e.g. a plain download of google/ddpm-cifar10-32's unet) gets
+    DDPMScheduler's defaults.
     """
     path = Path(path) if path is not None else DEFAULT_BASE
     if not path.is_dir():
@@ -106,9 +107,12 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
         None,
     )
     sched = dict(DEFAULT_SCHEDULER)
-    if sched_path is not None:
+    if sched_path is not None:  # all of it: variance_type, timestep_spacing, ... decide the images too
         loaded = read_json(sched_path, "scheduler config")
-        sched.update({k: v for k, v in loaded.items() if k in DEFAULT_SCHEDULER})
+        if not isinstance(loaded, dict):
+            raise StepadaptError(f"scheduler config {sched_path} is not a JSON object")
+        sched.update({k: v for k, v in loaded.items() if not k.startswith("_")})
+        make_scheduler("ddpm", sched)  # a bad prediction type or beta schedule is said here, once
     return model.eval(), sched
 
 

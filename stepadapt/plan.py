@@ -104,8 +104,15 @@ def check_coverage(boundaries: list[int], T: int) -> None:
             raise StepadaptError(f"groups overlap or are empty at boundary {a} -> {b}")
 
 
-def partition(kind: str, n: int, difficulty: np.ndarray, snr_db: np.ndarray) -> list[int]:
-    """Boundaries [0, b1, ..., T] for ``n`` groups."""
+def partition(
+    kind: str, n: int, difficulty: np.ndarray, snr_db: np.ndarray, span: tuple[int, int] | None = None
+) -> list[int]:
+    """Boundaries [0, b1, ..., T] for ``n`` groups.
+
+    ``span``: the first and last timestep the sampler visits. ``snr`` cuts equal SNR-dB widths within
+    it: a cosine schedule's last few steps fall to -86 dB, and cutting the whole range evenly would
+    spend groups on steps no sampler takes.
+    """
     T = len(difficulty)
     if not 1 <= n <= T:
         raise StepadaptError(f"number of groups must be in [1, {T}], got {n}")
@@ -113,7 +120,8 @@ def partition(kind: str, n: int, difficulty: np.ndarray, snr_db: np.ndarray) -> 
         cuts = np.linspace(0, T, n + 1)
     elif kind == "snr":
         # Equal width in SNR-dB; snr_db falls monotonically with t.
-        levels = np.linspace(snr_db[0], snr_db[-1], n + 1)[1:-1]
+        first, last = span if span is not None else (0, T - 1)
+        levels = np.linspace(snr_db[first], snr_db[min(last, T - 1)], n + 1)[1:-1]
         cuts = np.concatenate([[0], [np.searchsorted(-snr_db, -lv) for lv in levels], [T]])
     elif kind == "mass":
         cum = np.concatenate([[0.0], np.cumsum(difficulty)])
@@ -151,12 +159,15 @@ def budget_ratios(
     shares: list[float],
     budget: float,
     fixed: dict[int, float] | None = None,
+    saturate: bool = False,
 ) -> list[float]:
     """Ratios proportional to difficulty with a visit-weighted mean of ``budget``.
 
     ``fixed`` pins some groups (already pruned, with their achieved ratio); the
     rest are solved for, so the staircase of reachable widths in one group is
-    paid back by the others.
+    paid back by the others. ``saturate``: where the pinned groups leave the
+    rest no way to meet the budget, give them the nearest ratios that do
+    (all at the floor, or all at the base) instead of refusing.
     """
     fixed = fixed or {}
     d, w = np.asarray(difficulties), np.asarray(shares)
@@ -169,15 +180,18 @@ def budget_ratios(
     if not free:
         return [fixed[i] for i in range(len(d))]
     lo, hi = 0.0, 1.0 / max(d[free].min(), 1e-9)
-    if mean_at(hi) < need - 1e-9 or mean_at(lo) > need + 1e-9:
-        reach = (mean_at(lo), mean_at(hi))
-        raise StepadaptError(
-            f"budget {budget:.3f} is not reachable (free groups span {reach[0]:.3f}..{reach[1]:.3f})"
-        )
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_at(mid) < need else (lo, mid)
-    c = (lo + hi) / 2
+    reach = (mean_at(lo), mean_at(hi))
+    if reach[1] < need - 1e-9 or reach[0] > need + 1e-9:
+        if not saturate:
+            raise StepadaptError(
+                f"budget {budget:.3f} is not reachable (free groups span {reach[0]:.3f}..{reach[1]:.3f})"
+            )
+        c = hi if reach[1] < need else lo
+    else:
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_at(mid) < need else (lo, mid)
+        c = (lo + hi) / 2
     return [fixed[i] if i in fixed else float(np.clip(c * d[i], MIN_RATIO, 1.0)) for i in range(len(d))]
 
 
@@ -208,6 +222,8 @@ def make_plan(
     groups partition [0, gaussian_from) and share what is left of the budget.
     """
     T = len(difficulty)
+    visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
+    span = int(visits.min()), int(visits.max())
     if gaussian_from is not None and not 0 < gaussian_from < T:
         raise StepadaptError(f"the Gaussian expert must start inside (0, {T}), got {gaussian_from}")
     if boundaries is not None:
@@ -220,13 +236,13 @@ def make_plan(
         if groups < 2:
             raise StepadaptError("a plan with a Gaussian expert needs at least 2 groups (U-Net + Gaussian)")
         cut = gaussian_from
-        b = partition(partition_kind, groups - 1, difficulty[:cut], snr_db[:cut]) + [T]
+        inside = (min(span[0], cut - 1), min(span[1], cut - 1))
+        b = partition(partition_kind, groups - 1, difficulty[:cut], snr_db[:cut], inside) + [T]
     else:
-        b = partition(partition_kind, groups, difficulty, snr_db)
+        b = partition(partition_kind, groups, difficulty, snr_db, span)
     kinds = ["unet"] * (len(b) - 1)
     if gaussian_from is not None:
         kinds[-1] = "gaussian"
-    visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
     shares, diffs = [], []
     for lo, hi in zip(b, b[1:], strict=False):
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))

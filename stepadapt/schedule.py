@@ -6,6 +6,7 @@ SNR-dB because that is where the difficulty of denoising changes evenly.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 
 from stepadapt import StepadaptError
 
+# What a diffusers directory without a scheduler config gets: DDPMScheduler's own defaults.
 DEFAULT_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_schedule": "linear",
@@ -22,24 +24,64 @@ DEFAULT_SCHEDULER = {
     "clip_sample": True,
 }
 SAMPLERS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+
+def _one_of(value: Any, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise StepadaptError(f"{what} {value!r} is not one of {', '.join(choices)}")
 
 
 def make_scheduler(sampler: str = "ddpm", config: dict[str, Any] | None = None) -> SchedulerMixin:
-    """A fresh diffusers scheduler of the given kind from a (shared) config dict."""
+    """A fresh diffusers scheduler of the given kind from one shared config (the model's own).
+
+    The config is the whole ``scheduler_config.json`` of the model, whichever class wrote it; each
+    class takes the keys it knows (``variance_type`` is DDPM's, ``set_alpha_to_one`` DDIM's), as a
+    diffusers pipeline does when it swaps schedulers.
+    """
+    if sampler not in _CLASSES:
+        raise StepadaptError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    cls = _CLASSES[sampler]
     cfg = {**DEFAULT_SCHEDULER, **(config or {})}
-    if sampler == "ddpm":
-        return DDPMScheduler.from_config(cfg)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    raise StepadaptError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _one_of(cfg["prediction_type"], PREDICTION_TYPES, "scheduler prediction_type")
+    if cfg.get("trained_betas") is None:
+        _one_of(cfg["beta_schedule"], BETA_SCHEDULES, "scheduler beta_schedule")
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls.from_config({k: v for k, v in cfg.items() if k in known})
 
 
 def scheduler_config(scheduler: SchedulerMixin) -> dict[str, Any]:
-    """The JSON-able subset that defines the forward process."""
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
-    cfg = {k: scheduler.config[k] for k in keys if k in scheduler.config}
-    cfg["clip_sample"] = bool(scheduler.config.get("clip_sample", True))
-    return cfg
+    """The scheduler's whole public config as JSON-able values (what a bundle and a model dir keep)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dict(scheduler.config).items()
+        if not k.startswith("_")
+    }
+
+
+def model_target(
+    prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor
+) -> torch.Tensor:
+    """What a model of this prediction type outputs for clean ``x0`` noised with ``eps``: the training
+    target, and what a closed-form expert must return to stand in for the model.
+
+    ``alpha_bar_t`` broadcasts against ``x0`` (e.g. shape B x 1 x 1 x 1); v = sqrt(ab) eps - sqrt(1-ab) x0.
+    """
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return alpha_bar_t.sqrt() * eps - (1.0 - alpha_bar_t).sqrt() * x0
+    _one_of(prediction_type, PREDICTION_TYPES, "prediction_type")
+    raise AssertionError("unreachable")
+
+
+def per_sample(alpha_bar: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at each sample's timestep, shaped to broadcast against ``like`` (B x C x H x W)."""
+    return alpha_bar.to(like.device, like.dtype)[t.long()].reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def alpha_bar(scheduler: SchedulerMixin) -> torch.Tensor:

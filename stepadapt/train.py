@@ -29,7 +29,7 @@ from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.plan import visited_timesteps
 from stepadapt.progress import progress as progress_bar
-from stepadapt.schedule import make_scheduler, snr
+from stepadapt.schedule import make_scheduler, model_target, per_sample, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -39,14 +39,17 @@ DEFAULT_DISTILL = 0.7  # Diff-Pruning's mix: 0.7 x the base's eps + 0.3 x the tr
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al. 2023): min(SNR, g)/SNR for eps, min(SNR, g)/(SNR+1) for v."""
+    """Min-SNR-gamma (Hang et al. 2023): the x0-loss weight min(SNR, g) in the model's own target,
+    i.e. min(SNR, g)/SNR for eps, min(SNR, g)/(SNR+1) for v, min(SNR, g) for x0."""
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
+    if prediction_type == "sample":
+        return clipped
     raise StepadaptError(
-        f"min-SNR weighting is defined for epsilon and v_prediction, not {prediction_type!r}"
+        f"min-SNR weighting is defined for epsilon, v_prediction and sample, not {prediction_type!r}"
     )
 
 
@@ -148,16 +151,19 @@ def denoising_losses(
     teacher: UNet2DModel | None = None,
     distill: float = 0.0,
 ) -> torch.Tensor:
-    """Per-sample epsilon-prediction MSE (unweighted: samplers learn from these).
+    """Per-sample MSE against the model's own target (eps, v or x0, as the scheduler's
+    ``prediction_type`` says; unweighted: samplers learn from these).
 
-    With a ``teacher`` the target mixes in its prediction: (1-distill)*noise + distill*teacher_eps,
+    With a ``teacher`` the target mixes in its prediction: (1-distill)*target + distill*teacher's,
     so a pruned expert learns what the base does at its timesteps, not only the data.
     """
     x_t = scheduler.add_noise(x0, noise, t)
-    target = noise
+    target = model_target(
+        scheduler.config.prediction_type, x0, noise, per_sample(scheduler.alphas_cumprod, t, x0)
+    )
     if teacher is not None and distill > 0:
         with torch.no_grad():
-            target = (1.0 - distill) * noise + distill * teacher(x_t, t).sample
+            target = (1.0 - distill) * target + distill * teacher(x_t, t).sample
     return F.mse_loss(model(x_t, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
 
 

@@ -15,8 +15,9 @@ def test_min_snr_weights_are_the_published_formulas():
     snr = torch.tensor([0.1, 5.0, 100.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.05]))
     assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.1 / 1.1, 5 / 6, 5 / 101]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "sample"), torch.tensor([0.1, 5.0, 5.0]))
     with pytest.raises(StepadaptError):
-        min_snr_weight(snr, 5.0, "sample")
+        min_snr_weight(snr, 5.0, "flow")
 
 
 def test_budgets_follow_interval_length(tiny_bundle):

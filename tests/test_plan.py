@@ -48,6 +48,26 @@ def test_budget_with_fixed_groups_pays_back_the_difference():
     assert sum(a * b for a, b in zip(r, w, strict=True)) == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(StepadaptError, match="not reachable"):
         budget_ratios(d, w, 0.02)
+    # The first group overshot to the whole base: the rest can only go to the floor; said, not refused.
+    r = budget_ratios([0.9, 0.1], [0.9, 0.1], 0.5, fixed={0: 1.0}, saturate=True)
+    assert r == [1.0, pytest.approx(0.05)]
+    with pytest.raises(StepadaptError, match="not reachable"):
+        budget_ratios([0.9, 0.1], [0.9, 0.1], 0.5, fixed={0: 1.0})
+
+
+@pytest.mark.parametrize("groups, least", [(2, 0.2), (4, 0.04)])
+def test_snr_cuts_on_a_cosine_schedule_stay_where_the_sampler_goes(groups, least):
+    """Cosine betas fall to -86 dB in the last steps; equal SNR-dB widths over the whole range would
+    give a group the last 2% of t (no step visits it). Within the visited range every group is used."""
+    from stepadapt.difficulty import normalise, snr_profile
+
+    cfg = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
+    s = snr_profile(cfg)
+    plan = make_plan(normalise(s), s, 10**6, groups=groups, budget=0.5, scheduler_cfg=cfg)
+    assert all(g.visit_share >= least for g in plan.groups), [
+        (g.lo, g.hi, g.visit_share) for g in plan.groups
+    ]
+    assert plan.mean_ratio() == pytest.approx(0.5, abs=1e-4)  # ratios are stored to 4 decimals
 
 
 def test_plan_json_round_trip_and_validation(tmp_path):
