@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from diffusers import UNet2DModel
-from stepadapt.export.onnx import OnnxDenoiser, export_bundle, session
+from stepadapt.export.onnx import OnnxDenoiser, export_bundle
+from stepadapt.export.runtime import session
 from stepadapt.serving.client import Endpoint, GenerateRequest
 from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stepadapt.export import MAX_BATCH
 
 from stepadapt import StepadaptError
 from stepadapt.io import atomic_path
@@ -47,7 +48,7 @@ def build_engine(
     *,
     min_batch: int = 1,
     opt_batch: int = 8,
-    max_batch: int = 32,
+    max_batch: int = MAX_BATCH,
     timing_cache: str | os.PathLike | None = None,
     workspace_gib: int = 2,
 ) -> Path:

@@ -26,11 +26,31 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import stepadapt.export as export_package
+from stepadapt.export import MAX_BATCH
+
+import stepadapt
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.io import atomic_dir
 
 MODELS_SRC = Path(__file__).parent / "triton_models"
+# Where each part of the stepadapt package lives in this checkout or install -> its place in lib/.
+LIBRARY = {
+    Path("stepadapt"): Path(stepadapt.__file__).parent,
+    Path("stepadapt/export"): Path(export_package.__file__).parent,
+    Path("stepadapt/serving"): Path(__file__).parent,
+}
+
+
+def copy_library(model_dir: Path) -> None:
+    """The package's Python files into ``model_dir/lib`` (no weights, no caches), where the model
+    files look first: the repository runs on a Triton whose Python has no stepadapt installed."""
+    for rel, src in LIBRARY.items():
+        dst = model_dir / "lib" / rel
+        dst.mkdir(parents=True)
+        for f in src.glob("*.py"):
+            shutil.copy(f, dst / f.name)
 
 
 LAYOUTS = ("fused", "bls")
@@ -40,7 +60,7 @@ LAYOUTS = ("fused", "bls")
 class RepositoryOptions:
     threads: int = 1  # onnxruntime threads per expert session
     instances: int = 1  # expert instances (bls) or sampler instances (fused), KIND_CPU
-    max_batch: int = 64  # images per expert batch, also the most images one request may ask for
+    max_batch: int = MAX_BATCH  # images per expert batch, also the most images one request may ask for
     queue_delay_us: int = 0  # extra wait for batching; on a saturated CPU 0 measured best (docs/results.md)
     router_instances: int = 2  # bls: requests the router runs at once (each steps alone)
     front_instances: int = 8  # fused: requests the endpoint accepts at once (each waits on the sampler)
@@ -49,6 +69,7 @@ class RepositoryOptions:
     max_queue: int = 16  # requests waiting at the endpoint beyond those running; more are refused at once
     queue_timeout_s: float = 60.0  # a request still waiting after this is refused
     max_seconds: float = 600.0  # a request still running after this is stopped with an error
+    device: str = "auto"  # onnxruntime's: CUDA where onnxruntime-gpu is installed, else CPU
 
 
 def _params(d: dict[str, str]) -> str:
@@ -72,6 +93,7 @@ def expert_config(name: str, shape: tuple, lo: int, hi: int, o: RepositoryOption
     c, h, w = shape
     params = {
         "threads": str(o.threads),
+        "device": o.device,
         "sample_shape": json.dumps(list(shape)),
         "timesteps": json.dumps([lo, hi]),
     }
@@ -141,7 +163,7 @@ def sampler_config(shape: tuple, o: RepositoryOptions) -> str:
     c, h, w = shape
     params = {
         "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
-        "max_seconds": str(o.max_seconds),
+        "max_seconds": str(o.max_seconds), "device": o.device,
     }  # fmt: skip
     return f"""name: "sampler"
 backend: "python"
@@ -169,7 +191,7 @@ def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool
     policy = "model_transaction_policy { decoupled: true }\n" if decoupled else ""
     params = {"max_images": str(o.max_batch), "max_seconds": str(o.max_seconds)}
     if o.layout == "fused":
-        params.update(experts="local", threads=str(o.threads))
+        params.update(experts="local", threads=str(o.threads), device=o.device)
     return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
@@ -207,6 +229,7 @@ def write_repository(
         (d / "1").mkdir(parents=True)
         (d / "config.pbtxt").write_text(config)
         shutil.copy(MODELS_SRC / "generate.py", d / "1" / "model.py")
+        copy_library(d)
         (d / "1" / "manifest.json").write_text(manifest)
         for name, src in onnx.items() if local else ():
             shutil.copy(src, d / "1" / f"{name}.onnx")
@@ -216,6 +239,7 @@ def write_repository(
             (tmp / "generate" / "1").mkdir(parents=True)
             (tmp / "generate" / "config.pbtxt").write_text(front_config(shape, o))
             shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
+            copy_library(tmp / "generate")
             router(tmp / "sampler", sampler_config(shape, o), local=True)
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
@@ -229,8 +253,16 @@ def write_repository(
                 expert_gpu_config(e.name, shape, o, tensorrt=bool(e.trt))
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
+            copy_library(d)
             shutil.copy(onnx_path, d / "1" / "model.onnx")
             if e.trt:
+                engine_max = int(e.trt.get("max_batch", 32))  # engines before the shared setting: 32
+                if engine_max < o.max_batch:
+                    raise StepadaptError(
+                        f"expert {e.name}'s TensorRT engine takes at most {engine_max} images per batch, "
+                        f"the repository {o.max_batch}: serve with --max-images {engine_max} or rebuild "
+                        "it ('stepadapt export --trt')"
+                    )
                 plan = bundle.verify_file(e.trt["path"], e.trt["sha256"], f"TensorRT plan of expert {e.name}")
                 shutil.copy(plan, d / "1" / "model.plan")
         for name, decoupled in (("generate", False), ("generate_stream", True)):

@@ -4,8 +4,10 @@ The wheel carries Triton 2.51 with the python backend only; it runs on CPU-only
 machines once (1) the python backend stub for this Python sits in
 ``backends/python/``, (2) ``LD_LIBRARY_PATH`` puts this interpreter's libpython
 first (else the stub loads the system one and every model dies with
-``'_thread.RLock' object has no attribute '_recursion_count'``) and (3) the
-stub can import this environment's packages (``PYTHONPATH``).
+``'_thread.RLock' object has no attribute '_recursion_count'``) and (3)
+``PATH`` names this environment's ``python3`` first: the stub takes its
+packages from that interpreter's environment (it ignores ``PYTHONPATH``;
+measured, tests/test_serving.py).
 
 Stopping marks ``shutdown`` in the server's signal directory first, so every
 request in flight ends with an error at its next step and Triton's own drain
@@ -77,10 +79,8 @@ def server_env(signals: Path | None = None) -> dict[str, str]:
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
     ld = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in ld if p)
+    # The stub's interpreter is this environment's (torch, onnxruntime, ...): the python3 on PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # The stub's interpreter must see this environment's packages (torch, onnxruntime, stepadapt).
-    paths = [p for p in sys.path if p and Path(p).is_dir()]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -98,8 +98,15 @@ class TritonServer:
         log_path: str | os.PathLike | None = None,
         model_config_name: str | None = None,
         verbose: int = 0,
+        binary: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
     ):
+        """``binary``: an installed full Triton's ``tritonserver`` (its ``../backends`` beside it: the
+        NGC container's layout, with onnxruntime and TensorRT); default the pytriton wheel's.
+        ``env``: overrides of the server's environment."""
         self.repository = Path(repository)
+        self.binary = Path(binary) if binary is not None else None
+        self.env_overrides = dict(env or {})
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
@@ -117,12 +124,15 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    def backends(self) -> Path:
+        return self.binary.absolute().parent.parent / "backends" if self.binary else self.work / "backends"
+
     def command(self) -> list[str]:
-        binary = _pytriton_dir() / "bin" / "tritonserver"
+        binary = self.binary or _pytriton_dir() / "bin" / "tritonserver"
         cmd = [
             str(binary),
             f"--model-repository={self.repository}",
-            f"--backend-directory={self.work / 'backends'}",
+            f"--backend-directory={self.backends()}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
@@ -142,15 +152,20 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         if not (self.repository / "generate" / "config.pbtxt").is_file():
             raise StepadaptError(f"{self.repository} is not a stepadapt model repository")
-        prepare_backends(self.work)
-        (self.work / "signals").mkdir(exist_ok=True)
+        if self.binary is None:
+            prepare_backends(self.work)
+        elif not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
+            raise StepadaptError(f"--tritonserver {self.binary} is not an executable file")
+        elif not (self.backends() / "python").is_dir():
+            raise StepadaptError(f"{self.binary}: no python backend in {self.backends()}")
+        (self.work / "signals").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_env(self.work / "signals"),
+            env={**server_env(self.work / "signals"), **self.env_overrides},
             start_new_session=True,
         )
         log.close()

@@ -9,3 +9,10 @@ class StepadaptError(Exception):
     The CLI prints it without a traceback, so every check on user input raises
     this (or a subclass) instead of letting a deep library error escape.
     """
+
+
+class Notice(UserWarning):
+    """Something done on the user's behalf that they should know of (a conversion, a fallback).
+
+    A warning, not a print: the library stays quiet; the CLI shows each as one ``note:`` line.
+    """

@@ -333,17 +333,16 @@ class Bundle:
             for e in self.experts
         }
 
-    def router(self) -> Router:
-        """PyTorch experts behind a Router: a denoiser like any other."""
+    def router(self, device: str | torch.device = "cpu") -> Router:
+        """PyTorch experts (on ``device``) behind a Router: a denoiser like any other."""
         return Router(
             self.manifest.boundaries,
-            [self.denoiser(e.name) for e in self.experts],
+            [self.denoiser(e.name, device) for e in self.experts],
         )
 
-    def denoiser(self, name: str) -> Denoiser:
-        """One expert as a plain ``(x, t) -> eps`` function (PyTorch)."""
-        model = self.load_expert(name)
-        return module_denoiser(model) if isinstance(model, UNet2DModel) else torch.no_grad()(model)
+    def denoiser(self, name: str, device: str | torch.device = "cpu") -> Denoiser:
+        """One expert as a plain ``(x, t) -> eps`` function (PyTorch, on ``device``)."""
+        return module_denoiser(self.load_expert(name).to(device))
 
     def update_experts(self, changes: dict[str, dict[str, Any]]) -> None:
         """The one way a bundle's manifest changes after it is written: under a lock, re-read it

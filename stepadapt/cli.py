@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import torch
 import typer
 from rich.console import Console
 
-from stepadapt import StepadaptError
+from stepadapt import Notice, StepadaptError
 from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
 from stepadapt.serving.repository import RepositoryOptions
@@ -26,6 +27,17 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 140)
 
+
+def _show_notice(message, category, *args, _default=warnings.showwarning, **kwargs) -> None:
+    """The library's notices (stepadapt.Notice) as one line each; other warnings as Python shows them."""
+    if issubclass(category, Notice):
+        console.print(f"[yellow]note:[/] {message}")
+    else:
+        _default(message, category, *args, **kwargs)
+
+
+warnings.showwarning = _show_notice
+
 BaseOpt = Annotated[Path, typer.Option("--base", help="Base model dir (diffusers UNet2DModel).")]
 
 
@@ -39,6 +51,9 @@ SAMPLER_HELP = (
     "loss-moment (improved-DDPM importance sampling, unbiased weights), visited (only the timesteps "
     "a --visit-steps DDIM run visits: for a fixed serving step count)."
 )
+
+
+DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
 
 
 def _device(name: str) -> str:
@@ -58,6 +73,12 @@ def train_base(
         str, typer.Option(help="'fashion-mnist', an image folder, or an .npz file.")
     ] = "fashion-mnist",
     config: Annotated[str, typer.Option(help="Model config: tiny or ddpm-cifar10.")] = "tiny",
+    channels: Annotated[
+        int | None, typer.Option(help="Image channels (1 or 3); default: the data's own.")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Image side; default: the data's own (else the config's).")
+    ] = None,
     iterations: Annotated[int, typer.Option(help="Optimizer steps.")] = 6000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay after warm-up).")] = 2e-3,
@@ -78,7 +99,7 @@ def train_base(
     `torchrun --nproc_per_node N` it trains with DDP (the batch is split over N).
     """
     from stepadapt import distributed
-    from stepadapt.data import load_dataset
+    from stepadapt.data import load_dataset, native_size
     from stepadapt.models import CONFIGS, build_unet, save_base
     from stepadapt.schedule import DEFAULT_SCHEDULER
     from stepadapt.train import TrainConfig, train
@@ -90,17 +111,15 @@ def train_base(
         distributed.init_from_env()
         if config not in CONFIGS:
             raise StepadaptError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
-        size = CONFIGS[config]["sample_size"]
-        x = load_dataset(
-            data,
-            "train",
-            size=size,
-            channels=CONFIGS[config]["in_channels"],
-            limit=limit,
-            seed=seed,
-        )
+        if channels not in (None, 1, 3):
+            raise StepadaptError(f"--channels must be 1 or 3, got {channels}")
+        side = size or native_size(data)
+        if side is None:
+            side = CONFIGS[config]["sample_size"]
+            console.print(f"[yellow]note:[/] {data} has no single image size; using {side} (set --size)")
+        x = load_dataset(data, "train", size=side, channels=channels, limit=limit, seed=seed)
         console.print(f"data: {data} -> {tuple(x.shape)}")
-        model = build_unet(config, seed=seed)
+        model = build_unet(config, in_channels=x.shape[1], seed=seed, sample_size=side)
         cfg = TrainConfig(
             iterations=iterations,
             batch_size=batch_size,
@@ -138,13 +157,14 @@ def train_base(
 
 
 def _model_denoiser(model) -> tuple:
-    """A base/EMA model as (denoiser, sample shape), run on the model's own device."""
+    """A base/EMA model as (denoiser, sample shape); it runs on the model's own device."""
     from stepadapt.sampling import module_denoiser
 
-    device = next(model.parameters()).device
-    den = module_denoiser(model)
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    return (lambda x, t: den(x.to(device), t.to(device)).cpu()), shape
+    return module_denoiser(model), (
+        model.config.in_channels,
+        model.config.sample_size,
+        model.config.sample_size,
+    )
 
 
 def _sample_grid(model, scheduler_cfg, path: Path, n: int = 16, steps: int = 50, seed: int = 0) -> Path:
@@ -172,6 +192,7 @@ def sample(
     backend: Annotated[
         str, typer.Option(help="With --bundle: torch, or onnxruntime (needs 'stepadapt export').")
     ] = "torch",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Sample images from a base model, or from a bundle's experts with per-step routing."""
     from stepadapt.models import load_base
@@ -183,10 +204,14 @@ def sample(
             from stepadapt.bundle import Bundle
 
             b = Bundle.load(bundle)
-            den, sched_cfg, shape = _bundle_router(b, backend), b.manifest.scheduler, b.manifest.sample_shape
+            den, sched_cfg, shape = (
+                _bundle_router(b, backend, device),
+                b.manifest.scheduler,
+                b.manifest.sample_shape,
+            )
         else:
             model, sched_cfg = load_base(base)
-            den, shape = _model_denoiser(model)
+            den, shape = _model_denoiser(model.to(_device(device)))
         with progress(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
             images = sample_images(
                 den, sched_cfg, shape, n, steps=steps, sampler=sampler, eta=eta, seed=seed, batch=batch,
@@ -199,13 +224,13 @@ def sample(
     out.print(f"{n} images -> {out_path} and {out_path.with_suffix('.npz')}")
 
 
-def _bundle_router(b, backend: str):
+def _bundle_router(b, backend: str, device: str = "auto"):
     if backend == "torch":
-        return b.router()
+        return b.router(_device(device))
     if backend == "onnxruntime":
         from stepadapt.export.onnx import onnx_router
 
-        return onnx_router(b)
+        return onnx_router(b, device=device)
     raise StepadaptError(f"unknown backend {backend!r}; choose torch or onnxruntime")
 
 
@@ -602,6 +627,9 @@ def evaluate(
     ] = None,
     out_path: Annotated[Path, typer.Option("--out", help="JSON report.")] = Path("eval.json"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    device: Annotated[
+        str, typer.Option(help=DEVICE_HELP + " The models' device (Inception stays on CPU).")
+    ] = "auto",
 ) -> None:
     """Score sample quality: KID and FID (Inception-v3 features), fidelity to the base (same noise, PSNR),
     sliced Wasserstein distance on pixels.
@@ -620,7 +648,7 @@ def evaluate(
             raise StepadaptError("--n and --n-real must be at least 2")
         report = evaluate_targets(
             {str(t): t for t in targets}, base, n=n, n_real=n_real, steps=steps, seed=seed, data=data,
-            cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print,
+            cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=_device(device),
         )  # fmt: skip
         write_json(out_path, report)
     except StepadaptError as e:
@@ -658,6 +686,7 @@ def export(
             require()  # fail before spending time on ONNX
         reports = export_bundle(b, opset=opset, atol=atol, log=console.print)
         if trt:
+            from stepadapt.export import MAX_BATCH
             from stepadapt.export.tensorrt import build_engine, parity
             from stepadapt.io import sha256_file
 
@@ -667,7 +696,8 @@ def export(
                 err = parity(plan, b.path / e.onnx["path"], e.lo, e.hi, b.manifest.sample_shape)
                 if err > atol * 10:
                     raise StepadaptError(f"expert {e.name}: TensorRT parity failed (max abs error {err:.2e})")
-                trt = {"path": f"trt/{plan.name}", "sha256": sha256_file(plan), "max_abs_err": err}
+                trt = {"path": f"trt/{plan.name}", "sha256": sha256_file(plan), "max_abs_err": err,
+                       "max_batch": MAX_BATCH}  # fmt: skip
                 b.update_experts({e.name: {"trt": trt}})
     except StepadaptError as e:
         _fail(e)
@@ -697,8 +727,9 @@ def serve(
         int, typer.Option(help="Copies of the sampler (fused) or of each expert (bls) running at once.")
     ] = 2,
     max_images: Annotated[
-        int, typer.Option(help="Most images one request may ask for (= expert max batch).")
-    ] = 64,
+        int,
+        typer.Option(help="Most images one request may ask for (= expert max batch, = TensorRT's profile)."),
+    ] = RepositoryOptions.max_batch,
     max_queue: Annotated[
         int, typer.Option(help="Requests that may wait beyond those running; more are refused at once.")
     ] = RepositoryOptions.max_queue,
@@ -716,6 +747,18 @@ def serve(
         str | None,
         typer.Option(help="'gpu' selects the TensorRT/ONNX Runtime GPU configs (full Triton only)."),
     ] = None,
+    tritonserver: Annotated[
+        Path | None,
+        typer.Option(
+            help="An installed full Triton's tritonserver (e.g. /opt/tritonserver/bin/tritonserver in NGC's "
+            "container; backends from ../backends). Default: the python-backend-only one in the "
+            "nvidia-pytriton wheel."
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(help="onnxruntime's device: auto (CUDA where onnxruntime-gpu is installed), cpu, cuda."),
+    ] = "auto",
     log: Annotated[Path | None, typer.Option(help="Triton log file (default BUNDLE/triton.log).")] = None,
 ) -> None:
     """Write the Triton model repository for BUNDLE and run tritonserver until Ctrl-C / SIGTERM.
@@ -733,12 +776,12 @@ def serve(
         b = Bundle.load(bundle)
         opts = RepositoryOptions(
             threads=threads, instances=instances, max_batch=max_images, layout=layout, max_queue=max_queue,
-            queue_timeout_s=queue_timeout, max_seconds=max_seconds,
+            queue_timeout_s=queue_timeout, max_seconds=max_seconds, device=device,
         )  # fmt: skip
         repo_path = write_repository(b, repo or b.path / "triton", opts)
         server = TritonServer(
             repo_path, host=host, http_port=http_port, grpc_port=grpc_port,
-            log_path=log or b.path / "triton.log", model_config_name=model_config_name,
+            log_path=log or b.path / "triton.log", model_config_name=model_config_name, binary=tritonserver,
         )  # fmt: skip
         console.print(f"starting tritonserver on {host} (repository {repo_path}) ...")
         server.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from stepadapt import StepadaptError
+from stepadapt import Notice, StepadaptError
 
 FASHION_MNIST_DIR = Path(os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+FASHION_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 
 
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
@@ -78,22 +80,66 @@ def _center_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + s, top + s))
 
 
-def load_image_folder(path: str | os.PathLike, size: int = 32, channels: int = 3) -> torch.Tensor:
-    """Every PNG/JPEG under ``path`` (sorted), center-cropped and resized."""
-    path = Path(path)
+def _image_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise StepadaptError(f"no PNG/JPEG images found under {path}")
-    mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    return files
+
+
+def load_image_folder(path: str | os.PathLike, size: int = 32) -> torch.Tensor:
+    """Every PNG/JPEG under ``path`` (sorted), center-cropped and resized; 1 channel when every
+    image is grey (an RGB file whose channels are equal is grey too), else 3."""
+    files = _image_files(Path(path))
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                im = _center_square(im.convert(mode)).resize((size, size), Image.BICUBIC)
-                out[i] = np.asarray(im).reshape(size, size, channels)
+                out[i] = np.asarray(_center_square(im.convert("RGB")).resize((size, size), Image.BICUBIC))
         except (UnidentifiedImageError, OSError) as e:
             raise StepadaptError(f"cannot read image {f}: {e}") from None
-    return _to_model_range(torch.from_numpy(out).permute(0, 3, 1, 2), size)
+    grey = bool((out[..., :1] == out).all())
+    x = torch.from_numpy(out[..., :1] if grey else out).permute(0, 3, 1, 2)
+    return _to_model_range(x, size)
+
+
+def native_size(source: str) -> int | None:
+    """The side the data comes in, where it has one: an .npz of square images, or a folder whose
+    images are all squares of one size (Fashion-MNIST: 32, padded, as the shipped base)."""
+    if source in FASHION_NAMES:
+        return 32
+    p = Path(source)
+    try:
+        if p.is_dir():
+            sizes = set()
+            for f in _image_files(p):
+                with Image.open(f) as im:
+                    sizes.add(im.size)
+            (w, h), *rest = sizes
+            return w if not rest and w == h else None
+        if p.suffix == ".npz" and p.is_file():
+            with np.load(p, allow_pickle=False) as z:
+                arr = z["images" if "images" in z else next(iter(z.keys()))]
+            hw = arr.shape[1:3] if arr.ndim == 3 or arr.shape[-1] in (1, 3) else arr.shape[2:4]
+            return int(hw[0]) if hw[0] == hw[1] else None
+    except (OSError, ValueError, StopIteration, UnidentifiedImageError):
+        return None
+    return None
+
+
+def match_channels(x: torch.Tensor, channels: int, source: str) -> torch.Tensor:
+    """Data for a model of ``channels``: grey repeated into RGB (said); RGB into grey refused (the
+    colour would be thrown away without a word)."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        warnings.warn(Notice(f"data {source}: greyscale images, repeated to 3 channels for an RGB model"),
+                      stacklevel=2)  # fmt: skip
+        return x.repeat(1, 3, 1, 1)
+    raise StepadaptError(
+        f"data {source} is RGB but the model is greyscale ({channels} channel): converting would throw "
+        "its colour away; use an RGB model (train-base --channels 3) or greyscale data"
+    )
 
 
 def load_npz(path: str | os.PathLike, size: int = 32, key: str | None = None) -> torch.Tensor:
@@ -133,13 +179,16 @@ def load_dataset(
     limit: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Load a dataset by name or path; ``limit`` takes a deterministic random subset."""
-    if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    """Load a dataset by name or path; ``limit`` takes a deterministic random subset.
+
+    ``channels``: what the model takes (None: the data's own); see :func:`match_channels`.
+    """
+    if source in FASHION_NAMES:
         x = load_fashion_mnist(split, size)
     else:
         p = Path(source)
         if p.is_dir():
-            x = load_image_folder(p, size, channels or 3)
+            x = load_image_folder(p, size)
         elif p.suffix == ".npz" and p.is_file():
             x = load_npz(p, size)
         elif not p.exists():
@@ -148,11 +197,8 @@ def load_dataset(
             )
         else:
             raise StepadaptError(f"unsupported dataset {source!r}: use an image folder or .npz")
-    if channels is not None and x.shape[1] != channels:
-        if x.shape[1] == 1 and channels == 3:
-            x = x.repeat(1, 3, 1, 1)
-        elif x.shape[1] == 3 and channels == 1:
-            x = x.mean(dim=1, keepdim=True)
+    if channels is not None:
+        x = match_channels(x, channels, source)
     if limit is not None and limit < len(x):
         g = torch.Generator().manual_seed(seed)
         x = x[torch.randperm(len(x), generator=g)[:limit].sort().values]
@@ -167,7 +213,7 @@ def proxy_sets(
     Fashion-MNIST takes them from its train and test splits; a folder or .npz
     is split in two.
     """
-    if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    if source in FASHION_NAMES:
         return (
             load_dataset(source, "train", size, channels, limit=n, seed=seed),
             load_dataset(source, "test", size, channels, limit=n, seed=seed),

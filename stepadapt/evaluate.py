@@ -205,8 +205,11 @@ def generate(
         )
 
 
-def load_target(path: str | os.PathLike) -> tuple[Denoiser, dict, tuple[int, ...], float]:
-    """A bundle (routed experts) or a base model dir as (denoiser, scheduler config, shape, MACs ratio)."""
+def load_target(
+    path: str | os.PathLike, device: str = "cpu"
+) -> tuple[Denoiser, dict, tuple[int, ...], float]:
+    """A bundle (routed experts) or a base model dir as (denoiser on ``device``, scheduler config,
+    shape, MACs ratio)."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import load_base
     from stepadapt.sampling import module_denoiser
@@ -215,14 +218,15 @@ def load_target(path: str | os.PathLike) -> tuple[Denoiser, dict, tuple[int, ...
     if (path / MANIFEST).is_file():
         b = Bundle.load(path)
         return (
-            b.router(),
+            b.router(device),
             b.manifest.scheduler,
             tuple(b.manifest.sample_shape),
             b.manifest.trajectory_macs_ratio(),
         )
     model, sched = load_base(path)
     cfg = model.config
-    return module_denoiser(model.eval()), sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), 1.0
+    den = module_denoiser(model.eval().to(device))
+    return den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), 1.0
 
 
 def evaluate_targets(
@@ -237,13 +241,14 @@ def evaluate_targets(
     cache_dir: str | os.PathLike | None = None,
     kid_subsets: int = 100,
     log=None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Score each target against real test images, and against the base from the same noise."""
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
             raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
     net = InceptionFeatures()
-    base_den, sched, shape, _ = load_target(base)
+    base_den, sched, shape, _ = load_target(base, device)
     real_images, real_feats = real_set(
         net, data, n_real or n, shape[1], shape[0], seed=seed, cache_dir=cache_dir, progress=log is not None
     )
@@ -252,7 +257,7 @@ def evaluate_targets(
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
-        den, t_sched, t_shape, ratio = load_target(path)
+        den, t_sched, t_shape, ratio = load_target(path, device)
         if tuple(t_shape) != tuple(shape):
             raise StepadaptError(f"{name}: sample shape {t_shape} differs from the base's {shape}")
         t0 = time.perf_counter()

@@ -50,13 +50,21 @@ SCHEDULER_NAME = "scheduler_config.json"
 DEFAULT_BASE = Path(__file__).parent / "weights" / "fashion-tiny"
 
 
-def build_unet(name: str = "tiny", in_channels: int | None = None, seed: int = 0) -> UNet2DModel:
-    """A freshly initialised U-Net of a named config (seeded, so runs are repeatable)."""
+def build_unet(
+    name: str = "tiny", in_channels: int | None = None, seed: int = 0, sample_size: int | None = None
+) -> UNet2DModel:
+    """A freshly initialised U-Net of a named config (seeded, so runs are repeatable); channels and
+    size follow the data when given."""
     if name not in CONFIGS:
         raise StepadaptError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
     cfg = dict(CONFIGS[name])
     if in_channels is not None:
         cfg["in_channels"] = cfg["out_channels"] = in_channels
+    if sample_size is not None:
+        step = 2 ** (len(cfg["block_out_channels"]) - 1)  # every level but the last halves the image
+        if sample_size < step or sample_size % step:
+            raise StepadaptError(f"config {name} needs an image side divisible by {step}, got {sample_size}")
+        cfg["sample_size"] = sample_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**cfg)

@@ -10,6 +10,7 @@ Triton (where the expert is a BLS call).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -71,11 +72,16 @@ def swapped_in(base: Denoiser, other: Denoiser, lo: int, hi: int, num_train_time
 
 
 def module_denoiser(model: torch.nn.Module) -> Denoiser:
-    """Wrap a diffusers UNet2DModel as a plain ``(x, t) -> eps`` function."""
+    """Wrap a diffusers UNet2DModel (or any module returning eps, like the Gaussian expert) as a
+    plain ``(x, t) -> eps`` function. It runs where the model lives and answers where ``x`` lives,
+    so the sampling loop (and its CPU generators) stays the same on a GPU."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
 
     @torch.no_grad()
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, t).sample
+        out = model(x.to(device), t.to(device))
+        return getattr(out, "sample", out).to(x.device)
 
     return run
 

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from stepadapt.cli import app
-from stepadapt.models import save_base
+from stepadapt.models import build_unet, save_base
 
 runner = CliRunner()
 
@@ -63,3 +64,49 @@ def test_analyze_prune_info_and_routed_sample(tmp_path, tiny):
     assert np.load(tmp_path / "s.npz")["images"].shape == (2, 32, 32, 1)
     r = runner.invoke(app, ["prune", *common, "--plan", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "plan not found" in r.output
+
+
+def test_train_base_takes_channels_and_size_from_the_data_and_a_mismatch_is_refused(tmp_path):
+    """An RGB folder of 16 x 16 images makes an RGB 16 x 16 model; that folder against a grey base is
+    refused in one line (the colour would be lost), and grey data for the RGB model is said."""
+    import json
+
+    from PIL import Image
+
+    from stepadapt import Notice
+
+    rng = np.random.default_rng(0)
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(rgb / f"{i}.png")
+    r = runner.invoke(app, ["train-base", "--data", str(rgb), "--out", str(tmp_path / "run"),
+                            "--iterations", "2", "--batch-size", "4", "--checkpoint-every", "2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert cfg["in_channels"] == cfg["out_channels"] == 3 and cfg["sample_size"] == 16
+    save_base(build_unet("tiny"), tmp_path / "grey-base")
+    r = runner.invoke(app, ["analyze", "--base", str(tmp_path / "grey-base"), "--data", str(rgb),
+                            "--gaussian", "off", "--out", str(tmp_path / "p.json")])  # fmt: skip
+    assert r.exit_code == 2 and "is RGB but the model is greyscale" in " ".join(r.output.split())
+    assert not (tmp_path / "p.json").exists()
+    with pytest.warns(Notice, match="repeated to 3 channels"):
+        r = runner.invoke(app, ["analyze", "--base", str(tmp_path / "run" / "model"), "--data",
+                                "fashion-mnist", "--gaussian", "off", "--proxy-size", "8",
+                                "--out", str(tmp_path / "q.json")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train-base", "--data", str(rgb), "--size", "18", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "divisible by 4" in " ".join(r.output.split())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_choice_without_a_gpu(tmp_path, tiny):
+    """auto falls back to the CPU; cuda asked for where there is none is one line, for torch and for
+    onnxruntime alike (the GPU paths themselves run only where a GPU is lent)."""
+    save_base(tiny, tmp_path / "m")
+    base = ["sample", "--base", str(tmp_path / "m"), "--n", "1", "--steps", "2"]
+    r = runner.invoke(app, [*base, "--device", "auto", "--out", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, "--device", "cuda", "--out", str(tmp_path / "b.png")])
+    assert r.exit_code == 2 and "no CUDA device" in " ".join(r.output.split())
+    assert not (tmp_path / "b.png").exists()

@@ -36,16 +36,30 @@ def test_limit_is_a_deterministic_subset():
 
 
 def test_image_folder_rgb_and_grey(tmp_path):
+    from stepadapt import Notice
+
     rng = np.random.default_rng(0)
     (tmp_path / "sub").mkdir()
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8)).save(tmp_path / "sub" / "b.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
-    x = load_dataset(str(tmp_path), size=32, channels=3)
+    x = load_dataset(str(tmp_path), size=32)  # one colour image makes the folder RGB
     assert x.shape == (2, 3, 32, 32)
     assert -1.0 <= x.min() and x.max() <= 1.0
-    g = load_dataset(str(tmp_path), size=16, channels=1)
-    assert g.shape == (2, 1, 16, 16)
+    assert torch.equal(load_dataset(str(tmp_path), size=32, channels=3), x)
+    with pytest.raises(StepadaptError, match="is RGB but the model is greyscale"):
+        load_dataset(str(tmp_path), size=16, channels=1)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(3):  # grey pictures saved as RGB files are grey
+        Image.fromarray(np.repeat(rng.integers(0, 256, (20, 20, 1), dtype=np.uint8), 3, axis=2)).save(
+            grey / f"{i}.png"
+        )
+    g = load_dataset(str(grey), size=16)
+    assert g.shape == (3, 1, 16, 16)
+    with pytest.warns(Notice, match="greyscale images, repeated to 3 channels"):
+        rgb = load_dataset(str(grey), size=16, channels=3)
+    assert rgb.shape == (3, 3, 16, 16) and torch.equal(rgb[:, :1], g)
 
 
 def test_npz_uint8_and_float(tmp_path):

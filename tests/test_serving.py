@@ -410,3 +410,84 @@ def test_sigterm_stops_serve_within_5s_with_no_orphans(exported, tmp_path):
             continue
     assert not left, left
     assert not list(tmp.glob("stepadapt-*")), list(tmp.iterdir())
+
+
+def test_onnxruntime_provider_choice(monkeypatch):
+    import onnxruntime as ort
+    from stepadapt.export.runtime import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers("auto") == providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(StepadaptError, match="no CUDA provider"):
+        providers("cuda")
+    with pytest.raises(StepadaptError, match="unknown device"):
+        providers("tpu")
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: both)
+    assert providers("auto") == providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_one_batch_setting_for_the_engine_and_the_configs(exported, tmp_path):
+    """The TensorRT profile's largest batch and every config's max_batch_size are one setting; a
+    repository asking more than an engine was built for is refused, naming both."""
+    import inspect
+
+    from stepadapt.export import MAX_BATCH
+    from stepadapt.export.tensorrt import build_engine
+
+    from stepadapt.io import sha256_file
+
+    assert inspect.signature(build_engine).parameters["max_batch"].default == MAX_BATCH
+    assert RepositoryOptions().max_batch == MAX_BATCH
+    d = tmp_path / "b"
+    shutil.copytree(exported.path, d, ignore=shutil.ignore_patterns("triton*"))
+    (d / "trt").mkdir()
+    (d / "trt" / "g0.plan").write_bytes(b"an engine built elsewhere")  # only copied here, never run
+    b = Bundle.load(d)
+    trt = {"path": "trt/g0.plan", "sha256": sha256_file(d / "trt" / "g0.plan"), "max_abs_err": 0.0}
+    b.update_experts({"g0": {"trt": {**trt, "max_batch": 32}}})
+    b = Bundle.load(d)
+    with pytest.raises(StepadaptError, match="engine takes at most 32 images per batch, the repository 64"):
+        write_repository(b, tmp_path / "r64", RepositoryOptions(layout="bls"))
+    repo = write_repository(b, tmp_path / "r32", RepositoryOptions(layout="bls", max_batch=32))
+    gpu = (repo / "expert_g0" / "configs" / "gpu.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in gpu and "max_batch_size: 32" in gpu
+    assert "max_batch_size: 32" in (repo / "expert_g0" / "config.pbtxt").read_text()
+
+
+def test_the_repository_runs_on_a_triton_whose_python_lacks_stepadapt(exported, tmp_path):
+    """A full Triton's layout (bin/tritonserver, backends/ beside it) and a Python that can import
+    torch, onnxruntime, diffusers but not stepadapt: the models use the copy inside the repository.
+    Without that copy the same server cannot load them, so the test could fail."""
+    import re
+    import sys
+
+    from stepadapt.serving.server import _pytriton_dir, prepare_backends
+
+    full = tmp_path / "tritonserver"
+    (full / "bin").mkdir(parents=True)
+    (full / "bin" / "tritonserver").symlink_to(_pytriton_dir() / "bin" / "tritonserver")
+    prepare_backends(full)
+    # The stub's Python is the environment of the python3 on PATH (it ignores PYTHONPATH): a fresh
+    # venv that sees this one's packages through a .pth line, while this one's editable-install
+    # finder (a .pth in a directory that is not a site directory there) never runs.
+    import site
+    import subprocess
+
+    env_dir = tmp_path / "server-python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    ours = next(p for p in site.getsitepackages() if (Path(p) / "torch").is_dir())
+    (next(env_dir.glob("lib/python*/site-packages")) / "deps.pth").write_text(ours + "\n")
+    no_project = {"PATH": f"{env_dir / 'bin'}:/usr/bin:/bin"}
+    repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(front_instances=1, instances=1))
+    server = {"binary": full / "bin" / "tritonserver", "env": no_project}
+    with TritonServer(repo, log_path=tmp_path / "log", **server) as s:
+        images = generate(s.http_url, GenerateRequest(num_images=1, steps=2))
+    assert images.shape == (1, 32, 32, 1)
+    used = re.findall(r'sampler: stepadapt from ([^"\s]+)', (tmp_path / "log").read_text())
+    assert used and used[0] == str(repo / "sampler" / "lib" / "stepadapt"), used
+    for lib in repo.glob("*/lib"):
+        shutil.rmtree(lib)
+    with pytest.raises(StepadaptError, match="stepadapt"):
+        TritonServer(repo, log_path=tmp_path / "log2", **server).start(timeout=120)

@@ -1,16 +1,23 @@
-"""Triton python-backend model: one expert's ONNX in onnxruntime (CPU).
+"""Triton python-backend model: one expert's ONNX in onnxruntime (CUDA where installed, else CPU).
 
 Dynamic batching hands ``execute`` several requests at once (steps of
 concurrent generations that landed on this expert); they run as one batch.
 A malformed request gets its own error response; the others still run.
 """
 
+import sys
+from pathlib import Path
+
+# The stepadapt this repository was written with, copied beside it: a stock Triton needs only the
+# packages stepadapt imports, not stepadapt itself (and an installed one cannot disagree with it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
 import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from stepadapt.export.runtime import session
 
 
 def _error(msg):
@@ -25,13 +32,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(params.get("threads", "1"))
-        so.inter_op_num_threads = 1
-        # No spinning between runs: the other experts' instances need these cores (docs/benchmarks.md).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
         self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
         self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
 

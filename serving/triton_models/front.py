@@ -13,6 +13,13 @@ drops it at its next step. The bounded queue in front of this model (its
 ``dynamic_batching`` queue policy) is where overload is refused.
 """
 
+import sys
+from pathlib import Path
+
+# The stepadapt this repository was written with, copied beside it: a stock Triton needs only the
+# packages stepadapt imports, not stepadapt itself (and an installed one cannot disagree with it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
 import asyncio
 import json
 

@@ -16,6 +16,13 @@ server stopping; such a request gets its error and its images stop costing
 anything, while the rest of its batch steps on.
 """
 
+import sys
+from pathlib import Path
+
+# The stepadapt this repository was written with, copied beside it: a stock Triton needs only the
+# packages stepadapt imports, not stepadapt itself (and an installed one cannot disagree with it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
 import json
 import os
 import time
@@ -137,11 +144,15 @@ class TritonPythonModel:
         if params.get("experts", "bls") == "local":
             from stepadapt.export.onnx import OnnxDenoiser
 
-            threads = int(params.get("threads", "1"))
-            experts = [OnnxDenoiser(os.path.join(version_dir, f"{n}.onnx"), threads) for n in self.names]
+            threads, device = int(params.get("threads", "1")), params.get("device", "auto")
+            paths = [os.path.join(version_dir, f"{n}.onnx") for n in self.names]
+            experts = [OnnxDenoiser(p, threads, device) for p in paths]
         else:
             experts = [_bls_expert(f"expert_{n}") for n in self.names]
         self.router = Router(bounds, experts)
+        import stepadapt
+
+        pb_utils.Logger.log_info(f"{cfg['name']}: stepadapt from {os.path.dirname(stepadapt.__file__)}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.batched = int(cfg.get("max_batch_size", 0)) > 0  # then every tensor has a leading 1
         torch.set_num_threads(1)

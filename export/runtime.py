@@ -1,0 +1,54 @@
+"""onnxruntime sessions: which device, which threads, no spinning.
+
+Its own module, importing onnxruntime and nothing heavy: Triton's expert models load it in every
+stub process, where pulling in torch and diffusers would cost seconds and memory per instance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnxruntime as ort
+
+from stepadapt import StepadaptError
+
+GRAPH_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def providers(device: str = "auto") -> list[str]:
+    """onnxruntime execution providers for ``device``: CUDA where asked for or (``auto``) installed,
+    CPU always last (onnxruntime runs what CUDA cannot there)."""
+    available = ort.get_available_providers()
+    if device not in ("auto", "cpu", "cuda"):
+        raise StepadaptError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise StepadaptError(
+            "device cuda asked for, but this onnxruntime has no CUDA provider (onnxruntime-gpu)"
+        )
+    return ["CPUExecutionProvider"]
+
+
+def session(
+    path: str | os.PathLike, threads: int | None = None, level: str = "all", device: str = "auto"
+) -> ort.InferenceSession:
+    """A session on ``device`` (see :func:`providers`). Its CPU worker threads do not spin between
+    runs: a router holds one session per expert, and a pool spinning after its run steals the cores
+    from the next expert's run (measured 2-3 x slower steps with spinning; docs/benchmarks.md)."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.graph_optimization_level = GRAPH_LEVELS[level]
+    chosen = providers(device)
+    try:
+        return ort.InferenceSession(str(path), so, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise StepadaptError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
