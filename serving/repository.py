@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import stepadapt.export as export_package
 from stepadapt.export import MAX_BATCH
 
 import stepadapt
-from stepadapt import StepadaptError
-from stepadapt.bundle import Bundle
+from stepadapt import Notice, StepadaptError
+from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.io import atomic_dir
 
 MODELS_SRC = Path(__file__).parent / "triton_models"
@@ -207,6 +208,23 @@ instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
 """
 
 
+def _usable_engine(bundle: Bundle, e: ExpertSpec, o: RepositoryOptions) -> Path | None:
+    """The expert's verified TensorRT plan if its batch profile holds the repository's batches; else
+    None, said, and the GPU config runs the ONNX in onnxruntime instead (a request of more images
+    than the engine's profile would be refused on the GPU)."""
+    if not e.trt:
+        return None
+    engine_max = int(e.trt.get("max_batch", 32))  # engines built before the shared setting: 32
+    if engine_max < o.max_batch:
+        warnings.warn(Notice(
+            f"expert {e.name}'s TensorRT engine takes at most {engine_max} images per batch, the repository "
+            f"{o.max_batch}: its GPU config uses onnxruntime (serve --max-images {engine_max}, or re-export "
+            "with --trt)"
+        ), stacklevel=3)  # fmt: skip
+        return None
+    return bundle.verify_file(e.trt["path"], e.trt["sha256"], f"TensorRT plan of expert {e.name}")
+
+
 def write_repository(
     bundle: Bundle, path: str | os.PathLike, options: RepositoryOptions | None = None
 ) -> Path:
@@ -249,22 +267,15 @@ def write_repository(
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
             (d / "config.pbtxt").write_text(expert_config(e.name, shape, e.lo, e.hi, o))
+            engine = _usable_engine(bundle, e, o)
             (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, shape, o, tensorrt=bool(e.trt))
+                expert_gpu_config(e.name, shape, o, tensorrt=bool(engine))
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)
             shutil.copy(onnx_path, d / "1" / "model.onnx")
-            if e.trt:
-                engine_max = int(e.trt.get("max_batch", 32))  # engines before the shared setting: 32
-                if engine_max < o.max_batch:
-                    raise StepadaptError(
-                        f"expert {e.name}'s TensorRT engine takes at most {engine_max} images per batch, "
-                        f"the repository {o.max_batch}: serve with --max-images {engine_max} or rebuild "
-                        "it ('stepadapt export --trt')"
-                    )
-                plan = bundle.verify_file(e.trt["path"], e.trt["sha256"], f"TensorRT plan of expert {e.name}")
-                shutil.copy(plan, d / "1" / "model.plan")
+            if engine:
+                shutil.copy(engine, d / "1" / "model.plan")
         for name, decoupled in (("generate", False), ("generate_stream", True)):
             router(tmp / name, router_config(name, shape, o, decoupled), local=False)
     return path

@@ -142,7 +142,7 @@ class TritonServer:
             "--allow-cpu-metrics=false",
             f"--log-verbose={self.verbose}",
             "--exit-on-error=true",
-            "--exit-timeout-secs=3",  # requests in flight see the shutdown mark within a step
+            "--exit-timeout-secs=2",  # requests in flight see the shutdown mark within a step
             "--strict-readiness=true",
         ]
         if self.model_config_name:
@@ -169,17 +169,22 @@ class TritonServer:
             start_new_session=True,
         )
         log.close()
+        try:  # its own session: a Ctrl-C here reaches only us, so we stop it on every way out
+            return self._wait_ready(timeout)
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+
+    def _wait_ready(self, timeout: float) -> TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 msg = self.load_errors() or f"tritonserver exited with code {self.proc.returncode}"
-                self.stop(keep_log=True)
                 raise StepadaptError(f"Triton failed to start: {msg} (log: {self.log_path})")
             if self.ready():
                 return self
             time.sleep(0.25)
         msg = self.load_errors()
-        self.stop(keep_log=True)
         raise StepadaptError(
             f"Triton not ready after {timeout:.0f}s{': ' + msg if msg else ''} (log: {self.log_path})"
         )
@@ -200,7 +205,7 @@ class TritonServer:
         lines = [ln for ln in text.splitlines() if re.match(r"^E\d{4}", ln) or "failed to load" in ln]
         return " | ".join(ln.split("] ", 1)[-1] for ln in lines[:3])
 
-    def stop(self, timeout: float = 5.0, keep_log: bool = False) -> None:
+    def stop(self, timeout: float = 4.0, keep_log: bool = False) -> None:
         """Stop within ``timeout`` seconds: requests in flight get an error, nothing is left running.
 
         The work directory goes, with the log when it lives there, unless ``keep_log`` (a failed start
@@ -208,7 +213,8 @@ class TritonServer:
         """
         if self.proc is not None:
             if self.proc.poll() is None:
-                (self.work / "signals" / cancel.SHUTDOWN).touch()
+                with contextlib.suppress(OSError):  # e.g. a /tmp cleaner took it: kill anyway
+                    (self.work / "signals" / cancel.SHUTDOWN).touch()
                 os.killpg(self.proc.pid, signal.SIGINT)
                 try:
                     self.proc.wait(timeout)

@@ -56,6 +56,10 @@ SAMPLER_HELP = (
 DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,9 +118,14 @@ def train_base(
         if channels not in (None, 1, 3):
             raise StepadaptError(f"--channels must be 1 or 3, got {channels}")
         side = size or native_size(data)
+        default = CONFIGS[config]["sample_size"]
         if side is None:
-            side = CONFIGS[config]["sample_size"]
-            console.print(f"[yellow]note:[/] {data} has no single image size; using {side} (set --size)")
+            side = default
+            warnings.warn(Notice(f"{data} has no single image size; training at {side} (set --size)"),
+                          stacklevel=1)  # fmt: skip
+        elif size is None and side != default:
+            warnings.warn(Notice(f"training {config} at {side} x {side}, the data's size (--size to choose)"),
+                          stacklevel=1)  # fmt: skip
         x = load_dataset(data, "train", size=side, channels=channels, limit=limit, seed=seed)
         console.print(f"data: {data} -> {tuple(x.shape)}")
         model = build_unet(config, in_channels=x.shape[1], seed=seed, sample_size=side)
@@ -769,10 +778,12 @@ def serve(
     import threading
 
     from stepadapt.bundle import Bundle
+    from stepadapt.export.runtime import providers
     from stepadapt.serving.repository import write_repository
     from stepadapt.serving.server import TritonServer
 
     try:
+        providers(device)  # a bad --device is said here, not as a model that fails to load
         b = Bundle.load(bundle)
         opts = RepositoryOptions(
             threads=threads, instances=instances, max_batch=max_images, layout=layout, max_queue=max_queue,
@@ -784,9 +795,13 @@ def serve(
             log_path=log or b.path / "triton.log", model_config_name=model_config_name, binary=tritonserver,
         )  # fmt: skip
         console.print(f"starting tritonserver on {host} (repository {repo_path}) ...")
+        signal.signal(signal.SIGTERM, _interrupt)  # while starting: stop it like Ctrl-C does
         server.start()
     except StepadaptError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print("stopped before tritonserver was ready")
+        raise typer.Exit(130) from None
     out.print(
         f"HTTP  http://{server.http_url}  (POST /v2/models/generate/infer, "
         "/v2/models/generate_stream/generate_stream)"

@@ -98,7 +98,8 @@ def load_image_folder(path: str | os.PathLike, size: int = 32) -> torch.Tensor:
                 out[i] = np.asarray(_center_square(im.convert("RGB")).resize((size, size), Image.BICUBIC))
         except (UnidentifiedImageError, OSError) as e:
             raise StepadaptError(f"cannot read image {f}: {e}") from None
-    grey = bool((out[..., :1] == out).all())
+    # JPEG's chroma rounding leaves grey pictures stored as RGB a level or two off grey.
+    grey = bool((np.abs(out.astype(np.int16) - out[..., :1]) <= 2).all())
     x = torch.from_numpy(out[..., :1] if grey else out).permute(0, 3, 1, 2)
     return _to_model_range(x, size)
 
@@ -120,10 +121,10 @@ def native_size(source: str) -> int | None:
         if p.suffix == ".npz" and p.is_file():
             with np.load(p, allow_pickle=False) as z:
                 arr = z["images" if "images" in z else next(iter(z.keys()))]
-            hw = arr.shape[1:3] if arr.ndim == 3 or arr.shape[-1] in (1, 3) else arr.shape[2:4]
-            return int(hw[0]) if hw[0] == hw[1] else None
-    except (OSError, ValueError, StopIteration, UnidentifiedImageError):
-        return None
+            h, w = _nchw(arr, str(p)).shape[2:]
+            return int(h) if h == w else None
+    except (OSError, ValueError, StopIteration, UnidentifiedImageError, StepadaptError):
+        return None  # load_dataset says what is wrong with it
     return None
 
 
@@ -142,6 +143,17 @@ def match_channels(x: torch.Tensor, channels: int, source: str) -> torch.Tensor:
     )
 
 
+def _nchw(arr: np.ndarray, what: str) -> np.ndarray:
+    """N x H x W, N x H x W x C or N x C x H x W (C 1 or 3) as N x C x H x W."""
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise StepadaptError(f"{what} has shape {arr.shape}; expected N x H x W [x C]")
+    return arr
+
+
 def load_npz(path: str | os.PathLike, size: int = 32, key: str | None = None) -> torch.Tensor:
     """An .npz of images: N x H x W, N x H x W x C or N x C x H x W; uint8 or float in [-1, 1]."""
     path = Path(path)
@@ -156,13 +168,7 @@ def load_npz(path: str | os.PathLike, size: int = 32, key: str | None = None) ->
             arr = z[k]
     except (OSError, ValueError) as e:
         raise StepadaptError(f"cannot read {path}: {e}") from None
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
-        arr = arr.transpose(0, 3, 1, 2)
-    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise StepadaptError(f"{path}:{k} has shape {arr.shape}; expected N x H x W [x C]")
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.ascontiguousarray(_nchw(arr, f"{path}:{k}")))
     if t.dtype == torch.uint8:
         return _to_model_range(t, size)
     t = t.float()

@@ -52,15 +52,6 @@ def make_scheduler(sampler: str = "ddpm", config: dict[str, Any] | None = None) 
     return cls.from_config({k: v for k, v in cfg.items() if k in known})
 
 
-def scheduler_config(scheduler: SchedulerMixin) -> dict[str, Any]:
-    """The scheduler's whole public config as JSON-able values (what a bundle and a model dir keep)."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in dict(scheduler.config).items()
-        if not k.startswith("_")
-    }
-
-
 def model_target(
     prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor
 ) -> torch.Tensor:

@@ -80,8 +80,9 @@ def test_train_base_takes_channels_and_size_from_the_data_and_a_mismatch_is_refu
     rgb.mkdir()
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(rgb / f"{i}.png")
-    r = runner.invoke(app, ["train-base", "--data", str(rgb), "--out", str(tmp_path / "run"),
-                            "--iterations", "2", "--batch-size", "4", "--checkpoint-every", "2"])  # fmt: skip
+    with pytest.warns(Notice, match="training tiny at 16 x 16, the data's size"):
+        args = ["--iterations", "2", "--batch-size", "4", "--checkpoint-every", "2"]
+        r = runner.invoke(app, ["train-base", "--data", str(rgb), "--out", str(tmp_path / "run"), *args])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert cfg["in_channels"] == cfg["out_channels"] == 3 and cfg["sample_size"] == 16

@@ -96,3 +96,14 @@ def test_missing_fashion_mnist_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(StepadaptError, match="apt-get install dataset-fashion-mnist"):
         data.load_fashion_mnist("train")
+
+
+def test_native_size_reads_the_data_and_never_raises(tmp_path):
+    from stepadapt.data import native_size
+
+    np.savez(tmp_path / "sq.npz", images=np.zeros((3, 20, 20, 3), dtype=np.uint8))
+    np.savez(tmp_path / "flat.npz", images=np.zeros((5, 10), dtype=np.uint8))
+    assert native_size(str(tmp_path / "sq.npz")) == 20 and native_size("fashion-mnist") == 32
+    assert native_size(str(tmp_path / "flat.npz")) is None
+    with pytest.raises(StepadaptError, match="expected N x H x W"):
+        load_dataset(str(tmp_path / "flat.npz"))

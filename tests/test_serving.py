@@ -257,6 +257,19 @@ def _group_cpu(pgid: int) -> float:
     return total
 
 
+def _processes_naming(path: Path) -> list[str]:
+    """PIDs whose command line names ``path`` (tritonserver's repository, its stubs' model files)."""
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if str(path).encode() in f.read():
+                    found.append(p)
+        except OSError:
+            continue
+    return found
+
+
 def _idle_within_a_second(server) -> float:
     """CPU seconds the server spends in the second after it was given a second to stop."""
     time.sleep(1.0)
@@ -400,15 +413,7 @@ def test_sigterm_stops_serve_within_5s_with_no_orphans(exported, tmp_path):
     assert took < 5.0, took
     assert proc.returncode == 0
     assert answer["got"] == "server refused the request: the server is shutting down", answer
-    left = []
-    for p in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                if str(d).encode() in f.read():
-                    left.append(p)
-        except OSError:
-            continue
-    assert not left, left
+    assert not _processes_naming(d)
     assert not list(tmp.glob("stepadapt-*")), list(tmp.iterdir())
 
 
@@ -429,8 +434,9 @@ def test_onnxruntime_provider_choice(monkeypatch):
 
 
 def test_one_batch_setting_for_the_engine_and_the_configs(exported, tmp_path):
-    """The TensorRT profile's largest batch and every config's max_batch_size are one setting; a
-    repository asking more than an engine was built for is refused, naming both."""
+    """The TensorRT profile's largest batch and every config's max_batch_size are one setting; where
+    a repository asks more than an engine was built for, its GPU config falls back to onnxruntime and
+    says so (a TensorRT config would refuse the larger requests)."""
     import inspect
 
     from stepadapt.export import MAX_BATCH
@@ -448,11 +454,17 @@ def test_one_batch_setting_for_the_engine_and_the_configs(exported, tmp_path):
     trt = {"path": "trt/g0.plan", "sha256": sha256_file(d / "trt" / "g0.plan"), "max_abs_err": 0.0}
     b.update_experts({"g0": {"trt": {**trt, "max_batch": 32}}})
     b = Bundle.load(d)
-    with pytest.raises(StepadaptError, match="engine takes at most 32 images per batch, the repository 64"):
-        write_repository(b, tmp_path / "r64", RepositoryOptions(layout="bls"))
+    from stepadapt import Notice
+
+    with pytest.warns(Notice, match="engine takes at most 32 images per batch, the repository 64"):
+        repo = write_repository(b, tmp_path / "r64", RepositoryOptions(layout="bls"))
+    gpu = (repo / "expert_g0" / "configs" / "gpu.pbtxt").read_text()  # the CPU layout still serves
+    assert 'platform: "onnxruntime_onnx"' in gpu and "max_batch_size: 64" in gpu
+    assert not (repo / "expert_g0" / "1" / "model.plan").exists()
     repo = write_repository(b, tmp_path / "r32", RepositoryOptions(layout="bls", max_batch=32))
     gpu = (repo / "expert_g0" / "configs" / "gpu.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in gpu and "max_batch_size: 32" in gpu
+    assert (repo / "expert_g0" / "1" / "model.plan").read_bytes() == b"an engine built elsewhere"
     assert "max_batch_size: 32" in (repo / "expert_g0" / "config.pbtxt").read_text()
 
 
@@ -491,3 +503,20 @@ def test_the_repository_runs_on_a_triton_whose_python_lacks_stepadapt(exported, 
         shutil.rmtree(lib)
     with pytest.raises(StepadaptError, match="stepadapt"):
         TritonServer(repo, log_path=tmp_path / "log2", **server).start(timeout=120)
+
+
+def test_interrupted_start_leaves_nothing_running(exported, tmp_path, monkeypatch):
+    """Ctrl-C (or serve's SIGTERM) while tritonserver is still coming up: it is stopped, its work
+    directory removed; the server runs in its own session, so nothing else would stop it."""
+    repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(front_instances=1, instances=1))
+    server = TritonServer(repo, log_path=tmp_path / "log")
+
+    def interrupted(self):
+        time.sleep(0.5)  # it is running by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TritonServer, "ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert server.proc is None and not server.work.exists()
+    assert not _processes_naming(repo)
