@@ -124,6 +124,11 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def signals(self) -> Path:
+        """Where this server's models look for stop marks (``stepadapt.serving.cancel``)."""
+        return self.work / "signals"
+
     def backends(self) -> Path:
         return self.binary.absolute().parent.parent / "backends" if self.binary else self.work / "backends"
 
@@ -158,14 +163,14 @@ class TritonServer:
             raise StepadaptError(f"--tritonserver {self.binary} is not an executable file")
         elif not (self.backends() / "python").is_dir():
             raise StepadaptError(f"{self.binary}: no python backend in {self.backends()}")
-        (self.work / "signals").mkdir(parents=True, exist_ok=True)
+        self.signals.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**server_env(self.work / "signals"), **self.env_overrides},
+            env={**server_env(self.signals), **self.env_overrides},
             start_new_session=True,
         )
         log.close()
@@ -214,7 +219,7 @@ class TritonServer:
         if self.proc is not None:
             if self.proc.poll() is None:
                 with contextlib.suppress(OSError):  # e.g. a /tmp cleaner took it: kill anyway
-                    (self.work / "signals" / cancel.SHUTDOWN).touch()
+                    (self.signals / cancel.SHUTDOWN).touch()
                 os.killpg(self.proc.pid, signal.SIGINT)
                 try:
                     self.proc.wait(timeout)

@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
-from stepadapt.schedule import make_scheduler, model_target, per_sample, snr_db
+from stepadapt.schedule import make_scheduler, noised_target, snr_db
 
 MEASURES = ("snr", "loss")
 
@@ -47,10 +47,7 @@ def loss_profile(
     for t in ts:
         tt = torch.full((len(data),), int(t), dtype=torch.long, device=data.device)
         out = model(sched.add_noise(data, noise, tt), tt).sample
-        target = model_target(
-            sched.config.prediction_type, data, noise, per_sample(sched.alphas_cumprod, tt, data)
-        )
-        losses.append(torch.mean((out - target) ** 2).item())
+        losses.append(torch.mean((out - noised_target(sched, data, noise, tt)) ** 2).item())
     losses = np.asarray(losses)
     if log:
         return np.exp(np.interp(np.arange(T), ts, np.log(np.maximum(losses, 1e-12))))

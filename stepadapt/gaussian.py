@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stepadapt import StepadaptError
-from stepadapt.schedule import make_scheduler, model_target, per_sample
+from stepadapt.schedule import make_scheduler, model_target, noised_target
 
 TENSORS = ("mean", "basis", "eigenvalues")  # what a bundle stores; the schedule comes from its manifest
 MAX_RATIO = 0.25  # a Gaussian expert costing more than this x the base's MACs saves too little
@@ -171,14 +171,14 @@ def gaussian_cutoff(
     Returns t* and, per grid point, (base error, Gaussian error): what the plot and the log show.
     """
     sched = make_scheduler("ddpm", scheduler_cfg)
-    T, pt = int(sched.config.num_train_timesteps), sched.config.prediction_type
+    T = int(sched.config.num_train_timesteps)
     g = torch.Generator().manual_seed(seed)
     errors: dict[int, tuple[float, float]] = {}
     cut = T
     for t in range(T - 1 - (T - 1) % grid, -1, -grid):  # from the noisy end down
         noise, tt = torch.randn(held_out.shape, generator=g), torch.full((len(held_out),), t)
         x_t = sched.add_noise(held_out, noise, tt)
-        target = model_target(pt, held_out, noise, per_sample(sched.alphas_cumprod, tt, held_out))
+        target = noised_target(sched, held_out, noise, tt)
         e_base = float(((base(x_t, tt).sample - target) ** 2).mean())
         e_gauss = float(((gaussian(x_t, tt) - target) ** 2).mean())
         errors[t] = (e_base, e_gauss)

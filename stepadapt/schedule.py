@@ -70,6 +70,15 @@ def model_target(
     raise AssertionError("unreachable")
 
 
+def noised_target(
+    scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """:func:`model_target` for ``x0`` noised with ``noise`` at timesteps ``t`` under ``scheduler``:
+    what the loss, the loss profile and the Gaussian's cut-off compare a model's output with."""
+    ab = per_sample(scheduler.alphas_cumprod, t, x0)
+    return model_target(scheduler.config.prediction_type, x0, noise, ab)
+
+
 def per_sample(alpha_bar: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """alpha_bar at each sample's timestep, shaped to broadcast against ``like`` (B x C x H x W)."""
     return alpha_bar.to(like.device, like.dtype)[t.long()].reshape(-1, *([1] * (like.dim() - 1)))

@@ -29,7 +29,7 @@ from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.plan import visited_timesteps
 from stepadapt.progress import progress as progress_bar
-from stepadapt.schedule import make_scheduler, model_target, per_sample, snr
+from stepadapt.schedule import make_scheduler, noised_target, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -158,9 +158,7 @@ def denoising_losses(
     so a pruned expert learns what the base does at its timesteps, not only the data.
     """
     x_t = scheduler.add_noise(x0, noise, t)
-    target = model_target(
-        scheduler.config.prediction_type, x0, noise, per_sample(scheduler.alphas_cumprod, t, x0)
-    )
+    target = noised_target(scheduler, x0, noise, t)
     if teacher is not None and distill > 0:
         with torch.no_grad():
             target = (1.0 - distill) * target + distill * teacher(x_t, t).sample

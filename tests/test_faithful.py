@@ -139,8 +139,9 @@ def test_a_cosine_v_prediction_model_goes_through_the_whole_chain(own_model, tmp
         assert b.manifest.scheduler["variance_type"] == "fixed_large"
         assert b.manifest.trajectory_macs_ratio() == pytest.approx(0.5, abs=0.05)
     seen = []
-    real = train.model_target
-    monkeypatch.setattr(train, "model_target", lambda pt, *a: seen.append(pt) or real(pt, *a))
+    real = train.noised_target
+    monkeypatch.setattr(train, "noised_target", lambda sched, *a: seen.append(sched.config.prediction_type)
+                        or real(sched, *a))  # fmt: skip
     r = runner.invoke(app, ["finetune", str(tmp_path / "b4"), "--data", str(data), "--iterations", "8",
                             "--batch-size", "8", "--distill", "0", "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output

@@ -18,13 +18,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from stepadapt.export.runtime import session
-
-
-def _error(msg):
-    try:
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG))
-    except (AttributeError, TypeError):  # older python backends have no error codes
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+from stepadapt.serving.replies import error
 
 
 class TritonPythonModel:
@@ -55,7 +49,7 @@ class TritonPythonModel:
             t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.int64)
             problem = self._check(x, t)
             if problem:
-                responses[i] = _error(problem)
+                responses[i] = error(problem)
             else:
                 xs.append(x)
                 ts.append(t)

@@ -26,32 +26,18 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
+from stepadapt.serving.replies import error, unrelay
 
 INPUTS = ("seed", "num_images", "steps", "sampler", "eta")
-CODES = ("INVALID_ARG", "INTERNAL", "UNAVAILABLE", "CANCELLED")
 POLL = 0.05  # seconds between looks at the client's cancellation while the sampler works
 
 
-def _error(msg, code="INVALID_ARG"):
-    try:
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))
-        )
-    except (AttributeError, TypeError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
-
-
 def _relay(resp):
-    """The sampler's answer as this endpoint's: its images without the batch axis, or its error.
-
-    A BLS error reaches us as INTERNAL whatever its code, so the sampler sends the code at the head
-    of the message (``INVALID_ARG: steps must be ...``); anything else is Triton's and ours.
-    """
+    """The sampler's answer as this endpoint's: its images without the batch axis, or its error with
+    the code it was sent with (``stepadapt.serving.replies``)."""
     if resp.has_error():
-        code, sep, msg = resp.error().message().partition(": ")
-        if not sep or code not in CODES:
-            code, msg = "INTERNAL", resp.error().message()
-        return _error(msg, code)
+        code, msg = unrelay(resp.error().message())
+        return error(msg, code)
     images = pb_utils.get_output_tensor_by_name(resp, "images").as_numpy()
     return pb_utils.InferenceResponse([pb_utils.Tensor("images", np.ascontiguousarray(images[0]))])
 
@@ -84,7 +70,7 @@ class TritonPythonModel:
         try:
             inputs = self._inputs(request)
         except ValueError as e:
-            return _error(str(e))
+            return error(str(e))
         rid = cancel.new_id()
         call = asyncio.ensure_future(
             pb_utils.InferenceRequest(

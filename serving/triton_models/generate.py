@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
+from stepadapt.serving.replies import error
 
+import stepadapt
 from stepadapt import StepadaptError
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request
 from stepadapt.schedule import SAMPLERS
@@ -40,23 +42,10 @@ from stepadapt.schedule import SAMPLERS
 CHECK_EVERY = 0.05  # seconds between looks at one request (each asks Triton over IPC)
 
 
-def _error(msg, code="INVALID_ARG", relayed=False):
-    """``relayed``: the answer goes to the fused layout's front, which cannot read a BLS error's code
-    (it arrives as INTERNAL), so the code travels at the head of the message; the front takes it off."""
-    if relayed:
-        msg = f"{code}: {msg}"
-    try:
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))
-        )
-    except (AttributeError, TypeError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
-
-
 def _internal(e, relayed=False):
     """Our failure: a short line for the client, the details in the server log."""
     pb_utils.Logger.log_error(f"generate: {type(e).__name__}: {e}")
-    return _error(f"internal error ({type(e).__name__}); see the server log", "INTERNAL", relayed)
+    return error(f"internal error ({type(e).__name__}); see the server log", "INTERNAL", relayed)
 
 
 class Stopped(Exception):
@@ -150,8 +139,6 @@ class TritonPythonModel:
         else:
             experts = [_bls_expert(f"expert_{n}") for n in self.names]
         self.router = Router(bounds, experts)
-        import stepadapt
-
         pb_utils.Logger.log_info(f"{cfg['name']}: stepadapt from {os.path.dirname(stepadapt.__file__)}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.batched = int(cfg.get("max_batch_size", 0)) > 0  # then every tensor has a leading 1
@@ -180,7 +167,7 @@ class TritonPythonModel:
                 seed, n, steps, sampler, eta = self._parse(r)
                 groups[(sampler, steps, eta)].append((i, n, seed, Watch(r, self.max_seconds)))
             except StepadaptError as e:
-                responses[i] = _error(str(e), relayed=self.batched)
+                responses[i] = error(str(e), relayed=self.batched)
             except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
                 responses[i] = _internal(e, self.batched)
         for (sampler, steps, eta), members in groups.items():
@@ -206,12 +193,12 @@ class TritonPythonModel:
                 return
             ours = isinstance(e, StepadaptError)  # a message meant for the user, still our failure
             responses[chunk[0][0]] = (
-                _error(str(e), "INTERNAL", self.batched) if ours else _internal(e, self.batched)
+                error(str(e), "INTERNAL", self.batched) if ours else _internal(e, self.batched)
             )
             return
         for (i, _, _, watch), im in zip(chunk, images, strict=True):
             if im is None:
-                responses[i] = _error(str(watch.stopped), watch.stopped.code, self.batched)
+                responses[i] = error(str(watch.stopped), watch.stopped.code, self.batched)
             else:
                 out = pb_utils.Tensor("images", im[None] if self.batched else im)
                 responses[i] = pb_utils.InferenceResponse([out])
@@ -254,9 +241,9 @@ class TritonPythonModel:
             )  # fmt: skip
             last = pb_utils.InferenceResponse([pb_utils.Tensor("images", images)])
         except Stopped as e:
-            last = _error(str(e), e.code)
+            last = error(str(e), e.code)
         except StepadaptError as e:
-            last = _error(str(e))
+            last = error(str(e))
         except Exception as e:  # noqa: BLE001
             last = _internal(e)
         try:
