@@ -47,12 +47,17 @@ from stepadapt.serving.server import TritonServer
 
 from stepadapt import StepadaptError, __version__
 from stepadapt.bundle import Bundle, ExpertSpec, Manifest, provenance, save_bundle
+from stepadapt.devices import autocast
 from stepadapt.io import write_json
 from stepadapt.plan import tdc_ratios
 from stepadapt.progress import progress
 from stepadapt.prune import count_macs, prune_to_macs
 from stepadapt.sampling import Denoiser, Router, module_denoiser, sample_images, sample_together
 
+CPU_BACKENDS = ("torch", "onnxruntime-t1", "onnxruntime-t2", "onnxruntime-basic-t2")
+# On a GPU: torch fp32 and under bf16 autocast, and onnxruntime's CUDA provider (onnxruntime-gpu).
+# Each call includes the copies to and from the device, as stepadapt's sampler makes them.
+GPU_BACKENDS = ("torch-cuda", "torch-cuda-bf16", "onnxruntime-cuda")
 FORMAT = "stepadapt-bench"
 VERSION = 1
 SECTIONS = ("flops", "latency", "trajectory", "serving")
@@ -73,7 +78,7 @@ class BenchSettings:
     quick: bool = False
     sections: tuple[str, ...] = SECTIONS
     batches: tuple[int, ...] = (1, 8, 32, 64)
-    backends: tuple[str, ...] = ("torch", "onnxruntime-t1", "onnxruntime-t2", "onnxruntime-basic-t2")
+    backends: tuple[str, ...] = field(default_factory=lambda: CPU_BACKENDS + available_gpu_backends())
     repeats: int = 7
     min_repeats: int = 3
     batch_seconds: float = 120.0  # stop repeating a batch size after this long (>= min_repeats)
@@ -81,7 +86,9 @@ class BenchSettings:
     steps: tuple[int, ...] = (50, 25)
     trajectory_repeats: int = 3
     overhead_repeats: int = 15  # endpoint / in-process pairs for the experts' router overhead
-    trajectory_backends: tuple[str, ...] = ("torch", "onnxruntime-t2")
+    trajectory_backends: tuple[str, ...] = field(
+        default_factory=lambda: ("torch", "onnxruntime-t2", *available_gpu_backends()[:1])
+    )
     endpoint_arms: tuple[str, ...] = ARMS
     layouts: tuple[str, ...] = ("fused", "bls")
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -165,14 +172,57 @@ def prepare_arms(bundle: Bundle, work: Path, base_dir: Path | None = None, log=p
 # ----------------------------------------------------------------------------- backends
 
 
+def available_gpu_backends() -> tuple[str, ...]:
+    """The GPU backends this machine can run (none without a CUDA device)."""
+    if not torch.cuda.is_available():
+        return ()
+    import onnxruntime
+
+    ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return tuple(b for b in GPU_BACKENDS if ort_cuda or not b.startswith("onnxruntime"))
+
+
+def check_backends(backends: Sequence[str]) -> None:
+    """A backend that does not exist, or needs a GPU this machine lacks, is said before anything runs."""
+    for b in backends:
+        if b not in CPU_BACKENDS + GPU_BACKENDS and not _is_onnx_cpu(b):
+            raise StepadaptError(
+                f"unknown bench backend {b!r}; choose from {', '.join(CPU_BACKENDS + GPU_BACKENDS)} "
+                "(or onnxruntime[-basic]-tN)"
+            )
+        if b in GPU_BACKENDS and b not in available_gpu_backends():
+            why = "no CUDA device" if not torch.cuda.is_available() else "onnxruntime has no CUDA provider"
+            raise StepadaptError(f"bench backend {b} cannot run here: {why}")
+
+
+def _is_onnx_cpu(backend: str) -> bool:
+    head, _, n = backend.rpartition("-t")
+    return head in ("onnxruntime", "onnxruntime-basic") and n.isdigit() and int(n) > 0
+
+
 def _threads(backend: str) -> int:
-    """``onnxruntime[-basic]-t<threads>`` -> threads."""
-    return int(backend.rsplit("-t", 1)[1])
+    """``onnxruntime[-basic]-t<threads>`` -> threads (1 for the CUDA provider: it runs on the GPU)."""
+    return int(backend.rsplit("-t", 1)[1]) if _is_onnx_cpu(backend) else 1
+
+
+def _on_gpu(den: Denoiser, backend: str) -> Denoiser:
+    """``den`` (a module_denoiser on the GPU) under the backend's autocast, finished when it returns."""
+    precision = "bf16" if backend.endswith("-bf16") else "fp32"
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, torch.device("cuda")):
+            out = den(x, t).float()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _onnx_session(path: Path, backend: str):
-    """``onnxruntime[-basic]-t<threads>``: the level of graph optimisation and the thread count."""
-    return session(path, _threads(backend), level="basic" if "-basic-" in backend else "all")
+    """``onnxruntime[-basic]-t<threads>``: the level of graph optimisation and the thread count;
+    ``onnxruntime-cuda``: the CUDA provider."""
+    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    return session(path, _threads(backend), level="basic" if "-basic-" in backend else "all", device=device)
 
 
 def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -180,6 +230,9 @@ def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.n
     if backend == "torch":
         module = bundle.load_expert(expert.name)
         den = module_denoiser(module) if isinstance(module, UNet2DModel) else module
+        return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
+    if backend.startswith("torch-cuda"):
+        den = _on_gpu(module_denoiser(bundle.load_expert(expert.name).to("cuda")), backend)
         return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
     if backend.startswith("onnxruntime"):
         s = _onnx_session(bundle.path / expert.onnx["path"], backend)
@@ -191,7 +244,11 @@ def denoiser_for(bundle: Bundle, backend: str) -> Denoiser:
     """The bundle's router on ``backend`` (torch modules or onnxruntime sessions)."""
     if backend == "torch":
         return bundle.router()
-    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], _threads(backend)) for e in bundle.experts]
+    if backend.startswith("torch-cuda"):
+        router = bundle.router("cuda")
+        return Router(router.boundaries, [_on_gpu(e, backend) for e in router.experts])
+    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], _threads(backend), device) for e in bundle.experts]
     return Router(bundle.manifest.boundaries, experts)
 
 
@@ -498,6 +555,7 @@ def run_bench(
     unknown = set(s.sections) - set(SECTIONS)
     if unknown:
         raise StepadaptError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {SECTIONS}")
+    check_backends((*s.backends, *s.trajectory_backends))
     bundle = Bundle.load(bundle_path)
     work = Path(work)
     torch.set_num_threads(s.threads)
@@ -532,7 +590,9 @@ def _skipped() -> dict[str, str]:
     if reason:
         out["tensorrt"] = reason
     if not torch.cuda.is_available():
-        out["gpu"] = "no CUDA device on this machine: torch fp16, CUDA graphs and onnxruntime CUDA not run"
+        out["gpu"] = f"no CUDA device on this machine: {', '.join(GPU_BACKENDS)} not run"
+    elif "onnxruntime-cuda" not in available_gpu_backends():
+        out["gpu"] = "onnxruntime has no CUDA provider (install onnxruntime-gpu): onnxruntime-cuda not run"
     return out
 
 

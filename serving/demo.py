@@ -42,12 +42,14 @@ class Demo:
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
     proxy_size: int = 128  # images per proxy set (importance, candidate scoring, loss profile)
     gaussian: bool = True  # the closed-form Gaussian expert on the noisy end (analyze --gaussian auto)
+    device: str = "cpu"  # where the PyTorch stages run (onnxruntime picks its own provider)
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.model, self.scheduler = load_base(self.base_dir)
+        self.model.to(self.device)
         c, s = self.model.config.in_channels, self.model.config.sample_size
         self.shape = (c, s, s)
 
@@ -101,7 +103,7 @@ class Demo:
         owner = {g.name: next(e for e in manifest.experts if e.lo <= g.lo < e.hi) for g in plan.groups}
         achieved = [owner[g.name].macs / manifest.base_macs for g in plan.groups]
         plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)
-        self.grid(Bundle.load(self.out / "bundle").router(), "bundle_samples")
+        self.grid(Bundle.load(self.out / "bundle").router(self.device), "bundle_samples")
         return manifest
 
     def finetune(self) -> None:
@@ -113,8 +115,10 @@ class Demo:
         b = Bundle.load(self.out / "bundle")
         data = load_dataset("fashion-mnist", "train", self.shape[1], self.shape[0])
         cfg = finetune_config(self.finetune_iterations)
-        finetune_bundle(b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log)
-        self.grid(b.router(), "finetuned_samples")
+        finetune_bundle(
+            b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log, device=self.device
+        )
+        self.grid(b.router(self.device), "finetuned_samples")
 
     def serve_copy(self) -> Bundle:
         """The bundle the last stages export and serve: the shipped one if present, else the demo's."""
@@ -148,7 +152,7 @@ class Demo:
 
         export_bundle(b, log=self.log)
         images = self.grid(onnx_router(b), "onnxruntime_samples")
-        torch_images = sample_images(b.router(), self.scheduler, self.shape, self.n)
+        torch_images = sample_images(b.router(self.device), self.scheduler, self.shape, self.n)
         self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
         return images
 
@@ -180,9 +184,9 @@ class Demo:
         self.finetune()
         self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
         served = self.serve_copy()
-        targets = {"base": module_denoiser(self.model), "served": served.router()}
+        targets = {"base": module_denoiser(self.model), "served": served.router(self.device)}
         if self.state["served_from"] != (self.out / "bundle").resolve():
-            targets["demo"] = Bundle.load(self.out / "bundle").router()
+            targets["demo"] = Bundle.load(self.out / "bundle").router(self.device)
         scores = self.kid(targets)
         self.log(f"[6/{stages}] export: ONNX per expert, parity-checked in onnxruntime")
         ort_images = self.export(served)

@@ -85,6 +85,32 @@ def server_env(signals: Path | None = None) -> dict[str, str]:
     return env
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies do not count: an init that
+    never reaps would keep them forever, and they hold nothing)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _wait_gone(pgid: int, timeout: float = 2.0) -> None:
+    """SIGKILL is delivered when a process next runs: on a loaded machine a killed stub can be seen
+    for a moment after the kill. Wait that moment, so that stopped means nothing runs."""
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class TritonServer:
     """A running tritonserver process on ``host`` (127.0.0.1 unless told otherwise)."""
 
@@ -228,6 +254,7 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError):  # stubs outliving tritonserver, too
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            _wait_gone(self.proc.pid)
         self.proc = None
         if keep_log and self.log_path.is_relative_to(self.work):
             for p in self.work.iterdir():

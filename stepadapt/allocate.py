@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.devices import device_of
 from stepadapt.evaluate import fidelity
 from stepadapt.importance import Candidate, search_group
 from stepadapt.prune import count_macs
@@ -119,7 +120,10 @@ def measure_damage(
                 checkpoint_every=10**9, sample_every=10**9,
             )  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
-                recovered, _ = train(found.model, data, scheduler_cfg, cfg, tmp, progress=False, teacher=base)
+                recovered, _ = train(
+                    found.model, data, scheduler_cfg, cfg, tmp, progress=False, teacher=base,
+                    device=device_of(base),
+                )  # fmt: skip
             damage = swap_damage(recovered, base, lo, hi, scheduler_cfg, reference, sample_steps, seed)
             row.append(Option(ratio, damage))
             if log:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from stepadapt import Notice, StepadaptError
+from stepadapt.devices import resolve_device
 from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
 from stepadapt.serving.repository import RepositoryOptions
@@ -54,18 +55,14 @@ SAMPLER_HELP = (
 
 
 DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
+PRECISION_HELP = (
+    "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss scaling; "
+    "fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32."
+)
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StepadaptError("--device cuda asked for, but no CUDA device is available")
-    return name
 
 
 @app.command("train-base")
@@ -92,9 +89,10 @@ def train_base(
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint period in steps.")] = 500,
     sample_every: Annotated[int, typer.Option(help="Sample-grid period in steps.")] = 1000,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt exactly.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Train a base U-Net (epsilon prediction, AdamW, EMA, grad clipping).
 
@@ -111,7 +109,7 @@ def train_base(
     try:
         if threads:
             torch.set_num_threads(threads)
-        dev = _device(device)
+        dev = resolve_device(device)
         distributed.init_from_env()
         if config not in CONFIGS:
             raise StepadaptError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
@@ -138,6 +136,7 @@ def train_base(
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
             sampler=sampler,
+            precision=precision,
         )
 
         def on_sample(step: int, ema) -> None:
@@ -220,7 +219,7 @@ def sample(
             )
         else:
             model, sched_cfg = load_base(base)
-            den, shape = _model_denoiser(model.to(_device(device)))
+            den, shape = _model_denoiser(model.to(resolve_device(device)))
         with progress(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
             images = sample_images(
                 den, sched_cfg, shape, n, steps=steps, sampler=sampler, eta=eta, seed=seed, batch=batch,
@@ -235,7 +234,7 @@ def sample(
 
 def _bundle_router(b, backend: str, device: str = "auto"):
     if backend == "torch":
-        return b.router(_device(device))
+        return b.router(resolve_device(device))
     if backend == "onnxruntime":
         from stepadapt.export.onnx import onnx_router
 
@@ -322,6 +321,9 @@ def analyze(
         typer.Option(help="auto: the factor by which the Gaussian's eps error may exceed the base's (1.1)."),
     ] = 1.1,
     seed: Annotated[int, typer.Option(help="Seed of the proxy batch and noise.")] = 0,
+    device: Annotated[
+        str, typer.Option(help=DEVICE_HELP + " The base's device (the Gaussian fits on CPU).")
+    ] = "auto",
 ) -> None:
     """Difficulty per timestep -> groups and a MAC budget per group (plan.json + plot)."""
     from stepadapt.analyze import analyze_base
@@ -330,7 +332,9 @@ def analyze(
     from stepadapt.plots import plot_plan
 
     try:
+        dev = resolve_device(device)
         model, sched_cfg = load_base(base)
+        model = model.to(dev)
         c, size = model.config.in_channels, model.config.sample_size
         proxy = load_dataset(data, "test", size, c, limit=proxy_size, seed=seed)
         damage = None
@@ -451,6 +455,9 @@ def prune(
         ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of proxy sets and random importance.")] = 0,
+    device: Annotated[
+        str, typer.Option(help=DEVICE_HELP + " Where importance and candidates are scored.")
+    ] = "auto",
 ) -> None:
     """Prune one expert per plan group (candidate search by proxy loss) -> bundle.
 
@@ -464,7 +471,9 @@ def prune(
     from stepadapt.plan import Plan, uniform_plan
 
     try:
+        dev = resolve_device(device)
         model, sched_cfg = load_base(base)
+        model = model.to(dev)
         plan = Plan.load(plan_path)
         if uniform:
             plan = uniform_plan(plan, sched_cfg)
@@ -568,12 +577,13 @@ def finetune(
         bool, typer.Option(help="Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
     ] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint period in steps.")] = 250,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "uniform",
     clusters: Annotated[int, typer.Option(help="curriculum: clusters per interval.")] = 20,
     patience: Annotated[int, typer.Option(help="curriculum: flat-loss updates before the next stage.")] = 200,
     visit_steps: Annotated[int, typer.Option(help="visited: the DDIM step count served.")] = 25,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Fine-tune the pruned experts on their own timesteps; the EMA weights replace the pruned ones.
 
@@ -589,6 +599,7 @@ def finetune(
     from stepadapt.models import load_base
 
     try:
+        dev = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
         distributed.init_from_env()
@@ -599,13 +610,14 @@ def finetune(
             iterations, batch_size=batch_size, lr=lr, seed=seed, loss_weight=loss_weight,
             min_snr_gamma=min_snr_gamma, distill=distill, sampler=sampler, clusters=clusters,
             patience=patience, visit_steps=visit_steps, checkpoint_every=checkpoint_every,
+            precision=precision,
         )  # fmt: skip
         t_model = (
             load_base(teacher)[0] if distill > 0 or mode == "shared" or loss_weight == "relative" else None
         )
         results = finetune_bundle(
             b, x, template, iterations, mode=mode, specialize=specialize, experts=expert, teacher=t_model,
-            resume=resume, log=console.print, device=_device(device),
+            resume=resume, log=console.print, device=dev,
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)
@@ -651,13 +663,14 @@ def evaluate(
     from stepadapt.io import write_json
 
     try:
+        dev = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
         if n < 2 or (n_real is not None and n_real < 2):
             raise StepadaptError("--n and --n-real must be at least 2")
         report = evaluate_targets(
             {str(t): t for t in targets}, base, n=n, n_real=n_real, steps=steps, seed=seed, data=data,
-            cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=_device(device),
+            cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=dev,
         )  # fmt: skip
         write_json(out_path, report)
     except StepadaptError as e:
@@ -845,6 +858,13 @@ def bench(
     concurrency: Annotated[str | None, typer.Option(help="Concurrency levels, e.g. 1,2,4,8,16.")] = None,
     requests: Annotated[int | None, typer.Option(help="Requests per concurrency level.")] = None,
     layouts: Annotated[str | None, typer.Option(help="Repository layouts to serve: fused,bls.")] = None,
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="In-process backends to time: torch, onnxruntime-t1, onnxruntime-t2, onnxruntime-basic-t2 "
+            "and, on a GPU, torch-cuda, torch-cuda-bf16, onnxruntime-cuda (default: all this machine has)."
+        ),
+    ] = None,
 ) -> None:
     """Latency/FLOP benchmark: MACs per expert and per image, latency per step per backend beside the
     MAC ratio, time per image in process and through the endpoint, and serving under concurrency.
@@ -867,6 +887,8 @@ def bench(
             changes["requests"] = requests
         if layouts:
             changes["layouts"] = tuple(x.strip() for x in layouts.split(","))
+        if backends:
+            changes["backends"] = tuple(x.strip() for x in backends.split(",") if x.strip())
         settings = dataclasses.replace(settings, **changes)
         if not bundles and not docs:
             raise StepadaptError("nothing to do: name a bundle to measure, or --docs to render the reports")
@@ -956,6 +978,7 @@ def demo(
             help="Serve the shipped, longer fine-tuned bundle (default), or the one this run made.",
         ),
     ] = True,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP + " The PyTorch stages' device.")] = "auto",
 ) -> None:
     """The main job on the shipped default base: analyze -> prune -> fine-tune -> KID -> export -> serve.
 
@@ -972,7 +995,7 @@ def demo(
         result = Demo(
             out_dir, base_dir=base, budget=budget, groups=groups, gaussian=gaussian, n=n,
             kid_images=kid_images, finetune_iterations=finetune_iterations, shipped=shipped,
-            log=console.print,
+            log=console.print, device=resolve_device(device),
         ).run()  # fmt: skip
     except StepadaptError as e:
         _fail(e)

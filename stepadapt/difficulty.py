@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.devices import device_of
 from stepadapt.schedule import make_scheduler, noised_target, snr_db
 
 MEASURES = ("snr", "loss")
@@ -40,6 +41,7 @@ def loss_profile(
     sched = make_scheduler("ddpm", scheduler_cfg)
     T = sched.config.num_train_timesteps
     g = torch.Generator().manual_seed(seed)
+    data = data.to(device_of(model))  # the model's device; the noise is drawn on the CPU, as always
     noise = torch.randn(data.shape, generator=g).to(data.device)
     ts = np.unique(np.linspace(0, T - 1, points).round().astype(int))
     losses = []

@@ -22,6 +22,7 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.devices import device_of
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import read_json, write_json
 from stepadapt.prune import History, PruneResult, apply_history, prune_to_macs
@@ -55,12 +56,17 @@ class ProxyBatch:
         t = torch.randint(lo, hi, (len(data),), generator=g)
         return cls(data, t, torch.randn(data.shape, generator=g))
 
+    def to(self, device: torch.device) -> ProxyBatch:
+        """Drawn on the CPU (the same batch on any machine), evaluated where the model lives."""
+        return ProxyBatch(self.x0.to(device), self.t.to(device), self.noise.to(device))
+
 
 def group_gradients(
     model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk: int = 64
 ) -> dict[str, torch.Tensor]:
     """Gradients of the mean denoising loss over ``batch`` (Taylor importance needs them)."""
     sched = make_scheduler("ddpm", scheduler_cfg)
+    batch = batch.to(device_of(model))
     model.zero_grad(set_to_none=True)
     model.eval()
     n = len(batch.x0)
@@ -90,6 +96,7 @@ def diff_pruning_timesteps(
 @torch.no_grad()
 def proxy_loss(model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk: int = 128) -> float:
     sched = make_scheduler("ddpm", scheduler_cfg)
+    batch = batch.to(device_of(model))
     model.eval()
     total, n = 0.0, len(batch.x0)
     for s in range(0, n, chunk):

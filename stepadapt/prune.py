@@ -19,13 +19,14 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 
 from stepadapt import StepadaptError
+from stepadapt.devices import device_of
 
 History = list[list]  # torch-pruning's pruning history: [module name, is_out, idxs], JSON-able
 
 
 def example_inputs(model: UNet2DModel) -> tuple[torch.Tensor, torch.Tensor]:
-    c, s = model.config.in_channels, model.config.sample_size
-    return torch.randn(1, c, s, s), torch.tensor([1])
+    c, s, device = model.config.in_channels, model.config.sample_size, device_of(model)
+    return torch.randn(1, c, s, s, device=device), torch.tensor([1], device=device)
 
 
 def count_macs(model: torch.nn.Module, inputs: tuple | None = None) -> tuple[int, int]:

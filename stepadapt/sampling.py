@@ -10,7 +10,6 @@ Triton (where the expert is a BLS call).
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from diffusers import DDIMScheduler, SchedulerMixin
 from PIL import Image
 
 from stepadapt import StepadaptError
+from stepadapt.devices import device_of
 from stepadapt.io import atomic_path
 from stepadapt.schedule import make_scheduler
 
@@ -75,8 +75,7 @@ def module_denoiser(model: torch.nn.Module) -> Denoiser:
     """Wrap a diffusers UNet2DModel (or any module returning eps, like the Gaussian expert) as a
     plain ``(x, t) -> eps`` function. It runs where the model lives and answers where ``x`` lives,
     so the sampling loop (and its CPU generators) stays the same on a GPU."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = tensor.device if tensor is not None else torch.device("cpu")
+    device = device_of(model)
 
     @torch.no_grad()
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ kill continues bit-for-bit where the run stopped.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from diffusers.training_utils import EMAModel
 
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.devices import autocast, grad_scaler, resolve_precision
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
 from stepadapt.plan import visited_timesteps
@@ -75,6 +77,7 @@ class TrainConfig:
     patience: int = 200  # curriculum: plateau length (updates) before the next stage
     probe_images: int = 8  # adaptive: images per probe timestep
     visit_steps: int = 25  # visited: the DDIM step count whose timesteps are trained
+    precision: str = "auto"  # forward passes: auto (bf16/fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +104,7 @@ class TrainConfig:
         if not 0.0 <= self.distill <= 1.0:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
         sampler_class(self.sampler)  # an unknown name fails with the other option checks
+        resolve_precision(self.precision, "cpu")
         if self.sampler == "visited" and self.visit_steps < 1:
             raise StepadaptError(f"--visit-steps must be at least 1, got {self.visit_steps}")
 
@@ -134,9 +138,7 @@ def relative_weights(
     base" means; it behaves like x0 weighting at low SNR and like eps weighting at high SNR.
     """
     g = torch.Generator().manual_seed(seed)
-    proxy = data[torch.randperm(len(data), generator=g)[:RELATIVE_PROXY]].to(
-        next(teacher.parameters()).device
-    )
+    proxy = data[torch.randperm(len(data), generator=g)[:RELATIVE_PROXY]]
     ref = loss_profile(teacher, scheduler_cfg, proxy, points=50, seed=seed, log=True)
     w = torch.from_numpy(1.0 / ref).float()
     return w / w[lo:hi].mean()
@@ -180,13 +182,16 @@ def denoising_loss(
     return (per_sample * weight).mean() if weight is not None else per_sample.mean()
 
 
-def _state(step, model, ema, opt, lr_sched, ranks: list[dict], cfg: TrainConfig, losses) -> dict[str, Any]:
+def _state(
+    step, model, ema, opt, lr_sched, scaler, ranks: list[dict], cfg: TrainConfig, losses
+) -> dict[str, Any]:
     return {
         "step": step,
         "model": model.state_dict(),
         "ema": ema.state_dict(),
         "optimizer": opt.state_dict(),
         "lr_scheduler": lr_sched.state_dict(),
+        "grad_scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
         "ranks": ranks,  # per process: timestep sampler state and generator state
         "config": json.dumps(cfg.to_dict()),
         "losses": torch.tensor(losses, dtype=torch.float64),
@@ -274,6 +279,8 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.iterations)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+    precision = resolve_precision(cfg.precision, device)
+    scaler, mixed = grad_scaler(precision, device), functools.partial(autocast, precision, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
     losses: list[float] = []
     step = 0
@@ -296,6 +303,8 @@ def train(
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["optimizer"])
         lr_sched.load_state_dict(st["lr_scheduler"])
+        if st.get("grad_scaler"):
+            scaler.load_state_dict(st["grad_scaler"])
         sampler.load_state_dict(st["ranks"][rank]["sampler"])
         gen.set_state(st["ranks"][rank]["generator"])
         losses = st["losses"].tolist()
@@ -319,26 +328,33 @@ def train(
         if t_probe is not None:  # same images and noise before and after the update
             m = min(cfg.probe_images, local_batch)
             p_noise = torch.randn((m, *x0.shape[1:]), generator=gen).to(device)
-            before = _probe_losses(
-                model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
-            )
+            with mixed():
+                before = _probe_losses(
+                    model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
+                )
         if cfg.loss_weight == "min-snr":
             w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
         elif cfg.loss_weight == "relative":
             w = w * rel_w[t]
-        per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
-        loss = (per_sample * w.to(device)).mean()
+        with mixed():  # weights, gradients and the optimizer stay fp32; the loss is formed in fp32
+            per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
+        loss = (per_sample.float() * w.to(device)).mean()
         if not torch.isfinite(loss):
             raise StepadaptError(f"loss became {loss.item()} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(opt)  # clip the true gradients, not fp16's scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)  # fp16: skipped (and the scale lowered) where a gradient overflowed
+        scaler.update()
         lr_sched.step()
         ema.step(model.parameters())
         if t_probe is not None:
-            after = _probe_losses(model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill)
+            with mixed():
+                after = _probe_losses(
+                    model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
+                )
         sampler.update(t, per_sample.detach().cpu(), before, after)
         step += 1
         v = loss.item()
@@ -352,7 +368,7 @@ def train(
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             ranks = dist.gather({"sampler": sampler.state_dict(), "generator": gen.get_state()})
             if dist.is_main():
-                save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, ranks, cfg, losses))
+                save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, scaler, ranks, cfg, losses))
         if (
             on_sample is not None
             and dist.is_main()
@@ -377,6 +393,7 @@ def train(
             {
                 "config": cfg.to_dict(),
                 "world_size": world,
+                "precision": precision,  # as resolved on this device (the config may say auto)
                 "steps": result.steps,
                 "resumed_from": step0,  # 0: a fresh run; else the checkpoint's step it continued from
                 "final_loss": result.final_loss,

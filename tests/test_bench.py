@@ -67,3 +67,30 @@ def test_check_report_names_what_is_wrong(quick):
 def test_bench_refuses_unknown_sections(tmp_path):
     r = CliRunner().invoke(app, ["bench", str(SHIPPED), "--sections", "flops,speed", "--work", str(tmp_path)])
     assert r.exit_code != 0 and "unknown bench section" in r.output
+
+
+def test_bench_backends_are_what_this_machine_has():
+    """GPU backends join the default set only where CUDA is; asked for without one, or misspelled,
+    they are refused in one line before anything is measured."""
+    import torch
+    from stepadapt.benchmarks.bench import CPU_BACKENDS, GPU_BACKENDS, BenchSettings, check_backends
+
+    from stepadapt import StepadaptError
+
+    defaults = BenchSettings().backends
+    assert defaults[: len(CPU_BACKENDS)] == CPU_BACKENDS
+    assert bool(set(defaults) & set(GPU_BACKENDS)) == torch.cuda.is_available()
+    check_backends(("torch", "onnxruntime-t4", "onnxruntime-basic-t1"))
+    with pytest.raises(StepadaptError, match="unknown bench backend 'onnxruntime-t0'"):
+        check_backends(("onnxruntime-t0",))
+    if not torch.cuda.is_available():
+        with pytest.raises(StepadaptError, match="torch-cuda cannot run here: no CUDA device"):
+            check_backends(("torch-cuda",))
+
+
+def test_bench_refuses_a_backend_it_cannot_run(tmp_path):
+    work = tmp_path / "work"
+    args = ["bench", str(SHIPPED), "--backends", "torch,tensorflow", "--work", str(work)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "unknown bench backend 'tensorflow'" in " ".join(r.output.split())
+    assert not work.exists()  # refused before any arm was prepared

@@ -111,3 +111,14 @@ def test_device_choice_without_a_gpu(tmp_path, tiny):
     r = runner.invoke(app, [*base, "--device", "cuda", "--out", str(tmp_path / "b.png")])
     assert r.exit_code == 2 and "no CUDA device" in " ".join(r.output.split())
     assert not (tmp_path / "b.png").exists()
+    for cmd in ("analyze", "prune", "train-base", "finetune", "evaluate", "demo"):
+        target = [str(tmp_path / "no-bundle")] if cmd in ("finetune", "evaluate") else []
+        out = [] if cmd == "finetune" else ["--out", str(tmp_path / cmd)]
+        r = runner.invoke(app, [cmd, *target, "--device", "cuda", *out])
+        assert r.exit_code == 2 and "no CUDA device" in " ".join(r.output.split()), (cmd, r.output)
+    r = runner.invoke(app, ["analyze", "--device", "gpu", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and "--device must be one of auto, cpu, cuda" in " ".join(r.output.split())
+    r = runner.invoke(
+        app, ["train-base", "--precision", "fp8", "--iterations", "1", "--out", str(tmp_path / "t")]
+    )
+    assert r.exit_code == 2 and "--precision must be one of" in " ".join(r.output.split())

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,26 @@ def _fixed_batch_loss(model, x):
     noise = torch.randn(x.shape, generator=g)
     with torch.no_grad():
         return denoising_loss(model, sched, x, t, noise).item()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(step, _):
+    raise _Stop
+
+
+def _stopped_and_resumed(x, cfg: TrainConfig, at: int, out):
+    """The same run stopped at step ``at`` (raised from the sample hook: a run of ``at`` iterations
+    would have another LR schedule), then resumed from its checkpoint into a model initialised
+    otherwise, so that everything has to come from the checkpoint."""
+    part = TrainConfig(**{**cfg.to_dict(), "sample_every": at})
+    with pytest.raises(_Stop):
+        train(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, part, out, progress=False, on_sample=_stop)
+    resumed = build_unet("tiny", seed=99)
+    ema, res = train(resumed, x, DEFAULT_SCHEDULER, part, out, resume=True, progress=False)
+    return resumed, ema, res
 
 
 def test_a_few_steps_lower_the_loss(tmp_path, squares):
@@ -39,27 +61,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, squares, sampler):
     full = build_unet("tiny", seed=0)
     ema_full, _ = train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
 
-    # Stop at step 3 (a run with 3 iterations would change the LR schedule, so
-    # stop the same 6-step run by raising from the sample hook instead).
-    class Stop(Exception):
-        pass
-
-    def stop(step, _):
-        raise Stop
-
-    part_cfg = TrainConfig(**{**cfg.to_dict(), "sample_every": 3})
-    with pytest.raises(Stop):
-        train(
-            build_unet("tiny", seed=0),
-            x,
-            DEFAULT_SCHEDULER,
-            part_cfg,
-            tmp_path / "b",
-            progress=False,
-            on_sample=stop,
-        )
-    resumed = build_unet("tiny", seed=99)  # different init: everything must come from the checkpoint
-    ema_res, res = train(resumed, x, DEFAULT_SCHEDULER, part_cfg, tmp_path / "b", resume=True, progress=False)
+    resumed, ema_res, res = _stopped_and_resumed(x, cfg, 3, tmp_path / "b")
     assert res.steps == 6
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -144,3 +146,53 @@ def test_progress_off_a_terminal_writes_a_line_per_interval_not_per_update():
             bar.update(1)
     redraws = buf.getvalue().count("\r")
     assert 1 <= redraws <= 3, redraws  # first, last, maybe one 30 s tick; per update would be 2000
+
+
+def test_mixed_precision_trains_fp32_weights_with_bf16_forward_passes(tmp_path, squares):
+    """bf16 autocast (CPU autocast here; a GPU's under --precision auto) lowers the loss like fp32
+    does, keeps weights fp32, and really changes the arithmetic (the weights differ from fp32's)."""
+    x = squares()
+    before = _fixed_batch_loss(build_unet("tiny", seed=0), x)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = build_unet("tiny", seed=0)
+        cfg = TrainConfig(iterations=25, batch_size=16, lr=2e-3, warmup=2, checkpoint_every=100,
+                          precision=precision)  # fmt: skip
+        train(model, x, DEFAULT_SCHEDULER, cfg, tmp_path / precision, progress=False)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert json.loads((tmp_path / precision / "train_log.json").read_text())["precision"] == precision
+        runs[precision] = model.eval()
+    assert _fixed_batch_loss(runs["bf16"], x) < 0.8 * before
+    pairs = zip(runs["fp32"].parameters(), runs["bf16"].parameters(), strict=True)
+    diff = max((a - b).abs().max().item() for a, b in pairs)
+    assert diff > 1e-6
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, squares):
+    """fp16 scales the loss (and skips steps whose gradients overflow); the scaler's state is in the
+    checkpoint, so a resumed fp16 run is the uninterrupted one, bit for bit."""
+    x = squares()[:16]
+    cfg = TrainConfig(iterations=4, batch_size=4, warmup=1, checkpoint_every=2, precision="fp16")
+    full = build_unet("tiny", seed=0)
+    train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
+    scale = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["grad_scaler"]["scale"]
+    assert 0 < scale <= 65536.0
+
+    resumed, _, _ = _stopped_and_resumed(x, cfg, 2, tmp_path / "b")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_precision_choice(monkeypatch):
+    """auto: fp32 on a CPU; on a CUDA device bf16 where the GPU has it, else fp16 (the choice is
+    made from the device's type, so it is tested here without one)."""
+    from stepadapt.devices import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+    assert resolve_precision("fp16", "cpu") == "fp16"
+    with pytest.raises(StepadaptError, match="--precision must be one of"):
+        TrainConfig(precision="fp8").validate()
