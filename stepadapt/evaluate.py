@@ -206,10 +206,11 @@ def generate(
 
 
 def load_target(
-    path: str | os.PathLike, device: str = "cpu"
+    path: str | os.PathLike, device: str = "cpu", steps: int | None = None
 ) -> tuple[Denoiser, dict, tuple[int, ...], float]:
     """A bundle (routed experts) or a base model dir as (denoiser on ``device``, scheduler config,
-    shape, MACs ratio)."""
+    shape, MACs per step over the ``steps`` a DDIM run visits (the plan's step count by default) as
+    a fraction of the base's)."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import load_base
     from stepadapt.sampling import module_denoiser
@@ -221,7 +222,7 @@ def load_target(
             b.router(device),
             b.manifest.scheduler,
             tuple(b.manifest.sample_shape),
-            b.manifest.trajectory_macs_ratio(),
+            b.manifest.trajectory_macs_ratio(steps),
         )
     model, sched = load_base(path)
     cfg = model.config
@@ -257,7 +258,7 @@ def evaluate_targets(
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
-        den, t_sched, t_shape, ratio = load_target(path, device)
+        den, t_sched, t_shape, ratio = load_target(path, device, steps)
         if tuple(t_shape) != tuple(shape):
             raise StepadaptError(f"{name}: sample shape {t_shape} differs from the base's {shape}")
         t0 = time.perf_counter()
@@ -268,7 +269,10 @@ def evaluate_targets(
         )
         seconds = base_seconds if images is reference else time.perf_counter() - t0
         r = score(net, images, real_images, real_feats, reference, kid_subsets=kid_subsets)
-        results[name] = {"path": str(path), "macs_ratio": ratio, "sample_seconds": round(seconds, 1), **r}
+        results[name] = {
+            "path": str(path), "macs_ratio": ratio, "macs_per_image": round(ratio * steps, 3),
+            "sample_seconds": round(seconds, 1), **r,
+        }  # fmt: skip
         if log:
             kid_text = f"KID {r['kid']:.4f} ± {r['kid_std']:.4f}"
             log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB")

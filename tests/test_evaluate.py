@@ -102,6 +102,13 @@ def test_evaluate_cli_scores_a_bundle_and_a_base(tiny_bundle, tiny, tmp_path):
     bundle, base = rep["results"][str(tiny_bundle)], rep["results"][str(tmp_path / "base")]
     assert base["psnr"] == 100.0 and base["macs_ratio"] == 1.0  # the base is its own reference
     assert bundle["psnr"] < 100.0 and bundle["macs_ratio"] < 1.0
+    # what the 3 steps it sampled cost (the plan's 50 visit other experts' intervals), per image too
+    from stepadapt.bundle import Bundle
+
+    manifest = Bundle.load(tiny_bundle).manifest
+    assert manifest.trajectory_macs_ratio(3) != manifest.trajectory_macs_ratio(50)
+    assert bundle["macs_ratio"] == manifest.trajectory_macs_ratio(3)
+    assert bundle["macs_per_image"] == round(3 * manifest.trajectory_macs_ratio(3), 3)
     for k in ("kid", "kid_std", "fid", "swd", "mse"):
         assert np.isfinite(bundle[k])
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), "--base", str(tmp_path / "base")])
