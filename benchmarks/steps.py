@@ -57,7 +57,7 @@ def aggregate(steps: list[int], seeds: list[int]) -> list[dict]:
             key = str(path.relative_to(ROOT))
             kids = [r["results"][key]["kid"] for r in reports]
             spread = np.std(kids, ddof=1) if len(kids) > 1 else reports[0]["results"][key]["kid_std"]
-            ratio = 1.0 if name == "base" else manifest.trajectory_macs_ratio(s)
+            ratio = 1.0 if name == "base" else manifest.trajectory_macs_ratio(s, "ddim")
             rows.append({
                 "target": name, "steps": s, "macs_per_step": round(ratio, 4),
                 "macs_per_image": round(ratio * s, 3), "kid": float(np.mean(kids)),

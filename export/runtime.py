@@ -49,6 +49,13 @@ def session(
     so.graph_optimization_level = GRAPH_LEVELS[level]
     chosen = providers(device)
     try:
-        return ort.InferenceSession(str(path), so, providers=chosen)
+        sess = ort.InferenceSession(str(path), so, providers=chosen)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise StepadaptError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime-gpu without the CUDA/cuDNN libraries it needs falls back to the CPU, with a log line
+        raise StepadaptError(
+            f"device cuda asked for, but onnxruntime could not start its CUDA provider for {path} "
+            "(CUDA or cuDNN libraries missing?)"
+        )
+    return sess

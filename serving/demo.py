@@ -151,7 +151,8 @@ class Demo:
         from stepadapt.export.onnx import export_bundle, onnx_router
 
         export_bundle(b, log=self.log)
-        images = self.grid(onnx_router(b), "onnxruntime_samples")
+        ort_device = "cpu" if self.device == "cpu" else "auto"  # onnxruntime's CUDA only with onnxruntime-gpu
+        images = self.grid(onnx_router(b, device=ort_device), "onnxruntime_samples")
         torch_images = sample_images(b.router(self.device), self.scheduler, self.shape, self.n)
         self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
         return images

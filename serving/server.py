@@ -96,7 +96,7 @@ def _group_alive(pgid: int) -> bool:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:  # zombie, or dead and being reaped
             return True
     return False
 

@@ -95,17 +95,17 @@ class Manifest:
     def boundaries(self) -> list[int]:
         return [e.lo for e in self.experts] + [self.experts[-1].hi]
 
-    def visit_shares(self, steps: int | None = None) -> list[float]:
-        """Fraction of the sampler's steps (the plan's: default 50 DDIM) each expert serves."""
+    def visit_shares(self, steps: int | None = None, sampler: str | None = None) -> list[float]:
+        """Fraction of the sampler's steps (the plan's by default: 50 DDIM) each expert serves."""
         plan = self.plan or {}
         visits = visited_timesteps(
-            plan.get("sampler", "ddim"), steps or plan.get("steps", 50), self.scheduler
+            sampler or plan.get("sampler", "ddim"), steps or plan.get("steps", 50), self.scheduler
         )
         return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in self.experts]
 
-    def trajectory_macs_ratio(self, steps: int | None = None) -> float:
+    def trajectory_macs_ratio(self, steps: int | None = None, sampler: str | None = None) -> float:
         """Mean MACs per visited sampling step, as a fraction of the base: what an image costs."""
-        shares = self.visit_shares(steps)
+        shares = self.visit_shares(steps, sampler)
         return sum(s * e.macs for s, e in zip(shares, self.experts, strict=True)) / self.base_macs
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from stepadapt import Notice, StepadaptError
-from stepadapt.devices import resolve_device
+from stepadapt.devices import resolve_device, resolve_precision
 from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
 from stepadapt.serving.repository import RepositoryOptions
@@ -110,6 +110,7 @@ def train_base(
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
+        resolve_precision(precision, dev)  # a bad --precision is said before the data loads
         distributed.init_from_env()
         if config not in CONFIGS:
             raise StepadaptError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
@@ -600,6 +601,7 @@ def finetune(
 
     try:
         dev = resolve_device(device)
+        resolve_precision(precision, dev)
         if threads:
             torch.set_num_threads(threads)
         distributed.init_from_env()

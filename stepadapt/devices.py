@@ -46,18 +46,26 @@ def resolve_precision(name: str, device: str | torch.device) -> str:
         raise StepadaptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name != "auto":
         return name
-    if torch.device(device).type != "cuda":
+    device = torch.device(device)
+    if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_native_bf16(device) else "fp16"
 
 
-def autocast(precision: str, device: torch.device) -> Any:
+def has_native_bf16(device: str | torch.device) -> bool:
+    """bf16 in hardware (compute capability 8.0, Ampere, and later). torch's is_bf16_supported() also
+    says yes where bf16 is only emulated (V100, T4), and there it is slower than fp16."""
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device if device.index is not None else None)[0] >= 8
+
+
+def autocast(precision: str, device: str | torch.device) -> Any:
     """The forward passes' context: mixed precision (weights and optimizer stay fp32), or none."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
 
 
-def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradScaler:
     """fp16's loss scaling (bf16 has fp32's range and needs none); a disabled scaler is a no-op."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")

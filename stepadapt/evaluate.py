@@ -222,7 +222,7 @@ def load_target(
             b.router(device),
             b.manifest.scheduler,
             tuple(b.manifest.sample_shape),
-            b.manifest.trajectory_macs_ratio(steps),
+            b.manifest.trajectory_macs_ratio(steps, "ddim"),  # what generate() below runs
         )
     model, sched = load_base(path)
     cfg = model.config

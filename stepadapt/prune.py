@@ -85,7 +85,7 @@ def prune_once(
         prune_num_heads=False,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # RandomImportance draws from the global RNG
+        torch.default_generator.manual_seed(seed)  # RandomImportance draws from the global CPU RNG
         pruner.step()
     fix_diffusers_attributes(model)
     model.zero_grad(set_to_none=True)

@@ -116,11 +116,14 @@ class SharedExperts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> UNet2DOutput:
         owner = self.expert_index(t)
-        out = torch.empty_like(x)
+        out = None  # allocated in the experts' dtype (bf16/fp16 under autocast), not x's
         for i in owner.unique().tolist():
             sel = (owner == i).to(x.device)
-            out = out.index_put((sel,), self.forward_expert(i, x[sel], t[sel]))
-        return UNet2DOutput(sample=out)
+            y = self.forward_expert(i, x[sel], t[sel])
+            if out is None:
+                out = x.new_empty(x.shape, dtype=y.dtype)
+            out = out.index_put((sel,), y.to(out.dtype))
+        return UNet2DOutput(sample=torch.empty_like(x) if out is None else out)
 
     def export(self, i: int) -> UNet2DModel:
         """Expert ``i`` as a stand-alone pruned model (a copy; later training does not move it)."""

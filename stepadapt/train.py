@@ -183,7 +183,7 @@ def denoising_loss(
 
 
 def _state(
-    step, model, ema, opt, lr_sched, scaler, ranks: list[dict], cfg: TrainConfig, losses
+    step, model, ema, opt, lr_sched, scaler, precision: str, ranks: list[dict], cfg: TrainConfig, losses
 ) -> dict[str, Any]:
     return {
         "step": step,
@@ -192,6 +192,7 @@ def _state(
         "optimizer": opt.state_dict(),
         "lr_scheduler": lr_sched.state_dict(),
         "grad_scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
+        "precision": precision,  # as resolved: a resume elsewhere must not change the arithmetic
         "ranks": ranks,  # per process: timestep sampler state and generator state
         "config": json.dumps(cfg.to_dict()),
         "losses": torch.tensor(losses, dtype=torch.float64),
@@ -290,6 +291,12 @@ def train(
         if saved.to_dict() != cfg.to_dict():
             diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
             raise StepadaptError(f"cannot resume: options differ from the checkpoint ({', '.join(diff)})")
+        saved_precision = st.get("precision", "fp32")  # checkpoints from before --precision: fp32
+        if saved_precision != precision:
+            raise StepadaptError(
+                f"cannot resume: the checkpoint trained in {saved_precision}, this run would use {precision} "
+                f"(--precision {saved_precision}, or resume on the same kind of device)"
+            )
         if len(st["ranks"]) != world:
             raise StepadaptError(
                 f"cannot resume: checkpoint was written by {len(st['ranks'])} processes, this run has {world}"
@@ -368,7 +375,8 @@ def train(
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             ranks = dist.gather({"sampler": sampler.state_dict(), "generator": gen.get_state()})
             if dist.is_main():
-                save_torch(ckpt_path, _state(step, model, ema, opt, lr_sched, scaler, ranks, cfg, losses))
+                state = _state(step, model, ema, opt, lr_sched, scaler, precision, ranks, cfg, losses)
+                save_torch(ckpt_path, state)
         if (
             on_sample is not None
             and dist.is_main()

@@ -116,9 +116,13 @@ def test_device_choice_without_a_gpu(tmp_path, tiny):
         out = [] if cmd == "finetune" else ["--out", str(tmp_path / cmd)]
         r = runner.invoke(app, [cmd, *target, "--device", "cuda", *out])
         assert r.exit_code == 2 and "no CUDA device" in " ".join(r.output.split()), (cmd, r.output)
-    r = runner.invoke(app, ["analyze", "--device", "gpu", "--out", str(tmp_path / "p.json")])
+
+
+def test_bad_device_or_precision_names_are_refused_first(tmp_path):
+    """In one line, before any data or model loads (none of these paths exists)."""
+    r = runner.invoke(app, ["analyze", "--device", "gpu", "--base", str(tmp_path / "m"),
+                            "--out", str(tmp_path / "p.json")])  # fmt: skip
     assert r.exit_code == 2 and "--device must be one of auto, cpu, cuda" in " ".join(r.output.split())
-    r = runner.invoke(
-        app, ["train-base", "--precision", "fp8", "--iterations", "1", "--out", str(tmp_path / "t")]
-    )
-    assert r.exit_code == 2 and "--precision must be one of" in " ".join(r.output.split())
+    for cmd in (["train-base", "--data", str(tmp_path / "none")], ["finetune", str(tmp_path / "none")]):
+        r = runner.invoke(app, [*cmd, "--precision", "fp8"])
+        assert r.exit_code == 2 and "--precision must be one of" in " ".join(r.output.split()), r.output

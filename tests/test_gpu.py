@@ -74,3 +74,28 @@ def test_training_on_cuda_uses_mixed_precision_and_learns(tmp_path):
     assert log["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert loss(model) < 0.8 * before
+
+
+def test_gaussian_analyze_and_both_finetune_modes_on_cuda(tmp_path):
+    """The Gaussian's cut-off (base on the GPU, Gaussian on the CPU), the nested bundle, and
+    fine-tuning each way under --precision auto (bf16/fp16 on a GPU), shared slices included."""
+    save_base(build_unet("tiny", seed=0).eval(), tmp_path / "m")
+    x = np.zeros((1100, 28, 28), dtype=np.uint8)  # more images than pixels: the Gaussian can be fitted
+    rng = np.random.default_rng(0)
+    for i in range(len(x)):
+        a, b = rng.integers(2, 14, 2)
+        x[i, a : a + 12, b : b + 12] = rng.integers(100, 256)
+    np.savez(tmp_path / "d.npz", images=x)
+    common = ["--base", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"), "--device", "cuda"]
+    _run("analyze", *common, "--groups", "3", "--budget", "0.6", "--proxy-size", "16", "--gaussian", "700",
+         "--out", str(tmp_path / "plan.json"))  # fmt: skip
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["groups"][-1]["kind"] == "gaussian"
+    _run("prune", *common, "--plan", str(tmp_path / "plan.json"), "--proxy-size", "8", "--nested",
+         "--candidates", "taylor/global", "--out", str(tmp_path / "b"))  # fmt: skip
+    for mode in ("shared", "separate"):
+        _run("finetune", str(tmp_path / "b"), "--data", str(tmp_path / "d.npz"), "--mode", mode,
+             "--teacher", str(tmp_path / "m"), "--iterations", "6", "--batch-size", "8",
+             "--device", "cuda")  # fmt: skip
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert any(e.get("training") for e in manifest["experts"])

@@ -1,6 +1,7 @@
 """Weight-shared experts: nested structures, shared gradients, and exports that equal the shared net."""
 
 import copy
+import math
 import shutil
 
 import pytest
@@ -150,3 +151,21 @@ def test_shared_training_refuses_an_unpruned_expert_between_pruned_ones(tmp_path
     assert [b.is_pruned(e.name) for e in b.experts] == [True, False, True]
     with pytest.raises(StepadaptError, match="unpruned expert sits between"):
         finetune_bundle(b, x, TrainConfig(batch_size=4), 2, mode="shared", teacher=tiny, progress=False)
+
+
+def test_shared_experts_forward_and_train_under_bf16_autocast(tmp_path, squares, bundle_maker):
+    """Mixed precision (a GPU's --precision auto): each slice answers in bf16, and the shared net
+    writes their answers into one batch of that dtype (an fp32 buffer would refuse them)."""
+    from stepadapt.devices import autocast
+
+    base = build_unet("tiny", seed=0)
+    b = Bundle.load(bundle_maker(base, tmp_path / "b"))
+    net = shared_experts(b, base)
+    x, t = torch.randn(6, 1, 32, 32), torch.tensor([100, 500, 900, 150, 550, 950])
+    t = t.clamp(max=b.experts[-1].hi - 1).clamp(min=b.experts[1].lo)
+    with torch.no_grad(), autocast("bf16", "cpu"):
+        y = net(x, t).sample
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    cfg = TrainConfig(batch_size=8, warmup=1, checkpoint_every=100, precision="bf16")
+    res = finetune_bundle(b, squares(16), cfg, 3, mode="shared", teacher=base, progress=False)
+    assert res["shared"].steps == 3 and math.isfinite(res["shared"].final_loss)

@@ -169,30 +169,50 @@ def test_mixed_precision_trains_fp32_weights_with_bf16_forward_passes(tmp_path, 
 
 
 def test_fp16_resume_restores_the_loss_scale(tmp_path, squares):
-    """fp16 scales the loss (and skips steps whose gradients overflow); the scaler's state is in the
-    checkpoint, so a resumed fp16 run is the uninterrupted one, bit for bit."""
+    """fp16 scales the loss (lowering the scale, and skipping the step, where gradients overflow;
+    raising it after a run of clean steps); the scaler's state is in the checkpoint, so a resumed
+    fp16 run is the uninterrupted one, weights and scaler alike."""
     x = squares()[:16]
     cfg = TrainConfig(iterations=4, batch_size=4, warmup=1, checkpoint_every=2, precision="fp16")
     full = build_unet("tiny", seed=0)
     train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
-    scale = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["grad_scaler"]["scale"]
-    assert 0 < scale <= 65536.0
-
     resumed, _, _ = _stopped_and_resumed(x, cfg, 2, tmp_path / "b")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+    scalers = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["grad_scaler"] for d in "ab"]
+    # a fresh scaler on resume would have counted 2 clean steps since its start, not 4
+    assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 4
+
+
+def test_resume_where_auto_means_another_precision_is_refused(tmp_path, squares, monkeypatch):
+    """--precision auto is fp32 on this CPU; a resume where it would mean bf16 (a GPU) would change
+    the arithmetic mid-run, so it is refused in one line instead."""
+    import stepadapt.train as train_module
+
+    x = squares()[:8]
+    cfg = TrainConfig(iterations=2, batch_size=4, warmup=1, checkpoint_every=1)  # precision auto
+    train(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
+    monkeypatch.setattr(train_module, "resolve_precision", lambda name, device: "bf16")
+    with pytest.raises(StepadaptError, match="checkpoint trained in fp32, this run would use bf16"):
+        train(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False)
 
 
 def test_precision_choice(monkeypatch):
-    """auto: fp32 on a CPU; on a CUDA device bf16 where the GPU has it, else fp16 (the choice is
-    made from the device's type, so it is tested here without one)."""
+    """auto: fp32 on a CPU; on a CUDA device bf16 where the GPU has it in hardware (compute
+    capability 8), else fp16 (tested here without a GPU, on the capability it would report)."""
     from stepadapt.devices import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return (8, 0) if device is None else (7, 5)  # the current GPU an A100, cuda:1 a T4
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     assert resolve_precision("auto", "cuda") == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"  # bf16 only emulated there
+    assert asked == [None, torch.device("cuda", 1)]
     assert resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(StepadaptError, match="--precision must be one of"):
         TrainConfig(precision="fp8").validate()
