@@ -35,7 +35,7 @@ CLI = str(Path(sys.executable).with_name("stepadapt"))
 
 def score(steps: int, seed: int, n: int, threads: int) -> Path:
     """evaluate's report for the base and the bundle at ``steps`` (run once, then read back)."""
-    out = RAW / f"steps{steps}-seed{seed}.json"
+    out = RAW / f"steps{steps}-seed{seed}-n{n}.json"
     if not out.is_file():
         subprocess.run(
             [CLI, "evaluate", str(BASE.relative_to(ROOT)), str(BUNDLE.relative_to(ROOT)), "--n", str(n),
@@ -46,13 +46,13 @@ def score(steps: int, seed: int, n: int, threads: int) -> Path:
     return out
 
 
-def aggregate(steps: list[int], seeds: list[int]) -> list[dict]:
+def aggregate(steps: list[int], seeds: list[int], n: int) -> list[dict]:
     """One row per (target, steps): KID mean and spread over the seeds, MACs per image from the
     bundle's own manifest at that step count (not the plan's 50)."""
     manifest = Bundle.load(BUNDLE).manifest
     rows = []
     for s in steps:
-        reports = [read_json(RAW / f"steps{s}-seed{seed}.json", "evaluate report") for seed in seeds]
+        reports = [read_json(RAW / f"steps{s}-seed{seed}-n{n}.json", "evaluate report") for seed in seeds]
         for name, path in (("base", BASE), ("experts", BUNDLE)):
             key = str(path.relative_to(ROOT))
             kids = [r["results"][key]["kid"] for r in reports]
@@ -68,15 +68,28 @@ def aggregate(steps: list[int], seeds: list[int]) -> list[dict]:
     return rows
 
 
+def base_kid_at(rows: list[dict], macs: float) -> float | None:
+    """The base's KID at ``macs`` per image, interpolated between the step counts measured (linear in
+    log KID over log MACs, as the plot draws it); None outside them."""
+    base = sorted((r["macs_per_image"], r["kid"]) for r in rows if r["target"] == "base")
+    x, y = np.log([m for m, _ in base]), np.log([k for _, k in base])
+    if not x[0] <= np.log(macs) <= x[-1]:
+        return None
+    return float(np.exp(np.interp(np.log(macs), x, y)))
+
+
 def pairs(rows: list[dict]) -> list[dict]:
-    """Each experts' step count beside the base at the nearest MACs per image (ties: fewer MACs)."""
+    """Each experts' step count beside the base at the nearest MACs per image measured (ties: fewer
+    MACs) and at exactly the experts' MACs, interpolated."""
     base = [r for r in rows if r["target"] == "base"]
     out = []
     for e in (r for r in rows if r["target"] == "experts"):
         b = min(base, key=lambda r: (abs(r["macs_per_image"] - e["macs_per_image"]), r["macs_per_image"]))
+        same = base_kid_at(rows, e["macs_per_image"])
         out.append({"experts_steps": e["steps"], "experts_macs": e["macs_per_image"], "experts_kid": e["kid"],
                     "base_steps": b["steps"], "base_macs": b["macs_per_image"], "base_kid": b["kid"],
-                    "kid_ratio": e["kid"] / b["kid"]})  # fmt: skip
+                    "kid_ratio": e["kid"] / b["kid"], "base_kid_same_macs": same,
+                    "kid_ratio_same_macs": e["kid"] / same if same else None})  # fmt: skip
     return out
 
 
@@ -110,14 +123,17 @@ def plot(rows: list[dict], n: int, seeds: list[int], path: Path) -> Path:
 
 
 def table(rows: list[dict], matched: list[dict]) -> str:
-    lines = ["| experts: steps | MACs / image | KID | base: steps | MACs / image | KID | experts / base |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| experts: steps | MACs / image | KID | base: steps | MACs / image | KID | experts / base "
+             "| base at the experts' MACs (interpolated) | experts / that |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     kid = {(r["target"], r["steps"]): r for r in rows}
     for p in matched:
         e, b = kid[("experts", p["experts_steps"])], kid[("base", p["base_steps"])]
         cells = [p["experts_steps"], f"{p['experts_macs']:.2f}", f"{e['kid']:.4f} ± {e['kid_std']:.4f}",
                  p["base_steps"], f"{p['base_macs']:.2f}", f"{b['kid']:.4f} ± {b['kid_std']:.4f}",
-                 f"{p['kid_ratio']:.2f}"]  # fmt: skip
+                 f"{p['kid_ratio']:.2f}",
+                 f"{p['base_kid_same_macs']:.4f}" if p["base_kid_same_macs"] else "outside the base's range",
+                 f"{p['kid_ratio_same_macs']:.2f}" if p["kid_ratio_same_macs"] else "—"]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -135,7 +151,7 @@ def main() -> None:
     for seed in seeds:
         for s in steps:
             score(s, seed, a.n, a.threads)
-    rows = aggregate(steps, seeds)
+    rows = aggregate(steps, seeds, a.n)
     matched = pairs(rows)
     settings = {"n": a.n, "seeds": seeds, "steps": steps, "sampler": "ddim", "eta": 0.0,
                 "base": str(BASE.relative_to(ROOT)), "bundle": str(BUNDLE.relative_to(ROOT)),
