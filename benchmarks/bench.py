@@ -218,11 +218,17 @@ def _on_gpu(den: Denoiser, backend: str) -> Denoiser:
     return run
 
 
+def _ort_device(backend: str) -> str:
+    """onnxruntime's device for a backend: its CUDA provider, or the CPU (never auto: a CPU backend
+    must not run on CUDA where onnxruntime-gpu happens to be installed)."""
+    return "cuda" if backend == "onnxruntime-cuda" else "cpu"
+
+
 def _onnx_session(path: Path, backend: str):
     """``onnxruntime[-basic]-t<threads>``: the level of graph optimisation and the thread count;
     ``onnxruntime-cuda``: the CUDA provider."""
-    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
-    return session(path, _threads(backend), level="basic" if "-basic-" in backend else "all", device=device)
+    level = "basic" if "-basic-" in backend else "all"
+    return session(path, _threads(backend), level=level, device=_ort_device(backend))
 
 
 def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -232,7 +238,7 @@ def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.n
         den = module_denoiser(module) if isinstance(module, UNet2DModel) else module
         return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
     if backend.startswith("torch-cuda"):
-        den = _on_gpu(module_denoiser(bundle.load_expert(expert.name).to("cuda")), backend)
+        den = _on_gpu(bundle.denoiser(expert.name, "cuda"), backend)
         return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
     if backend.startswith("onnxruntime"):
         s = _onnx_session(bundle.path / expert.onnx["path"], backend)
@@ -247,8 +253,8 @@ def denoiser_for(bundle: Bundle, backend: str) -> Denoiser:
     if backend.startswith("torch-cuda"):
         router = bundle.router("cuda")
         return Router(router.boundaries, [_on_gpu(e, backend) for e in router.experts])
-    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
-    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], _threads(backend), device) for e in bundle.experts]
+    threads, device = _threads(backend), _ort_device(backend)
+    experts = [OnnxDenoiser(bundle.path / e.onnx["path"], threads, device) for e in bundle.experts]
     return Router(bundle.manifest.boundaries, experts)
 
 

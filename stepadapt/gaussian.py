@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from stepadapt import StepadaptError
-from stepadapt.devices import device_of
 from stepadapt.schedule import make_scheduler, model_target, noised_target
 
 TENSORS = ("mean", "basis", "eigenvalues")  # what a bundle stores; the schedule comes from its manifest
@@ -171,17 +170,20 @@ def gaussian_cutoff(
 
     Returns t* and, per grid point, (base error, Gaussian error): what the plot and the log show.
     """
+    from stepadapt.sampling import module_denoiser
+
     sched = make_scheduler("ddpm", scheduler_cfg)
     T = int(sched.config.num_train_timesteps)
     g = torch.Generator().manual_seed(seed)
-    held_out, on = held_out.cpu(), device_of(base)  # the Gaussian runs on the CPU, the base where it lives
+    held_out = held_out.cpu()  # the Gaussian runs on the CPU; the base where it lives, answering here
+    on_base = module_denoiser(base)
     errors: dict[int, tuple[float, float]] = {}
     cut = T
     for t in range(T - 1 - (T - 1) % grid, -1, -grid):  # from the noisy end down
         noise, tt = torch.randn(held_out.shape, generator=g), torch.full((len(held_out),), t)
         x_t = sched.add_noise(held_out, noise, tt)
         target = noised_target(sched, held_out, noise, tt)
-        e_base = float(((base(x_t.to(on), tt.to(on)).sample.cpu() - target) ** 2).mean())
+        e_base = float(((on_base(x_t, tt) - target) ** 2).mean())
         e_gauss = float(((gaussian(x_t, tt) - target) ** 2).mean())
         errors[t] = (e_base, e_gauss)
         if e_gauss > tolerance * e_base or t < grid:
