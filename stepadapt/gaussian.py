@@ -20,6 +20,8 @@ cost grows with the square of the pixel count, so it pays only for small images
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -76,12 +78,40 @@ class GaussianDenoiser(torch.nn.Module):
                 f"Gaussian denoiser fits {self.sample_shape} images, got {tuple(sample.shape[1:])}"
             )
         flat = sample.reshape(sample.shape[0], -1).to(self.basis.dtype)
-        ab = self.alphas_cumprod[timestep.reshape(-1).long()].unsqueeze(1)
+        ab = self.alpha_bar(timestep).unsqueeze(1)
         a, s2 = ab.sqrt(), 1.0 - ab
         gain = a * self.eigenvalues / (a * a * self.eigenvalues + s2)
         x0 = self.mean + ((flat - a * self.mean) @ self.basis * gain) @ self.basis.T
         eps = (flat - a * x0) / s2.sqrt()
         return model_target(self.prediction_type, x0, eps, ab).reshape(sample.shape).to(sample.dtype)
+
+    def alpha_bar(self, timestep: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at each timestep; between training timesteps (Euler & co. on linspace or Karras
+        schedules) sigma = sqrt((1 - ab) / ab) is interpolated linearly, as those schedulers do, so
+        the expert sees the noise level the solver means. Whole timesteps read the table exactly."""
+        t = timestep.reshape(-1).float()
+        last = self.alphas_cumprod.shape[0] - 1
+        lo = t.floor().long().clamp(0, last)
+        hi = (lo + 1).clamp(max=last)
+        frac = t - lo.float()
+        sigma = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        between = 1.0 / (1.0 + (sigma[lo] * (1.0 - frac) + sigma[hi] * frac) ** 2)
+        return torch.where(frac == 0, self.alphas_cumprod[lo], between)
+
+    @torch.no_grad()
+    def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
+        """The probability-flow ODE solved exactly for Gaussian data (Wang & Vastola, arXiv
+        2311.10892): x_t's marginal is N(a mu, U diag(ab lam + 1 - ab) U^T), and the flow keeps each
+        eigen-coordinate's standardised value, so one map carries x_vp from ``alpha_bar_from`` to
+        ``alpha_bar_to`` -- any number of solver steps over the Gaussian's interval in one."""
+        flat = x.reshape(x.shape[0], -1).to(self.basis.dtype)
+        a0, a1 = float(alpha_bar_from) ** 0.5, float(alpha_bar_to) ** 0.5
+        lam = self.eigenvalues
+        gain = (
+            (alpha_bar_to * lam + 1.0 - alpha_bar_to) / (alpha_bar_from * lam + 1.0 - alpha_bar_from)
+        ).sqrt()
+        out = a1 * self.mean + ((flat - a0 * self.mean) @ self.basis * gain) @ self.basis.T
+        return out.reshape(x.shape).to(x.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a bundle stores (safetensors); :meth:`from_tensors` is the inverse."""
@@ -101,6 +131,18 @@ class GaussianDenoiser(torch.nn.Module):
             *(tensors[k].float() for k in TENSORS), sched.alphas_cumprod, sample_shape=sample_shape,
             prediction_type=sched.config.prediction_type,
         ).eval()  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GaussianJump:
+    """The analytic jump (``sampling.Jump``): ``gaussian``'s exact flow, from the top of the schedule
+    down to ``cut``, the lowest timestep the Gaussian expert owns in its bundle."""
+
+    gaussian: GaussianDenoiser
+    cut: int
+
+    def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
+        return self.gaussian.transport(x, alpha_bar_from, alpha_bar_to)
 
 
 def macs_for(sample_shape: tuple[int, ...]) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from stepadapt import StepadaptError
 from stepadapt.difficulty import snr_profile
 from stepadapt.io import read_json, write_json
-from stepadapt.schedule import make_scheduler
+from stepadapt.solvers import Solver
 
 PARTITIONS = ("uniform", "snr", "mass")
 PLAN_FORMAT = "stepadapt-plan"
@@ -138,10 +138,11 @@ def partition(
     return b
 
 
-def visited_timesteps(sampler: str, steps: int, scheduler_cfg: dict) -> np.ndarray:
-    s = make_scheduler(sampler, scheduler_cfg)
-    s.set_timesteps(steps)
-    return s.timesteps.numpy().astype(int)
+def visited_timesteps(sampler: str | Solver, steps: int, scheduler_cfg: dict) -> np.ndarray:
+    """Where the model runs for ``steps`` steps of ``sampler``: one entry per model evaluation (Heun
+    lists its corrector's timesteps too, PNDM its warm-up), fractional where the solver is so."""
+    t = Solver.parse(sampler).evaluations(steps, scheduler_cfg).double().numpy()
+    return t.astype(int) if np.all(t == np.round(t)) else t
 
 
 def tdc_ratios(difficulties: list[float], k: float) -> list[float]:

@@ -1,10 +1,14 @@
-"""Routed sampling: one scheduler loop for every kind of denoiser.
+"""Routed sampling: one scheduler loop for every kind of denoiser and every solver.
 
 A *denoiser* is any callable ``(x, t) -> eps`` with ``x`` of shape B x C x H x W
-and ``t`` an int64 tensor of shape [B]. The :class:`Router` is itself a denoiser
-that dispatches each timestep to the expert owning it, so the same loop serves
-the base model, a pruned model, experts in PyTorch, in onnxruntime, or behind
-Triton (where the expert is a BLS call).
+and ``t`` a tensor of shape [B] (int64 for whole timesteps, float32 where a
+sigma-space solver such as Euler lands between them). The :class:`Router` is
+itself a denoiser that dispatches each timestep to the expert owning it, so the
+same loop serves the base model, a pruned model, experts in PyTorch, in
+onnxruntime, or behind Triton (where the expert is a BLS call). The loop is
+diffusers' pipeline loop (``scale_model_input``, model, ``step``), taken one
+model evaluation at a time by a :class:`Trajectory`, so the evaluations of many
+requests -- at different steps, with different solvers -- can share one call.
 """
 
 from __future__ import annotations
@@ -14,20 +18,19 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
 from PIL import Image
 
 from stepadapt import StepadaptError
 from stepadapt.devices import device_of
 from stepadapt.io import atomic_path
-from stepadapt.schedule import make_scheduler
+from stepadapt.solvers import Solver
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int, torch.Tensor], None]
-RowFilter = Callable[[int], Sequence[bool] | None]
+StepCallback = Callable[[int, float, torch.Tensor], None]
 
 MAX_STEPS = 1000
 
@@ -46,8 +49,8 @@ class Router:
         self.boundaries = b
         self.experts = list(experts)
 
-    def index(self, t: int) -> int:
-        """Which expert owns timestep ``t``."""
+    def index(self, t: float) -> int:
+        """Which expert owns timestep ``t`` (fractional ones too: 579.4 belongs where 579 does)."""
         if not self.boundaries[0] <= t < self.boundaries[-1]:
             raise StepadaptError(
                 f"timestep {t} is outside [{self.boundaries[0]}, {self.boundaries[-1]}): no expert covers it"
@@ -55,7 +58,7 @@ class Router:
         return bisect.bisect_right(self.boundaries, t) - 1
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        idx = [self.index(int(v)) for v in t.reshape(-1).tolist()]
+        idx = [self.index(v) for v in t.reshape(-1).tolist()]
         if len(set(idx)) == 1:
             return self.experts[idx[0]](x, t)
         out = torch.empty_like(x)
@@ -91,60 +94,151 @@ def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor
     return torch.randn((n, *shape), generator=g), g
 
 
-def validate_request(steps: int, n: int, eta: float, max_images: int, num_train_timesteps: int):
+def validate_request(steps: int, n: int, max_images: int, num_train_timesteps: int) -> None:
     if not 1 <= steps <= num_train_timesteps:
         raise StepadaptError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     if not 1 <= n <= max_images:
         raise StepadaptError(f"number of images must be in [1, {max_images}], got {n}")
-    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
-        raise StepadaptError(f"eta must be in [0, 1], got {eta}")
+
+
+def timestep_batch(t: float | torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` for ``n`` rows: int64 where it is whole (the DDPM family's timesteps, and what older ONNX
+    exports take), float32 where a sigma-space solver lands between training timesteps."""
+    v = float(t)
+    if v == int(v):
+        return torch.full((n,), int(v), dtype=torch.long)
+    return torch.full((n,), v, dtype=torch.float32)
+
+
+class Jump(Protocol):
+    """A closed-form map of x_vp from one noise level to a lower one (a Gaussian data model's
+    probability-flow ODE, solved exactly), valid from ``cut`` up to the top of the schedule."""
+
+    cut: int
+
+    def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor: ...
+
+
+# Solvers whose every model evaluation is a whole step, so a trajectory can begin at any of them.
+JUMPABLE = ("ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "euler", "euler-a", "lms")
+
+
+class Trajectory:
+    """One run of a solver over a set of rows: the diffusers pipeline loop (``scale_model_input``, the
+    model, ``step``) taken one model evaluation at a time, so a caller can batch the evaluations of
+    many trajectories (other requests, other solvers) into one model call. It owns its scheduler:
+    multi-step solvers keep the last model outputs of *these* rows across steps.
+
+    ``generator`` (one, or one per row) is handed to ``step`` only where it takes one; ``seed`` seeds
+    DPM-Solver++ SDE's Brownian tree instead. With ``jump``, x_T is carried in closed form to the first
+    timestep below ``jump.cut`` and ``steps`` solver steps are all spent below it.
+    """
+
+    def __init__(
+        self,
+        solver: Solver | str,
+        scheduler_cfg: dict,
+        x_t: torch.Tensor,
+        steps: int,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        jump: Jump | None = None,
+    ):
+        self.solver = Solver.parse(solver)
+        self.scheduler = self.solver.scheduler(scheduler_cfg, seed=seed)
+        self.scheduler.set_timesteps(self._steps_for(steps, jump, scheduler_cfg) if jump else steps)
+        self.kwargs: dict = {}
+        if self.solver.family.step_takes("generator"):
+            self.kwargs["generator"] = generator
+        if self.solver.family.step_takes("eta"):
+            self.kwargs["eta"] = self.solver.eta
+        self.x = x_t * self.scheduler.init_noise_sigma
+        self.i = 0
+        self.evaluations = 0
+        if jump is not None:
+            self._jump(jump)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.timesteps)
+
+    @property
+    def t(self) -> float | int:
+        v = float(self.timesteps[self.i])
+        return int(v) if v == int(v) else v
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the model sees at this evaluation: the scaled sample and its timesteps."""
+        t = self.timesteps[self.i]
+        return self.scheduler.scale_model_input(self.x, t), timestep_batch(t, self.x.shape[0])
+
+    def advance(self, out: torch.Tensor) -> None:
+        """One ``step`` with the model's output for this evaluation."""
+        if out.shape != self.x.shape:
+            raise StepadaptError(
+                f"denoiser returned shape {tuple(out.shape)}, expected {tuple(self.x.shape)}"
+            )
+        if not torch.isfinite(out).all():
+            raise StepadaptError(f"denoiser returned NaN/inf at step {self.i} (t={self.t})")
+        t = self.timesteps[self.i]
+        self.x = self.scheduler.step(out, t, self.x, **self.kwargs).prev_sample
+        self.i += 1
+        self.evaluations += 1
+
+    # --- the analytic jump over the Gaussian's interval -----------------------------------------
+    def _alpha_bar(self, i: int) -> float:
+        """alpha_bar where the scheduler stands at evaluation ``i`` (sigma-space solvers interpolate)."""
+        if self.solver.family.sigma_space:
+            return float(1.0 / (1.0 + self.scheduler.sigmas[i].double() ** 2))
+        return float(self.scheduler.alphas_cumprod[int(self.timesteps[i])])
+
+    def _vp_scale(self, i: int) -> float:
+        """x_vp = scale * state: 1 for DDPM-family solvers, 1 / sqrt(1 + sigma^2) in sigma space."""
+        return self._alpha_bar(i) ** 0.5 if self.solver.family.sigma_space else 1.0
+
+    def _steps_for(self, steps: int, jump: Jump, scheduler_cfg: dict) -> int:
+        """The step count whose schedule spends exactly ``steps`` evaluations below the cut (or the
+        nearest above it, when no count does)."""
+        if self.solver.name not in JUMPABLE:
+            raise StepadaptError(f"--jump needs one model evaluation per step; {self.solver.name} is not so")
+        T = int(self.scheduler.config.num_train_timesteps)
+        for m in range(steps, T + 1):
+            if int((self.solver.evaluations(m, scheduler_cfg) < jump.cut).sum()) >= steps:
+                return m
+        raise StepadaptError(f"no schedule of {self.solver.name} has {steps} steps below t={jump.cut}")
+
+    def _jump(self, jump: Jump) -> None:
+        below = (self.timesteps < jump.cut).nonzero()
+        if not len(below):
+            raise StepadaptError(f"no step of this schedule lies below the jump's cut-off t={jump.cut}")
+        k = int(below[0])
+        if k == 0:
+            return
+        x = jump.transport(self.x * self._vp_scale(0), self._alpha_bar(0), self._alpha_bar(k))
+        self.x = x / self._vp_scale(k)
+        self.i = k
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(k)
 
 
 def sample(
-    denoiser: Denoiser,
-    scheduler: SchedulerMixin,
-    x_t: torch.Tensor,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    callback: StepCallback | None = None,
-    keep: RowFilter | None = None,
+    denoiser: Denoiser, trajectory: Trajectory, *, callback: StepCallback | None = None
 ) -> torch.Tensor:
-    """Run the reverse process from ``x_t``; returns x_0 in [-1, 1] (model range).
+    """Run ``trajectory`` to its end; returns x_0 in the model's range.
 
-    ``generator`` may be one per image (diffusers draws each image's noise from
-    its own), which is what lets unrelated requests share a batch.
-    ``callback(i, t, x)`` runs after every step (progress bars, streaming).
-    ``keep(i)``, asked before step i, may return a mask over the rows of
-    ``x_t``: rows it drops stop there and are not returned (a server drops a
-    cancelled request's images and steps the others on). DDPM and DDIM keep no
-    state across steps, so the rows left get exactly what they would alone.
+    ``callback(i, t, x)`` runs after every model evaluation (progress bars, streaming).
     """
-    scheduler.set_timesteps(steps)
-    x = x_t * scheduler.init_noise_sigma
-    rows = torch.arange(x.shape[0])
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    for i, t in enumerate(scheduler.timesteps):
-        mask = keep(i) if keep is not None else None
-        if mask is not None:
-            sel = torch.as_tensor(mask, dtype=torch.bool)[rows]
-            if not sel.all():
-                x, rows = x[sel], rows[sel]
-                if isinstance(generator, list):
-                    generator = [g for g, s in zip(generator, sel.tolist(), strict=True) if s]
-                if not len(rows):
-                    return x
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-        eps = denoiser(x, tt)
-        if eps.shape != x.shape:
-            raise StepadaptError(f"denoiser returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
-        if not torch.isfinite(eps).all():
-            raise StepadaptError(f"denoiser returned NaN/inf at step {i} (t={int(t)})")
-        x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+    while not trajectory.done:
+        t = trajectory.t
+        trajectory.advance(denoiser(*trajectory.model_input()))
         if callback is not None:
-            callback(i, int(t), x)
-    return x
+            callback(trajectory.evaluations - 1, t, trajectory.x)
+    return trajectory.x
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -192,28 +286,42 @@ def sample_images(
     n: int,
     *,
     steps: int = 50,
-    sampler: str = "ddim",
-    eta: float = 0.0,
+    sampler: Solver | str = "ddim",
+    eta: float | None = None,
     seed: int = 0,
     batch: int = 64,
     callback: StepCallback | None = None,
+    jump: Jump | None = None,
 ) -> np.ndarray:
-    """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images."""
-    validate_request(steps, n, eta, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
+    """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images.
+
+    ``sampler`` is a :class:`Solver` or its spec (``"unipc"``, ``"dpm++2m:thresholding"``); ``eta``,
+    where given, overrides the spec's."""
+    solver = _solver(sampler, eta)
+    validate_request(steps, n, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
     x_t, gen = initial_noise(n, shape, seed)
-    chunks = [
-        sample(
-            denoiser,
-            make_scheduler(sampler, scheduler_cfg),
-            x_t[lo : lo + batch],
-            steps,
-            eta=eta,
-            generator=[gen] * len(x_t[lo : lo + batch]),
-            callback=callback,
-        )  # fmt: skip
-        for lo in range(0, n, batch)
-    ]
+    chunks = []
+    for lo in range(0, n, batch):
+        rows = x_t[lo : lo + batch]
+        run = Trajectory(
+            solver, scheduler_cfg, rows, steps, generator=[gen] * len(rows), seed=seed + lo, jump=jump
+        )
+        chunks.append(sample(denoiser, run, callback=callback))
     return to_uint8(torch.cat(chunks))
+
+
+def _solver(sampler: Solver | str, eta: float | None) -> Solver:
+    solver = Solver.parse(sampler)
+    return solver if eta is None else solver.with_(eta=float(eta))
+
+
+def step_together(denoiser: Denoiser, runs: Sequence[Trajectory]) -> None:
+    """One model evaluation for each of ``runs`` (unfinished), as **one** denoiser call: their rows
+    are stacked (the Router splits them by expert), then each run takes its own step."""
+    inputs = [r.model_input() for r in runs]
+    out = denoiser(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]))
+    for r, part in zip(runs, out.split([x.shape[0] for x, _ in inputs]), strict=True):
+        r.advance(part)
 
 
 def sample_together(
@@ -223,47 +331,32 @@ def sample_together(
     requests: Sequence[tuple[int, int]],
     *,
     steps: int = 50,
-    sampler: str = "ddim",
-    eta: float = 0.0,
+    sampler: Solver | str = "ddim",
+    eta: float | None = None,
     stopped: Callable[[], Sequence[bool]] | None = None,
+    jump: Jump | None = None,
 ) -> list[np.ndarray | None]:
-    """Several requests ``(n, seed)`` as one batch, stepped in lockstep.
+    """Several requests ``(n, seed)`` as one batch: every model evaluation is one call for all.
 
-    Each request gets exactly the images ``sample_images(..., n, seed=seed)``
-    gives it alone (its own x_T and its own noise generator), so a server may
-    batch the steps of concurrent requests without changing what anyone gets.
-    ``stopped()``, asked before every step, flags requests to give up on
+    Each request owns its trajectory (its x_T, its noise generator, its scheduler: a multi-step
+    solver's history is per request), so it gets exactly the images ``sample_images(..., n,
+    seed=seed)`` gives it alone, and a server may batch concurrent requests without changing what
+    anyone gets. ``stopped()``, asked before every evaluation, flags requests to give up on
     (cancelled, out of time): they get ``None`` and cost nothing from then on.
     """
-    if not requests:
-        return []
-    noise, generators = [], []
+    solver = _solver(sampler, eta)
+    runs: list[Trajectory | None] = []
     for n, seed in requests:
         x, g = initial_noise(n, shape, seed)
-        noise.append(x)
-        generators += [g] * n
-    sizes = [n for n, _ in requests]
-    dropped = [False] * len(requests)
-
-    def keep(_: int) -> list[bool] | None:
-        flags = stopped()
-        if not any(f and not d for f, d in zip(flags, dropped, strict=True)):
-            return None
-        dropped[:] = [f or d for f, d in zip(flags, dropped, strict=True)]
-        return [not d for d, n in zip(dropped, sizes, strict=True) for _ in range(n)]
-
-    x0 = sample(
-        denoiser,
-        make_scheduler(sampler, scheduler_cfg),
-        torch.cat(noise),
-        steps,
-        eta=eta,
-        generator=generators,
-        keep=keep if stopped is not None else None,
-    )
-    kept = [n for n, d in zip(sizes, dropped, strict=True) if not d]
-    images = iter(np.split(to_uint8(x0), np.cumsum(kept)[:-1]))
-    return [None if d else next(images) for d in dropped]
+        runs.append(Trajectory(solver, scheduler_cfg, x, steps, generator=[g] * n, seed=seed, jump=jump))
+    while True:
+        if stopped is not None:
+            runs = [None if f else r for r, f in zip(runs, stopped(), strict=True)]
+        active = [r for r in runs if r is not None and not r.done]
+        if not active:
+            break
+        step_together(denoiser, active)
+    return [None if r is None else to_uint8(r.x) for r in runs]
 
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:

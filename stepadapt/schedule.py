@@ -23,7 +23,6 @@ DEFAULT_SCHEDULER = {
     "prediction_type": "epsilon",
     "clip_sample": True,
 }
-SAMPLERS = ("ddpm", "ddim")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -34,20 +33,26 @@ def _one_of(value: Any, choices: tuple[str, ...], what: str) -> None:
         raise StepadaptError(f"{what} {value!r} is not one of {', '.join(choices)}")
 
 
+def check_scheduler_config(cfg: dict[str, Any]) -> None:
+    """A one-line error for a prediction type or beta schedule stepadapt cannot follow."""
+    _one_of(cfg["prediction_type"], PREDICTION_TYPES, "scheduler prediction_type")
+    if cfg.get("trained_betas") is None:
+        _one_of(cfg["beta_schedule"], BETA_SCHEDULES, "scheduler beta_schedule")
+
+
 def make_scheduler(sampler: str = "ddpm", config: dict[str, Any] | None = None) -> SchedulerMixin:
-    """A fresh diffusers scheduler of the given kind from one shared config (the model's own).
+    """A fresh DDPM (training, noising) or DDIM scheduler from one shared config (the model's own);
+    sampling takes any solver through :class:`stepadapt.solvers.Solver`.
 
     The config is the whole ``scheduler_config.json`` of the model, whichever class wrote it; each
     class takes the keys it knows (``variance_type`` is DDPM's, ``set_alpha_to_one`` DDIM's), as a
     diffusers pipeline does when it swaps schedulers.
     """
     if sampler not in _CLASSES:
-        raise StepadaptError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise StepadaptError(f"unknown schedule kind {sampler!r}; choose one of {', '.join(_CLASSES)}")
     cls = _CLASSES[sampler]
     cfg = {**DEFAULT_SCHEDULER, **(config or {})}
-    _one_of(cfg["prediction_type"], PREDICTION_TYPES, "scheduler prediction_type")
-    if cfg.get("trained_betas") is None:
-        _one_of(cfg["beta_schedule"], BETA_SCHEDULES, "scheduler beta_schedule")
+    check_scheduler_config(cfg)
     known = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return cls.from_config({k: v for k, v in cfg.items() if k in known})
 

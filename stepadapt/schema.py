@@ -68,6 +68,7 @@ def validate_manifest(d: dict[str, Any]) -> None:
     _int(d, "base_params", "", lo=1)
     if not d["experts"]:
         raise StepadaptError("bundle manifest: experts is empty (the bundle has no experts)")
+    validate_recommended(d.get("recommended"))
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
@@ -98,3 +99,20 @@ def validate_manifest(d: dict[str, Any]) -> None:
                 _fail(f"{f}{key}", "a string", e[key])
         if e.get("proxy_loss") is not None and not _number(e["proxy_loss"]):
             _fail(f"{f}proxy_loss", "a number or null", e["proxy_loss"])
+
+
+def validate_recommended(r: Any) -> None:
+    """The manifest's ``recommended`` sampling setting (``stepadapt tune``): null or a JSON object
+    with a sampler spec stepadapt knows, a step count and whether to jump."""
+    if r is None:
+        return
+    from stepadapt.solvers import Solver
+
+    if not isinstance(r, dict):
+        _fail("recommended", "a JSON object or null", r)
+    if not isinstance(r.get("sampler"), str):
+        _fail("recommended.sampler", "a sampler spec string", r.get("sampler"))
+    Solver.parse(r["sampler"])
+    _int(r, "steps", "recommended.", lo=1)
+    if not isinstance(r.get("jump", False), bool):
+        _fail("recommended.jump", "true or false", r.get("jump"))

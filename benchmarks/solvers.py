@@ -1,0 +1,212 @@
+"""Solvers, re-measured: the base at its best solver against the experts at theirs, at equal MACs per image.
+
+The competitor a user already has is the base run with fewer steps, with the *best* solver and
+options at each number of model evaluations -- not DDIM alone. On the shipped Fashion-MNIST base
+and bundle this scores (KID on TF-FID Inception features against ``--n`` real test images, each
+seed its own noise and its own real images):
+
+- ``base-steps``: the base with DDIM, DPM-Solver++ 2M and UniPC (both with dynamic thresholding,
+  which the base needs with them) at 4, 6, 8, 12 and 25 evaluations;
+- ``default``: the shipped experts with UniPC, DPM-Solver++ 2M and DDIM at several step counts;
+- ``default+jump``: the shipped experts with the analytic jump over the Gaussian's interval;
+- ``base+gaussian``: the base below the Gaussian's cut-off and the Gaussian above it, no pruning
+  (how much of the gain is the Gaussian's).
+
+    python -m benchmarks.solvers [--seeds 0,1] [--n 500] [--shard 0/2]
+
+Scores land one by one in benchmarks/results/solver-scores/ (``stepadapt.tune``'s store, shared
+with ``stepadapt tune``) and are skipped when present, so a killed run continues and ``--shard i/k``
+processes can run side by side; ``--report`` then writes the rows into
+benchmarks/results/experiment.json (``kind``, ``solver``, ``macs_per_image``, ``kid``), the frontiers
+(for a budget M, the lowest KID of any setting costing at most M) and docs/images/solvers.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stepadapt.evaluate import load_target
+from stepadapt.io import read_json, write_json
+from stepadapt.tune import Scorer, Setting
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "stepadapt" / "weights" / "fashion-tiny"
+BUNDLE = ROOT / "stepadapt" / "weights" / "fashion-tiny-experts"
+RESULTS = ROOT / "benchmarks" / "results"
+STORE = RESULTS / "solver-scores"
+BASE_GAUSS = ROOT / "runs" / "base-gaussian"
+BUDGETS = (4, 6, 8, 12, 25)
+
+BASE_SOLVERS = ("dpm++2m:thresholding", "ddim", "unipc:thresholding")
+# (kind, target, sampler, steps, jump) in priority order: the headline comparisons first.
+JOBS: list[tuple[str, str, str, int, bool]] = [
+    *[("base-steps", "base", s, n, False) for n in (4, 6, 8, 12) for s in BASE_SOLVERS],
+    *[("default", "experts", "unipc", n, False) for n in (8, 12, 16, 6)],
+    *[("default", "experts", "dpm++2m", n, False) for n in (8, 12, 16)],
+    *[("default+jump", "experts", "unipc", n, True) for n in (4, 6, 8)],
+    *[("base+gaussian", "base+gaussian", "unipc", n, False) for n in (8, 12)],
+    *[("base-steps", "base", s, 25, False) for s in BASE_SOLVERS],
+    *[("default", "experts", "ddim", n, False) for n in (8, 16)],
+    *[("default", "experts", "unipc", n, False) for n in (5, 24)],
+    *[("default+jump", "experts", "dpm++2m", n, True) for n in (6, 8)],
+]
+
+
+def base_plus_gaussian() -> Path:
+    """The base on [0, cut) and the shipped Gaussian expert on [cut, T): no pruned U-Net at all."""
+    if (BASE_GAUSS / "manifest.json").is_file():
+        return BASE_GAUSS
+    m = read_json(BUNDLE / "manifest.json")
+    whole = next(e for e in m["experts"] if e["kind"] == "unet" and e["macs"] == m["base_macs"])
+    gauss = m["experts"][-1]
+    whole["timesteps"] = [0, gauss["timesteps"][0]]
+    m["experts"] = [whole, gauss]
+    m.pop("recommended", None)
+    tmp = BASE_GAUSS.with_name(BASE_GAUSS.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    for e in m["experts"]:
+        for key in ("weights", "structure"):
+            if e.get(key):
+                shutil.copy(BUNDLE / e[key], tmp / e[key])
+    write_json(tmp / "manifest.json", m)
+    tmp.rename(BASE_GAUSS)
+    return BASE_GAUSS
+
+
+def targets() -> dict:
+    return {
+        "base": load_target(BASE),
+        "experts": load_target(BUNDLE),
+        "base+gaussian": load_target(base_plus_gaussian()),
+    }
+
+
+def measure(seeds: list[int], n: int, shard: tuple[int, int]) -> None:
+    tg = targets()
+    scorer = Scorer("fashion-mnist", n, STORE, log=lambda m: print(m, flush=True))
+    jobs = [(j, seed) for j in JOBS for seed in seeds]
+    for k, ((_, target, sampler, steps, jump), seed) in enumerate(jobs):
+        if k % shard[1] == shard[0]:
+            scorer.score(tg[target], Setting(sampler, steps, jump), seed)
+
+
+def frontier(rows: list[dict], budgets=BUDGETS) -> dict[str, float | None]:
+    """For each budget M: the lowest KID of any row costing at most M MACs per image."""
+    out = {}
+    for m in budgets:
+        ok = [r["kid"] for r in rows if r["macs_per_image"] <= m + 1e-9]
+        out[str(m)] = min(ok) if ok else None
+    return out
+
+
+def report(seeds: list[int], n: int) -> dict:
+    tg = targets()
+    scorer = Scorer("fashion-mnist", n, STORE)
+    rows = []
+    for kind, target, sampler, steps, jump in JOBS:
+        s = Setting(sampler, steps, jump)
+        if not all(scorer._key(tg[target], s, seed).is_file() for seed in seeds):
+            continue
+        r = scorer.mean(tg[target], s, seeds)
+        rows.append({"arm": f"{target}-{s}", "kind": kind, "target": target, "solver": s.sampler,
+                     "steps": steps, "jump": jump, "macs_per_image": round(r["macs_per_image"], 3),
+                     "kid": r["kid"], "kid_std": r["kid_std"], "kid_std_over": "seeds",
+                     "kid_per_seed": r["kid_per_seed"], "seeds": seeds, "n": n})  # fmt: skip
+    fr = {kind: frontier([r for r in rows if r["kind"] in kinds])
+          for kind, kinds in (("base", ("base-steps",)), ("experts", ("default", "default+jump")),
+                              ("experts-no-jump", ("default",)), ("base+gaussian", ("base+gaussian",)))}  # fmt: skip
+    ratio = {
+        m: (fr["experts"][m] / fr["base"][m]) if fr["experts"][m] and fr["base"][m] else None
+        for m in fr["base"]
+    }
+    exp = read_json(RESULTS / "experiment.json")
+    old = [
+        r
+        for r in exp["rows"]
+        if "solver" not in r or r.get("kind") in ("uniform", "default") and r["solver"] == "ddim"
+    ]
+    for r in old:
+        r.setdefault("solver", "ddim")
+    keep = [r for r in exp["rows"] if r not in old and r.get("source") != "benchmarks.solvers"]
+    exp["rows"] = [*old, *[r for r in keep if r.get("source") != "benchmarks.solvers"],
+                   *[{**r, "source": "benchmarks.solvers"} for r in rows]]  # fmt: skip
+    exp["solvers"] = {
+        "command": "python -m benchmarks.solvers " + " ".join(sys.argv[1:]),
+        "n": n, "seeds": seeds, "frontiers": fr, "experts_over_base": ratio,
+        "machine": "the project's 2-core CPU VM (AMD EPYC), torch CPU, 1 thread per shard",
+    }  # fmt: skip
+    write_json(RESULTS / "experiment.json", exp)
+    plot(rows, fr, n, seeds, ROOT / "docs" / "images" / "solvers.png")
+    return {"rows": rows, "frontiers": fr, "ratio": ratio}
+
+
+def plot(rows: list[dict], fr: dict, n: int, seeds: list[int], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"base-steps": ("black", "*"), "default": ("tab:blue", "o"), "default+jump": ("tab:green", "D"),
+              "base+gaussian": ("tab:orange", "s")}  # fmt: skip
+    for kind, (color, marker) in styles.items():
+        for solver in sorted({r["solver"] for r in rows if r["kind"] == kind}):
+            rs = sorted(
+                (r for r in rows if r["kind"] == kind and r["solver"] == solver),
+                key=lambda r: r["macs_per_image"],
+            )
+            if not rs:
+                continue
+            ax.errorbar([r["macs_per_image"] for r in rs], [r["kid"] for r in rs], yerr=[r["kid_std"] for r in rs],
+                        color=color, marker=marker, capsize=2, alpha=0.8, lw=1,
+                        ls={"ddim": ":", "unipc": "-", "dpm++2m": "--"}.get(solver.split(":")[0], "-."),
+                        label=f"{kind}: {solver}")  # fmt: skip
+    for name, color in (("base", "black"), ("experts", "tab:blue")):
+        pts = [(float(m), k) for m, k in fr[name].items() if k is not None]
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=color, lw=3, alpha=0.25,
+                label=f"{name} frontier (best KID within M)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("MACs per image, in base evaluations")
+    ax.set_ylabel("KID vs Fashion-MNIST test (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"n={n} per point and seed; mean ± std over seeds {seeds}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th.")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--report", action="store_true", help="Write the rows, frontiers and plot from stored scores."
+    )
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if a.report:
+        out = report(seeds, a.n)
+        print(json.dumps({"frontiers": out["frontiers"], "experts_over_base": out["ratio"]}, indent=1))
+        return
+    i, k = (int(v) for v in a.shard.split("/"))
+    measure(seeds, a.n, (i, k))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
