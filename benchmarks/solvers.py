@@ -120,9 +120,9 @@ def report(seeds: list[int], n: int) -> dict:
                      "steps": steps, "jump": jump, "macs_per_image": round(r["macs_per_image"], 3),
                      "kid": r["kid"], "kid_std": r["kid_std"], "kid_std_over": "seeds",
                      "kid_per_seed": r["kid_per_seed"], "seeds": seeds, "n": n})  # fmt: skip
-    fr = {kind: frontier([r for r in rows if r["kind"] in kinds])
-          for kind, kinds in (("base", ("base-steps",)), ("experts", ("default", "default+jump")),
-                              ("experts-no-jump", ("default",)), ("base+gaussian", ("base+gaussian",)))}  # fmt: skip
+    groups = {"base": ("base-steps",), "experts": ("default", "default+jump"),
+              "experts-no-jump": ("default",), "base+gaussian": ("base+gaussian",)}  # fmt: skip
+    fr = {name: frontier([r for r in rows if r["kind"] in kinds]) for name, kinds in groups.items()}
     ratio = {
         m: (fr["experts"][m] / fr["base"][m]) if fr["experts"][m] and fr["base"][m] else None
         for m in fr["base"]
@@ -165,8 +165,8 @@ def plot(rows: list[dict], fr: dict, n: int, seeds: list[int], path: Path) -> Pa
             )
             if not rs:
                 continue
-            ax.errorbar([r["macs_per_image"] for r in rs], [r["kid"] for r in rs], yerr=[r["kid_std"] for r in rs],
-                        color=color, marker=marker, capsize=2, alpha=0.8, lw=1,
+            x, y, err = ([r[k] for r in rs] for k in ("macs_per_image", "kid", "kid_std"))
+            ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=2, alpha=0.8, lw=1,
                         ls={"ddim": ":", "unipc": "-", "dpm++2m": "--"}.get(solver.split(":")[0], "-."),
                         label=f"{kind}: {solver}")  # fmt: skip
     for name, color in (("base", "black"), ("experts", "tab:blue")):

@@ -1,6 +1,7 @@
 """Experts -> ONNX, with an onnxruntime parity check against PyTorch for every file.
 
-Inputs are ``sample`` [B, C, H, W] float32 and ``timestep`` [B] int64, output
+Inputs are ``sample`` [B, C, H, W] float32 and ``timestep`` [B] float32 (sigma-space
+solvers land between training timesteps; exports before took int64, and still load), output
 ``eps``; the batch axis is dynamic so Triton can batch steps of concurrent
 requests. The TorchScript-based exporter is used (``dynamo=False``): it
 handles diffusers' U-Net without extra dependencies and its graphs pass parity.
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 from diffusers import UNet2DModel
-from stepadapt.export.runtime import session
+from stepadapt.export.runtime import session, timestep_feed
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
@@ -60,7 +61,7 @@ def as_eps(model: Expert) -> torch.nn.Module:
 
 def export_model(model: Expert, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write ``model`` as ONNX to ``path`` (the caller makes the write atomic)."""
-    x, t = torch.randn(2, *sample_shape(model)), torch.tensor([1, 2], dtype=torch.long)
+    x, t = torch.randn(2, *sample_shape(model)), torch.tensor([1.0, 2.5])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
         torch.onnx.export(
@@ -87,7 +88,10 @@ class OnnxDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = self.session.run(
             ["eps"],
-            {"sample": x.detach().float().cpu().numpy(), "timestep": t.detach().long().cpu().numpy()},
+            {
+                "sample": x.detach().float().cpu().numpy(),
+                "timestep": timestep_feed(self.session, t.detach().cpu().numpy()),
+            },
         )[0]
         return torch.from_numpy(eps)
 
@@ -107,6 +111,8 @@ def parity(
     for b in batches:
         x = torch.randn(b, *sample_shape(model), generator=g)
         t = torch.randint(lo, hi, (b,), generator=g)
+        if b > 1:  # whole and fractional timesteps, as the solvers give them
+            t = t.float() + (torch.arange(b) % 2) * torch.rand(b, generator=g).clamp(max=hi - 1 - t.float())
         with torch.no_grad():
             ref = reference(x, t)
         worst = max(worst, float((denoiser(x, t) - ref).abs().max()))
@@ -167,7 +173,7 @@ def export_bundle(
                     "opset": opset,
                     "precision": "fp32",
                     "max_abs_err": r.max_abs_err,
-                    "inputs": {"sample": "float32[B,C,H,W]", "timestep": "int64[B]"},
+                    "inputs": {"sample": "float32[B,C,H,W]", "timestep": "float32[B]"},
                     "outputs": {"eps": "float32[B,C,H,W]"},
                 }
             }

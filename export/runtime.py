@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnxruntime as ort
 
 from stepadapt import StepadaptError
@@ -59,3 +60,19 @@ def session(
             "(CUDA or cuDNN libraries missing?)"
         )
     return sess
+
+
+def timestep_type(onnx_record: dict | None) -> str:
+    """The ONNX ``timestep`` input's element type, from a manifest's ONNX record: float32 since
+    sigma-space solvers (Euler, Heun, LMS, Karras sigmas) land between training timesteps; int64 in
+    exports made before."""
+    spec = str((onnx_record or {}).get("inputs", {}).get("timestep", "int64[B]"))
+    return "float32" if spec.startswith("float32") else "int64"
+
+
+def timestep_feed(sess: ort.InferenceSession, t: np.ndarray) -> np.ndarray:
+    """``t`` as the session's ``timestep`` input wants it (an int64 export gets rounded timesteps)."""
+    kind = next(i.type for i in sess.get_inputs() if i.name == "timestep")
+    if kind == "tensor(float)":
+        return np.asarray(t, dtype=np.float32)
+    return np.rint(np.asarray(t, dtype=np.float64)).astype(np.int64)

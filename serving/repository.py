@@ -29,6 +29,7 @@ from pathlib import Path
 
 import stepadapt.export as export_package
 from stepadapt.export import MAX_BATCH
+from stepadapt.export.runtime import timestep_type
 
 import stepadapt
 from stepadapt import Notice, StepadaptError
@@ -90,7 +91,13 @@ def queue_policy(o: RepositoryOptions) -> str:
 }}"""
 
 
-def expert_config(name: str, shape: tuple, lo: int, hi: int, o: RepositoryOptions) -> str:
+def _timestep_type(e: ExpertSpec) -> str:
+    return "TYPE_FP32" if timestep_type(e.onnx) == "float32" else "TYPE_INT64"
+
+
+def expert_config(
+    name: str, shape: tuple, lo: int, hi: int, o: RepositoryOptions, ttype: str = "TYPE_FP32"
+) -> str:
     c, h, w = shape
     params = {
         "threads": str(o.threads),
@@ -103,7 +110,7 @@ backend: "python"
 max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
-  {{ name: "timestep" data_type: TYPE_INT64 dims: [ 1 ] }}
+  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] }}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -112,7 +119,9 @@ instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
 """
 
 
-def expert_gpu_config(name: str, shape: tuple, o: RepositoryOptions, tensorrt: bool) -> str:
+def expert_gpu_config(
+    name: str, shape: tuple, o: RepositoryOptions, tensorrt: bool, ttype: str = "TYPE_FP32"
+) -> str:
     """For a full Triton build with GPU backends: the same I/O on TensorRT or ONNX Runtime."""
     c, h, w = shape
     platform, filename = ("tensorrt_plan", "model.plan") if tensorrt else ("onnxruntime_onnx", "model.onnx")
@@ -122,7 +131,7 @@ default_model_filename: "{filename}"
 max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
-  {{ name: "timestep" data_type: TYPE_INT64 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
+  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] reshape: {{ shape: [ ] }} }}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -139,6 +148,7 @@ def _router_inputs(dims: str) -> str:
             ("steps", "TYPE_INT32"),
             ("sampler", "TYPE_STRING"),
             ("eta", "TYPE_FP32"),
+            ("jump", "TYPE_BOOL"),
         )  # fmt: skip
     ).rstrip(",")
 
@@ -242,6 +252,12 @@ def write_repository(
             )
         onnx[e.name] = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
     manifest = json.dumps(bundle.manifest.to_dict())
+    top = bundle.experts[-1]
+    gaussian = (
+        bundle.verify_file(top.weights, top.sha256, f"weights of expert {top.name}")
+        if top.kind == "gaussian"
+        else None
+    )  # what the router needs for the analytic jump
 
     def router(d: Path, config: str, local: bool) -> None:
         (d / "1").mkdir(parents=True)
@@ -249,6 +265,8 @@ def write_repository(
         shutil.copy(MODELS_SRC / "generate.py", d / "1" / "model.py")
         copy_library(d)
         (d / "1" / "manifest.json").write_text(manifest)
+        if gaussian is not None:
+            shutil.copy(gaussian, d / "1" / "jump.safetensors")
         for name, src in onnx.items() if local else ():
             shutil.copy(src, d / "1" / f"{name}.onnx")
 
@@ -266,10 +284,10 @@ def write_repository(
             d = tmp / f"expert_{e.name}"
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
-            (d / "config.pbtxt").write_text(expert_config(e.name, shape, e.lo, e.hi, o))
+            (d / "config.pbtxt").write_text(expert_config(e.name, shape, e.lo, e.hi, o, _timestep_type(e)))
             engine = _usable_engine(bundle, e, o)
             (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, shape, o, tensorrt=bool(engine))
+                expert_gpu_config(e.name, shape, o, tensorrt=bool(engine), ttype=_timestep_type(e))
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)

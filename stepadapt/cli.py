@@ -55,6 +55,17 @@ SAMPLER_HELP = (
 
 
 DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
+SOLVER_HELP = (
+    "Solver, as NAME[:OPTION,...]: ddim, ddpm, dpm++2m, dpm++3m, dpm++2m-sde, dpm++sde, unipc, euler, "
+    "euler-a, heun, pndm, lms; options thresholding (dynamic, max 1.0), karras, clip, no-clip, "
+    "spacing=leading|trailing|linspace, eta=X (ddim). E.g. 'dpm++2m:thresholding'. Default: the "
+    "bundle's recommended setting ('stepadapt tune'), else ddim."
+)
+STEPS_HELP = "Solver steps (default: the bundle's recommended, else 50)."
+JUMP_HELP = (
+    "Carry x_T in closed form over the Gaussian expert's interval (its exact flow) and spend every "
+    "step below it (bundles with a Gaussian expert; default: the bundle's recommendation)."
+)
 PRECISION_HELP = (
     "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss scaling; "
     "fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32."
@@ -190,10 +201,13 @@ def sample(
     ] = Path("samples.png"),
     base: BaseOpt = DEFAULT_BASE,
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
-    sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
-    eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the initial noise and DDPM noise.")] = 0,
+    steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
+    sampler: Annotated[str | None, typer.Option(help=SOLVER_HELP)] = None,
+    jump: Annotated[bool | None, typer.Option("--jump/--no-jump", help=JUMP_HELP)] = None,
+    eta: Annotated[
+        float | None, typer.Option(help="DDIM eta (0 = deterministic); same as ddim:eta=X.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise and of the solver's noise.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     bundle: Annotated[
         Path | None, typer.Option(help="Sample from an expert bundle (each step routed) instead of --base.")
@@ -205,10 +219,13 @@ def sample(
 ) -> None:
     """Sample images from a base model, or from a bundle's experts with per-step routing."""
     from stepadapt.models import load_base
+    from stepadapt.plan import visited_timesteps
     from stepadapt.progress import progress
     from stepadapt.sampling import sample_images, save_grid, save_npz
+    from stepadapt.solvers import resolve_setting
 
     try:
+        rec, j = None, None
         if bundle is not None:
             from stepadapt.bundle import Bundle
 
@@ -218,19 +235,26 @@ def sample(
                 b.manifest.scheduler,
                 b.manifest.sample_shape,
             )
+            rec = b.manifest.recommended
         else:
             model, sched_cfg = load_base(base)
             den, shape = _model_denoiser(model.to(resolve_device(device)))
-        with progress(total=steps * -(-n // batch), unit="step", disable=not sys.stderr.isatty()) as bar:
+        setting = resolve_setting(rec, sampler, steps, jump, eta)
+        if setting.jump:
+            if bundle is None:
+                raise StepadaptError("--jump needs a --bundle with a Gaussian expert on the noisy end")
+            j = b.jump()
+        per_chunk = len(visited_timesteps(setting.sampler, setting.steps, sched_cfg))
+        with progress(total=per_chunk * -(-n // batch), unit="eval", disable=not sys.stderr.isatty()) as bar:
             images = sample_images(
-                den, sched_cfg, shape, n, steps=steps, sampler=sampler, eta=eta, seed=seed, batch=batch,
-                callback=lambda i, t, x: bar.update(1),
+                den, sched_cfg, shape, n, steps=setting.steps, sampler=setting.sampler, seed=seed,
+                batch=batch, callback=lambda i, t, x: bar.update(1), jump=j,
             )  # fmt: skip
         save_grid(images, out_path)
         save_npz(images, out_path.with_suffix(".npz"))
     except StepadaptError as e:
         _fail(e)
-    out.print(f"{n} images -> {out_path} and {out_path.with_suffix('.npz')}")
+    out.print(f"{n} images ({setting}) -> {out_path} and {out_path.with_suffix('.npz')}")
 
 
 def _bundle_router(b, backend: str, device: str = "auto"):
@@ -302,9 +326,13 @@ def analyze(
     ] = False,
     tdc_k: Annotated[float, typer.Option(help="k of the TDC rule.")] = 0.5,
     sampler: Annotated[
-        str, typer.Option(help="Sampler whose visited steps define the mean: ddim or ddpm.")
+        str,
+        typer.Option(
+            help="Solver whose model evaluations define the mean (any of sample's --sampler, e.g. unipc; "
+            "Heun's two evaluations per step count twice)."
+        ),
     ] = "ddim",
-    steps: Annotated[int, typer.Option(help="Sampling steps the mean is taken over.")] = 50,
+    steps: Annotated[int, typer.Option(help="Solver steps the mean is taken over.")] = 50,
     proxy_size: Annotated[int, typer.Option(help="Images in the proxy batch for the loss profile.")] = 128,
     gaussian: Annotated[
         str,
@@ -639,7 +667,11 @@ def evaluate(
     base: Annotated[Path, typer.Option(help="Base model: the fidelity reference.")] = DEFAULT_BASE,
     n: Annotated[int, typer.Option(help="Generated images per target.")] = 200,
     n_real: Annotated[int | None, typer.Option(help="Real test images (default: --n).")] = None,
-    steps: Annotated[int, typer.Option(help="DDIM steps (eta 0).")] = 50,
+    steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
+    sampler: Annotated[str | None, typer.Option(help=SOLVER_HELP + " The same for every target.")] = None,
+    jump: Annotated[
+        bool | None, typer.Option("--jump/--no-jump", help=JUMP_HELP + " Base models never jump.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed, the same for every target.")] = 0,
     data: Annotated[str, typer.Option(help="Real data: 'fashion-mnist' (test split), a folder or .npz.")] = (
         "fashion-mnist"
@@ -663,6 +695,8 @@ def evaluate(
 
     from stepadapt.evaluate import evaluate_targets
     from stepadapt.io import write_json
+    from stepadapt.solvers import resolve_setting
+    from stepadapt.tune import recommended_of
 
     try:
         dev = resolve_device(device)
@@ -670,9 +704,12 @@ def evaluate(
             torch.set_num_threads(threads)
         if n < 2 or (n_real is not None and n_real < 2):
             raise StepadaptError("--n and --n-real must be at least 2")
+        setting = resolve_setting(recommended_of(targets), sampler, steps, jump)
+        console.print(f"sampling with {setting}")
         report = evaluate_targets(
-            {str(t): t for t in targets}, base, n=n, n_real=n_real, steps=steps, seed=seed, data=data,
+            {str(t): t for t in targets}, base, n=n, n_real=n_real, steps=setting.steps, seed=seed, data=data,
             cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=dev,
+            sampler=setting.sampler, jump=setting.jump,
         )  # fmt: skip
         write_json(out_path, report)
     except StepadaptError as e:

@@ -32,8 +32,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from stepadapt import StepadaptError
 from stepadapt.data import load_dataset
 from stepadapt.io import atomic_path
-from stepadapt.progress import progress as progress_bar
 from stepadapt.plan import visited_timesteps
+from stepadapt.progress import progress as progress_bar
 from stepadapt.sampling import Denoiser, Jump, sample_images, to_uint8
 from stepadapt.solvers import Solver
 

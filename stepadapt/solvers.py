@@ -204,3 +204,45 @@ class Solver:
 
 def solver_names() -> str:
     return ", ".join(NAMES)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to sample: a solver spec, its step count, and whether to jump (bundles with a
+    Gaussian expert on the noisy end only)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    jump: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampler", str(Solver.parse(self.sampler)))  # one spelling per setting
+        if int(self.steps) < 1:
+            raise StepadaptError(f"steps must be at least 1, got {self.steps}")
+
+    def __str__(self) -> str:
+        return f"{self.sampler} x{self.steps}" + (" +jump" if self.jump else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Setting:
+        return cls(str(d["sampler"]), int(d["steps"]), bool(d.get("jump", False)))
+
+
+def resolve_setting(
+    recommended: dict[str, Any] | None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    jump: bool | None = None,
+    eta: float | None = None,
+) -> Setting:
+    """What a command samples with: each flag given overrides the bundle's recommendation
+    (``recommended``), which overrides 50 DDIM steps without a jump."""
+    rec = recommended or {}
+    solver = Solver.parse(sampler if sampler is not None else rec.get("sampler", "ddim"))
+    if eta is not None:
+        solver = solver.with_(eta=float(eta))
+    return Setting(str(solver), steps if steps is not None else int(rec.get("steps", 50)),
+                   jump if jump is not None else bool(rec.get("jump", False)))  # fmt: skip

@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from stepadapt.evaluate import (
     score,
 )
 from stepadapt.io import read_json, write_json
-from stepadapt.solvers import Solver
+from stepadapt.solvers import Setting
 
 # What `tune` tries by default: the solvers that scored best on the shipped base and bundle, each
 # with and without dynamic thresholding where it changed the base's ranking, and DDIM as the old default.
@@ -44,37 +44,15 @@ TUNE_SAMPLERS = ("unipc", "dpm++2m", "dpm++2m:thresholding", "unipc:thresholding
 TUNE_STEPS = (4, 5, 6, 8, 10, 12, 16, 20, 25)
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One way to sample: a solver spec, its step count, and whether to jump (bundles with a
-    Gaussian expert on the noisy end only)."""
-
-    sampler: str = "ddim"
-    steps: int = 50
-    jump: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sampler", str(Solver.parse(self.sampler)))  # one spelling per setting
-        if int(self.steps) < 1:
-            raise StepadaptError(f"steps must be at least 1, got {self.steps}")
-
-    def __str__(self) -> str:
-        return f"{self.sampler} x{self.steps}" + (" +jump" if self.jump else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Setting:
-        return cls(str(d["sampler"]), int(d["steps"]), bool(d.get("jump", False)))
-
-
-def default_setting(target: Target, sampler: str | None, steps: int | None, jump: bool | None) -> Setting:
-    """What a command samples with: the flags given, else the bundle's recommendation, else 50 DDIM."""
-    rec = target.recommended or {}
-    if sampler is None and steps is None and jump is None and rec:
-        return Setting.from_dict(rec)
-    return Setting(sampler or "ddim", steps or 50, bool(jump))
+def recommended_of(paths: Iterable[str | os.PathLike]) -> dict[str, Any] | None:
+    """The recommendation of the first bundle among ``paths`` that has one (evaluate's default)."""
+    for p in paths:
+        manifest = Path(p) / "manifest.json"
+        if manifest.is_file():
+            rec = read_json(manifest, "bundle manifest").get("recommended")
+            if rec:
+                return rec
+    return None
 
 
 def candidates(
@@ -113,11 +91,9 @@ class Scorer:
 
     def _key(self, target: Target, setting: Setting, seed: int) -> Path:
         key = json.dumps([target.fingerprint(), setting.to_dict(), self.n, seed, str(self.data)])
-        name = f"{setting.sampler}-{setting.steps}{'-jump' if setting.jump else ''}-s{seed}".replace(":", "_")
-        return (
-            self.store
-            / f"{name.replace(',', '_').replace('=', '')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-        )
+        name = f"{setting.sampler}-{setting.steps}{'-jump' if setting.jump else ''}-s{seed}"
+        name = re.sub(r"[^A-Za-z0-9+.-]", "_", name)
+        return self.store / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
     def score(self, target: Target, setting: Setting, seed: int) -> dict[str, Any]:
         path = self._key(target, setting, seed)
@@ -146,9 +122,8 @@ class Scorer:
         }  # fmt: skip
         write_json(path, out)
         if self.log:
-            self.log(
-                f"{target.path.name}: {setting} seed {seed}: KID {r['kid']:.4f} ({out['macs_per_image']:.2f} MACs/image)"
-            )
+            cost = f"{out['macs_per_image']:.2f} MACs/image"
+            self.log(f"{target.path.name}: {setting} seed {seed}: KID {r['kid']:.4f} ({cost})")
         return out
 
     def mean(self, target: Target, setting: Setting, seeds: Sequence[int]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from stepadapt.export.runtime import session
+from stepadapt.export.runtime import session, timestep_feed
 from stepadapt.serving.replies import error
 
 
@@ -46,7 +46,7 @@ class TritonPythonModel:
         xs, ts, idx = [], [], []
         for i, r in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(r, "sample").as_numpy().astype(np.float32, copy=False)
-            t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.int64)
+            t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.float64)
             problem = self._check(x, t)
             if problem:
                 responses[i] = error(problem)
@@ -55,7 +55,8 @@ class TritonPythonModel:
                 ts.append(t)
                 idx.append(i)
         if xs:
-            eps = self.session.run(["eps"], {"sample": np.concatenate(xs), "timestep": np.concatenate(ts)})[0]
+            feed = {"sample": np.concatenate(xs), "timestep": timestep_feed(self.session, np.concatenate(ts))}
+            eps = self.session.run(["eps"], feed)[0]
             start = 0
             for i, x in zip(idx, xs, strict=True):
                 part = eps[start : start + len(x)]

@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
 from stepadapt.serving.replies import error, unrelay
 
-INPUTS = ("seed", "num_images", "steps", "sampler", "eta")
+INPUTS = ("seed", "num_images", "steps", "sampler", "eta", "jump")
 POLL = 0.05  # seconds between looks at the client's cancellation while the sampler works
 
 

@@ -6,9 +6,12 @@ the default layout: no hop per step) or BLS calls to ``expert_<name>``
 (``experts: bls``: each expert its own Triton model, e.g. TensorRT on a GPU).
 
 Given several requests at once (dynamic batching), the ones that ask for the
-same sampler, steps and eta run as one batch in lockstep; each still gets the
-images it would get alone (``sample_together``). ``generate_stream``
-(decoupled) runs one request at a time and sends a message per step.
+same solver, steps and jump run as one batch in lockstep, each with its own
+scheduler (multi-step solvers keep per-request state); each still gets the
+images it would get alone (``sample_together``). A request that leaves out
+``sampler``, ``steps`` or ``jump`` gets the bundle's recommended setting
+(``stepadapt tune``). ``generate_stream`` (decoupled) runs one request at a
+time and sends a message per model evaluation.
 
 Between steps every request is looked at (``Watch``): cancelled by its client
 (directly, or through the front's mark), past the server's time limit, or the
@@ -36,8 +39,9 @@ from stepadapt.serving.replies import error
 
 import stepadapt
 from stepadapt import StepadaptError
+from stepadapt.export.runtime import timestep_type
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request
-from stepadapt.schedule import SAMPLERS
+from stepadapt.solvers import resolve_setting
 
 CHECK_EVERY = 0.05  # seconds between looks at one request (each asks Triton over IPC)
 
@@ -82,14 +86,14 @@ class Watch:
         return self.stopped
 
 
-def _bls_expert(model_name):
+def _bls_expert(model_name, dtype):
     def call(x, t):
         req = pb_utils.InferenceRequest(
             model_name=model_name,
             requested_output_names=["eps"],
             inputs=[
                 pb_utils.Tensor("sample", x.numpy().astype(np.float32, copy=False)),
-                pb_utils.Tensor("timestep", t.numpy().astype(np.int64, copy=False).reshape(-1, 1)),
+                pb_utils.Tensor("timestep", np.asarray(t.numpy(), dtype=dtype).reshape(-1, 1)),
             ],
         )
         resp = req.exec()
@@ -137,23 +141,52 @@ class TritonPythonModel:
             paths = [os.path.join(version_dir, f"{n}.onnx") for n in self.names]
             experts = [OnnxDenoiser(p, threads, device) for p in paths]
         else:
-            experts = [_bls_expert(f"expert_{n}") for n in self.names]
+            types = [
+                np.float32 if timestep_type(e.get("onnx")) == "float32" else np.int64
+                for e in manifest["experts"]
+            ]
+            experts = [_bls_expert(f"expert_{n}", d) for n, d in zip(self.names, types, strict=True)]
         self.router = Router(bounds, experts)
+        self.recommended = manifest.get("recommended")
+        self.jump_file = os.path.join(version_dir, "jump.safetensors")
+        self.jump_cut = manifest["experts"][-1]["timesteps"][0]
+        self._jump = None
         pb_utils.Logger.log_info(f"{cfg['name']}: stepadapt from {os.path.dirname(stepadapt.__file__)}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.batched = int(cfg.get("max_batch_size", 0)) > 0  # then every tensor has a leading 1
         torch.set_num_threads(1)
 
     def _parse(self, request):
+        """(seed, n, setting): what the request asks for, the bundle's recommendation where it is silent."""
         seed = int(_scalar(request, "seed", 0))
         n = int(_scalar(request, "num_images", 1))
-        steps = int(_scalar(request, "steps", 50))
-        sampler = str(_scalar(request, "sampler", "ddim")).lower()
-        eta = float(_scalar(request, "eta", 0.0))
-        if sampler not in SAMPLERS:
-            raise StepadaptError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        validate_request(steps, n, eta, self.max_images, int(self.scheduler["num_train_timesteps"]))
-        return seed, n, steps, sampler, eta
+        steps = _scalar(request, "steps", None)
+        sampler = _scalar(request, "sampler", None)
+        eta = _scalar(request, "eta", None)
+        jump = _scalar(request, "jump", None)
+        setting = resolve_setting(
+            self.recommended, None if sampler is None else str(sampler).strip() or None,
+            None if steps is None else int(steps), None if jump is None else bool(jump),
+            None if eta is None or float(eta) == 0.0 else float(eta),
+        )  # fmt: skip
+        validate_request(setting.steps, n, self.max_images, int(self.scheduler["num_train_timesteps"]))
+        if setting.jump:
+            self.jump()
+        return seed, n, setting
+
+    def jump(self):
+        """The analytic jump over the Gaussian expert's interval, loaded on first use."""
+        if self._jump is None:
+            if not os.path.isfile(self.jump_file):
+                raise StepadaptError(
+                    "jump asked for, but this bundle has no Gaussian expert on the noisy end"
+                )
+            from safetensors.torch import load_file
+            from stepadapt.gaussian import GaussianDenoiser, GaussianJump
+
+            g = GaussianDenoiser.from_tensors(load_file(self.jump_file), self.shape, self.scheduler)
+            self._jump = GaussianJump(g, self.jump_cut)
+        return self._jump
 
     def execute(self, requests):
         if self.decoupled:
@@ -161,21 +194,21 @@ class TritonPythonModel:
                 self._stream(r)
             return None
         responses = [None] * len(requests)
-        groups = defaultdict(list)  # (sampler, steps, eta) -> [(index, n, seed, watch)]
+        groups = defaultdict(list)  # setting -> [(index, n, seed, watch)]
         for i, r in enumerate(requests):
             try:
-                seed, n, steps, sampler, eta = self._parse(r)
-                groups[(sampler, steps, eta)].append((i, n, seed, Watch(r, self.max_seconds)))
+                seed, n, setting = self._parse(r)
+                groups[setting].append((i, n, seed, Watch(r, self.max_seconds)))
             except StepadaptError as e:
                 responses[i] = error(str(e), relayed=self.batched)
             except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
                 responses[i] = _internal(e, self.batched)
-        for (sampler, steps, eta), members in groups.items():
+        for setting, members in groups.items():
             for chunk in self._chunks(members):
-                self._run(chunk, responses, sampler, steps, eta)
+                self._run(chunk, responses, setting)
         return responses
 
-    def _run(self, chunk, responses, sampler, steps, eta):
+    def _run(self, chunk, responses, setting):
         """One lockstep batch; if it fails, each request is tried alone so only its culprit fails."""
 
         def stopped():
@@ -184,12 +217,13 @@ class TritonPythonModel:
         try:
             images = sample_together(
                 self.router, self.scheduler, self.shape, [(n, seed) for _, n, seed, _ in chunk],
-                steps=steps, sampler=sampler, eta=eta, stopped=stopped,
+                steps=setting.steps, sampler=setting.sampler, stopped=stopped,
+                jump=self.jump() if setting.jump else None,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001
             if len(chunk) > 1:
                 for member in chunk:
-                    self._run([member], responses, sampler, steps, eta)
+                    self._run([member], responses, setting)
                 return
             ours = isinstance(e, StepadaptError)  # a message meant for the user, still our failure
             responses[chunk[0][0]] = (
@@ -227,17 +261,18 @@ class TritonPythonModel:
                 pb_utils.InferenceResponse(
                     [
                         pb_utils.Tensor("step", np.array([i + 1], dtype=np.int32)),
-                        pb_utils.Tensor("timestep", np.array([t], dtype=np.int32)),
+                        pb_utils.Tensor("timestep", np.array([round(t)], dtype=np.int32)),
                         pb_utils.Tensor("expert", np.array([expert.encode()], dtype=np.object_)),
                     ]
                 )
             )
 
         try:
-            seed, n, steps, sampler, eta = self._parse(request)
+            seed, n, setting = self._parse(request)
             images = sample_images(
-                self.router, self.scheduler, self.shape, n, steps=steps, sampler=sampler, eta=eta,
+                self.router, self.scheduler, self.shape, n, steps=setting.steps, sampler=setting.sampler,
                 seed=seed, batch=self.max_images, callback=progress,
+                jump=self.jump() if setting.jump else None,
             )  # fmt: skip
             last = pb_utils.InferenceResponse([pb_utils.Tensor("images", images)])
         except Stopped as e:
