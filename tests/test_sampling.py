@@ -5,6 +5,7 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.sampling import (
     Router,
+    Trajectory,
     initial_noise,
     make_grid,
     module_denoiser,
@@ -16,6 +17,7 @@ from stepadapt.sampling import (
     validate_request,
 )
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler, snr_db
+from stepadapt.solvers import NAMES, Solver
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
@@ -24,7 +26,7 @@ def test_sampling_shapes_and_determinism(tiny, kind):
 
     def run(seed):
         x_t, g = initial_noise(3, (1, 32, 32), seed)
-        return sample(den, make_scheduler(kind, DEFAULT_SCHEDULER), x_t, 5, generator=g)
+        return sample(den, Trajectory(kind, DEFAULT_SCHEDULER, x_t, 5, generator=g))
 
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (3, 1, 32, 32)
@@ -36,20 +38,14 @@ def test_sampling_shapes_and_determinism(tiny, kind):
 def test_callback_sees_every_step(tiny):
     seen = []
     x_t, g = initial_noise(1, (1, 32, 32), 0)
-    sample(
-        module_denoiser(tiny),
-        make_scheduler("ddim"),
-        x_t,
-        7,
-        callback=lambda i, t, x: seen.append(t),
-    )
+    sample(module_denoiser(tiny), Trajectory("ddim", {}, x_t, 7), callback=lambda i, t, x: seen.append(t))
     assert len(seen) == 7 and seen == sorted(seen, reverse=True) and seen[0] > 800
 
 
 def test_nan_denoiser_is_reported():
     x_t, _ = initial_noise(1, (1, 8, 8), 0)
     with pytest.raises(StepadaptError, match="NaN"):
-        sample(lambda x, t: torch.full_like(x, float("nan")), make_scheduler("ddim"), x_t, 3)
+        sample(lambda x, t: torch.full_like(x, float("nan")), Trajectory("ddim", {}, x_t, 3))
 
 
 def test_router_dispatches_by_timestep():
@@ -74,14 +70,41 @@ def test_router_dispatches_by_timestep():
 
 
 def test_request_validation():
-    validate_request(50, 4, 0.0, 64, 1000)
-    for args, msg in [
-        ((0, 4, 0.0), "steps"),
-        ((50, 0, 0.0), "images"),
-        ((50, 4, float("nan")), "eta"),
-    ]:
+    validate_request(50, 4, 64, 1000)
+    for args, msg in [((0, 4), "steps"), ((50, 0), "images")]:
         with pytest.raises(StepadaptError, match=msg):
             validate_request(*args, 64, 1000)
+    with pytest.raises(StepadaptError, match="eta"):
+        Solver.parse(f"ddim:eta={float('nan')}")
+
+
+def test_router_routes_fractional_timesteps_where_their_whole_part_goes():
+    seen = []
+    r = Router([0, 500, 1000], [lambda x, t: seen.append(0) or x, lambda x, t: seen.append(1) or x])
+    r(torch.zeros(3, 1, 2, 2), torch.tensor([499.7, 500.0, 999.9]))
+    assert seen == [0, 1]
+    with pytest.raises(StepadaptError, match="no expert covers"):
+        r(torch.zeros(1, 1, 2, 2), torch.tensor([1000.5]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_solver_samples_through_a_router_deterministically(name):
+    """Whole and fractional timesteps alike reach the expert that owns them."""
+    owners = []
+
+    def expert(k):
+        def f(x, t):
+            owners.append((k, t.tolist()))
+            return 0.1 * x
+
+        return f
+
+    router = Router([0, 400, 1000], [expert(0), expert(1)])
+    a = sample_images(router, DEFAULT_SCHEDULER, (1, 4, 4), 2, steps=5, sampler=name, seed=1)
+    b = sample_images(router, DEFAULT_SCHEDULER, (1, 4, 4), 2, steps=5, sampler=name, seed=1)
+    assert np.array_equal(a, b)
+    assert all((k == 0) == (max(ts) < 400) for k, ts in owners)
+    assert {k for k, _ in owners} == {0, 1}
 
 
 def test_snr_db_matches_the_linear_schedule():
@@ -113,7 +136,12 @@ def test_swapped_in_gives_one_interval_to_the_other_denoiser():
     assert swapped_in(base, other, 0, 1000, 1000).boundaries == [0, 1000]
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
+TOGETHER = [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpm++2m", None), ("dpm++3m:thresholding", None),
+            ("unipc", None), ("dpm++2m-sde", None), ("dpm++sde", None), ("euler-a", None), ("heun", None),
+            ("pndm", None), ("lms:karras", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler, eta", TOGETHER)
 def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
     """Lockstep batching (the server's) must not change anyone's images, noise included."""
 
@@ -133,7 +161,7 @@ def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
     assert not np.array_equal(together[0], together[1][:1].repeat(2, 0))
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.7), ("ddpm", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.7), ("ddpm", 0.0), ("unipc", None), ("euler-a", None)])
 def test_a_request_stopped_mid_batch_costs_nothing_more_and_the_others_keep_their_images(sampler, eta):
     """What a server does with a cancelled request: its rows leave the batch at the next step."""
     rows_seen = []
