@@ -95,6 +95,7 @@ class BenchSettings:
     requests: int = 100  # per concurrency level (p99 of 100 is the second-slowest) ...
     level_seconds: float = 60.0  # ... unless that takes longer (then at least 3 per client)
     serving_steps: int = 50
+    sampler: str = "ddim"  # the solver spec every timed trajectory and request uses
     threads: int = 1  # onnxruntime threads per session on the server (and the in-process reference)
     instances: int = field(default_factory=lambda: os.cpu_count() or 1)  # sampler / expert instances
     seed: int = 0
@@ -287,7 +288,7 @@ def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
 # ----------------------------------------------------------------------------- sections
 
 
-def flops_section(arms: dict[str, Bundle], steps: Sequence[int]) -> dict[str, Any]:
+def flops_section(arms: dict[str, Bundle], steps: Sequence[int], sampler: str = "ddim") -> dict[str, Any]:
     m = arms["experts"].manifest
     models = []
     for arm, b in arms.items():
@@ -296,15 +297,14 @@ def flops_section(arms: dict[str, Bundle], steps: Sequence[int]) -> dict[str, An
                 "arm": arm, "name": e.name, "kind": e.kind, "timesteps": list(e.timesteps),
                 "macs": e.macs, "params": e.params, "mac_ratio": e.macs / m.base_macs,
             })  # fmt: skip
-    sampler = (m.plan or {}).get("sampler", "ddim")
     plan_steps = (m.plan or {}).get("steps", 50)
     trajectory = []
     for n in sorted({*steps, plan_steps}, reverse=True):
         for arm, b in arms.items():
-            ratio = b.manifest.trajectory_macs_ratio(n)
+            per_image = b.manifest.macs_per_image(n, sampler)  # in base evaluations, every evaluation counted
             trajectory.append({
-                "arm": arm, "sampler": sampler, "steps": n, "macs_per_image": round(ratio * m.base_macs * n),
-                "mac_ratio": ratio,
+                "arm": arm, "sampler": sampler, "steps": n, "macs_per_image": round(per_image * m.base_macs),
+                "mac_ratio": b.manifest.trajectory_macs_ratio(n, sampler),
             })  # fmt: skip
     groups = (m.plan or {}).get("groups") or []
     tdc = tdc_ratios([g["difficulty"] for g in groups], 0.5) if groups else []
@@ -371,18 +371,22 @@ def trajectory_section(arms: dict[str, Bundle], s: BenchSettings, pool: Denoiser
         order = list(samples)
         rng.shuffle(order)
         for arm, be, n in order:
-            t = _timed(sample_images, dens[(arm, be)], m.scheduler, m.sample_shape, 1, steps=n, seed=r)
+            args = (dens[(arm, be)], m.scheduler, m.sample_shape, 1)
+            t = _timed(sample_images, *args, steps=n, seed=r, sampler=s.sampler)
             samples[(arm, be, n)].append(t)
             bar.update(1)
-    return {"rows": _time_rows(samples, arms)}
+    return {"rows": _time_rows(samples, arms, s.sampler)}
 
 
-def _time_rows(samples: dict[tuple, list[float]], arms: dict[str, Bundle]) -> list[dict[str, Any]]:
+def _time_rows(
+    samples: dict[tuple, list[float]], arms: dict[str, Bundle], sampler: str
+) -> list[dict[str, Any]]:
     rows = []
     for (arm, be, n), xs in samples.items():
         base = samples.get(("base", be, n))
         rows.append({
-            "arm": arm, "backend": be, "steps": n, "mac_ratio": arms[arm].manifest.trajectory_macs_ratio(n),
+            "arm": arm, "backend": be, "steps": n,
+            "mac_ratio": arms[arm].manifest.trajectory_macs_ratio(n, sampler),
             "samples_s": [round(v, 5) for v in xs], "median_s": statistics.median(xs),
             "time_ratio": statistics.median(xs) / statistics.median(base) if base else None,
         })  # fmt: skip
@@ -393,7 +397,9 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q * 100, method="higher"))
 
 
-def _load(url: str, concurrency: int, requests: int, steps: int, seconds: float = 1e9) -> dict[str, Any]:
+def _load(
+    url: str, concurrency: int, requests: int, steps: int, seconds: float = 1e9, sampler: str = "ddim"
+) -> dict[str, Any]:
     """``requests`` one-image requests from ``concurrency`` clients at once (fewer if that would take
     over ``seconds``: then at least 3 per client); latencies and throughput."""
     lat: list[float] = []
@@ -403,7 +409,8 @@ def _load(url: str, concurrency: int, requests: int, steps: int, seconds: float 
     def client(_: int) -> None:
         with Endpoint(url) as endpoint:
             for k, j in enumerate(counter):
-                lat.append(_timed(endpoint.generate, GenerateRequest(num_images=1, steps=steps, seed=j)))
+                req = GenerateRequest(num_images=1, steps=steps, seed=j, sampler=sampler, jump=False)
+                lat.append(_timed(endpoint.generate, req))
                 if k >= 2 and time.perf_counter() > deadline:
                     break
 
@@ -446,19 +453,20 @@ def serving_section(
                 repeats = s.overhead_repeats if arm == "experts" else s.trajectory_repeats
                 for n in s.steps:
                     for r in range(repeats):  # interleaved with the in-process run
-                        req = GenerateRequest(num_images=1, steps=n, seed=r)
+                        req = GenerateRequest(num_images=1, steps=n, seed=r, sampler=s.sampler, jump=False)
                         t = _timed(endpoint.generate, req)
                         served.setdefault((arm, layout, n), []).append(t)
                         if layout == s.layouts[0]:
                             args = (local[arm], m.scheduler, m.sample_shape, 1)
-                            t = _timed(sample_images, *args, steps=n, seed=r)
+                            t = _timed(sample_images, *args, steps=n, seed=r, sampler=s.sampler)
                             in_process.setdefault((arm, threads_backend, n), []).append(t)
                         bar.update(1)
                 if arm == "experts":
                     levels = []
                     for c in s.concurrency:
                         _load(server.http_url, c, c, WARMUP_STEPS)  # buffers for this batch size
-                        lv = _load(server.http_url, c, max(s.requests, c), s.serving_steps, s.level_seconds)
+                        lv = _load(server.http_url, c, max(s.requests, c), s.serving_steps, s.level_seconds,
+                                   s.sampler)  # fmt: skip
                         levels.append(lv)
                         bar.update(1)
                     layouts[layout] = {"options": asdict(_options(layout, s)), "levels": levels}
@@ -471,7 +479,8 @@ def serving_section(
         for t in cores:
             den = pool.get("experts", f"onnxruntime-t{t}", batch=c)
             args = (den, m.scheduler, m.sample_shape, [(1, j) for j in range(c)])
-            xs = [_timed(sample_together, *args, steps=s.serving_steps) for _ in range(s.trajectory_repeats)]
+            kw = {"steps": s.serving_steps, "sampler": s.sampler}
+            xs = [_timed(sample_together, *args, **kw) for _ in range(s.trajectory_repeats)]
             best[t] = c / statistics.median(xs)
         t = max(best, key=best.get)
         ceiling.append({"concurrency": c, "batch": c, "threads": t, "images_per_s": best[t]})
@@ -483,8 +492,9 @@ def serving_section(
             "in_process_ms": local_s * 1e3,
             "router_overhead_ms_per_step": (statistics.median(xs) - local_s) * 1e3 / n,
         }  # fmt: skip
-    rows = _time_rows({(a, f"endpoint-{lay}", n): xs for (a, lay, n), xs in served.items()}
-                      | {(a, be, n): xs for (a, be, n), xs in in_process.items()}, arms)  # fmt: skip
+    times = {(a, f"endpoint-{lay}", n): xs for (a, lay, n), xs in served.items()}
+    times |= {(a, be, n): xs for (a, be, n), xs in in_process.items()}
+    rows = _time_rows(times, arms, s.sampler)
     return {"threads": s.threads, "steps": s.serving_steps, "layouts": layouts, "ceiling": ceiling,
             "router_overhead": list(overhead.values()), "trajectory_rows": rows}  # fmt: skip
 
@@ -577,7 +587,7 @@ def run_bench(
     }  # fmt: skip
     with progress(total=_steps_total(arms, s), desc=f"bench {report['name']}", unit="run") as bar:
         if "flops" in s.sections:
-            report["flops"] = flops_section(arms, s.steps)
+            report["flops"] = flops_section(arms, s.steps, s.sampler)
         if "latency" in s.sections:
             report["latency"] = latency_section(arms, s, bar)
         pool = Denoisers(arms)

@@ -20,23 +20,34 @@ from stepadapt import StepadaptError
 
 @dataclass
 class GenerateRequest:
+    """What to ask the endpoint for; ``None`` leaves the choice to the served bundle's recommended
+    setting (``stepadapt tune``), or 50 DDIM steps without one."""
+
     num_images: int = 16
-    steps: int = 50
+    steps: int | None = None
     seed: int = 0
-    sampler: str = "ddim"
-    eta: float = 0.0
+    sampler: str | None = None  # a solver spec: "unipc", "dpm++2m:thresholding", "ddim:eta=0.5", ...
+    eta: float | None = None
+    jump: bool | None = None
 
 
 def _inputs(mod, req: GenerateRequest) -> list:
     values = [
         ("seed", np.array([req.seed], dtype=np.int64), "INT64"),
         ("num_images", np.array([req.num_images], dtype=np.int32), "INT32"),
-        ("steps", np.array([req.steps], dtype=np.int32), "INT32"),
-        ("sampler", np.array([req.sampler.encode()], dtype=np.object_), "BYTES"),
-        ("eta", np.array([req.eta], dtype=np.float32), "FP32"),
+        ("steps", None if req.steps is None else np.array([req.steps], dtype=np.int32), "INT32"),
+        (
+            "sampler",
+            None if req.sampler is None else np.array([req.sampler.encode()], dtype=np.object_),
+            "BYTES",
+        ),
+        ("eta", None if req.eta is None else np.array([req.eta], dtype=np.float32), "FP32"),
+        ("jump", None if req.jump is None else np.array([req.jump], dtype=np.bool_), "BOOL"),
     ]
     out = []
     for name, arr, dtype in values:
+        if arr is None:
+            continue
         t = mod.InferInput(name, list(arr.shape), dtype)
         t.set_data_from_numpy(arr)
         out.append(t)

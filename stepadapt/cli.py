@@ -18,6 +18,7 @@ from stepadapt.finetune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MODE
 from stepadapt.models import DEFAULT_BASE
 from stepadapt.serving.repository import RepositoryOptions
 from stepadapt.train import DEFAULT_DISTILL
+from stepadapt.tune import TUNE_SAMPLERS, TUNE_STEPS
 
 app = typer.Typer(
     help="Compress a diffusion U-Net into step-adaptive expert denoisers and serve them.",
@@ -727,6 +728,92 @@ def evaluate(
 
 
 @app.command()
+def tune(
+    bundle: Annotated[Path, typer.Argument(help="Bundle whose manifest gets the recommendation.")],
+    max_macs_per_image: Annotated[
+        float, typer.Option(help="Budget: MACs per image, in base evaluations (e.g. 4 = four base steps).")
+    ],
+    base: Annotated[
+        Path | None, typer.Option(help="Also score this base model's own best setting within the budget.")
+    ] = None,
+    samplers: Annotated[
+        str, typer.Option(help="Solvers to try, comma-separated specs (see 'sample --help').")
+    ] = ",".join(TUNE_SAMPLERS),
+    steps: Annotated[str, typer.Option(help="Step counts to try, comma-separated.")] = ",".join(
+        map(str, TUNE_STEPS)
+    ),
+    jump: Annotated[
+        bool | None,
+        typer.Option("--jump/--no-jump", help="Also try the analytic jump (default: where it exists)."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Generated and real images per KID.")] = 500,
+    seeds: Annotated[str, typer.Option(help="Noise seeds, comma-separated; KID is their mean.")] = "0,1",
+    data: Annotated[str, typer.Option(help="Real data: 'fashion-mnist' (test split), a folder or .npz.")] = (
+        "fashion-mnist"
+    ),
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Where scores are kept and reused (default ~/.cache/stepadapt/scores)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the settings within the budget; score none.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+) -> None:
+    """Measure how to sample a bundle: every solver setting within a MAC budget per image is scored
+    (KID, mean over --seeds) and the best becomes the bundle's default for sample, evaluate, the
+    endpoint and the demo. Settings cost what their model evaluations cost (Heun's two per step)."""
+    from rich.table import Table
+
+    from stepadapt.evaluate import load_target
+    from stepadapt.tune import candidates
+    from stepadapt.tune import tune as run_tune
+
+    try:
+        dev = resolve_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        spec_list = [s.strip() for s in samplers.split(",") if s.strip()]
+        step_list, seed_list = _parse_ints(steps, "--steps"), _parse_ints(seeds, "--seeds")
+        if dry_run:
+            target = load_target(bundle, dev)
+            want_jump = target.bundle is not None and target.bundle.experts[-1].kind == "gaussian"
+            options = candidates(
+                target, max_macs_per_image, spec_list, step_list, want_jump if jump is None else jump
+            )
+            for setting, macs in options:
+                out.print(f"{setting}: {macs:.2f} base evaluations per image")
+            out.print(f"{len(options)} settings within {max_macs_per_image} base evaluations per image")
+            return
+        rec = run_tune(
+            bundle, max_macs_per_image, base=base, samplers=spec_list, steps=step_list, jump=jump, n=n,
+            seeds=seed_list, data=data, store=store, device=dev, log=console.print,
+            command=" ".join(["stepadapt", *sys.argv[1:]]),
+        )  # fmt: skip
+    except StepadaptError as e:
+        _fail(e)
+    table = Table(title=f"{bundle}: KID at n={n}, mean over seeds {seed_list}")
+    for col in ("setting", "MACs / image", "KID"):
+        table.add_column(col)
+    for r in sorted(rec["rows"], key=lambda r: r["kid"]):
+        label = f"{r['sampler']} x{r['steps']}" + (" +jump" if r["jump"] else "")
+        table.add_row(label, f"{r['macs_per_image']:.2f}", f"{r['kid']:.4f} ± {r['kid_std']:.4f}")
+    console.print(table)
+    best = rec["base_best"]
+    vs = (
+        f"; the base's best within it: {best['sampler']} x{best['steps']}, KID {best['kid']:.4f}"
+        if best
+        else ""
+    )
+    out.print(
+        f"recommended: {rec['sampler']} x{rec['steps']}{' +jump' if rec['jump'] else ''} "
+        f"({rec['macs_per_image']:.2f} base evaluations per image), KID {rec['kid']:.4f}{vs} "
+        f"-> {bundle}/manifest.json"
+    )
+
+
+@app.command()
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
@@ -904,6 +991,9 @@ def bench(
             "and, on a GPU, torch-cuda, torch-cuda-bf16, onnxruntime-cuda (default: all this machine has)."
         ),
     ] = None,
+    sampler: Annotated[
+        str, typer.Option(help="Solver spec of every timed trajectory and request (see 'sample --help').")
+    ] = "ddim",
 ) -> None:
     """Latency/FLOP benchmark: MACs per expert and per image, latency per step per backend beside the
     MAC ratio, time per image in process and through the endpoint, and serving under concurrency.
@@ -916,10 +1006,12 @@ def bench(
     import sys
 
     from stepadapt.benchmarks.bench import BenchSettings, run_bench, write_report
+    from stepadapt.solvers import Solver
 
     try:
         settings = BenchSettings.quick_run() if quick else BenchSettings()
         changes: dict = {"sections": tuple(x.strip() for x in sections.split(",") if x.strip())}
+        changes["sampler"] = str(Solver.parse(sampler))
         if concurrency:
             changes["concurrency"] = tuple(_parse_ints(concurrency, "--concurrency"))
         if requests:
@@ -955,10 +1047,13 @@ def generate(
         str, typer.Option(help="host:port of Triton (HTTP port, or gRPC port with --grpc/--stream).")
     ] = ("127.0.0.1:8000"),
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 16,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    steps: Annotated[
+        int | None, typer.Option(help="Solver steps (default: the served bundle's recommended).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
-    sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
-    eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
+    sampler: Annotated[str | None, typer.Option(help=SOLVER_HELP)] = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta.")] = None,
+    jump: Annotated[bool | None, typer.Option("--jump/--no-jump", help=JUMP_HELP)] = None,
     grpc: Annotated[bool, typer.Option("--grpc", help="Use gRPC instead of HTTP.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Stream per-step progress (gRPC).")] = False,
     out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write (.npz beside it).")] = Path(
@@ -971,10 +1066,10 @@ def generate(
     from stepadapt.serving.client import GenerateRequest, generate_stream
     from stepadapt.serving.client import generate as call
 
-    req = GenerateRequest(num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta)
+    req = GenerateRequest(num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta, jump=jump)
     try:
         if stream:
-            with progress(total=steps, unit="step") as bar:
+            with progress(total=None, unit="eval") as bar:
 
                 def on_step(i: int, t: int, expert: str) -> None:
                     bar.set_postfix(t=t, expert=expert, refresh=False)

@@ -86,6 +86,36 @@ def test_ddpm_sampler_and_seed_change_the_images(served):
     assert not np.array_equal(ddpm, get(2, "ddpm"))  # the seed alone changes them
 
 
+@pytest.mark.parametrize("sampler", ["euler:karras", "unipc"])
+def test_every_solver_and_the_jump_through_the_endpoint_match_the_in_process_sampler(served, sampler):
+    """Euler with Karras sigmas lands between timesteps (float32 through the ONNX/Triton boundary in
+    both layouts); UniPC keeps per-request state; the jump runs in the router's process."""
+    b, server = served
+    local = onnx_router(b)
+    m = b.manifest
+    for jump in (False, True):
+        req = GenerateRequest(num_images=2, steps=STEPS, seed=4, sampler=sampler, jump=jump)
+        served_images = generate(server.http_url, req)
+        alone = sample_images(local, m.scheduler, m.sample_shape, 2, steps=STEPS, seed=4, sampler=sampler,
+                              jump=b.jump() if jump else None)  # fmt: skip
+        assert np.abs(served_images.astype(int) - alone.astype(int)).max() <= 2
+    plain = generate(server.http_url, GenerateRequest(num_images=2, steps=STEPS, seed=4, sampler=sampler))
+    assert not np.array_equal(plain, served_images)  # the jump changes them
+
+
+@pytest.mark.parametrize(
+    "sampler, msg",
+    [("dpm++9m", "unknown sampler 'dpm++9m'"), ("ddim:karras", "sampler ddim has no option 'karras'")],
+)
+def test_an_unknown_solver_or_option_is_a_400(served, sampler, msg):
+    _, server = served
+    status, text = _infer_json(server, {"sampler": ("BYTES", sampler), "steps": ("INT32", 2)})
+    assert status == 400 and msg in text
+    assert server.ready()
+    with pytest.raises(StepadaptError, match="heun is not so"):
+        generate(server.http_url, GenerateRequest(num_images=1, steps=2, sampler="heun", jump=True))
+
+
 def test_stream_sends_one_message_per_step_then_the_images(served):
     b, server = served
     seen = []
@@ -203,12 +233,17 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
 
 
-def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path):
+@pytest.mark.parametrize("sampler", [None, "dpm++2m-sde", "unipc"])
+def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path, sampler):
     """The fused sampler steps concurrent requests together (its log counts them) and each still
-    gets what the in-process sampler gives it alone."""
+    gets what the in-process sampler gives it alone: multi-step and stochastic solvers included,
+    since each request owns its scheduler and its noise."""
     options = RepositoryOptions(layout="fused", instances=1, queue_delay_us=200_000, front_instances=4)
     repo = write_repository(exported, tmp_path / "repo", options)
-    reqs = [GenerateRequest(num_images=n, steps=STEPS, seed=s) for n, s in [(1, 5), (2, 6), (1, 7)]]
+    reqs = [
+        GenerateRequest(num_images=n, steps=STEPS, seed=s, sampler=sampler)
+        for n, s in [(1, 5), (2, 6), (1, 7)]
+    ]
     with TritonServer(repo, log_path=tmp_path / "log", verbose=1) as server:
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(lambda r: generate(server.http_url, r), reqs))
@@ -216,10 +251,31 @@ def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_p
     local = onnx_router(exported)
     m = exported.manifest
     for r, images in zip(reqs, got, strict=True):
-        alone = sample_images(local, m.scheduler, m.sample_shape, r.num_images, steps=STEPS, seed=r.seed)
+        alone = sample_images(local, m.scheduler, m.sample_shape, r.num_images, steps=STEPS, seed=r.seed,
+                              sampler=sampler or "ddim")  # fmt: skip
         assert images.shape == alone.shape
         assert np.abs(images.astype(int) - alone.astype(int)).max() <= 2
     assert "model sampler, instance sampler_0_0, executing 3 requests" in log
+
+
+def test_the_bundles_recommended_setting_is_the_endpoints_default(exported, tmp_path):
+    """A request silent on sampler, steps and jump gets the manifest's recommendation (``tune``)."""
+    d = tmp_path / "bundle"
+    shutil.copytree(exported.path, d, ignore=shutil.ignore_patterns("triton-*"))
+    b = Bundle.load(d)
+    b.set_recommended({"sampler": "dpm++2m:thresholding", "steps": 5, "jump": True})
+    repo = write_repository(b, tmp_path / "repo", RepositoryOptions(layout="fused", front_instances=2))
+    with TritonServer(repo, log_path=tmp_path / "log") as server:
+        default = generate(server.http_url, GenerateRequest(num_images=2, seed=9))
+        asked = generate(
+            server.http_url, GenerateRequest(num_images=2, seed=9, sampler="ddim", steps=5, jump=False)
+        )
+    local, m = onnx_router(b), b.manifest
+    rec = sample_images(local, m.scheduler, m.sample_shape, 2, steps=5, seed=9,
+                        sampler="dpm++2m:thresholding", jump=b.jump())  # fmt: skip
+    ddim = sample_images(local, m.scheduler, m.sample_shape, 2, steps=5, seed=9)
+    assert np.abs(default.astype(int) - rec.astype(int)).max() <= 2
+    assert np.abs(asked.astype(int) - ddim.astype(int)).max() <= 2
 
 
 def test_generate_cli_plain_and_streaming(served, tmp_path):

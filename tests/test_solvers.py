@@ -80,7 +80,8 @@ def test_specs_round_trip_through_strings_and_json(spec, want):
     [("dpm++9m", "unknown sampler 'dpm\\+\\+9m'"), ("ddim:turbo", "unknown sampler option 'turbo'"),
      ("euler:thresholding", "sampler euler has no option 'thresholding'"),
      ("ddim:karras", "sampler ddim has no option 'karras'"), ("ddim:spacing=odd", "spacing 'odd'"),
-     ("unipc:eta=0.3", "only ddim"), ("ddim:eta=x", "eta must be a number"), ("ddim:eta=2", "eta must be in")],
+     ("unipc:eta=0.3", "only ddim"), ("ddim:eta=x", "eta must be a number"),
+     ("ddim:eta=2", "eta must be in")],
 )  # fmt: skip
 def test_bad_specs_are_one_line_errors(spec, msg):
     with pytest.raises(StepadaptError, match=msg) as e:
@@ -137,8 +138,8 @@ def test_sample_base_gives_what_diffusers_loop_gives_for_every_solver(own_model,
     """The model's own scheduler config under each solver, diffusers' loop written against diffusers
     only; DDPMPipeline itself where its loop is right for the solver (no input scaling, noise at
     sigma 1, a step that takes a generator)."""
-    r = CliRunner().invoke(app, ["sample", "--base", str(own_model), "--n", "2", "--steps", "6", "--seed", "3",
-                                 "--sampler", name, "--out", str(tmp_path / "s.png")])  # fmt: skip
+    args = ["--n", "2", "--steps", "6", "--seed", "3", "--sampler", name, "--out", str(tmp_path / "s.png")]
+    r = CliRunner().invoke(app, ["sample", "--base", str(own_model), *args])
     assert r.exit_code == 0, r.output
     ours = np.load(tmp_path / "s.npz")["images"]
     unet = UNet2DModel.from_pretrained(own_model).eval()
@@ -243,5 +244,7 @@ def test_a_jumped_trajectory_spends_every_step_below_the_cut(gaussian, name):
 def test_jump_needs_a_gaussian_expert(tmp_path):
     b = Bundle.load(SHIPPED)
     assert b.jump().cut == 580 and b.manifest.macs_per_image(6, "unipc", jump=True) > 0
-    r = CliRunner().invoke(app, ["sample", "--jump", "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    r = CliRunner().invoke(
+        app, ["sample", "--jump", "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]
+    )
     assert r.exit_code != 0 and "--jump needs a --bundle" in r.output
