@@ -10,6 +10,10 @@ recipe on its own bundle briefly, to show each step working, and serves the
 shipped bundle that the same commands fine-tuned for longer
 (stepadapt/weights/fashion-tiny-experts, its card says how), and prints the
 KID of both beside the base's.
+
+Bundles are sampled the way the served bundle's manifest recommends (``stepadapt
+tune``: solver, steps, jump), the base the way that measurement found best for it
+within its budget; without a recommendation both take 50 DDIM steps.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
 from stepadapt.models import DEFAULT_BASE, load_base
+from stepadapt.plan import visited_timesteps
 from stepadapt.sampling import max_pixel_diff, module_denoiser, sample_images, save_grid
+from stepadapt.solvers import Setting, resolve_setting
 
 SHIPPED_BUNDLE = DEFAULT_BASE.with_name("fashion-tiny-experts")
 
@@ -52,9 +58,26 @@ class Demo:
         self.model.to(self.device)
         c, s = self.model.config.in_channels, self.model.config.sample_size
         self.shape = (c, s, s)
+        shipped = self.shipped / "manifest.json"
+        rec = Bundle.load(self.shipped).manifest.recommended if shipped.is_file() else None
+        self.setting = resolve_setting(rec)  # the bundles'
+        self.base_setting = Setting.from_dict(rec["base_best"]) if rec and rec.get("base_best") else (
+            Setting(self.setting.sampler, self.setting.steps)
+        )  # fmt: skip
 
-    def grid(self, denoiser, name: str) -> Any:
-        images = sample_images(denoiser, self.scheduler, self.shape, self.n)
+    def sample(self, denoiser, n: int, bundle: Bundle | None = None) -> Any:
+        """``n`` images from seed 0: a bundle with its setting (jumping where it has the Gaussian
+        expert), the base with its own."""
+        s = self.setting if bundle is not None else self.base_setting
+        jump = (
+            bundle.jump() if s.jump and bundle is not None and bundle.experts[-1].kind == "gaussian" else None
+        )
+        return sample_images(
+            denoiser, self.scheduler, self.shape, n, steps=s.steps, sampler=s.sampler, jump=jump
+        )
+
+    def grid(self, denoiser, name: str, bundle: Bundle | None = None) -> Any:
+        images = self.sample(denoiser, self.n, bundle)
         path = save_grid(images, self.out / f"{name}.png")
         self.log(f"{name} -> {path}")
         return images
@@ -103,7 +126,8 @@ class Demo:
         owner = {g.name: next(e for e in manifest.experts if e.lo <= g.lo < e.hi) for g in plan.groups}
         achieved = [owner[g.name].macs / manifest.base_macs for g in plan.groups]
         plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)
-        self.grid(Bundle.load(self.out / "bundle").router(self.device), "bundle_samples")
+        b = Bundle.load(self.out / "bundle")
+        self.grid(b.router(self.device), "bundle_samples", b)
         return manifest
 
     def finetune(self) -> None:
@@ -118,7 +142,7 @@ class Demo:
         finetune_bundle(
             b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log, device=self.device
         )
-        self.grid(b.router(self.device), "finetuned_samples")
+        self.grid(b.router(self.device), "finetuned_samples", b)
 
     def serve_copy(self) -> Bundle:
         """The bundle the last stages export and serve: the shipped one if present, else the demo's."""
@@ -131,9 +155,10 @@ class Demo:
         self.log(f"serving {source} (copied to {served})")
         return Bundle.load(served)
 
-    def kid(self, names: dict[str, Any]) -> dict[str, tuple[float, float]]:
-        """KID of each denoiser against real test images (``kid_images`` each, 50 DDIM steps)."""
-        from stepadapt.evaluate import InceptionFeatures, generate, kid, real_set
+    def kid(self, names: dict[str, tuple[Any, Bundle | None]]) -> dict[str, tuple[float, float]]:
+        """KID of each (denoiser, bundle or None for the base) against real test images
+        (``kid_images`` each), each sampled with its setting."""
+        from stepadapt.evaluate import InceptionFeatures, kid, real_set
         from stepadapt.evaluate import features as inception
 
         if self.kid_images <= 0:
@@ -141,8 +166,8 @@ class Demo:
         net = InceptionFeatures()
         _, real = real_set(net, "fashion-mnist", self.kid_images, self.shape[1], self.shape[0])
         scores = {}
-        for name, den in names.items():
-            fake = inception(net, generate(den, self.scheduler, self.shape, self.kid_images))
+        for name, (den, bundle) in names.items():
+            fake = inception(net, self.sample(den, self.kid_images, bundle))
             scores[name] = kid(real, fake)
             self.log(f"KID {name}: {scores[name][0]:.4f} ± {scores[name][1]:.4f} (n={self.kid_images})")
         return scores
@@ -152,8 +177,8 @@ class Demo:
 
         export_bundle(b, log=self.log)
         ort_device = "cpu" if self.device == "cpu" else "auto"  # onnxruntime's CUDA only with onnxruntime-gpu
-        images = self.grid(onnx_router(b, device=ort_device), "onnxruntime_samples")
-        torch_images = sample_images(b.router(self.device), self.scheduler, self.shape, self.n)
+        images = self.grid(onnx_router(b, device=ort_device), "onnxruntime_samples", b)
+        torch_images = self.sample(b.router(self.device), self.n, b)
         self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
         return images
 
@@ -165,7 +190,8 @@ class Demo:
 
         repo = write_repository(b, b.path / "triton")
         with TritonServer(repo, log_path=self.out / "triton.log") as server:
-            served = call(server.http_url, GenerateRequest(num_images=self.n, steps=50, seed=0))
+            # Silent on the solver: the endpoint samples the way the bundle's manifest recommends.
+            served = call(server.http_url, GenerateRequest(num_images=self.n, seed=0))
         path = save_grid(served, self.out / "endpoint_samples.png")
         self.log(f"endpoint samples -> {path} (max pixel difference to onnxruntime: "
                  f"{max_pixel_diff(served, reference)}/255)")  # fmt: skip
@@ -175,7 +201,7 @@ class Demo:
         from stepadapt.plots import side_by_side
 
         stages = 7
-        self.log(f"[1/{stages}] base samples ({self.n}, DDIM 50 steps)")
+        self.log(f"[1/{stages}] base samples ({self.n}, {self.base_setting}; bundles: {self.setting})")
         self.base_samples()
         self.log(f"[2/{stages}] analyze: difficulty, groups, budgets")
         self.analyze()
@@ -185,16 +211,24 @@ class Demo:
         self.finetune()
         self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
         served = self.serve_copy()
-        targets = {"base": module_denoiser(self.model), "served": served.router(self.device)}
+        targets = {
+            "base": (module_denoiser(self.model), None),
+            "served": (served.router(self.device), served),
+        }
         if self.state["served_from"] != (self.out / "bundle").resolve():
-            targets["demo"] = Bundle.load(self.out / "bundle").router(self.device)
+            own = Bundle.load(self.out / "bundle")
+            targets["demo"] = (own.router(self.device), own)
         scores = self.kid(targets)
         self.log(f"[6/{stages}] export: ONNX per expert, parity-checked in onnxruntime")
         ort_images = self.export(served)
         self.log(f"[7/{stages}] serve: tritonserver on 127.0.0.1, generate through the endpoint")
         self.serve(served, ort_images)
-        ratio = served.manifest.trajectory_macs_ratio()
-        titles = ["base, 1.00 x MACs", f"endpoint: experts, {ratio:.2f} x MACs"]
+        s, bs = self.setting, self.base_setting
+        per_image = served.manifest.macs_per_image(s.steps, s.sampler, s.jump)
+        base_per_image = len(visited_timesteps(bs.sampler, bs.steps, self.scheduler))
+        ratio = per_image / base_per_image
+        titles = [f"base, {bs}: {base_per_image} base evaluations",
+                  f"endpoint: experts, {s}: {per_image:.2f} base evaluations"]  # fmt: skip
         for i, key in enumerate(("base", "served")):
             if key in scores:
                 titles[i] += f"\nKID {scores[key][0]:.4f} ± {scores[key][1]:.4f}"
@@ -203,4 +237,5 @@ class Demo:
             self.out / "base_vs_experts.png",
         )  # fmt: skip
         self.log(f"base vs experts -> {figure}")
-        return {"kid": scores, "macs_ratio": ratio, "figure": figure}
+        return {"kid": scores, "macs_ratio": ratio, "macs_per_image": per_image, "figure": figure,
+                "setting": str(s), "base_setting": str(bs)}  # fmt: skip

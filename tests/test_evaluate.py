@@ -107,8 +107,9 @@ def test_evaluate_cli_scores_a_bundle_and_a_base(tiny_bundle, tiny, tmp_path):
 
     manifest = Bundle.load(tiny_bundle).manifest
     assert manifest.trajectory_macs_ratio(3) != manifest.trajectory_macs_ratio(50)
-    assert bundle["macs_ratio"] == manifest.trajectory_macs_ratio(3)
-    assert bundle["macs_per_image"] == round(3 * manifest.trajectory_macs_ratio(3), 3)
+    assert bundle["macs_ratio"] == pytest.approx(manifest.trajectory_macs_ratio(3))
+    assert bundle["macs_per_image"] == round(manifest.macs_per_image(3, "ddim"), 3)
+    assert rep["settings"]["sampler"] == "ddim" and not bundle["jump"]
     for k in ("kid", "kid_std", "fid", "swd", "mse"):
         assert np.isfinite(bundle[k])
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), "--base", str(tmp_path / "base")])

@@ -248,3 +248,21 @@ def test_jump_needs_a_gaussian_expert(tmp_path):
         app, ["sample", "--jump", "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]
     )
     assert r.exit_code != 0 and "--jump needs a --bundle" in r.output
+
+
+def test_a_plan_spends_its_budget_over_the_solvers_evaluations():
+    """analyze --sampler heun --steps 10: the budget is a mean over Heun's 19 evaluations, so the
+    visit shares (what each group's budget is weighed by) are Heun's, not DDIM's."""
+    from stepadapt.difficulty import normalise, snr_profile
+    from stepadapt.plan import make_plan
+
+    snr = snr_profile(DEFAULT_SCHEDULER)
+    kw = dict(groups=3, budget=0.5, steps=10, scheduler_cfg=DEFAULT_SCHEDULER)
+    heun = make_plan(normalise(snr), snr, 1000, sampler="heun", **kw)
+    ddim = make_plan(normalise(snr), snr, 1000, sampler="ddim", **kw)
+    assert heun.sampler == "heun" and heun.mean_ratio() == pytest.approx(0.5, abs=0.02)
+    visits = Solver.parse("heun").evaluations(10, DEFAULT_SCHEDULER)
+    for g in heun.groups:
+        share = float(((visits >= g.lo) & (visits < g.hi)).double().mean())
+        assert g.visit_share == pytest.approx(share)
+    assert [g.visit_share for g in heun.groups] != [g.visit_share for g in ddim.groups]
