@@ -40,6 +40,7 @@ def score(steps: int, seed: int, n: int, threads: int) -> Path:
         subprocess.run(
             [CLI, "evaluate", str(BASE.relative_to(ROOT)), str(BUNDLE.relative_to(ROOT)), "--n", str(n),
              "--steps", str(steps), "--seed", str(seed), "--threads", str(threads), "--device", "cpu",
+             "--sampler", "ddim", "--no-jump",
              "--out", str(out)],
             check=True, cwd=ROOT,
         )  # fmt: skip

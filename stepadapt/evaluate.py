@@ -234,6 +234,10 @@ class Target:
             raise StepadaptError(f"{self.path}: the jump needs a bundle with a Gaussian expert")
         return float(len(visited_timesteps(sampler, steps, self.scheduler)))
 
+    @property
+    def can_jump(self) -> bool:
+        return self.bundle is not None and self.bundle.experts[-1].kind == "gaussian"
+
     def jump(self, wanted: bool) -> Jump | None:
         if not wanted:
             return None
@@ -247,12 +251,19 @@ class Target:
         return self.bundle.manifest.recommended if self.bundle is not None else None
 
     def fingerprint(self) -> str:
-        """What the weights are, so stored scores are never reused for other weights."""
+        """What samples depend on -- the weights, which expert owns which timesteps, the schedule --
+        so stored scores are never reused for anything else."""
         from stepadapt.io import sha256_file
 
         if self.bundle is not None:
-            return hashlib.sha256("".join(e.sha256 for e in self.bundle.experts).encode()).hexdigest()[:16]
-        return sha256_file(next(self.path.glob("*.safetensors")))[:16]
+            parts = [[e.name, list(e.timesteps), e.sha256] for e in self.bundle.experts]
+        else:
+            parts = [
+                [str(p.relative_to(self.path)), sha256_file(p)]
+                for p in sorted(self.path.rglob("*.safetensors"))
+            ]
+        blob = json.dumps([parts, self.scheduler], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
@@ -307,7 +318,7 @@ def evaluate_targets(
         target = load_target(path, device)
         if tuple(target.shape) != tuple(shape):
             raise StepadaptError(f"{name}: sample shape {target.shape} differs from the base's {shape}")
-        jumps = jump and target.bundle is not None
+        jumps = jump and target.can_jump
         per_image = target.macs_per_image(steps, solver, jumps)
         t0 = time.perf_counter()
         images = (

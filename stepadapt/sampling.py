@@ -27,7 +27,7 @@ from PIL import Image
 from stepadapt import StepadaptError
 from stepadapt.devices import device_of
 from stepadapt.io import atomic_path
-from stepadapt.solvers import Solver
+from stepadapt.solvers import Setting, Solver
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor], None]
@@ -119,10 +119,6 @@ class Jump(Protocol):
     def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor: ...
 
 
-# Solvers whose every model evaluation is a whole step, so a trajectory can begin at any of them.
-JUMPABLE = ("ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "euler", "euler-a", "lms")
-
-
 class Trajectory:
     """One run of a solver over a set of rows: the diffusers pipeline loop (``scale_model_input``, the
     model, ``step``) taken one model evaluation at a time, so a caller can batch the evaluations of
@@ -147,7 +143,9 @@ class Trajectory:
     ):
         self.solver = Solver.parse(solver)
         self.scheduler = self.solver.scheduler(scheduler_cfg, seed=seed)
-        self.scheduler.set_timesteps(self._steps_for(steps, jump, scheduler_cfg) if jump else steps)
+        self.solver.set_timesteps(
+            self.scheduler, self._steps_for(steps, jump, scheduler_cfg) if jump else steps
+        )
         self.kwargs: dict = {}
         if self.solver.family.step_takes("generator"):
             self.kwargs["generator"] = generator
@@ -192,9 +190,11 @@ class Trajectory:
 
     # --- the analytic jump over the Gaussian's interval -----------------------------------------
     def _alpha_bar(self, i: int) -> float:
-        """alpha_bar where the scheduler stands at evaluation ``i`` (sigma-space solvers interpolate)."""
-        if self.solver.family.sigma_space:
-            return float(1.0 / (1.0 + self.scheduler.sigmas[i].double() ** 2))
+        """alpha_bar where the scheduler stands at evaluation ``i``: from its sigmas where it has them
+        (they are what its step uses: interpolated, Karras), else from the training table."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is not None and len(sigmas) > i:
+            return float(1.0 / (1.0 + sigmas[i].double() ** 2))
         return float(self.scheduler.alphas_cumprod[int(self.timesteps[i])])
 
     def _vp_scale(self, i: int) -> float:
@@ -202,12 +202,11 @@ class Trajectory:
         return self._alpha_bar(i) ** 0.5 if self.solver.family.sigma_space else 1.0
 
     def _steps_for(self, steps: int, jump: Jump, scheduler_cfg: dict) -> int:
-        """The step count whose schedule spends exactly ``steps`` evaluations below the cut (or the
-        nearest above it, when no count does)."""
-        if self.solver.name not in JUMPABLE:
-            raise StepadaptError(f"--jump needs one model evaluation per step; {self.solver.name} is not so")
+        """The step count whose schedule spends ``steps`` evaluations below the cut (the nearest
+        above it, when no count does exactly): from a little under steps x T / cut upwards."""
+        check_jump(self.solver, steps, jump.cut, int(self.scheduler.config.num_train_timesteps))
         T = int(self.scheduler.config.num_train_timesteps)
-        for m in range(steps, T + 1):
+        for m in range(max(steps, int(steps * T / max(jump.cut, 1)) - 3), T + 1):
             if int((self.solver.evaluations(m, scheduler_cfg) < jump.cut).sum()) >= steps:
                 return m
         raise StepadaptError(f"no schedule of {self.solver.name} has {steps} steps below t={jump.cut}")
@@ -224,6 +223,26 @@ class Trajectory:
         self.i = k
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(k)
+
+
+def validate_setting(setting: Setting, scheduler_cfg: dict, jump_cut: int | None) -> None:
+    """A one-line error for a setting no trajectory can run (a server checks before it batches):
+    a step count the solver refuses, a jump without a Gaussian expert or that cannot be taken."""
+    solver = Solver.parse(setting.sampler)
+    solver.evaluations(setting.steps, scheduler_cfg)
+    if setting.jump:
+        if jump_cut is None:
+            raise StepadaptError("jump asked for, but this bundle has no Gaussian expert on the noisy end")
+        check_jump(solver, setting.steps, jump_cut, int(scheduler_cfg.get("num_train_timesteps", 1000)))
+
+
+def check_jump(solver: Solver, steps: int, cut: int, num_train_timesteps: int) -> None:
+    """A one-line error for a jump no trajectory can take: a solver that cannot start mid-schedule,
+    or more steps below the cut than there are timesteps."""
+    if not solver.jumps:
+        raise StepadaptError(f"the jump needs one model evaluation per step; {solver.name} is not so")
+    if not 1 <= steps <= cut:
+        raise StepadaptError(f"the jump leaves {cut} timesteps below t={cut}; {steps} steps do not fit")
 
 
 def sample(

@@ -68,7 +68,8 @@ def validate_manifest(d: dict[str, Any]) -> None:
     _int(d, "base_params", "", lo=1)
     if not d["experts"]:
         raise StepadaptError("bundle manifest: experts is empty (the bundle has no experts)")
-    validate_recommended(d.get("recommended"))
+    last = d["experts"][-1] if isinstance(d["experts"][-1], dict) else {}
+    validate_recommended(d.get("recommended"), last.get("kind") == "gaussian")
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
@@ -101,7 +102,7 @@ def validate_manifest(d: dict[str, Any]) -> None:
             _fail(f"{f}proxy_loss", "a number or null", e["proxy_loss"])
 
 
-def validate_recommended(r: Any) -> None:
+def validate_recommended(r: Any, jump_possible: bool = True) -> None:
     """The manifest's ``recommended`` sampling setting (``stepadapt tune``): null or a JSON object
     with a sampler spec stepadapt knows, a step count and whether to jump."""
     if r is None:
@@ -112,7 +113,12 @@ def validate_recommended(r: Any) -> None:
         _fail("recommended", "a JSON object or null", r)
     if not isinstance(r.get("sampler"), str):
         _fail("recommended.sampler", "a sampler spec string", r.get("sampler"))
-    Solver.parse(r["sampler"])
+    solver = Solver.parse(r["sampler"])
     _int(r, "steps", "recommended.", lo=1)
     if not isinstance(r.get("jump", False), bool):
         _fail("recommended.jump", "true or false", r.get("jump"))
+    if r.get("jump") and not (jump_possible and solver.jumps):
+        raise StepadaptError(
+            f"bundle manifest: recommended.jump with {solver.name} needs a solver that can start "
+            "mid-schedule and a Gaussian expert on the noisy end"
+        )

@@ -192,14 +192,34 @@ class Solver:
         known = set(inspect.signature(fam.cls.__init__).parameters) - {"self"}
         sched = fam.cls.from_config({k: v for k, v in cfg.items() if k in known})
         if seed is not None and hasattr(sched, "noise_sampler_seed"):
-            sched.noise_sampler_seed = int(seed)
+            sched.noise_sampler_seed = int(seed) % 2**63  # torchsde takes non-negative seeds only
         return sched
+
+    def set_timesteps(self, scheduler: SchedulerMixin, steps: int) -> None:
+        """``scheduler.set_timesteps`` with diffusers' refusals (PNDM below 4 steps, ...) as one line."""
+        try:
+            scheduler.set_timesteps(steps)
+        except (ValueError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StepadaptError(f"{self.name} cannot take {steps} steps: {first}") from None
 
     def evaluations(self, steps: int, config: dict[str, Any] | None = None) -> torch.Tensor:
         """The timesteps at which the model runs for ``steps`` steps: one entry per evaluation."""
         sched = self.scheduler(config)
-        sched.set_timesteps(steps)
+        self.set_timesteps(sched, steps)
         return sched.timesteps.detach().clone()
+
+    @property
+    def jumps(self) -> bool:
+        """Whether a trajectory can begin mid-schedule (after the analytic jump): every model
+        evaluation a whole step, and a first step that needs no history. Not Heun, DPM-Solver++ SDE
+        (two evaluations a step), PNDM (Runge-Kutta warm-up) nor LMS (its order follows the step
+        index, so it would extrapolate from derivatives it never saw)."""
+        return self.name in JUMPABLE
+
+
+# Solvers whose trajectories can start mid-schedule (see Solver.jumps).
+JUMPABLE = ("ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "euler", "euler-a")
 
 
 def solver_names() -> str:
@@ -239,8 +259,11 @@ def resolve_setting(
     eta: float | None = None,
 ) -> Setting:
     """What a command samples with: each flag given overrides the bundle's recommendation
-    (``recommended``), which overrides 50 DDIM steps without a jump."""
+    (``recommended``), which overrides 50 DDIM steps without a jump. Another solver than the
+    recommended one takes nothing else from the recommendation."""
     rec = recommended or {}
+    if sampler is not None and Solver.parse(sampler) != Solver.parse(rec.get("sampler", "ddim")):
+        rec = {}  # the steps and jump were measured for the recommended solver, not this one
     solver = Solver.parse(sampler if sampler is not None else rec.get("sampler", "ddim"))
     if eta is not None:
         solver = solver.with_(eta=float(eta))

@@ -36,7 +36,7 @@ from stepadapt.evaluate import (
     score,
 )
 from stepadapt.io import read_json, write_json
-from stepadapt.solvers import Setting
+from stepadapt.solvers import Setting, Solver
 
 # What `tune` tries by default: the solvers that scored best on the shipped base and bundle, each
 # with and without dynamic thresholding where it changed the base's ranking, and DDIM as the old default.
@@ -66,7 +66,7 @@ def candidates(
     out = []
     for spec in samplers:
         for n in steps:
-            for j in (False, True) if jump else (False,):
+            for j in (False, True) if jump and Solver.parse(spec).jumps else (False,):
                 s = Setting(spec, n, j)
                 macs = target.macs_per_image(s.steps, s.sampler, s.jump)
                 if macs <= max_macs_per_image + 1e-9:

@@ -112,8 +112,12 @@ def test_an_unknown_solver_or_option_is_a_400(served, sampler, msg):
     status, text = _infer_json(server, {"sampler": ("BYTES", sampler), "steps": ("INT32", 2)})
     assert status == 400 and msg in text
     assert server.ready()
-    with pytest.raises(StepadaptError, match="heun is not so"):
-        generate(server.http_url, GenerateRequest(num_images=1, steps=2, sampler="heun", jump=True))
+    status, text = _infer_json(
+        server, {"sampler": ("BYTES", "heun"), "steps": ("INT32", 2), "jump": ("BOOL", True)}
+    )
+    assert status == 400 and "heun is not so" in text
+    status, text = _infer_json(server, {"sampler": ("BYTES", "pndm"), "steps": ("INT32", 2)})
+    assert status == 400 and "pndm cannot take 2 steps" in text
 
 
 def test_stream_sends_one_message_per_step_then_the_images(served):
@@ -148,7 +152,7 @@ def test_http_generate_stream_route(served):
     [
         ({"steps": ("INT32", 0)}, "steps must be in"),
         ({"num_images": ("INT32", 9)}, "number of images must be in"),
-        ({"sampler": ("BYTES", "euler")}, "unknown sampler"),
+        ({"sampler": ("BYTES", "dpm++9m")}, "unknown sampler"),
         ({"eta": ("FP32", 3.0)}, "eta must be in"),
         ({"steps": ("FP32", 5.0)}, "data-type"),
         ({"bogus": ("INT32", 1)}, "unexpected inference input"),
@@ -294,7 +298,7 @@ def test_generate_cli_plain_and_streaming(served, tmp_path):
     a, b = np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"]
     assert a.shape == (2, 32, 32, 1) and np.array_equal(a, b)
     r = runner.invoke(
-        app, ["generate", "--url", server.http_url, "--sampler", "euler", "--out", str(tmp_path / "c.png")]
+        app, ["generate", "--url", server.http_url, "--sampler", "dpm++9m", "--out", str(tmp_path / "c.png")]
     )
     assert r.exit_code == 2 and "unknown sampler" in r.output and not (tmp_path / "c.png").exists()
 

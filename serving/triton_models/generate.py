@@ -40,7 +40,7 @@ from stepadapt.serving.replies import error
 import stepadapt
 from stepadapt import StepadaptError
 from stepadapt.export.runtime import timestep_type
-from stepadapt.sampling import Router, sample_images, sample_together, validate_request
+from stepadapt.sampling import Router, sample_images, sample_together, validate_request, validate_setting
 from stepadapt.solvers import resolve_setting
 
 CHECK_EVERY = 0.05  # seconds between looks at one request (each asks Triton over IPC)
@@ -86,6 +86,11 @@ class Watch:
         return self.stopped
 
 
+def _timesteps(t, dtype):
+    """Fractional timesteps round for an int64 export, as onnxruntime's feed does in process."""
+    return np.rint(t).astype(np.int64) if dtype == np.int64 else np.asarray(t, dtype=dtype)
+
+
 def _bls_expert(model_name, dtype):
     def call(x, t):
         req = pb_utils.InferenceRequest(
@@ -93,7 +98,7 @@ def _bls_expert(model_name, dtype):
             requested_output_names=["eps"],
             inputs=[
                 pb_utils.Tensor("sample", x.numpy().astype(np.float32, copy=False)),
-                pb_utils.Tensor("timestep", np.asarray(t.numpy(), dtype=dtype).reshape(-1, 1)),
+                pb_utils.Tensor("timestep", _timesteps(t.numpy(), dtype).reshape(-1, 1)),
             ],
         )
         resp = req.exec()
@@ -149,7 +154,8 @@ class TritonPythonModel:
         self.router = Router(bounds, experts)
         self.recommended = manifest.get("recommended")
         self.jump_file = os.path.join(version_dir, "jump.safetensors")
-        self.jump_cut = manifest["experts"][-1]["timesteps"][0]
+        top = manifest["experts"][-1]
+        self.jump_cut = top["timesteps"][0] if top.get("kind") == "gaussian" else None
         self._jump = None
         pb_utils.Logger.log_info(f"{cfg['name']}: stepadapt from {os.path.dirname(stepadapt.__file__)}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
@@ -170,14 +176,13 @@ class TritonPythonModel:
             None if eta is None or float(eta) == 0.0 else float(eta),
         )  # fmt: skip
         validate_request(setting.steps, n, self.max_images, int(self.scheduler["num_train_timesteps"]))
-        if setting.jump:
-            self.jump()
+        validate_setting(setting, self.scheduler, self.jump_cut)
         return seed, n, setting
 
     def jump(self):
         """The analytic jump over the Gaussian expert's interval, loaded on first use."""
         if self._jump is None:
-            if not os.path.isfile(self.jump_file):
+            if self.jump_cut is None or not os.path.isfile(self.jump_file):
                 raise StepadaptError(
                     "jump asked for, but this bundle has no Gaussian expert on the noisy end"
                 )
