@@ -81,8 +81,8 @@ def test_the_recommendation_is_the_default_of_sample_and_evaluate(bundle, tmp_pa
     )
     assert "unipc x3" in r.output and "+jump" not in r.output
     assert not np.array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "c.npz")["images"])
-    r = runner.invoke(app, ["evaluate", str(bundle), "--n", "3", "--kid-subsets", "2",
-                            "--out", str(tmp_path / "e.json"), "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    where = ["--out", str(tmp_path / "e.json"), "--cache-dir", str(tmp_path / "cache")]
+    r = runner.invoke(app, ["evaluate", str(bundle), "--n", "3", "--kid-subsets", "2", *where])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["settings"]["sampler"] == "unipc" and report["settings"]["steps"] == 3
