@@ -742,6 +742,9 @@ def tune(
     steps: Annotated[str, typer.Option(help="Step counts to try, comma-separated.")] = ",".join(
         map(str, TUNE_STEPS)
     ),
+    base_samplers: Annotated[
+        str | None, typer.Option(help="Solvers to try on --base (default: --samplers).")
+    ] = None,
     jump: Annotated[
         bool | None,
         typer.Option("--jump/--no-jump", help="Also try the analytic jump (default: where it exists)."),
@@ -774,7 +777,7 @@ def tune(
         dev = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
-        spec_list = [s.strip() for s in samplers.split(",") if s.strip()]
+        spec_list = [s.strip() for s in _parse_list(samplers, "--samplers", str) if s.strip()]
         step_list, seed_list = _parse_ints(steps, "--steps"), _parse_ints(seeds, "--seeds")
         if dry_run:
             target = load_target(bundle, dev)
@@ -790,6 +793,7 @@ def tune(
             bundle, max_macs_per_image, base=base, samplers=spec_list, steps=step_list, jump=jump, n=n,
             seeds=seed_list, data=data, store=store, device=dev, log=console.print,
             command=" ".join(["stepadapt", *sys.argv[1:]]),
+            base_samplers=_parse_list(base_samplers, "--base-samplers", str),
         )  # fmt: skip
     except StepadaptError as e:
         _fail(e)

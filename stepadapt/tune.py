@@ -148,6 +148,7 @@ def tune(
     samplers: Sequence[str] = TUNE_SAMPLERS,
     steps: Sequence[int] = TUNE_STEPS,
     jump: bool | None = None,
+    base_samplers: Sequence[str] | None = None,
     n: int = 500,
     seeds: Sequence[int] = (0, 1),
     data: str = "fashion-mnist",
@@ -158,7 +159,8 @@ def tune(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score every setting of ``bundle`` within the budget, and with ``base`` the base's own best
-    within it; the best bundle setting becomes the manifest's ``recommended`` (``write``)."""
+    within it (over ``base_samplers``, by default the same: the base may need other options, e.g.
+    dynamic thresholding); the best bundle setting becomes the manifest's ``recommended`` (``write``)."""
     target = load_target(bundle, device)
     if target.bundle is None:
         raise StepadaptError(f"{bundle} is not a bundle (tune writes into a bundle's manifest)")
@@ -174,9 +176,8 @@ def tune(
     base_row = None
     if base is not None:
         ref = load_target(base, device)
-        base_rows = [
-            scorer.mean(ref, s, seeds) for s, _ in candidates(ref, max_macs_per_image, samplers, steps)
-        ]
+        options = candidates(ref, max_macs_per_image, base_samplers or samplers, steps)
+        base_rows = [scorer.mean(ref, s, seeds) for s, _ in options]
         base_row = best(base_rows)
     top = best(rows)
     rec = {
