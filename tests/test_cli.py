@@ -33,7 +33,7 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert r.exit_code == 2
     assert "error:" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["sample", "--steps", "0", "--out", str(tmp_path / "x.png")])  # the shipped base
-    assert r.exit_code == 2 and "steps must be in" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "steps must be" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.png").exists()
 
 
