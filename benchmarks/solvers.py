@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stepadapt.benchmarks.steps import save_kid_plot
 
 from stepadapt.evaluate import load_target
 from stepadapt.io import read_json, write_json
@@ -176,18 +177,8 @@ def plot(rows: list[dict], fr: dict, n: int, seeds: list[int], path: Path) -> Pa
         pts = [(float(m), k) for m, k in fr[name].items() if k is not None]
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=color, lw=3, alpha=0.25,
                 label=f"{name} frontier (best KID within M)")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MACs per image, in base evaluations")
-    ax.set_ylabel("KID vs Fashion-MNIST test (lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"n={n} per point and seed; mean ± std over seeds {seeds}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"n={n} per point and seed; mean ± std over seeds {seeds}"
+    return save_kid_plot(fig, ax, path, "MACs per image, in base evaluations", title, legend_size=7)
 
 
 def main() -> None:

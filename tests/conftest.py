@@ -30,6 +30,22 @@ def tiny():
     return build_unet("tiny", seed=0).eval()
 
 
+# A user's own scheduler config: every key differs from DDPMScheduler's default and changes the images.
+OWN_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                     variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False)  # fmt: skip
+
+
+@pytest.fixture
+def own_model(tmp_path):
+    """A random UNet2DModel dir as diffusers writes it: the model, and its scheduler's own config."""
+    from diffusers import DDPMScheduler
+
+    d = tmp_path / "own"
+    build_unet("tiny", seed=1).save_pretrained(d, safe_serialization=True)
+    DDPMScheduler(**OWN_SCHEDULER).save_config(d)
+    return d
+
+
 def make_bundle(base, out, nested: bool = True, gaussian: bool = False):
     """3 experts (the first unpruned) at a 0.6 budget, pruned from ``base`` with Taylor/global;
     ``gaussian``: a 4th, closed-form expert (fitted to squares) on [700, 1000), budget 0.45."""

@@ -3,27 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from conftest import OWN_SCHEDULER as OWN
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from typer.testing import CliRunner
 
 from stepadapt import StepadaptError
 from stepadapt.cli import app
-from stepadapt.models import build_unet, load_base
+from stepadapt.models import load_base
 from stepadapt.schedule import make_scheduler, model_target, per_sample
 from stepadapt.train import denoising_losses, min_snr_weight
-
-# Every key here differs from DDPMScheduler's default and changes the images.
-OWN = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", variance_type="fixed_large",
-           timestep_spacing="trailing", clip_sample=False)  # fmt: skip
-
-
-@pytest.fixture
-def own_model(tmp_path):
-    """A random UNet2DModel dir as diffusers writes it: the model, and its scheduler's own config."""
-    d = tmp_path / "own"
-    build_unet("tiny", seed=1).save_pretrained(d, safe_serialization=True)
-    DDPMScheduler(**OWN).save_config(d)
-    return d
 
 
 def _pipeline_images(pipe, **kw) -> np.ndarray:

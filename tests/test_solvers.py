@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OWN_SCHEDULER as OWN
 from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
@@ -29,7 +30,6 @@ from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.cli import app
 from stepadapt.gaussian import GaussianJump, fit_gaussian
-from stepadapt.models import build_unet
 from stepadapt.sampling import Trajectory, sample
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
 from stepadapt.solvers import NAMES, Setting, Solver, resolve_setting
@@ -51,8 +51,6 @@ DIFFUSERS = {
     "pndm": (PNDMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
 }
-OWN = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
-           clip_sample=False)  # fmt: skip
 
 
 def test_the_registry_is_diffusers_zoo():
@@ -110,14 +108,6 @@ def test_settings_follow_flags_then_the_recommendation_then_ddim_50():
     # Another solver: the recommended steps and jump were measured for unipc, not for it.
     assert resolve_setting(rec, "dpm++2m") == Setting("dpm++2m", 50, False)
     assert resolve_setting(None, eta=0.5) == Setting("ddim:eta=0.5", 50, False)
-
-
-@pytest.fixture
-def own_model(tmp_path):
-    d = tmp_path / "own"
-    build_unet("tiny", seed=1).save_pretrained(d, safe_serialization=True)
-    DDPMScheduler(**OWN).save_config(d)
-    return d
 
 
 def _diffusers_loop(unet, scheduler, n: int, steps: int, seed: int) -> np.ndarray:
