@@ -35,7 +35,8 @@ from stepadapt.benchmarks.steps import save_kid_plot
 
 from stepadapt.evaluate import load_target
 from stepadapt.io import read_json, write_json
-from stepadapt.tune import Scorer, Setting
+from stepadapt.solvers import Setting
+from stepadapt.tune import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "stepadapt" / "weights" / "fashion-tiny"
