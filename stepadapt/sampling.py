@@ -32,8 +32,6 @@ from stepadapt.solvers import Setting, Solver
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor], None]
 
-MAX_STEPS = 1000
-
 
 class Router:
     """Timestep -> expert. ``boundaries[i] <= t < boundaries[i+1]`` belongs to ``experts[i]``."""
@@ -204,7 +202,7 @@ class Trajectory:
     def _steps_for(self, steps: int, jump: Jump, scheduler_cfg: dict) -> int:
         """The step count whose schedule spends ``steps`` evaluations below the cut (the nearest
         above it, when no count does exactly): from a little under steps x T / cut upwards."""
-        check_jump(self.solver, steps, jump.cut, int(self.scheduler.config.num_train_timesteps))
+        check_jump(self.solver, steps, jump.cut)
         T = int(self.scheduler.config.num_train_timesteps)
         for m in range(max(steps, int(steps * T / max(jump.cut, 1)) - 3), T + 1):
             if int((self.solver.evaluations(m, scheduler_cfg) < jump.cut).sum()) >= steps:
@@ -233,10 +231,10 @@ def validate_setting(setting: Setting, scheduler_cfg: dict, jump_cut: int | None
     if setting.jump:
         if jump_cut is None:
             raise StepadaptError("jump asked for, but this bundle has no Gaussian expert on the noisy end")
-        check_jump(solver, setting.steps, jump_cut, int(scheduler_cfg.get("num_train_timesteps", 1000)))
+        check_jump(solver, setting.steps, jump_cut)
 
 
-def check_jump(solver: Solver, steps: int, cut: int, num_train_timesteps: int) -> None:
+def check_jump(solver: Solver, steps: int, cut: int) -> None:
     """A one-line error for a jump no trajectory can take: a solver that cannot start mid-schedule,
     or more steps below the cut than there are timesteps."""
     if not solver.jumps:
