@@ -40,7 +40,7 @@ import torch
 import torch_pruning as tp
 from diffusers import UNet2DModel
 from stepadapt.export.onnx import OnnxDenoiser, export_bundle
-from stepadapt.export.runtime import session
+from stepadapt.export.runtime import session, timestep_feed
 from stepadapt.serving.client import Endpoint, GenerateRequest
 from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer
@@ -243,7 +243,7 @@ def call_for(bundle: Bundle, expert: ExpertSpec, backend: str) -> Callable[[np.n
         return lambda x, t: den(torch.from_numpy(x), torch.from_numpy(t))
     if backend.startswith("onnxruntime"):
         s = _onnx_session(bundle.path / expert.onnx["path"], backend)
-        return lambda x, t: s.run(["eps"], {"sample": x, "timestep": t})
+        return lambda x, t: s.run(["eps"], {"sample": x, "timestep": timestep_feed(s, t)})
     raise StepadaptError(f"unknown backend {backend!r}")
 
 

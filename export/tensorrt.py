@@ -97,11 +97,13 @@ class TrtDenoiser:
         if self.engine is None:
             raise StepadaptError(f"cannot deserialize TensorRT engine {plan_path}")
         self.context = self.engine.create_execution_context()
+        # float32 in engines built from exports since fractional timesteps (int64 before)
+        self.float_timestep = self.engine.get_tensor_dtype("timestep") == trt.DataType.FLOAT
 
     def __call__(self, x, t):
         torch = self.torch
         x = x.float().cuda().contiguous()
-        t = t.long().cuda().contiguous()
+        t = (t.float() if self.float_timestep else t.double().round().long()).cuda().contiguous()
         out = torch.empty_like(x)
         self.context.set_input_shape("sample", tuple(x.shape))
         self.context.set_input_shape("timestep", tuple(t.shape))
