@@ -170,12 +170,14 @@ class TritonPythonModel:
         sampler = _scalar(request, "sampler", None)
         eta = _scalar(request, "eta", None)
         jump = _scalar(request, "jump", None)
+        T = int(self.scheduler["num_train_timesteps"])
+        validate_request(50 if steps is None else int(steps), n, self.max_images, T)
         setting = resolve_setting(
             self.recommended, None if sampler is None else str(sampler).strip() or None,
             None if steps is None else int(steps), None if jump is None else bool(jump),
             None if eta is None or float(eta) == 0.0 else float(eta),
         )  # fmt: skip
-        validate_request(setting.steps, n, self.max_images, int(self.scheduler["num_train_timesteps"]))
+        validate_request(setting.steps, n, self.max_images, T)
         validate_setting(setting, self.scheduler, self.jump_cut)
         return seed, n, setting
 
