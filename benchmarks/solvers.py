@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,18 +132,16 @@ def report(seeds: list[int], n: int) -> dict:
         for m in fr["base"]
     }
     exp = read_json(RESULTS / "experiment.json")
-    old = [
-        r
+    # The DDIM rows of benchmarks.experiment stay (their solver said); this script's own are replaced.
+    kept = [
+        {**r, "solver": r.get("solver", "ddim")}
         for r in exp["rows"]
-        if "solver" not in r or r.get("kind") in ("uniform", "default") and r["solver"] == "ddim"
+        if r.get("source") != "benchmarks.solvers"
     ]
-    for r in old:
-        r.setdefault("solver", "ddim")
-    keep = [r for r in exp["rows"] if r not in old and r.get("source") != "benchmarks.solvers"]
-    exp["rows"] = [*old, *[r for r in keep if r.get("source") != "benchmarks.solvers"],
-                   *[{**r, "source": "benchmarks.solvers"} for r in rows]]  # fmt: skip
+    exp["rows"] = [*kept, *[{**r, "source": "benchmarks.solvers"} for r in rows]]
     exp["solvers"] = {
-        "command": "python -m benchmarks.solvers " + " ".join(sys.argv[1:]),
+        "command": f"python -m benchmarks.solvers --seeds {','.join(map(str, seeds))} --n {n} --shard I/2 "
+        "(I = 0, 1, side by side), then the same with --report",
         "n": n, "seeds": seeds, "frontiers": fr, "experts_over_base": ratio,
         "machine": "the project's 2-core CPU VM (AMD EPYC), torch CPU, 1 thread per shard",
     }  # fmt: skip
