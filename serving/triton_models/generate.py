@@ -41,7 +41,7 @@ import stepadapt
 from stepadapt import StepadaptError
 from stepadapt.export.runtime import timestep_type
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request, validate_setting
-from stepadapt.solvers import resolve_setting
+from stepadapt.solvers import Solver, resolve_setting
 
 CHECK_EVERY = 0.05  # seconds between looks at one request (each asks Triton over IPC)
 
@@ -171,9 +171,12 @@ class TritonPythonModel:
         eta = _scalar(request, "eta", None)
         jump = _scalar(request, "jump", None)
         T = int(self.scheduler["num_train_timesteps"])
+        sampler = None if sampler is None else str(sampler).strip() or None
+        if sampler is not None:
+            Solver.parse(sampler)  # an unknown solver or option is said first
         validate_request(50 if steps is None else int(steps), n, self.max_images, T)
         setting = resolve_setting(
-            self.recommended, None if sampler is None else str(sampler).strip() or None,
+            self.recommended, sampler,
             None if steps is None else int(steps), None if jump is None else bool(jump),
             None if eta is None or float(eta) == 0.0 else float(eta),
         )  # fmt: skip
