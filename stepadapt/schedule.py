@@ -50,7 +50,12 @@ def make_scheduler(sampler: str = "ddpm", config: dict[str, Any] | None = None) 
     """
     if sampler not in _CLASSES:
         raise StepadaptError(f"unknown schedule kind {sampler!r}; choose one of {', '.join(_CLASSES)}")
-    cls = _CLASSES[sampler]
+    return from_model_config(_CLASSES[sampler], config)
+
+
+def from_model_config(cls: type[SchedulerMixin], config: dict[str, Any] | None) -> SchedulerMixin:
+    """``cls`` from a model's whole scheduler config (DDPMScheduler's defaults under it), checked,
+    each class taking the keys it knows."""
     cfg = {**DEFAULT_SCHEDULER, **(config or {})}
     check_scheduler_config(cfg)
     known = set(inspect.signature(cls.__init__).parameters) - {"self"}

@@ -34,7 +34,7 @@ from diffusers import (
 )
 
 from stepadapt import StepadaptError
-from stepadapt.schedule import DEFAULT_SCHEDULER, check_scheduler_config
+from stepadapt.schedule import from_model_config
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -47,6 +47,10 @@ class Family:
     cls: type[SchedulerMixin]
     fixed: tuple[tuple[str, Any], ...] = ()
     sigma_space: bool = False
+    # Can a trajectory begin mid-schedule (after the analytic jump)? Not with two evaluations a
+    # step (Heun, DPM-Solver++ SDE), a Runge-Kutta warm-up (PNDM), nor an order that follows the
+    # step index (LMS: it would extrapolate from derivatives it never saw).
+    jumps: bool = True
 
     def accepts(self, key: str) -> bool:
         return key in inspect.signature(self.cls.__init__).parameters
@@ -62,13 +66,13 @@ FAMILIES: dict[str, Family] = {
     "dpm++2m": Family(_DPM, (("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
     "dpm++3m": Family(_DPM, (("algorithm_type", "dpmsolver++"), ("solver_order", 3))),
     "dpm++2m-sde": Family(_DPM, (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2))),
-    "dpm++sde": Family(DPMSolverSDEScheduler, sigma_space=True),
+    "dpm++sde": Family(DPMSolverSDEScheduler, sigma_space=True, jumps=False),
     "unipc": Family(UniPCMultistepScheduler),
     "euler": Family(EulerDiscreteScheduler, sigma_space=True),
     "euler-a": Family(EulerAncestralDiscreteScheduler, sigma_space=True),
-    "heun": Family(HeunDiscreteScheduler, sigma_space=True),
-    "pndm": Family(PNDMScheduler),
-    "lms": Family(LMSDiscreteScheduler, sigma_space=True),
+    "heun": Family(HeunDiscreteScheduler, sigma_space=True, jumps=False),
+    "pndm": Family(PNDMScheduler, jumps=False),
+    "lms": Family(LMSDiscreteScheduler, sigma_space=True, jumps=False),
 }
 NAMES = tuple(FAMILIES)
 # Option -> the scheduler config key it sets; a solver whose class lacks the key refuses the option.
@@ -113,11 +117,6 @@ class Solver:
     @property
     def family(self) -> Family:
         return FAMILIES[self.name]
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether its images depend on noise drawn while stepping (not only on x_T)."""
-        return self.name in ("ddpm", "dpm++2m-sde", "dpm++sde", "euler-a") or self.eta > 0
 
     # --- the spec string: what flags, requests and manifests carry -------------------------------
     @classmethod
@@ -182,15 +181,12 @@ class Solver:
         """A fresh scheduler from the model's own config (each class takes the keys it knows, as a
         diffusers pipeline does when it swaps schedulers), with this solver's options on top.
         ``seed`` seeds the Brownian tree of DPM-Solver++ SDE, whose ``step`` takes no generator."""
-        fam = self.family
-        cfg = {**DEFAULT_SCHEDULER, **(config or {}), **dict(fam.fixed)}
-        check_scheduler_config(cfg)
+        cfg = {**(config or {}), **dict(self.family.fixed)}
         for option, key in self._set_options().items():
             cfg[key] = getattr(self, option)
         if self.thresholding:
             cfg.setdefault("sample_max_value", 1.0)
-        known = set(inspect.signature(fam.cls.__init__).parameters) - {"self"}
-        sched = fam.cls.from_config({k: v for k, v in cfg.items() if k in known})
+        sched = from_model_config(self.family.cls, cfg)
         if seed is not None and hasattr(sched, "noise_sampler_seed"):
             sched.noise_sampler_seed = int(seed) % 2**63  # torchsde takes non-negative seeds only
         return sched
@@ -211,19 +207,8 @@ class Solver:
 
     @property
     def jumps(self) -> bool:
-        """Whether a trajectory can begin mid-schedule (after the analytic jump): every model
-        evaluation a whole step, and a first step that needs no history. Not Heun, DPM-Solver++ SDE
-        (two evaluations a step), PNDM (Runge-Kutta warm-up) nor LMS (its order follows the step
-        index, so it would extrapolate from derivatives it never saw)."""
-        return self.name in JUMPABLE
-
-
-# Solvers whose trajectories can start mid-schedule (see Solver.jumps).
-JUMPABLE = ("ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "euler", "euler-a")
-
-
-def solver_names() -> str:
-    return ", ".join(NAMES)
+        """Whether a trajectory can begin mid-schedule, after the analytic jump (``Family.jumps``)."""
+        return self.family.jumps
 
 
 @dataclass(frozen=True)
