@@ -34,7 +34,7 @@ from stepadapt.gaussian import GaussianDenoiser, GaussianJump
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History, replay
-from stepadapt.sampling import Denoiser, Router, Trajectory, module_denoiser
+from stepadapt.sampling import Denoiser, Router, module_denoiser, steps_for_jump
 from stepadapt.schema import safe_relative, validate_manifest
 from stepadapt.solvers import Solver
 
@@ -107,10 +107,10 @@ class Manifest:
         steps = steps or plan.get("steps", 50)
         if not jump:
             return visited_timesteps(solver, steps, self.scheduler)
-        run = Trajectory(
-            solver, self.scheduler, torch.zeros(1, *self.sample_shape), steps, jump=_NoJump(self.jump_cut)
+        visits = visited_timesteps(
+            solver, steps_for_jump(solver, steps, self.jump_cut, self.scheduler), self.scheduler
         )
-        return run.timesteps[run.i :].double().numpy()
+        return visits[visits < self.jump_cut]
 
     @property
     def jump_cut(self) -> int:
@@ -163,16 +163,6 @@ class Manifest:
             return cls(**body)
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed bundle manifest: {e}") from None
-
-
-@dataclass(frozen=True)
-class _NoJump:
-    """A jump that only knows where it stops: enough to lay out a jumped schedule for counting."""
-
-    cut: int
-
-    def transport(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
-        return x
 
 
 def provenance(command: str | None = None, **extra) -> dict[str, Any]:

@@ -142,7 +142,7 @@ class Trajectory:
         self.solver = Solver.parse(solver)
         self.scheduler = self.solver.scheduler(scheduler_cfg, seed=seed)
         self.solver.set_timesteps(
-            self.scheduler, self._steps_for(steps, jump, scheduler_cfg) if jump else steps
+            self.scheduler, steps_for_jump(self.solver, steps, jump.cut, scheduler_cfg) if jump else steps
         )
         self.kwargs: dict = {}
         if self.solver.family.step_takes("generator"):
@@ -199,16 +199,6 @@ class Trajectory:
         """x_vp = scale * state: 1 for DDPM-family solvers, 1 / sqrt(1 + sigma^2) in sigma space."""
         return self._alpha_bar(i) ** 0.5 if self.solver.family.sigma_space else 1.0
 
-    def _steps_for(self, steps: int, jump: Jump, scheduler_cfg: dict) -> int:
-        """The step count whose schedule spends ``steps`` evaluations below the cut (the nearest
-        above it, when no count does exactly): from a little under steps x T / cut upwards."""
-        check_jump(self.solver, steps, jump.cut)
-        T = int(self.scheduler.config.num_train_timesteps)
-        for m in range(max(steps, int(steps * T / max(jump.cut, 1)) - 3), T + 1):
-            if int((self.solver.evaluations(m, scheduler_cfg) < jump.cut).sum()) >= steps:
-                return m
-        raise StepadaptError(f"no schedule of {self.solver.name} has {steps} steps below t={jump.cut}")
-
     def _jump(self, jump: Jump) -> None:
         below = (self.timesteps < jump.cut).nonzero()
         if not len(below):
@@ -221,6 +211,18 @@ class Trajectory:
         self.i = k
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(k)
+
+
+def steps_for_jump(solver: Solver, steps: int, cut: int, scheduler_cfg: dict) -> int:
+    """The step count whose schedule spends ``steps`` evaluations below ``cut`` (the nearest above
+    it, when no count does exactly): from a little under steps x T / cut upwards. A jumped run is
+    that schedule from its first timestep below the cut."""
+    check_jump(solver, steps, cut)
+    T = int(scheduler_cfg.get("num_train_timesteps", 1000))
+    for m in range(max(steps, int(steps * T / max(cut, 1)) - 3), T + 1):
+        if int((solver.evaluations(m, scheduler_cfg) < cut).sum()) >= steps:
+            return m
+    raise StepadaptError(f"no schedule of {solver.name} has {steps} steps below t={cut}")
 
 
 def validate_setting(setting: Setting, scheduler_cfg: dict, jump_cut: int | None) -> None:
