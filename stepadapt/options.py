@@ -1,0 +1,108 @@
+"""Options objects: one frozen dataclass per stage, round-tripping to JSON.
+
+A stage's options are what a bundle records in its provenance, so the options
+a bundle was made with are the options it can be re-made with (diffusers'
+``ConfigMixin`` does the same for models and schedulers). Every rule about a
+stage's options (defaults, what depends on what, what is refused) lives in its
+options class, so the CLI, the demo and the experiment cannot disagree.
+
+Field metadata ``help`` is the one description of an option; the CLI shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stepadapt import StepadaptError
+
+O = TypeVar("O", bound="Options")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
+    """A dataclass field with its help text (and CLI hints: ``flag``, ``flags``) as metadata."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, **metadata}}
+    if isinstance(default, list | dict | set):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _typed(hint: Any, value: Any) -> Any:
+    """``value`` (from JSON) as ``hint`` wants it: paths, tuples and nested options come back typed."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                return _typed(arg, value)
+    if hint is Path:
+        return Path(value)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_typed(inner, v) for v in value)
+    if isinstance(hint, type) and issubclass(hint, Options) and isinstance(value, dict):
+        return hint.from_dict(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Base of every stage's options; subclasses check themselves in ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[O], d: dict[str, Any]) -> O:
+        if not isinstance(d, dict):
+            raise StepadaptError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise StepadaptError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        try:
+            return cls(**{k: _typed(hints[k], v) for k, v in d.items()})
+        except TypeError as e:
+            raise StepadaptError(f"{cls.__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls: type[O], text: str) -> O:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise StepadaptError(f"{cls.__name__}: not JSON ({e})") from None
+
+    def replace(self: O, **changes: Any) -> O:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of one option (what the CLI shows for its flag)."""
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.metadata.get("help", "")
+        raise KeyError(name)
