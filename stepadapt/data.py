@@ -231,11 +231,10 @@ def proxy_sets(
     return x[:half], x[half:]
 
 
-def fingerprint(x: torch.Tensor) -> str:
-    """The sha256 of a loaded dataset (shape and values): what a plan and a bundle record of the
-    images they were fitted to, so a later stage can tell the same data from other data."""
-    import hashlib
 
-    h = hashlib.sha256(str(tuple(x.shape)).encode())
-    h.update(x.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+def fingerprint(x: torch.Tensor) -> str:
+    """The sha256 of a loaded dataset: what a plan and a bundle record of the images they were
+    fitted to, so a later stage can tell the same data from other data."""
+    from stepadapt.io import sha256_tensors
+
+    return sha256_tensors({"images": x})

@@ -170,3 +170,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_tensors(tensors: dict[str, torch.Tensor], extra: Any = None) -> str:
+    """Every byte of every tensor, its name, dtype and shape (and ``extra`` as JSON): the identity of
+    weights or images wherever they were loaded from, so a bundle can tell its own base from another
+    of the same architecture, and a memory-bank entry is reused only for the very same inputs."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for k, v in sorted(tensors.items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()

@@ -95,7 +95,7 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
     if not path.is_dir():
         raise StepadaptError(f"base model directory not found: {path}")
     # Accept a full pipeline dir too (unet/ + scheduler/).
-    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    unet_dir = (path / "unet/config.json").parent if (path / "unet/config.json").is_file() else path
     if not (unet_dir / "config.json").is_file():
         raise StepadaptError(f"{unet_dir} has no config.json: not a diffusers model directory")
     if not (unet_dir / WEIGHTS_NAME).is_file():
@@ -131,6 +131,14 @@ def clean_config(model: UNet2DModel) -> dict[str, Any]:
         for k, v in dict(model.config).items()
         if not k.startswith("_")
     }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The digest of a model's weights (not of a file: the same weights loaded from anywhere agree),
+    which a bundle records of its base so a teacher or reference of other weights is caught."""
+    from stepadapt.io import sha256_tensors
+
+    return sha256_tensors(model.state_dict())
 
 
 def count_params(model: torch.nn.Module) -> int:
