@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import save_file
 
 from stepadapt import StepadaptError
+from stepadapt.data import fingerprint, load_dataset, proxy_sets
+from stepadapt.devices import resolve_device
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
-from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, gaussian_cutoff
-from stepadapt.plan import Plan, make_plan, visited_timesteps
+from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, affordable, fit_gaussian, gaussian_cutoff
+from stepadapt.io import atomic_path, sha256_file
+from stepadapt.models import DEFAULT_BASE, load_base
+from stepadapt.options import Options, option
+from stepadapt.plan import GaussianChoice, Plan, make_plan, visited_timesteps
+from stepadapt.plots import plot_plan
 from stepadapt.prune import count_macs
 
 
@@ -64,15 +75,14 @@ def analyze_base(
     if gaussian is not None and gaussian_from is None and boundaries is None and groups < 2:
         gaussian = None  # auto, but a single group leaves no room for a second kind of expert
     if gaussian is not None:
-        chosen = {"rule": "given", "from": gaussian_from}
+        chosen = GaussianChoice("given", gaussian_from)
         if gaussian_from is None:
             cut, errs = gaussian_cutoff(model, gaussian, scheduler_cfg, proxy, tolerance=tolerance, seed=seed)
             mse = {str(t): [round(b, 7), round(g, 7)] for t, (b, g) in sorted(errs.items())}
-            chosen = {"rule": "auto", "from": cut, "tolerance_from": cut, "tolerance": tolerance}
-            chosen["eps_mse"] = mse
+            chosen = GaussianChoice("auto", cut, tolerance=tolerance, tolerance_from=cut, eps_mse=mse)
             if budget is not None and cut < len(s):  # never so far down that the budget cannot be spent
                 cut = _spendable_from(cut, budget, gaussian.macs / base_macs, sampler, steps, scheduler_cfg)
-                chosen["from"] = cut
+                chosen.start = cut
             gaussian_from = cut if cut < len(s) else None
     profiles = {
         "snr": normalise(s),
@@ -137,3 +147,148 @@ def _damage_plan(
     plan.measure, plan.allocation = "damage", "damage"
     plan.damage = [[[o.ratio, o.damage] for o in row] for row in table]
     return plan, profiles
+
+
+GAUSSIAN_CHOICES = "auto, off or a timestep"
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions(Options):
+    """``stepadapt analyze``: base -> plan.json (+ plot, + the Gaussian's fit beside it)."""
+
+    out: Path = option(Path("plan.json"), "plan.json to write (a PNG plot lands beside it).", flag="--out")
+    base: Path = option(DEFAULT_BASE, "Base model dir (diffusers UNet2DModel).")
+    data: str = option("fashion-mnist", "Proxy data: 'fashion-mnist', an image folder or .npz.")
+    measure: str = option(
+        "snr",
+        "What sizes the groups: snr or loss (a difficulty proxy), or damage (each of --sizes pruned, "
+        "recovered briefly and swapped into the base's trajectory; a knapsack picks under --budget).",
+    )
+    sizes: tuple[float, ...] = option((0.25, 0.4, 0.55, 0.7), "damage: sizes to try per group (MACs / base).")
+    recover_iterations: int = option(100, "damage: distilled fine-tuning iterations per tried size.")
+    groups: int = option(
+        4,
+        "Number of timestep groups, the Gaussian's included; neighbouring groups that both get the "
+        "whole base become one expert.",
+    )
+    partition: str = option("snr", "uniform (in t), snr (equal SNR-dB width) or mass.")
+    boundaries: tuple[int, ...] | None = option(
+        None, "Explicit boundaries, e.g. 0,250,500,1000 (overrides --groups)."
+    )
+    budget: float = option(0.5, "Target mean MACs per sampling step, as a fraction of the base.")
+    tdc: bool = option(False, "Use the TDC rule (i/N + (N-i)/N*k) instead of --budget.", flags=("--tdc",))
+    tdc_k: float = option(0.5, "k of the TDC rule.")
+    sampler: str = option(
+        "ddim",
+        "Solver whose model evaluations define the mean (any of sample's --sampler, e.g. unipc; Heun's "
+        "two evaluations per step count twice).",
+    )
+    steps: int = option(50, "Solver steps the mean is taken over.")
+    proxy_size: int = option(128, "Images in the proxy batch for the loss profile.")
+    gaussian: str = option(
+        "auto",
+        "The noisy end goes to a closed-form Gaussian denoiser (the training images' mean and "
+        "covariance: 2 x pixels^2 MACs, 0.022 x the shipped base's) as the last of --groups, and what it "
+        "saves of --budget to the U-Net groups: auto (from where its eps error on held-out images is "
+        "within --gaussian-tolerance of the base's; later if the budget needs it; none for images "
+        "where it would cost over 0.25 x the base), a timestep to start at, or off. With --boundaries, "
+        "the groups above its start merge into it. Fitted once; prune uses the same fit.",
+    )
+    gaussian_tolerance: float = option(
+        DEFAULT_TOLERANCE, "auto: the factor by which the Gaussian's eps error may exceed the base's."
+    )
+    seed: int = option(0, "Seed of the proxy batch and noise.")
+    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: the base's device.")
+
+    def __post_init__(self) -> None:
+        if self.measure not in (*MEASURES, "damage"):
+            raise StepadaptError(
+                f"unknown measure {self.measure!r}; choose one of {', '.join((*MEASURES, 'damage'))}"
+            )
+        if self.gaussian not in ("auto", "off") and not self.gaussian.isdigit():
+            raise StepadaptError(f"--gaussian must be {GAUSSIAN_CHOICES}, got {self.gaussian!r}")
+        if self.measure == "damage" and self.tdc:
+            raise StepadaptError("--measure damage sizes the groups under a --budget; the TDC rule has none")
+        if self.proxy_size < 2:
+            raise StepadaptError(f"--proxy-size must be at least 2, got {self.proxy_size}")
+
+    @property
+    def gaussian_start(self) -> int | None:
+        """The start the user gave (None: auto or off)."""
+        return int(self.gaussian) if self.gaussian.isdigit() else None
+
+    @property
+    def gaussian_path(self) -> Path:
+        """Where the Gaussian's fit is kept: beside the plan, named after it."""
+        return self.out.with_suffix(".gaussian.safetensors")
+
+
+@dataclass
+class Analysis:
+    plan: Plan
+    profiles: dict[str, np.ndarray]
+    plot: Path
+    note: str | None = None  # why there is no Gaussian expert, where that was asked for or possible
+
+
+def fit_gaussian_for(
+    choice: str, model: UNet2DModel, scheduler_cfg: dict, data: str
+) -> tuple[GaussianDenoiser | None, str]:
+    """The Gaussian fitted to ``data``'s training part, and the fingerprint of those images; or None
+    and why not: ``off``, or ``auto`` where it cannot pay. A given start that cannot be honoured is an
+    error. The one place a Gaussian expert is fitted (analyze; prune only for plans without a fit)."""
+    if choice == "off":
+        return None, "turned off"
+    c, size = model.config.in_channels, model.config.sample_size
+    why_not = affordable((c, size, size), count_macs(model)[0])
+    if why_not is None:
+        train = load_dataset(data, "train", size, c)
+        try:
+            return fit_gaussian(train, scheduler_cfg), fingerprint(train)
+        except StepadaptError as e:
+            why_not = str(e)
+    if choice != "auto":
+        raise StepadaptError(f"Gaussian expert (--gaussian {choice}): {why_not}")
+    return None, why_not
+
+
+def save_gaussian(
+    gaussian: GaussianDenoiser, choice: GaussianChoice, path: Path, data: str, data_sha256: str
+) -> None:
+    """Keep the fit beside the plan and name it in the plan's choice, so prune uses this very fit."""
+    with atomic_path(path) as tmp:
+        save_file(gaussian.tensors(), str(tmp))
+    choice.data, choice.data_sha256 = data, data_sha256
+    choice.weights, choice.weights_sha256 = path.name, sha256_file(path)
+
+
+def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -> Analysis:
+    """The analyze stage: difficulty per timestep -> groups and a MAC budget per group.
+
+    The proxy (the loss profile, the Gaussian's cut-off) comes from the held-out part of the data,
+    the Gaussian's fit and damage's recovery from its training part."""
+    o = options
+    model, sched_cfg = load_base(o.base)
+    model = model.to(resolve_device(o.device))
+    c, size = model.config.in_channels, model.config.sample_size
+    proxy = load_dataset(o.data, "test", size, c, limit=o.proxy_size, seed=o.seed)
+    damage = None
+    if o.measure == "damage":
+        proxy_train, proxy_val = proxy_sets(o.data, o.proxy_size, size, c, o.seed)
+        damage = {
+            "data": load_dataset(o.data, "train", size, c, seed=o.seed), "proxy_train": proxy_train,
+            "proxy_val": proxy_val, "sizes": list(o.sizes), "recover_iterations": o.recover_iterations,
+            "log": log,
+        }  # fmt: skip
+    gaussian, said = fit_gaussian_for(o.gaussian, model, sched_cfg, o.data)
+    plan, profiles = analyze_base(
+        model, sched_cfg, proxy, measure=o.measure, groups=o.groups, partition=o.partition,
+        boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,
+        tdc_k=o.tdc_k, sampler=o.sampler, steps=o.steps, seed=o.seed, damage=damage, gaussian=gaussian,
+        gaussian_from=o.gaussian_start, tolerance=o.gaussian_tolerance,
+    )  # fmt: skip
+    if plan.gaussian is not None and gaussian is not None:
+        save_gaussian(gaussian, plan.gaussian, o.gaussian_path, o.data, said)
+    plan.save(o.out)
+    note = said if gaussian is None else None
+    return Analysis(plan, profiles, plot_plan(plan, profiles, o.out.with_suffix(".png")), note)

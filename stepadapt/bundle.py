@@ -5,63 +5,60 @@ manifest.json                 format, version, base config, scheduler, experts, 
 experts/<name>.safetensors    weights
 experts/<name>.structure.json torch-pruning history that turns the base config into the expert
 ```
-No pickle anywhere: an expert is rebuilt by replaying its pruning history on a
-fresh base built from the config, then its safetensors are loaded. Loading
-checks every checksum, the coverage of [0, T) and every tensor shape. An expert
-of kind ``gaussian`` (stepadapt.gaussian) has no structure: its safetensors
-hold the data's mean, covariance eigenbasis and the schedule.
+No pickle anywhere: each expert's kind (stepadapt.kinds) writes and rebuilds
+its own files (a U-Net replays its pruning history on a fresh base built from
+the config, then loads its safetensors). Loading checks every checksum, the
+coverage of [0, T) and every tensor shape. The manifest records the base the
+bundle was cut from (its weights' sha256) and the data it was fitted to, so a
+teacher or reference of other weights is caught.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stepadapt import StepadaptError, __version__
-from stepadapt.gaussian import GaussianDenoiser, GaussianJump
+from stepadapt.gaussian import GaussianJump
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
+from stepadapt.kinds import DEFAULT, UNET, Stored, kind_of
 from stepadapt.plan import check_coverage, visited_timesteps
-from stepadapt.prune import History, replay
+from stepadapt.prune import History
 from stepadapt.sampling import Denoiser, Router, module_denoiser, steps_for_jump
 from stepadapt.schema import safe_relative, validate_manifest
 from stepadapt.solvers import Solver
 
 BUNDLE_FORMAT = "stepadapt-bundle"
-BUNDLE_VERSION = 2  # 2: experts have a kind (1 loads as all U-Nets)
+BUNDLE_VERSION = 3  # 3: records its base and data; 2: experts have a kind (1 loads as all U-Nets)
 MANIFEST = "manifest.json"
 
 
 @dataclass
-class ExpertSpec:
+class ExpertDraft:
+    """An expert before its files exist: what a stage decided. :func:`save_bundle` writes the files
+    through the expert's kind and turns each draft into an :class:`ExpertSpec`."""
+
     name: str
     timesteps: tuple[int, int]  # [lo, hi)
     snr_db: tuple[float, float]
     target_macs: int
     macs: int
     params: int
-    weights: str
-    sha256: str
-    structure: str
-    structure_sha256: str
     importance: str = ""
     proxy_loss: float | None = None
     parent: str | None = None  # nested pruning: the larger expert this one was cut from
-    onnx: dict[str, Any] | None = None
-    trt: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
-    kind: str = "unet"  # or "gaussian": the closed-form denoiser, nothing to prune or fine-tune
+    kind: str = DEFAULT  # a name in stepadapt.kinds.KINDS
 
     @property
     def lo(self) -> int:
@@ -70,6 +67,22 @@ class ExpertSpec:
     @property
     def hi(self) -> int:
         return self.timesteps[1]
+
+
+@dataclass
+class ExpertSpec(ExpertDraft):
+    """A written expert: its draft plus the files its kind keeps (checksummed) and its exports."""
+
+    weights: str = field(default="", kw_only=True)
+    sha256: str = field(default="", kw_only=True)
+    structure: str = field(default="", kw_only=True)  # U-Nets: the pruning history
+    structure_sha256: str = field(default="", kw_only=True)
+    onnx: dict[str, Any] | None = field(default=None, kw_only=True)
+    trt: dict[str, Any] | None = field(default=None, kw_only=True)
+
+    def draft(self) -> ExpertDraft:
+        """What to re-save this expert from (its exports stay behind: they are files of this bundle)."""
+        return ExpertDraft(**{k: v for k, v in asdict(self).items() if k in ExpertDraft.__dataclass_fields__})
 
 
 @dataclass
@@ -85,6 +98,10 @@ class Manifest:
     # How to sample this bundle, as measured by `stepadapt tune`: sampler spec, steps, jump, the KID
     # it scored and the base's best at no more MACs per image. The default of sample/evaluate/serve.
     recommended: dict[str, Any] | None = None
+    # The base the experts were cut from: {"path": as given, "sha256": models.weights_sha256}; and
+    # the data they were fitted to: {"source": as given, "sha256": data.fingerprint of its train part}.
+    base: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -116,7 +133,7 @@ class Manifest:
     def jump_cut(self) -> int:
         """Where the analytic jump stops: the lowest timestep of the Gaussian expert on the noisy end."""
         top = self.experts[-1]
-        if top.kind != "gaussian":
+        if not kind_of(top.kind).jumps:
             raise StepadaptError("the jump needs a Gaussian expert on the noisy end; this bundle has none")
         return top.lo
 
@@ -149,7 +166,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
             raise StepadaptError("not a stepadapt bundle manifest (format field missing or wrong)")
-        if d.get("version") not in (1, BUNDLE_VERSION):
+        if d.get("version") not in (1, 2, BUNDLE_VERSION):
             raise StepadaptError(f"unsupported bundle version {d.get('version')} (want {BUNDLE_VERSION})")
         validate_manifest(d)
         # prediction_type: bundles before 2026-12 kept a copy beside the scheduler's own
@@ -191,43 +208,14 @@ def save_weights(path: Path, model: UNet2DModel) -> str:
     return sha256_file(path)
 
 
-def write_expert_files(directory: Path, name: str, model: UNet2DModel, history: History) -> dict:
-    """Write one expert's weights + structure into ``directory``; returns manifest fields."""
-    directory.mkdir(parents=True, exist_ok=True)
-    w, s = directory / f"{name}.safetensors", directory / f"{name}.structure.json"
-    sha = save_weights(w, model)
-    write_json(s, history)
-    return {
-        "weights": f"experts/{w.name}",
-        "sha256": sha,
-        "structure": f"experts/{s.name}",
-        "structure_sha256": sha256_file(s),
-    }
-
-
-def write_gaussian_files(directory: Path, name: str, model: GaussianDenoiser) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
-    w = directory / f"{name}.safetensors"
-    with atomic_path(w) as tmp:
-        save_file(model.tensors(), str(tmp))
-    return {"weights": f"experts/{w.name}", "sha256": sha256_file(w)}
-
-
-def _same_network(a: tuple[UNet2DModel, History], b: tuple[UNet2DModel, History]) -> bool:
-    if a[1] != b[1]:
-        return False
-    sa, sb = a[0].state_dict(), b[0].state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def merge_identical(experts: list[ExpertSpec], models: dict) -> list[ExpertSpec]:
-    """Experts in timestep order, each run of neighbouring identical U-Nets folded into the first."""
-    merged: list[ExpertSpec] = []
-    for e in sorted(experts, key=lambda e: e.lo):
+def merge_identical(drafts: list[ExpertDraft], models: dict[str, Stored]) -> list[ExpertDraft]:
+    """Drafts in timestep order, each run of neighbouring identical networks folded into the first."""
+    merged: list[ExpertDraft] = []
+    for e in sorted(drafts, key=lambda e: e.lo):
         prev = merged[-1] if merged else None
         if (
-            prev is not None and prev.kind == e.kind == "unet" and prev.hi == e.lo
-            and _same_network(models[prev.name], models[e.name])
+            prev is not None and prev.kind == e.kind and prev.hi == e.lo
+            and kind_of(e.kind).same(models[prev.name], models[e.name])
         ):  # fmt: skip
             prev.timesteps, prev.snr_db = (prev.lo, e.hi), (e.snr_db[0], prev.snr_db[1])
             continue
@@ -236,29 +224,26 @@ def merge_identical(experts: list[ExpertSpec], models: dict) -> list[ExpertSpec]
 
 
 def save_bundle(
-    path: str | os.PathLike,
-    manifest: Manifest,
-    models: dict[str, tuple[UNet2DModel, History] | GaussianDenoiser],
-) -> Path:
-    """Write a whole bundle atomically (a crash leaves the previous one, or none).
+    path: str | os.PathLike, manifest: Manifest, drafts: list[ExpertDraft], models: dict[str, Stored]
+) -> Manifest:
+    """Write a whole bundle atomically (a crash leaves the previous one, or none); returns
+    ``manifest`` with its experts: ``drafts`` with the files their kinds wrote.
 
     Neighbouring experts that are the same network (typically two groups that
     both got the whole base) are written once, as one expert over both
     intervals: one copy of the weights, one model to serve.
     """
-    check_coverage(manifest.boundaries, manifest.num_train_timesteps)
-    manifest.experts = merge_identical(manifest.experts, models)
+    drafts = merge_identical([replace(d) for d in drafts], models)
+    check_coverage([d.lo for d in drafts] + [drafts[-1].hi], int(manifest.scheduler["num_train_timesteps"]))
     path = Path(path)
     with atomic_dir(path) as tmp:
-        for e in manifest.experts:
-            if e.kind == "gaussian":
-                fields = write_gaussian_files(tmp / "experts", e.name, models[e.name])
-            else:
-                fields = write_expert_files(tmp / "experts", e.name, *models[e.name])
-            for k, v in fields.items():
-                setattr(e, k, v)
+        experts = [
+            ExpertSpec(**asdict(d), **kind_of(d.kind).write(tmp / "experts", d.name, models[d.name]))
+            for d in drafts
+        ]
+        manifest = replace(manifest, experts=experts)
         write_json(tmp / MANIFEST, manifest.to_dict())
-    return path
+    return manifest
 
 
 class Bundle:
@@ -290,9 +275,9 @@ class Bundle:
         b = cls(path, m)
         if verify:
             for e in m.experts:
-                b.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
-                if e.kind == "unet":
-                    b.verify_file(e.structure, e.structure_sha256, f"structure of expert {e.name}")
+                for path_field, sha_field in kind_of(e.kind).files:
+                    what = f"{path_field} of expert {e.name}"
+                    b.verify_file(getattr(e, path_field), getattr(e, sha_field), what)
         return b
 
     def verify_file(self, rel: str, sha: str, what: str) -> Path:
@@ -319,53 +304,35 @@ class Bundle:
     def structure(self, name: str) -> History:
         """The expert's pruning history on the base (empty: the expert is the base itself)."""
         e = self.expert(name)
-        if e.kind != "unet":
+        if e.kind != UNET.name:
             raise StepadaptError(f"expert {name} is a {e.kind} denoiser: it has no pruning structure")
-        return json.loads((self.path / e.structure).read_text())
+        return UNET.history(self.path, e)
 
     def is_pruned(self, name: str) -> bool:
-        """A pruned U-Net: what fine-tuning recovers (not the base itself, not a closed form)."""
-        return self.expert(name).kind == "unet" and bool(self.structure(name))
-
-    def _tensors(self, e: ExpertSpec) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(self.path / e.weights))
-        except (SafetensorError, OSError) as err:
-            raise StepadaptError(f"cannot read weights of expert {e.name}: {err}") from None
-
-    def load_expert(self, name: str) -> UNet2DModel | GaussianDenoiser:
-        """Rebuild an expert's structure and load its weights, checking every shape."""
+        """Whether fine-tuning has anything to recover (not the base itself, not a closed form)."""
         e = self.expert(name)
-        if e.kind == "gaussian":
-            m = self.manifest
-            return GaussianDenoiser.from_tensors(self._tensors(e), m.sample_shape, m.scheduler)
-        model = replay(self.manifest.base_config, self.structure(name))
-        tensors = self._tensors(e)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise StepadaptError(
-                f"weights of expert {name} do not match its structure "
-                f"(missing {missing[:3]}, unexpected {extra[:3]})"
-            )
-        for k, v in expected.items():
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise StepadaptError(
-                    f"weights of expert {name} do not match its structure: {k} has shape "
-                    f"{tuple(tensors[k].shape)}, structure wants {tuple(v.shape)}"
-                )
-        model.load_state_dict(tensors)
-        return model.eval()
+        return kind_of(e.kind).trains(self.path, e)
 
-    def models(self) -> dict[str, tuple[UNet2DModel, History] | GaussianDenoiser]:
+    def describe(self, name: str) -> str:
+        e = self.expert(name)
+        return kind_of(e.kind).describe(self.path, e)
+
+    def load_expert(self, name: str) -> torch.nn.Module:
+        """Rebuild an expert and load its weights, checking every shape."""
+        e = self.expert(name)
+        return kind_of(e.kind).load(self.path, e, self.manifest)
+
+    def models(self) -> dict[str, Stored]:
         """Every expert loaded, in the form :func:`save_bundle` writes."""
-        return {
-            e.name: (self.load_expert(e.name), self.structure(e.name))
-            if e.kind == "unet"
-            else self.load_expert(e.name)
-            for e in self.experts
-        }
+        return {e.name: kind_of(e.kind).stored(self.path, e, self.manifest) for e in self.experts}
+
+    def copy_to(self, path: str | os.PathLike) -> Bundle:
+        """This bundle re-saved at ``path`` (experts that are the same network stored once); exports
+        are not copied."""
+        save_bundle(
+            path, replace(self.manifest, experts=[]), [e.draft() for e in self.experts], self.models()
+        )
+        return Bundle.load(path)
 
     def router(self, device: str | torch.device = "cpu") -> Router:
         """PyTorch experts (on ``device``) behind a Router: a denoiser like any other."""

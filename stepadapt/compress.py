@@ -22,22 +22,54 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
-from stepadapt.bundle import ExpertSpec, Manifest, provenance, save_bundle
+from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
 from stepadapt.gaussian import GaussianDenoiser
-from stepadapt.importance import (
-    DEFAULT_CANDIDATES,
-    Candidate,
-    Memory,
-    search_group,
-)
-from stepadapt.models import clean_config
-from stepadapt.plan import Plan, budget_ratios
+from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory
+from stepadapt.io import sha256_file
+from stepadapt.kinds import BuildContext, Built, kind_of
+from stepadapt.models import DEFAULT_BASE, clean_config, load_base, weights_sha256
+from stepadapt.options import Options, option
+from stepadapt.plan import Plan, budget_ratios, uniform_plan
 from stepadapt.prune import count_macs
+
+
+def _draft(group: Any, built: Built, target_macs: float) -> ExpertDraft:
+    return ExpertDraft(
+        name=group.name, timesteps=(group.lo, group.hi), snr_db=group.snr_db, target_macs=int(target_macs),
+        macs=built.macs, params=built.params, importance=built.importance, proxy_loss=built.proxy_loss,
+        parent=built.parent, kind=group.kind,
+    )  # fmt: skip
+
+
+def _order(plan: Plan, nested: bool) -> list[int]:
+    """Fixed-size kinds first (their sizes pin the budget), then the budget-sized groups: in plan
+    order, or largest first when nested (stable: ties keep the plan's order)."""
+    fixed = list(plan.fixed_ratios())
+    sized = [i for i in range(len(plan.groups)) if i not in fixed]
+    if nested:
+        sized = sorted(sized, key=lambda i: -plan.groups[i].macs_ratio)
+    return fixed + sized
+
+
+def _target(plan: Plan, i: int, achieved: dict[int, float], base_macs: int) -> float:
+    """Group ``i``'s MACs: the plan's, re-solved in budget mode after each group is built, so the
+    widths one group could not reach (GroupNorm staircase) are paid back by the others."""
+    ratios = [g.macs_ratio for g in plan.groups]
+    if plan.allocation == "budget" and len(achieved) > len(plan.fixed_ratios()):
+        ratios = budget_ratios(
+            [x.difficulty for x in plan.groups], [x.visit_share for x in plan.groups], plan.budget,
+            fixed=achieved, saturate=True,  # no exact solution left: the nearest, and a note
+        )  # fmt: skip
+    return ratios[i] * base_macs
 
 
 def compress(
@@ -55,77 +87,157 @@ def compress(
     gaussian: GaussianDenoiser | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    records: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """``gaussian``: the fitted closed-form denoiser for the plan's ``gaussian`` groups."""
+    """Build every group's expert through its kind and write the bundle. ``gaussian``: the fitted
+    closed-form denoiser for the plan's Gaussian groups; ``records``: manifest fields (``base``,
+    ``data``) saying what the bundle came from; ``options``: the stage's options, kept in the provenance so
+    the bundle can be made again."""
     base_macs, base_params = count_macs(base)
-    ratios = [g.macs_ratio for g in plan.groups]
+    ctx = BuildContext(
+        base, scheduler_cfg, proxy_train, proxy_val, candidates=candidates, memory=memory, seed=seed,
+        gaussian=gaussian, log=log,
+    )  # fmt: skip
     achieved: dict[int, float] = {}
-    models, specs = {}, {}
-    for i, g in enumerate(plan.groups):
-        if g.kind == "unet":
-            continue
-        if gaussian is None:
-            raise StepadaptError(f"the plan gives [{g.lo},{g.hi}) to a Gaussian expert, but none was fitted")
-        achieved[i] = gaussian.macs / base_macs
-        models[g.name] = gaussian
-        specs[i] = ExpertSpec(
-            name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=gaussian.macs,
-            macs=gaussian.macs, params=gaussian.params, weights="", sha256="", structure="",
-            structure_sha256="", importance="closed form", kind="gaussian",
-        )  # fmt: skip
+    models, drafts = {}, {}
+    for i in _order(plan, nested):
+        g, kind = plan.groups[i], kind_of(plan.groups[i].kind)
+        target = _target(plan, i, achieved, base_macs) if kind.sized_by_budget else 0.0
         if log:
-            log(f"group {g.name} [{g.lo},{g.hi}): Gaussian denoiser, {gaussian.macs / 1e6:.2f} MMACs "
-                f"({achieved[i]:.3f} x base)")  # fmt: skip
-    order = [i for i in range(len(plan.groups)) if plan.groups[i].kind == "unet"]
-    if nested:  # largest first (stable: ties keep the plan's order)
-        order = sorted(order, key=lambda i: -ratios[i])
-    parent, parent_history, parent_name = base, [], None
-    for i in order:
-        g = plan.groups[i]
-        if plan.allocation == "budget" and len(achieved) > len(plan.fixed_ratios()):
-            ratios = budget_ratios(
-                [x.difficulty for x in plan.groups],
-                [x.visit_share for x in plan.groups],
-                plan.budget,
-                fixed=achieved,
-                saturate=True,  # widths reached so far may leave no exact solution: the nearest, and a note
+            size = (
+                f"target {target / 1e6:.2f} MMACs ({target / base_macs:.3f} x base)" if target else kind.label
             )
-        target = ratios[i] * base_macs
-        if log:
-            log(f"group {g.name} [{g.lo},{g.hi}): target {target / 1e6:.2f} MMACs ({ratios[i]:.3f} x base)")
-        res = search_group(
-            parent, scheduler_cfg, g.lo, g.hi, target, proxy_train, proxy_val,
-            candidates=candidates, memory=memory, seed=seed, log=log,
-        )  # fmt: skip
-        achieved[i] = res.best.macs / base_macs
-        history = parent_history + res.best.history
-        models[g.name] = (res.best.model, history)
-        specs[i] = ExpertSpec(
-            name=g.name, timesteps=(g.lo, g.hi), snr_db=g.snr_db, target_macs=int(target),
-            macs=res.best.macs, params=res.best.params, weights="", sha256="",
-            structure="", structure_sha256="",
-            importance=res.best_label if res.best.history else ("unpruned" if not history else "parent's"),
-            proxy_loss=round(res.proxy_loss, 6), parent=parent_name if parent_history else None,
-        )  # fmt: skip
-        if nested:
-            parent, parent_history = res.best.model, history
-            parent_name = g.name if history else None
-    mean = plan.mean_ratio([achieved[i] for i in range(len(plan.groups))])
-    if log and plan.budget is not None and abs(mean - plan.budget) > 0.02 * plan.budget:
-        # Only budget allocation re-solves later groups; damage sizes and nested parents can drift.
-        log(
-            f"note: trajectory mean {mean:.3f} x base MACs, budget {plan.budget:.3f}: the widths the groups "
-            "could reach (GroupNorm steps) left the others no exact way to pay it back"
-        )
+            log(f"group {g.name} [{g.lo},{g.hi}): {size}")
+        built = kind.build(g, target, ctx)
+        achieved[i] = built.macs / base_macs
+        models[g.name], drafts[i] = built.stored, _draft(g, built, target or built.macs)
+        if nested and kind.sized_by_budget:
+            model, history = built.stored
+            ctx.parent = (model, history, g.name if history else None)
+    _note_drift(plan, [achieved[i] for i in range(len(plan.groups))], log)
     manifest = Manifest(
         base_config=clean_config(base),
         scheduler=dict(scheduler_cfg),
         sample_shape=(base.config.in_channels, base.config.sample_size, base.config.sample_size),
         base_macs=base_macs,
         base_params=base_params,
-        experts=[specs[i] for i in range(len(plan.groups))],
+        experts=[],
         plan=plan.to_dict(),
-        provenance=provenance(command, seed=seed, nested=nested, candidates=[c.label for c in candidates]),
+        provenance=provenance(
+            command,
+            seed=seed,
+            nested=nested,
+            candidates=[c.label for c in candidates],
+            **({"options": options} if options else {}),
+        ),  # fmt: skip
+        **(records or {}),
     )
-    save_bundle(out, manifest, models)
-    return manifest
+    return save_bundle(out, manifest, [drafts[i] for i in range(len(plan.groups))], models)
+
+
+def _note_drift(plan: Plan, achieved: list[float], log: Callable[[str], None] | None) -> None:
+    mean = plan.mean_ratio(achieved)
+    if log and plan.budget is not None and abs(mean - plan.budget) > 0.02 * plan.budget:
+        # Only budget allocation re-solves later groups; damage sizes and nested parents can drift.
+        log(
+            f"note: trajectory mean {mean:.3f} x base MACs, budget {plan.budget:.3f}: the widths the groups "
+            "could reach (GroupNorm steps) left the others no exact way to pay it back"
+        )
+
+
+@dataclass(frozen=True)
+class PruneOptions(Options):
+    """``stepadapt prune``: base + plan -> bundle."""
+
+    out: Path = option(Path("bundle"), "Bundle directory to write.", flag="--out")
+    plan: Path = option(Path("plan.json"), "plan.json from 'stepadapt analyze'.", flag="--plan")
+    base: Path = option(DEFAULT_BASE, "Base model dir (diffusers UNet2DModel).")
+    data: str = option(
+        "fashion-mnist",
+        "Proxy data for importance and candidate scoring (its training part); the plan's Gaussian "
+        "expert was fitted to the same data.",
+    )
+    proxy_size: int = option(128, "Images per proxy set (importance / held-out).")
+    candidates: tuple[str, ...] = option(
+        tuple(c.label for c in DEFAULT_CANDIDATES), "Candidate structures: importance/scope, comma-separated."
+    )
+    uniform: bool = option(
+        False, "One expert for all t at the plan's mean MACs (the baseline).", flags=("--uniform",)
+    )
+    memory: Path | None = option(None, "Memory bank of tried candidates (default: OUT.memory.json).")
+    nested: bool = option(
+        False,
+        "Independent (default): each expert is pruned from the base for its own timesteps. Nested: each "
+        "is cut from the next larger one, so their channels nest and they share weights coherently "
+        "under 'finetune --mode shared'.",
+        flags=("--nested/--independent",),
+    )
+    seed: int = option(0, "Seed of proxy sets and random importance.")
+    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: where candidates are scored.")
+
+    def __post_init__(self) -> None:
+        for label in self.candidates:
+            Candidate.parse(label)  # an unknown importance or scope is said before anything loads
+        if self.proxy_size < 2:
+            raise StepadaptError(f"--proxy-size must be at least 2, got {self.proxy_size}")
+
+    @property
+    def memory_path(self) -> Path:
+        return self.memory or self.out.with_name(self.out.name + ".memory.json")
+
+
+def plan_gaussian(
+    plan: Plan, plan_path: Path, base: UNet2DModel, scheduler_cfg: dict, data: str, data_sha256: str
+) -> GaussianDenoiser | None:
+    """The Gaussian expert of ``plan``: the fit analyze kept beside it (checksummed), or for a plan
+    without one, fitted here, once, from ``data``, which must be the data the plan chose it on."""
+    from stepadapt.analyze import fit_gaussian_for
+
+    if not plan.fixed_ratios():
+        return None
+    choice = plan.gaussian
+    chosen_on = choice.data if choice is not None and choice.data else data
+    if chosen_on != data or (choice is not None and choice.data_sha256 not in ("", data_sha256)):
+        raise StepadaptError(
+            f"the plan's Gaussian expert was fitted to --data {chosen_on}; prune with the same data"
+        )
+    if choice is not None and choice.weights:
+        path = plan_path.parent / choice.weights
+        if not path.is_file() or sha256_file(path) != choice.weights_sha256:
+            raise StepadaptError(
+                f"the plan's Gaussian fit {path} is missing or was changed: run analyze again"
+            )
+        c, s = base.config.in_channels, base.config.sample_size
+        return GaussianDenoiser.from_tensors(load_file(str(path)), (c, s, s), scheduler_cfg)
+    return fit_gaussian_for("in the plan", base, scheduler_cfg, data)[0]
+
+
+def prune(
+    options: PruneOptions, log: Callable[[str], None] | None = None, command: str | None = None
+) -> Manifest:
+    """The prune stage: one expert per plan group, each built by its kind (a U-Net group by
+    candidate search on proxy loss, a Gaussian group from the plan's fit); the bundle records the
+    base's weights digest and the data's fingerprint."""
+    from stepadapt.data import fingerprint, load_dataset, proxy_sets
+    from stepadapt.devices import resolve_device
+
+    o = options
+    model, sched_cfg = load_base(o.base)
+    model = model.to(resolve_device(o.device))
+    plan = Plan.load(o.plan)
+    if o.uniform:
+        plan = uniform_plan(plan, sched_cfg)
+    c, size = model.config.in_channels, model.config.sample_size
+    data_sha256 = fingerprint(load_dataset(o.data, "train", size, c))
+    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, data_sha256)
+    train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed)
+    records = {
+        "base": {"path": str(o.base), "sha256": weights_sha256(model)},
+        "data": {"source": o.data, "sha256": data_sha256},
+    }
+    return compress(
+        model, sched_cfg, plan, train, val, o.out, candidates=tuple(map(Candidate.parse, o.candidates)),
+        memory=Memory(o.memory_path), seed=o.seed, nested=o.nested, gaussian=gaussian, log=log,
+        command=command, records=records, options={"prune": o.to_dict()},
+    )  # fmt: skip

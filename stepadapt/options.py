@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from stepadapt import StepadaptError
 
-O = TypeVar("O", bound="Options")
+OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
@@ -76,7 +76,7 @@ class Options:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls: type[O], d: dict[str, Any]) -> O:
+    def from_dict(cls: type[OptionsT], d: dict[str, Any]) -> OptionsT:
         if not isinstance(d, dict):
             raise StepadaptError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -90,13 +90,13 @@ class Options:
             raise StepadaptError(f"{cls.__name__}: {e}") from None
 
     @classmethod
-    def from_json(cls: type[O], text: str) -> O:
+    def from_json(cls: type[OptionsT], text: str) -> OptionsT:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise StepadaptError(f"{cls.__name__}: not JSON ({e})") from None
 
-    def replace(self: O, **changes: Any) -> O:
+    def replace(self: OptionsT, **changes: Any) -> OptionsT:
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -17,11 +17,11 @@ import numpy as np
 from stepadapt import StepadaptError
 from stepadapt.difficulty import snr_profile
 from stepadapt.io import read_json, write_json
+from stepadapt.kinds import DEFAULT, GAUSSIAN, KINDS, kind_of
 from stepadapt.solvers import Solver
 
-PARTITIONS = ("uniform", "snr", "mass")
 PLAN_FORMAT = "stepadapt-plan"
-PLAN_VERSION = 2  # 2: groups have a kind (1 loads as all U-Nets)
+PLAN_VERSION = 3  # 3: the Gaussian choice is typed and names its fit; 2: groups have a kind
 MIN_RATIO = 0.05
 
 
@@ -34,7 +34,33 @@ class Group:
     difficulty: float  # mean normalised difficulty over [lo, hi)
     visit_share: float  # fraction of the sampler's steps that land here
     macs_ratio: float  # budget as a fraction of the base MACs
-    kind: str = "unet"  # "unet": a pruned copy of the base; "gaussian": the closed-form denoiser
+    kind: str = DEFAULT  # a name in stepadapt.kinds.KINDS
+
+
+@dataclass
+class GaussianChoice:
+    """How the Gaussian expert's interval was chosen, and the one fit every later stage uses: analyze
+    fits it to the training images, judges where it starts on held-out ones, and saves it beside the
+    plan (``weights``, relative to the plan's directory) so prune builds the bundle from that fit."""
+
+    rule: str  # "auto": from where its eps error is within ``tolerance`` of the base's; "given"
+    start: int | None  # its first timestep (None: auto found none, the plan has no Gaussian group)
+    tolerance: float | None = None
+    tolerance_from: int | None = None  # auto: where the tolerance held (the budget may start it later)
+    eps_mse: dict[str, list[float]] = field(default_factory=dict)  # per t: [base, Gaussian] on held-out
+    data: str = ""  # the data as given
+    data_sha256: str = ""  # data.fingerprint of its training part, which the fit saw
+    weights: str | None = None
+    weights_sha256: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GaussianChoice:
+        if "from" in d:  # plan version 2 kept the start as "from" and no fit
+            d = {**{k: v for k, v in d.items() if k != "from"}, "start": d["from"]}
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise StepadaptError(f"malformed plan: gaussian: {e}") from None
 
 
 @dataclass
@@ -51,7 +77,7 @@ class Plan:
     tdc_k: float | None = None
     profile: list[float] = field(default_factory=list)  # normalised difficulty per t
     damage: list[list[list[float]]] | None = None  # measure "damage": per group, [MACs ratio, damage] tried
-    gaussian: dict[str, Any] | None = None  # how the Gaussian expert's interval was chosen
+    gaussian: GaussianChoice | None = None  # how the Gaussian expert's interval was chosen
 
     @property
     def boundaries(self) -> list[int]:
@@ -59,7 +85,7 @@ class Plan:
 
     def fixed_ratios(self) -> dict[int, float]:
         """The groups whose size is not the allocator's to choose (the Gaussian's is set by the image)."""
-        return {i: g.macs_ratio for i, g in enumerate(self.groups) if g.kind != "unet"}
+        return {i: g.macs_ratio for i, g in enumerate(self.groups) if not kind_of(g.kind).sized_by_budget}
 
     def mean_ratio(self, ratios: list[float] | None = None) -> float:
         r = ratios if ratios is not None else [g.macs_ratio for g in self.groups]
@@ -73,14 +99,16 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise StepadaptError(f"not a stepadapt plan (format {d.get('format')!r})")
-        if d.get("version") != PLAN_VERSION:
+        if d.get("version") not in (2, PLAN_VERSION):
             raise StepadaptError(f"unsupported plan version {d.get('version')}")
-        kinds = {g.get("kind", "unet") for g in d.get("groups", []) if isinstance(g, dict)}
-        if not kinds <= {"unet", "gaussian"}:
-            raise StepadaptError(f"plan has groups of unknown kind {sorted(kinds - {'unet', 'gaussian'})}")
+        kinds = {g.get("kind", DEFAULT) for g in d.get("groups", []) if isinstance(g, dict)}
+        if not kinds <= KINDS.keys():
+            raise StepadaptError(f"plan has groups of unknown kind {sorted(kinds - KINDS.keys())}")
         body = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
             body["groups"] = [Group(**{**g, "snr_db": tuple(g["snr_db"])}) for g in body["groups"]]
+            if isinstance(body.get("gaussian"), dict):
+                body["gaussian"] = GaussianChoice.from_dict(body["gaussian"])
             plan = cls(**body)
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed plan: {e}") from None
@@ -104,6 +132,30 @@ def check_coverage(boundaries: list[int], T: int) -> None:
             raise StepadaptError(f"groups overlap or are empty at boundary {a} -> {b}")
 
 
+def _uniform(n: int, difficulty: np.ndarray, snr_db: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Equal widths in t."""
+    return np.linspace(0, len(difficulty), n + 1)
+
+
+def _snr(n: int, difficulty: np.ndarray, snr_db: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Equal widths in SNR-dB (which falls monotonically with t), within the visited span."""
+    T = len(difficulty)
+    first, last = span
+    levels = np.linspace(snr_db[first], snr_db[min(last, T - 1)], n + 1)[1:-1]
+    return np.concatenate([[0], [np.searchsorted(-snr_db, -lv) for lv in levels], [T]])
+
+
+def _mass(n: int, difficulty: np.ndarray, snr_db: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Equal shares of the summed difficulty."""
+    cum = np.concatenate([[0.0], np.cumsum(difficulty)])
+    targets = np.linspace(0, cum[-1], n + 1)[1:-1]
+    return np.concatenate([[0], np.searchsorted(cum, targets), [len(difficulty)]])
+
+
+# How the timesteps are cut into groups: name -> cuts(n, difficulty, snr_db, visited span).
+PARTITIONS = {"uniform": _uniform, "snr": _snr, "mass": _mass}
+
+
 def partition(
     kind: str, n: int, difficulty: np.ndarray, snr_db: np.ndarray, span: tuple[int, int] | None = None
 ) -> list[int]:
@@ -116,19 +168,9 @@ def partition(
     T = len(difficulty)
     if not 1 <= n <= T:
         raise StepadaptError(f"number of groups must be in [1, {T}], got {n}")
-    if kind == "uniform":
-        cuts = np.linspace(0, T, n + 1)
-    elif kind == "snr":
-        # Equal width in SNR-dB; snr_db falls monotonically with t.
-        first, last = span if span is not None else (0, T - 1)
-        levels = np.linspace(snr_db[first], snr_db[min(last, T - 1)], n + 1)[1:-1]
-        cuts = np.concatenate([[0], [np.searchsorted(-snr_db, -lv) for lv in levels], [T]])
-    elif kind == "mass":
-        cum = np.concatenate([[0.0], np.cumsum(difficulty)])
-        targets = np.linspace(0, cum[-1], n + 1)[1:-1]
-        cuts = np.concatenate([[0], np.searchsorted(cum, targets), [T]])
-    else:
+    if kind not in PARTITIONS:
         raise StepadaptError(f"unknown partition {kind!r}; choose one of {', '.join(PARTITIONS)}")
+    cuts = PARTITIONS[kind](n, difficulty, snr_db, span if span is not None else (0, T - 1))
     b = [int(round(c)) for c in cuts]
     for i in range(1, len(b)):  # keep every group non-empty
         b[i] = max(b[i], b[i - 1] + 1)
@@ -241,14 +283,14 @@ def make_plan(
         b = partition(partition_kind, groups - 1, difficulty[:cut], snr_db[:cut], inside) + [T]
     else:
         b = partition(partition_kind, groups, difficulty, snr_db, span)
-    kinds = ["unet"] * (len(b) - 1)
+    kinds = [DEFAULT] * (len(b) - 1)
     if gaussian_from is not None:
-        kinds[-1] = "gaussian"
+        kinds[-1] = GAUSSIAN.name
     shares, diffs = [], []
     for lo, hi in zip(b, b[1:], strict=False):
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))
         diffs.append(float(difficulty[lo:hi].mean()))
-    fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if k == "gaussian"}
+    fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if k == GAUSSIAN.name}
     if budget is None:  # the TDC rule ranks the U-Net groups among themselves
         unet = [i for i in range(len(kinds)) if i not in fixed]
         ranked = dict(zip(unet, tdc_ratios([diffs[i] for i in unet], tdc_k), strict=True))

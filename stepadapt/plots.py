@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stepadapt.io import atomic_path  # noqa: E402
+from stepadapt.kinds import kind_of  # noqa: E402
 from stepadapt.plan import Plan  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def plot_plan(
         for a in (ax, bx):
             a.axvline(g.lo, color="grey", lw=0.8, ls="--")
         bx.fill_between([g.lo, g.hi], 0, g.macs_ratio, step="pre", alpha=0.35, color="C0")
-        label = f"{g.name}{' Gaussian' if g.kind == 'gaussian' else ''}\n{g.macs_ratio:.2f}"
+        label = f"{g.name} {kind_of(g.kind).label}".rstrip() + f"\n{g.macs_ratio:.2f}"
         bx.text((g.lo + g.hi) / 2, g.macs_ratio + 0.02, label, ha="center", va="bottom")
     if achieved:
         for g, r in zip(plan.groups, achieved, strict=True):

@@ -13,10 +13,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from stepadapt import StepadaptError
+from stepadapt.kinds import DEFAULT, KINDS
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-EXPERT_KINDS = ("unet", "gaussian")
 
 
 def _fail(field: str, want: str, got: Any) -> None:
@@ -69,16 +69,25 @@ def validate_manifest(d: dict[str, Any]) -> None:
     if not d["experts"]:
         raise StepadaptError("bundle manifest: experts is empty (the bundle has no experts)")
     last = d["experts"][-1] if isinstance(d["experts"][-1], dict) else {}
-    validate_recommended(d.get("recommended"), last.get("kind") == "gaussian")
+    top = KINDS.get(last.get("kind", DEFAULT))
+    validate_recommended(d.get("recommended"), top is not None and top.jumps)
+    for key in ("base", "data"):
+        record = d.get(key)
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            _fail(key, "a JSON object or null", record)
+        if not isinstance(record.get("sha256"), str) or not SHA256.match(record["sha256"]):
+            _fail(f"{key}.sha256", "a sha256 hex digest", record.get("sha256"))
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
             _fail(f"experts[{i}]", "a JSON object", e)
         if not isinstance(e.get("name"), str) or not NAME.match(e["name"]):
             _fail(f"{f}name", "1-64 of A-Z a-z 0-9 _ -", e.get("name"))
-        kind = e.get("kind", "unet")
-        if kind not in EXPERT_KINDS:
-            _fail(f"{f}kind", f"one of {', '.join(EXPERT_KINDS)}", kind)
+        kind = KINDS.get(e.get("kind", DEFAULT))
+        if kind is None:
+            _fail(f"{f}kind", f"one of {', '.join(KINDS)}", e.get("kind"))
         ts = e.get("timesteps")
         if not (isinstance(ts, list) and len(ts) == 2 and all(map(_integer, ts)) and 0 <= ts[0] < ts[1] <= T):
             _fail(f"{f}timesteps", f"two integers 0 <= lo < hi <= {T}", ts)
@@ -87,9 +96,8 @@ def validate_manifest(d: dict[str, Any]) -> None:
             _fail(f"{f}snr_db", "two numbers", snr)
         for key in ("target_macs", "macs", "params"):
             _int(e, key, f)
-        _file(e, "weights", "sha256", f)
-        if kind == "unet":
-            _file(e, "structure", "structure_sha256", f)
+        for path_field, sha_field in kind.files:
+            _file(e, path_field, sha_field, f)
         for key in ("onnx", "trt"):
             if e.get(key) is not None:
                 if not isinstance(e[key], dict):
