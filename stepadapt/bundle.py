@@ -159,6 +159,27 @@ class Manifest:
             total += self.experts[-1].macs
         return total / self.base_macs
 
+    @property
+    def base_path(self) -> Path | None:
+        """The recorded base, where that path exists here: the default teacher and reference."""
+        path = Path(self.base["path"]) if self.base and self.base.get("path") else None
+        return path if path is not None and path.is_dir() else None
+
+    def check_base(self, model: torch.nn.Module, path: str | os.PathLike, allow_other: bool = False) -> None:
+        """Refuse a teacher or reference whose weights are not the recorded base's (one line naming
+        both digests): a same-architecture model of other weights would otherwise be taken silently."""
+        from stepadapt.models import weights_sha256
+
+        if self.base is None or allow_other:
+            return
+        digest = weights_sha256(model)
+        if digest != self.base["sha256"]:
+            raise StepadaptError(
+                f"{path} has weights sha256 {digest[:16]}..., but the bundle was cut from "
+                f"{self.base.get('path', 'its base')} (sha256 {self.base['sha256'][:16]}...); "
+                "pass --allow-other-base to use it anyway"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **asdict(self)}
 

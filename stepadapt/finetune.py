@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,8 @@ from diffusers import UNet2DModel
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
+from stepadapt.kinds import UNET
+from stepadapt.options import Options, option
 from stepadapt.shared import SharedExperts
 from stepadapt.train import CHECKPOINT_NAME, DEFAULT_DISTILL, TrainConfig, TrainResult, train
 
@@ -75,7 +79,7 @@ def _run(bundle: Bundle, name: str) -> tuple:
 
 def unet_experts(bundle: Bundle) -> list:
     """The U-Net experts (in timestep order): what shared weights can hold. They must tile one interval."""
-    unets = [e for e in bundle.experts if e.kind == "unet"]
+    unets = [e for e in bundle.experts if e.kind == UNET.name]
     if not unets or any(a.hi != b.lo for a, b in zip(unets, unets[1:], strict=False)):
         raise StepadaptError("shared fine-tuning needs the U-Net experts to tile one interval of timesteps")
     return unets
@@ -121,8 +125,7 @@ def finetune_bundle(
     say = log if log and dist.is_main() else (lambda _: None)
     for e in bundle.experts:
         if e not in pruned:
-            what = "the unpruned base" if e.kind == "unet" else f"a closed-form {e.kind} denoiser"
-            say(f"expert {e.name} [{e.lo},{e.hi}) is {what}: kept as it is")
+            say(f"expert {e.name} [{e.lo},{e.hi}) is {bundle.describe(e.name)}: kept as it is")
     if not pruned:
         return {}
     results: dict[str, TrainResult] = {}
@@ -164,8 +167,7 @@ def finetune_bundle(
     budgets = iteration_budgets(pruned, n_separate)
     for e in chosen:
         if e not in pruned:
-            say(f"expert {e.name} is {'the unpruned base' if e.kind == 'unet' else 'closed form'}: "
-                "nothing to fine-tune")  # fmt: skip
+            say(f"expert {e.name} is {bundle.describe(e.name)}: nothing to fine-tune")
             continue
         cfg = TrainConfig.from_dict(
             {**template.to_dict(), "iterations": budgets[e.name], "t_lo": e.lo, "t_hi": e.hi,
@@ -198,3 +200,123 @@ def _record(cfg: TrainConfig, res: TrainResult, teacher, mode: str) -> dict:
         "world_size": dist.world_size(),
         "distilled": teacher is not None and cfg.distill > 0,
     }
+
+
+def _loss_weight_needs_teacher(name: str) -> bool:
+    from stepadapt import train
+
+    registry = getattr(train, "LOSS_WEIGHT_KINDS", None)
+    if registry is not None:
+        return bool(registry[name].needs_teacher)
+    return name == "relative"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions(Options):
+    """``stepadapt finetune``: a bundle's pruned experts recovered on their own timesteps."""
+
+    bundle: Path = option(help="Bundle directory (weights are replaced in place).", argument=True)
+    data: str = option(
+        "fashion-mnist", "'fashion-mnist', an image folder, or an .npz file (its training part)."
+    )
+    iterations: int = option(2000, "Total iterations (both phases, all experts).")
+    mode: str = option(
+        DEFAULT_MODE,
+        "separate: each expert alone on its interval, iterations split by interval length; shared: all "
+        "pruned experts at once as slices of one network (every update reaches every expert; measured "
+        "worse on the shipped base, see docs/results.md).",
+    )
+    specialize: float = option(0.0, "shared: fraction of the iterations for a separate phase afterwards.")
+    batch_size: int = option(DEFAULT_BATCH, "Images per step.")
+    lr: float = option(DEFAULT_LR, "Peak learning rate.")
+    loss_weight: str = option(
+        "none",
+        "none, min-snr, or relative: each timestep's loss over the base's own loss there, so the noisy "
+        "steps (small eps errors, large image errors) are not neglected.",
+    )
+    min_snr_gamma: float = option(5.0, "gamma of min-SNR weighting.")
+    distill: float = option(
+        DEFAULT_DISTILL, "Weight of the base's eps in the target (0..1); the rest is the true noise."
+    )
+    teacher: Path | None = option(
+        None,
+        "The base the bundle was cut from: teacher for --distill, start of --mode shared (default: the "
+        "base the manifest records, else the shipped base).",
+    )
+    allow_other_base: bool = option(
+        False, "Take a --teacher whose weights are not the recorded base's.", flags=("--allow-other-base",)
+    )
+    expert: tuple[str, ...] = option((), "Only this expert (repeatable; separate).", repeat=True)
+    limit: int | None = option(None, "Use a deterministic subset of N images.")
+    seed: int = option(0, "Seed (expert i uses seed + i).")
+    resume: bool = option(False, "Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
+    checkpoint_every: int = option(250, "Checkpoint period in steps.")
+    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda.")
+    timestep_sampler: str = option(
+        "uniform",
+        "Timestep sampler: uniform, curriculum (easy-to-hard clusters), adaptive (REINFORCE policy), "
+        "loss-moment (improved-DDPM importance sampling, unbiased weights), visited (only the timesteps "
+        "a --visit-steps DDIM run visits: for a fixed serving step count).",
+    )
+    clusters: int = option(20, "curriculum: clusters per interval.")
+    patience: int = option(200, "curriculum: flat-loss updates before the next stage.")
+    visit_steps: int = option(25, "visited: the DDIM step count served.")
+    threads: int | None = option(None, "CPU threads for torch.")
+    precision: str = option(
+        "auto",
+        "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss "
+        "scaling; fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32.",
+    )
+
+    def __post_init__(self) -> None:
+        phase_iterations(self.mode, self.iterations, self.specialize)  # a bad mode is said here
+        if not 0.0 <= self.distill <= 1.0:
+            raise StepadaptError(f"--distill must be in [0, 1], got {self.distill}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Distillation, shared training (it starts from the base) and relative loss weights all read
+        the base; the other recipes never load it."""
+        return self.distill > 0 or self.mode == "shared" or _loss_weight_needs_teacher(self.loss_weight)
+
+    def train_config(self) -> TrainConfig:
+        return finetune_config(
+            self.iterations, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            loss_weight=self.loss_weight, min_snr_gamma=self.min_snr_gamma, distill=self.distill,
+            sampler=self.timestep_sampler, clusters=self.clusters, patience=self.patience,
+            visit_steps=self.visit_steps, checkpoint_every=self.checkpoint_every, precision=self.precision,
+        )  # fmt: skip
+
+
+def teacher_for(options: FinetuneOptions, bundle: Bundle) -> UNet2DModel | None:
+    """The teacher the options need: the one given, else the recorded base, else the shipped base;
+    refused where its weights are not the base the bundle was cut from."""
+    from stepadapt.models import DEFAULT_BASE, load_base
+
+    if not options.needs_teacher:
+        return None
+    path = options.teacher or bundle.manifest.base_path or DEFAULT_BASE
+    model = load_base(path)[0]
+    bundle.manifest.check_base(model, path, options.allow_other_base)
+    return model
+
+
+def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None) -> dict[str, TrainResult]:
+    """The finetune stage (under ``torchrun`` every process runs it; rank 0 writes the bundle)."""
+    from stepadapt.data import load_dataset
+    from stepadapt.devices import resolve_device, resolve_precision
+
+    o = options
+    dev = resolve_device(o.device)
+    resolve_precision(o.precision, dev)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    dist.init_from_env()
+    b = Bundle.load(o.bundle)
+    c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
+    teacher = teacher_for(o, b)
+    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed)
+    return finetune_bundle(
+        b, x, o.train_config(), o.iterations, mode=o.mode, specialize=o.specialize,
+        experts=list(o.expert) or None, teacher=teacher, resume=o.resume, log=log, device=dev,
+    )  # fmt: skip

@@ -1,0 +1,126 @@
+"""The train-base stage: a base U-Net trained from scratch on a dataset.
+
+The rules about its options live here: which configs exist, which channel
+counts, and what image side the model is built for (the data's own, else the
+config's, said in one line either way), so the CLI only maps flags.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from stepadapt import Notice, StepadaptError
+from stepadapt import distributed as dist
+from stepadapt.options import Options, option
+from stepadapt.schedule import DEFAULT_SCHEDULER
+from stepadapt.train import TrainConfig, TrainResult
+
+
+@dataclass(frozen=True)
+class TrainBaseOptions(Options):
+    """``stepadapt train-base``: data -> a diffusers UNet2DModel (EMA weights, safetensors)."""
+
+    out: Path = option(Path("runs/base"), "Run directory (checkpoint, samples, model/).", flag="--out")
+    data: str = option(
+        "fashion-mnist", "'fashion-mnist', an image folder, or an .npz file (its training part)."
+    )
+    config: str = option("tiny", "Model config: tiny or ddpm-cifar10.")
+    channels: int | None = option(None, "Image channels (1 or 3); default: the data's own.")
+    size: int | None = option(None, "Image side; default: the data's own (else the config's).")
+    iterations: int = option(6000, "Optimizer steps.")
+    batch_size: int = option(128, "Images per step.")
+    lr: float = option(2e-3, "Peak learning rate (cosine decay after warm-up).")
+    ema_decay: float = option(0.999, "EMA decay of the shipped weights.")
+    limit: int | None = option(None, "Use a deterministic subset of N images.")
+    seed: int = option(0, "Seed for init, batches, timesteps and noise.")
+    checkpoint_every: int = option(500, "Checkpoint period in steps.")
+    sample_every: int = option(1000, "Sample-grid period in steps.")
+    resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
+    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda.")
+    threads: int | None = option(None, "CPU threads for torch.")
+    timestep_sampler: str = option("uniform", "Timestep sampler (see 'finetune --help').")
+    precision: str = option(
+        "auto",
+        "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss "
+        "scaling; fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32.",
+    )
+
+    def __post_init__(self) -> None:
+        from stepadapt.models import CONFIGS
+
+        if self.config not in CONFIGS:
+            raise StepadaptError(f"unknown config {self.config!r}; choose one of {', '.join(CONFIGS)}")
+        if self.channels not in (None, 1, 3):
+            raise StepadaptError(f"--channels must be 1 or 3, got {self.channels}")
+
+    def side(self) -> int:
+        """The image side to train at: --size, else the data's own, else the config's (with a note
+        wherever the choice is not the one the user may expect)."""
+        from stepadapt.data import native_size
+        from stepadapt.models import CONFIGS
+
+        side, default = self.size or native_size(self.data), CONFIGS[self.config]["sample_size"]
+        if side is None:
+            warnings.warn(
+                Notice(f"{self.data} has no single image size; training at {default} (set --size)"),
+                stacklevel=2,
+            )
+            return default
+        if self.size is None and side != default:
+            msg = f"training {self.config} at {side} x {side}, the data's size (--size to choose)"
+            warnings.warn(Notice(msg), stacklevel=2)
+        return side
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay,
+            seed=self.seed, checkpoint_every=self.checkpoint_every, sample_every=self.sample_every,
+            sampler=self.timestep_sampler, precision=self.precision,
+        )  # fmt: skip
+
+
+def sample_grid(model: UNet2DModel, scheduler_cfg: dict, path: Path, n: int = 16, steps: int = 50) -> Path:
+    """A grid of ``n`` images from seed 0 (50 DDIM steps): how training is going, by eye."""
+    from stepadapt.sampling import module_denoiser, sample_images, save_grid
+
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    return save_grid(sample_images(module_denoiser(model), scheduler_cfg, shape, n, steps=steps), path)
+
+
+def train_base(
+    options: TrainBaseOptions, log: Callable[[str], None] | None = None
+) -> tuple[TrainResult, Path]:
+    """The train-base stage: OUT/checkpoint.pt (resumable), OUT/samples/step_*.png, and at the end
+    OUT/model/ (EMA weights). Under ``torchrun`` it trains with DDP; rank 0 writes the model."""
+    from stepadapt.data import load_dataset
+    from stepadapt.devices import resolve_device, resolve_precision
+    from stepadapt.models import build_unet, save_base
+    from stepadapt.train import train
+
+    o, say = options, log or (lambda _: None)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    dev = resolve_device(o.device)
+    resolve_precision(o.precision, dev)  # a bad --precision is said before the data loads
+    dist.init_from_env()
+    side = o.side()
+    x = load_dataset(o.data, "train", size=side, channels=o.channels, limit=o.limit, seed=o.seed)
+    say(f"data: {o.data} -> {tuple(x.shape)}")
+    model = build_unet(o.config, in_channels=x.shape[1], seed=o.seed, sample_size=side)
+
+    def on_sample(step: int, ema: UNet2DModel) -> None:
+        path = sample_grid(ema, DEFAULT_SCHEDULER, o.out / "samples" / f"step_{step:06d}.png")
+        say(f"step {step}: samples -> {path}")
+
+    ema, res = train(
+        model, x, DEFAULT_SCHEDULER, o.train_config(), o.out, resume=o.resume, on_sample=on_sample, device=dev
+    )
+    if dist.is_main():
+        save_base(ema.cpu(), o.out / "model", DEFAULT_SCHEDULER)
+    return res, o.out / "model"
