@@ -165,7 +165,7 @@ def tune(
     if target.bundle is None:
         raise StepadaptError(f"{bundle} is not a bundle (tune writes into a bundle's manifest)")
     if jump is None:  # try it wherever it exists
-        jump = target.bundle.experts[-1].kind == "gaussian"
+        jump = target.can_jump
     options = candidates(target, max_macs_per_image, samplers, steps, jump)
     if not options:
         raise StepadaptError(
