@@ -3,11 +3,16 @@
 Everything is loaded into memory: the datasets this tool targets (Fashion-MNIST,
 CIFAR-sized folders) fit easily, and it keeps training sampling deterministic
 from one torch.Generator.
+
+Every dataset has a "train" and a "test" split that share no image (see
+:func:`load_dataset`), so evaluation and the Gaussian cut-off are judged on
+images no model was fitted to.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import warnings
@@ -24,6 +29,14 @@ FASHION_MNIST_DIR = Path(os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/d
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 FASHION_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
+SPLITS = ("train", "test")
+# Data with no held-out part of its own keeps this fraction back, chosen by hashing names (folders)
+# or indices (.npz): evaluation and the Gaussian cut-off must not be judged on training images.
+DEFAULT_HOLDOUT = 0.1
+TRAIN_DIR = "train"  # the Hugging Face imagefolder layout: train/ and test/ (or validation/)
+HELD_OUT_DIRS = ("test", "validation")  # the first present is the held-out part
+NPZ_TRAIN_KEYS = ("images", "train", "x_train")  # "images" first: what this tool has always read
+NPZ_TEST_KEYS = ("test", "x_test", "validation", "x_val")
 
 
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
@@ -87,10 +100,47 @@ def _image_files(path: Path) -> list[Path]:
     return files
 
 
-def load_image_folder(path: str | os.PathLike, size: int = 32) -> torch.Tensor:
-    """Every PNG/JPEG under ``path`` (sorted), center-cropped and resized; 1 channel when every
-    image is grey (an RGB file whose channels are equal is grey too), else 3."""
-    files = _image_files(Path(path))
+def _hashed_out(name: str, holdout: float) -> bool:
+    """Whether ``name`` is held out: sha256, not Python's salted hash(), so every command, machine
+    and listing order sees the same split, and adding images never moves the ones already there."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") < holdout * 2**64
+
+
+def _hash_split(names: list[str], holdout: float) -> list[bool]:
+    """Which of ``names`` are held out; none when either part would be empty (a folder too small
+    for ``holdout``), so a tiny dataset stays usable as all-training data instead of failing."""
+    out = [_hashed_out(n, holdout) for n in names]
+    return out if any(out) and not all(out) else [False] * len(names)
+
+
+def folder_split(path: str | os.PathLike, holdout: float = DEFAULT_HOLDOUT) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of an image folder; the held-out list is empty when it has
+    no held-out part (then every file is training data).
+
+    A ``test/`` (else ``validation/``) subfolder is the held-out part, and ``train/`` (else the rest
+    of the folder) the training part; without one, files are held out by the hash of their path
+    relative to the training folder, a fraction ``holdout`` of them.
+    """
+    path = Path(path)
+    _check_holdout(holdout)
+    held_dir = next((path / d for d in HELD_OUT_DIRS if (path / d).is_dir()), None)
+    train_dir = path / TRAIN_DIR if (path / TRAIN_DIR).is_dir() else path
+    if held_dir is not None:
+        train = _image_files(train_dir)
+        if train_dir == path:
+            train = [f for f in train if f.relative_to(path).parts[0] not in HELD_OUT_DIRS]
+            if not train:
+                raise StepadaptError(f"{path} has images only in {held_dir.name}/: nothing to train on")
+        return train, _image_files(held_dir)
+    files = _image_files(train_dir)
+    out = _hash_split([f.relative_to(train_dir).as_posix() for f in files], holdout)
+    test = [f for f, o in zip(files, out, strict=True) if o]
+    return [f for f, o in zip(files, out, strict=True) if not o], test
+
+
+def _read_images(files: list[Path], size: int) -> torch.Tensor:
+    """``files`` center-cropped and resized; 1 channel when every image is grey (an RGB file whose
+    channels are equal is grey too), else 3."""
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
@@ -102,6 +152,16 @@ def load_image_folder(path: str | os.PathLike, size: int = 32) -> torch.Tensor:
     grey = bool((np.abs(out.astype(np.int16) - out[..., :1]) <= 2).all())
     x = torch.from_numpy(out[..., :1] if grey else out).permute(0, 3, 1, 2)
     return _to_model_range(x, size)
+
+
+def load_image_folder(
+    path: str | os.PathLike, size: int = 32, split: str = "train", holdout: float = DEFAULT_HOLDOUT
+) -> torch.Tensor:
+    """One part of an image folder (see :func:`folder_split`), sorted by path; "test" of a folder
+    with no held-out part is its training images (:func:`held_out` tells the caller)."""
+    _check_split(split)
+    train, test = folder_split(path, holdout)
+    return _read_images(test if split == "test" and test else train, size)
 
 
 def native_size(source: str) -> int | None:
@@ -120,7 +180,7 @@ def native_size(source: str) -> int | None:
             return w if not rest and w == h else None
         if p.suffix == ".npz" and p.is_file():
             with np.load(p, allow_pickle=False) as z:
-                arr = z["images" if "images" in z else next(iter(z.keys()))]
+                arr = z[_npz_keys(list(z.keys()), p)[0]]
             h, w = _nchw(arr, str(p)).shape[2:]
             return int(h) if h == w else None
     except (OSError, ValueError, StopIteration, UnidentifiedImageError, StepadaptError):
@@ -154,27 +214,112 @@ def _nchw(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def load_npz(path: str | os.PathLike, size: int = 32, key: str | None = None) -> torch.Tensor:
-    """An .npz of images: N x H x W, N x H x W x C or N x C x H x W; uint8 or float in [-1, 1]."""
-    path = Path(path)
+def _npz_keys(names: list[str], path: Path) -> tuple[str, str | None]:
+    """(training array, held-out array or None) of an .npz: ``train``/``test`` or Keras'
+    ``x_train``/``x_test`` pairs, else the one array (``images`` or the first) split by index hash."""
+    if not names:
+        raise StepadaptError(f"{path} holds no arrays")
+    test = next((k for k in NPZ_TEST_KEYS if k in names), None)
+    train = next((k for k in NPZ_TRAIN_KEYS if k in names), None)
+    train = train or next((k for k in names if k not in NPZ_TEST_KEYS), None)
+    if train is None:
+        raise StepadaptError(
+            f"{path} has a held-out array {test!r} but no training array ('train' or 'images')"
+        )
+    return train, test
+
+
+def _npz_part(path: Path, split: str, holdout: float, key: str | None) -> tuple[np.ndarray, str]:
+    """One part of an .npz as N x C x H x W, and its name for messages; ``key``: that array whole."""
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.keys())
-            if not names:
-                raise StepadaptError(f"{path} holds no arrays")
-            k = key or ("images" if "images" in names else names[0])
-            if k not in names:
-                raise StepadaptError(f"{path} has no array {k!r} (has {', '.join(names)})")
-            arr = z[k]
+            if key is not None:
+                if key not in names:
+                    raise StepadaptError(f"{path} has no array {key!r} (has {', '.join(names) or 'none'})")
+                return _nchw(z[key], f"{path}:{key}"), f"{path}:{key}"
+            train, test = _npz_keys(names, path)
+            k = test if split == "test" and test is not None else train
+            arr = _nchw(z[k], f"{path}:{k}")
     except (OSError, ValueError) as e:
         raise StepadaptError(f"cannot read {path}: {e}") from None
-    t = torch.from_numpy(np.ascontiguousarray(_nchw(arr, f"{path}:{k}")))
+    if test is not None:
+        return arr, f"{path}:{k}"
+    out = np.array(_hash_split([str(i) for i in range(len(arr))], holdout), dtype=bool)
+    return (arr[out] if split == "test" and out.any() else arr[~out]), f"{path}:{k}"
+
+
+def load_npz(
+    path: str | os.PathLike,
+    size: int = 32,
+    key: str | None = None,
+    split: str = "train",
+    holdout: float = DEFAULT_HOLDOUT,
+) -> torch.Tensor:
+    """One part of an .npz of images (see :func:`_npz_keys`; ``key``: that array whole, unsplit):
+    N x H x W, N x H x W x C or N x C x H x W; uint8 or float in [-1, 1]. "test" of an .npz with
+    no held-out part is its training images (:func:`held_out` tells the caller)."""
+    _check_split(split)
+    _check_holdout(holdout)
+    arr, what = _npz_part(Path(path), split, holdout, key)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dtype == torch.uint8:
         return _to_model_range(t, size)
     t = t.float()
     if not torch.isfinite(t).all():
-        raise StepadaptError(f"{path}:{k} contains NaN or infinite values")
+        raise StepadaptError(f"{what} contains NaN or infinite values")
     return _to_model_range((t + 1.0) / 2.0, size)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise StepadaptError(f"unknown split {split!r}; use 'train' or 'test'")
+
+
+def _check_holdout(holdout: float) -> None:
+    try:
+        ok = not isinstance(holdout, bool) and 0 <= holdout < 1  # NaN fails the comparison too
+    except TypeError:
+        ok = False
+    if not ok:
+        raise StepadaptError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+
+
+def _kind(source: str) -> str:
+    """Which loader ``source`` needs (fashion, folder or npz), so that loading and :func:`held_out`
+    refuse the same unknown sources with the same one-line error."""
+    if source in FASHION_NAMES:
+        return "fashion"
+    p = Path(source)
+    if p.is_dir():
+        return "folder"
+    if p.suffix == ".npz" and p.is_file():
+        return "npz"
+    if not p.exists():
+        raise StepadaptError(
+            f"dataset {source!r} not found: pass 'fashion-mnist', an image folder or an .npz file"
+        )
+    raise StepadaptError(f"unsupported dataset {source!r}: use an image folder or .npz")
+
+
+def held_out(source: str, holdout: float = DEFAULT_HOLDOUT) -> bool:
+    """Whether ``source`` keeps images out of training (under ``holdout``). Where it does not -- a
+    holdout of 0, or too few images for the hash split to leave both parts something -- its "test"
+    split is its training images, and a score on it measures memory, not generalisation."""
+    _check_holdout(holdout)
+    kind = _kind(source)
+    if kind == "fashion":
+        return True
+    if kind == "folder":
+        return bool(folder_split(source, holdout)[1])
+    path = Path(source)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            train, test = _npz_keys(list(z.keys()), path)
+            n = 0 if test is not None else len(np.atleast_1d(z[train]))
+    except (OSError, ValueError) as e:
+        raise StepadaptError(f"cannot read {path}: {e}") from None
+    return test is not None or any(_hash_split([str(i) for i in range(n)], holdout))
 
 
 def load_dataset(
@@ -184,25 +329,27 @@ def load_dataset(
     channels: int | None = None,
     limit: int | None = None,
     seed: int = 0,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> torch.Tensor:
-    """Load a dataset by name or path; ``limit`` takes a deterministic random subset.
+    """Load one split of a dataset by name or path; ``limit`` takes a deterministic random subset.
+
+    "train" and "test" never share an image, so scores on "test" are not flattered by memory: a
+    folder's ``train/`` and ``test/`` (or ``validation/``), an .npz's ``train`` and ``test`` arrays,
+    Fashion-MNIST's own files, else ``holdout`` of the images kept back by hash (see
+    :func:`folder_split`), the same in every command. Where nothing is held out, "test" is the
+    training images; :func:`held_out` says so.
 
     ``channels``: what the model takes (None: the data's own); see :func:`match_channels`.
     """
-    if source in FASHION_NAMES:
+    _check_split(split)
+    _check_holdout(holdout)
+    kind = _kind(source)
+    if kind == "fashion":
         x = load_fashion_mnist(split, size)
+    elif kind == "folder":
+        x = load_image_folder(source, size, split, holdout)
     else:
-        p = Path(source)
-        if p.is_dir():
-            x = load_image_folder(p, size)
-        elif p.suffix == ".npz" and p.is_file():
-            x = load_npz(p, size)
-        elif not p.exists():
-            raise StepadaptError(
-                f"dataset {source!r} not found: pass 'fashion-mnist', an image folder or an .npz file"
-            )
-        else:
-            raise StepadaptError(f"unsupported dataset {source!r}: use an image folder or .npz")
+        x = load_npz(source, size, split=split, holdout=holdout)
     if channels is not None:
         x = match_channels(x, channels, source)
     if limit is not None and limit < len(x):
@@ -212,24 +359,24 @@ def load_dataset(
 
 
 def proxy_sets(
-    source: str, n: int, size: int, channels: int, seed: int = 0
+    source: str, n: int, size: int, channels: int, seed: int = 0, holdout: float = DEFAULT_HOLDOUT
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint proxy sets: one to score importance, one held out to judge candidates.
+    """Two disjoint proxy sets: one to score importance, one to judge candidates.
 
-    Fashion-MNIST takes them from its train and test splits; a folder or .npz
-    is split in two.
+    Both are training-time choices, so a folder or .npz gives both from its training part (split in
+    two), leaving its held-out part unseen until evaluation. Fashion-MNIST takes them from its train
+    and test files, as the shipped results were made.
     """
     if source in FASHION_NAMES:
         return (
             load_dataset(source, "train", size, channels, limit=n, seed=seed),
             load_dataset(source, "test", size, channels, limit=n, seed=seed),
         )
-    x = load_dataset(source, "train", size, channels, limit=2 * n, seed=seed)
+    x = load_dataset(source, "train", size, channels, limit=2 * n, seed=seed, holdout=holdout)
     if len(x) < 2:
-        raise StepadaptError(f"{source} needs at least 2 images for the proxy sets")
+        raise StepadaptError(f"{source} needs at least 2 training images for the proxy sets")
     half = len(x) // 2
     return x[:half], x[half:]
-
 
 
 def fingerprint(x: torch.Tensor) -> str:

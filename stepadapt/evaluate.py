@@ -29,8 +29,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from stepadapt import StepadaptError
-from stepadapt.data import load_dataset
+from stepadapt import Notice, StepadaptError
+from stepadapt.data import DEFAULT_HOLDOUT, held_out, load_dataset
 from stepadapt.io import atomic_path
 from stepadapt.plan import visited_timesteps
 from stepadapt.progress import progress as progress_bar
@@ -167,6 +167,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepadapt"
 
 
+def real_images(
+    source: str, n: int, size: int, channels: int, *, seed: int = 0, holdout: float = DEFAULT_HOLDOUT
+) -> np.ndarray:
+    """``n`` real images (uint8) to score against, from the held-out part of ``source``, never
+    its training images where it has a held-out part; where it has none, its training images with
+    one Notice, since a KID against them rewards a model that memorised them."""
+    honest = held_out(source, holdout)
+    if not honest:
+        why = "holdout 0" if holdout == 0 else f"too few images for a {holdout:g} hash split to keep any out"
+        warnings.warn(
+            Notice(
+                f"data {source} has no held-out images (no test/ folder or test array; {why}): "
+                "KID, FID and SWD are scored against training images"
+            ),
+            stacklevel=2,
+        )
+    images = to_uint8(load_dataset(source, "test", size, channels, limit=n, seed=seed, holdout=holdout))
+    if len(images) < n:
+        part = "held-out" if honest else "real"
+        raise StepadaptError(f"{source} has only {len(images)} {part} images, {n} asked for")
+    return images
+
+
 def real_set(
     net: InceptionFeatures,
     source: str,
@@ -177,11 +200,11 @@ def real_set(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """``n`` real test images (uint8) and their Inception features; features cached per dataset and n."""
-    images = to_uint8(load_dataset(source, "test", size, channels, limit=n, seed=seed))
-    if len(images) < n:
-        raise StepadaptError(f"{source} has only {len(images)} test images, {n} asked for")
+    """``n`` real held-out images (:func:`real_images`) and their Inception features; features
+    cached per dataset and n."""
+    images = real_images(source, n, size, channels, seed=seed, holdout=holdout)
     key = json.dumps({"source": str(source), "n": n, "size": size, "channels": channels, "seed": seed})
     digest = hashlib.sha256(key.encode() + images.tobytes()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"real-{digest}.safetensors"
@@ -297,9 +320,10 @@ def evaluate_targets(
     device: str = "cpu",
     sampler: Solver | str = "ddim",
     jump: bool = False,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> dict[str, Any]:
-    """Score each target against real test images, and against the base from the same noise and
-    solver (the base never jumps: it has no Gaussian expert)."""
+    """Score each target against real held-out images (:func:`real_images`), and against the base
+    from the same noise and solver (the base never jumps: it has no Gaussian expert)."""
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
             raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
@@ -307,9 +331,8 @@ def evaluate_targets(
     solver = Solver.parse(sampler)
     ref = load_target(base, device)
     base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
-    real_images, real_feats = real_set(
-        net, data, n_real or n, shape[1], shape[0], seed=seed, cache_dir=cache_dir, progress=log is not None
-    )
+    opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
+    reals, real_feats = real_set(net, data, n_real or n, shape[1], shape[0], **opts)
     t0 = time.perf_counter()
     reference = generate(base_den, sched, shape, n, steps, seed, solver)
     base_seconds = time.perf_counter() - t0
@@ -329,7 +352,7 @@ def evaluate_targets(
             )
         )
         seconds = base_seconds if images is reference else time.perf_counter() - t0
-        r = score(net, images, real_images, real_feats, reference, kid_subsets=kid_subsets)
+        r = score(net, images, reals, real_feats, reference, kid_subsets=kid_subsets)
         results[name] = {
             "path": str(path), "macs_ratio": per_image / len(visited_timesteps(solver, steps, sched)),
             "macs_per_image": round(per_image, 3), "jump": jumps,
@@ -340,7 +363,8 @@ def evaluate_targets(
             log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB")
     return {
         "settings": {"n": n, "n_real": n_real or n, "steps": steps, "sampler": str(solver), "seed": seed,
-                     "data": data, "base": str(base), "kid_subsets": kid_subsets},
+                     "data": data, "holdout": holdout, "held_out": held_out(data, holdout), "base": str(base),
+                     "kid_subsets": kid_subsets},
         "results": results,
     }  # fmt: skip
 

@@ -183,8 +183,9 @@ def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
 
 
 def gaussian_for(base: torch.nn.Module, scheduler_cfg: dict, data: str) -> GaussianDenoiser:
-    """The Gaussian expert for ``base``, fitted to the training images of ``data`` (a dataset name,
-    folder or .npz); a one-line StepadaptError where it cannot pay or cannot be fitted."""
+    """The Gaussian expert for ``base``, fitted to the training split of ``data`` (a dataset name,
+    folder or .npz) only, so the cut-off that judges it on the held-out split is not judged on the
+    images it was fitted to; a one-line StepadaptError where it cannot pay or cannot be fitted."""
     from stepadapt.data import load_dataset
     from stepadapt.prune import count_macs
 

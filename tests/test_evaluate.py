@@ -13,6 +13,7 @@ from stepadapt.evaluate import (
     fidelity,
     inception_path,
     kid,
+    real_images,
     real_set,
     sliced_wasserstein,
 )
@@ -114,3 +115,60 @@ def test_evaluate_cli_scores_a_bundle_and_a_base(tiny_bundle, tiny, tmp_path):
         assert np.isfinite(bundle[k])
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), "--base", str(tmp_path / "base")])
     assert r.exit_code == 2 and "error:" in r.output and "nothing" in r.output and "Traceback" not in r.output
+
+
+def _folder(root, ids):
+    """Grey 8 x 8 noise images whose first two pixels spell their id, so a loaded image names its file."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        a = np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8)
+        a[0, 0], a[0, 1] = i % 256, i // 256
+        Image.fromarray(a).save(root / f"img{i:03d}.png")
+    return str(root)
+
+
+def _ids(images: np.ndarray) -> set[int]:
+    return set((images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 1, 0]).tolist())
+
+
+@pytest.mark.parametrize("layout", ["hash", "subfolders"])
+def test_real_images_of_a_folder_are_never_its_training_images(tmp_path, layout):
+    """What KID is scored against shares no image with what the base and experts train on."""
+    import warnings
+
+    from stepadapt import Notice
+    from stepadapt.data import load_dataset
+    from stepadapt.sampling import to_uint8
+
+    data = str(tmp_path / "d")
+    if layout == "hash":
+        _folder(tmp_path / "d", range(120))
+    else:
+        _folder(tmp_path / "d" / "train", range(40))
+        _folder(tmp_path / "d" / "test", range(300, 312))
+    train = _ids(to_uint8(load_dataset(data, "train", 8, 1)))
+    held = _ids(to_uint8(load_dataset(data, "test", 8, 1)))
+    assert train | held == (set(range(120)) if layout == "hash" else {*range(40), *range(300, 312)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)  # a real held-out part: nothing to say
+        real = real_images(data, 8, 8, 1)
+    assert len(real) == 8 and _ids(real) <= held and not _ids(real) & train
+    with pytest.raises(StepadaptError, match="has only .* held-out images, 500 asked for"):
+        real_images(data, 500, 8, 1)
+
+
+def test_scoring_against_training_images_is_said_in_one_line(tmp_path):
+    from stepadapt import Notice
+
+    data = _folder(tmp_path / "d", range(30))
+    with pytest.warns(Notice) as said:
+        real = real_images(data, 30, 8, 1, holdout=0)
+    (note,) = [w for w in said if issubclass(w.category, Notice)]
+    text = str(note.message)
+    assert "\n" not in text and "no held-out images" in text and "holdout 0" in text
+    assert "scored against training images" in text and _ids(real) == set(range(30))
+    tiny = _folder(tmp_path / "tiny", [0, 1])  # img000/img001: the 10% hash split keeps neither out
+    with pytest.warns(Notice, match="too few images for a 0.1 hash split"):
+        assert _ids(real_images(tiny, 2, 8, 1)) == {0, 1}

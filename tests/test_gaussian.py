@@ -97,3 +97,33 @@ def test_cutoff_is_where_the_gaussian_comes_within_tolerance_of_the_base():
     assert errors[below][1] > 1.1 * errors[below][0]
     never, _ = gaussian_cutoff(_AsUNet(exact), wide, DEFAULT_SCHEDULER, held_out, tolerance=0.5, grid=50)
     assert never == 1000
+
+
+@pytest.mark.parametrize("layout", ["subfolders", "hash"])
+def test_gaussian_for_fits_the_training_split_of_a_folder_only(tmp_path, layout):
+    """Held-out images (here all white, so they would move the mean) never reach the fit: the
+    cut-off judges the Gaussian on them, which means nothing if it was fitted to them."""
+    import numpy as np
+    from PIL import Image
+
+    from stepadapt.data import folder_split, load_dataset
+    from stepadapt.gaussian import gaussian_for
+    from stepadapt.models import build_unet
+
+    rng = np.random.default_rng(0)
+    train_dir = tmp_path / "d" / "train" if layout == "subfolders" else tmp_path / "d"
+    train_dir.mkdir(parents=True)
+    for i in range(90):
+        Image.fromarray(rng.integers(0, 120, (8, 8), dtype=np.uint8)).save(train_dir / f"{i:03d}.png")
+    if layout == "subfolders":
+        (tmp_path / "d" / "test").mkdir()
+        for i in range(30):
+            Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "d" / "test" / f"{i}.png")
+    else:  # the hash split's held-out files turned white
+        for f in folder_split(tmp_path / "d")[1]:
+            Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(f)
+    data = str(tmp_path / "d")
+    train, test = load_dataset(data, "train", 8, 1), load_dataset(data, "test", 8, 1)
+    assert len(train) >= 64 and len(test) > 0 and (test == 1).all() and (train < 0).all()
+    den = gaussian_for(build_unet("tiny", sample_size=8), DEFAULT_SCHEDULER, data)
+    assert torch.allclose(den.tensors()["mean"], train.reshape(len(train), -1).mean(0), atol=1e-6)
