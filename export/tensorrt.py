@@ -10,14 +10,18 @@ engine is built from an FP16 ONNX, as TensorRT 11 has no FP16 builder flag.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from stepadapt.export import MAX_BATCH
 
 from stepadapt import StepadaptError
 from stepadapt.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 def unavailable_reason() -> str | None:
@@ -34,6 +38,7 @@ def unavailable_reason() -> str | None:
 
 
 def require() -> Any:
+    """The ``tensorrt`` module, or one line saying why it cannot be used here."""
     reason = unavailable_reason()
     if reason:
         raise StepadaptError(f"{reason}; TensorRT export skipped (ONNX files are unaffected)")
@@ -100,7 +105,7 @@ class TrtDenoiser:
         # float32 in engines built from exports since fractional timesteps (int64 before)
         self.float_timestep = self.engine.get_tensor_dtype("timestep") == trt.DataType.FLOAT
 
-    def __call__(self, x, t):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         torch = self.torch
         x = x.float().cuda().contiguous()
         t = (t.float() if self.float_timestep else t.double().round().long()).cuda().contiguous()
@@ -117,8 +122,13 @@ class TrtDenoiser:
 
 
 def parity(
-    plan_path: str | os.PathLike, onnx_path: str | os.PathLike, lo: int, hi: int, shape, seed: int = 0
-):
+    plan_path: str | os.PathLike,
+    onnx_path: str | os.PathLike,
+    lo: int,
+    hi: int,
+    shape: Sequence[int],
+    seed: int = 0,
+) -> float:
     """Max abs difference between the engine and onnxruntime at batches 1, 3, 8."""
     import torch
     from stepadapt.export.onnx import OnnxDenoiser
