@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import UNet2DModel
 from stepadapt.export.runtime import session, timestep_feed
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
-from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.io import sha256_file
+from stepadapt.kinds import kind_of_model
 from stepadapt.sampling import Router
 
 OPSET = 17
@@ -34,29 +33,16 @@ FP32_ATOL = 1e-4
 PARITY_BATCHES = (1, 3, 8)
 
 
-class _EpsOnly(torch.nn.Module):
-    """diffusers returns a dataclass; ONNX wants a plain tensor output."""
-
-    def __init__(self, model: UNet2DModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep).sample
-
-
-Expert = UNet2DModel | GaussianDenoiser
+Expert = torch.nn.Module  # any expert kind (stepadapt.kinds): it says how it exports
 
 
 def sample_shape(model: Expert) -> tuple[int, int, int]:
-    if isinstance(model, GaussianDenoiser):
-        return model.sample_shape
-    return model.config.in_channels, model.config.sample_size, model.config.sample_size
+    return kind_of_model(model).sample_shape(model)
 
 
 def as_eps(model: Expert) -> torch.nn.Module:
     """Any expert as a module ``(sample, timestep) -> eps`` tensor."""
-    return _EpsOnly(model) if isinstance(model, UNet2DModel) else model
+    return kind_of_model(model).as_eps(model)
 
 
 def export_model(model: Expert, path: str | os.PathLike, opset: int = OPSET) -> Path:

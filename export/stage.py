@@ -39,10 +39,10 @@ TRT_ATOL_FACTOR = 10.0
 class ExportOptions(Options):
     """What ``stepadapt export`` is asked; every rule about these values is checked here."""
 
-    bundle: Path = option(help="Bundle directory.")
+    bundle: Path = option(help="Bundle directory.", argument=True)
     opset: int = option(OPSET, help="ONNX opset.")
     atol: float = option(FP32_ATOL, help="Max abs error allowed vs PyTorch (fp32).")
-    trt: bool = option(False, help="Also build TensorRT engines (needs TensorRT + GPU).")
+    trt: bool = option(False, help="Also build TensorRT engines (needs TensorRT + GPU).", flags=("--trt",))
     trt_atol_factor: float = option(
         TRT_ATOL_FACTOR,
         help="A TensorRT engine may differ from onnxruntime by this multiple of atol "

@@ -248,6 +248,7 @@ class Target:
     scheduler: dict
     shape: tuple[int, ...]
     bundle: Any = None  # stepadapt.bundle.Bundle, for bundles
+    model: Any = None  # the UNet2DModel, for base model dirs
 
     def macs_per_image(self, steps: int, sampler: Solver | str = "ddim", jump: bool = False) -> float:
         """In base evaluations: every model evaluation the solver makes, at the expert owning it."""
@@ -259,7 +260,9 @@ class Target:
 
     @property
     def can_jump(self) -> bool:
-        return self.bundle is not None and self.bundle.experts[-1].kind == "gaussian"
+        from stepadapt.kinds import kind_of
+
+        return self.bundle is not None and kind_of(self.bundle.experts[-1].kind).jumps
 
     def jump(self, wanted: bool) -> Jump | None:
         if not wanted:
@@ -302,13 +305,30 @@ def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
     model, sched = load_base(path)
     cfg = model.config
     den = module_denoiser(model.eval().to(device))
-    return Target(path, den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    return Target(path, den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), model=model)
+
+
+def reference_base(targets: dict[str, str | os.PathLike], base: str | os.PathLike | None) -> Path:
+    """The base to score against: the one given, else the first base a target bundle records that
+    exists here, else the shipped base."""
+    from stepadapt.bundle import MANIFEST, Bundle
+    from stepadapt.models import DEFAULT_BASE
+
+    if base is not None:
+        return Path(base)
+    for path in targets.values():
+        if (Path(path) / MANIFEST).is_file():
+            recorded = Bundle.load(path, verify=False).manifest.base_path
+            if recorded is not None:
+                return recorded
+    return DEFAULT_BASE
 
 
 def evaluate_targets(
     targets: dict[str, str | os.PathLike],
-    base: str | os.PathLike,
+    base: str | os.PathLike | None = None,
     *,
+    allow_other_base: bool = False,
     n: int = 200,
     n_real: int | None = None,
     steps: int = 50,
@@ -323,7 +343,9 @@ def evaluate_targets(
     holdout: float = DEFAULT_HOLDOUT,
 ) -> dict[str, Any]:
     """Score each target against real held-out images (:func:`real_images`), and against the base
-    from the same noise and solver (the base never jumps: it has no Gaussian expert)."""
+    from the same noise and solver (the base never jumps: it has no Gaussian expert). ``base``:
+    :func:`reference_base`; a bundle that records another base is refused unless ``allow_other_base``."""
+    base = reference_base(targets, base)
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
             raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
@@ -339,6 +361,8 @@ def evaluate_targets(
     results: dict[str, Any] = {}
     for name, path in targets.items():
         target = load_target(path, device)
+        if target.bundle is not None and ref.model is not None:
+            target.bundle.manifest.check_base(ref.model, base, allow_other_base)
         if tuple(target.shape) != tuple(shape):
             raise StepadaptError(f"{name}: sample shape {target.shape} differs from the base's {shape}")
         jumps = jump and target.can_jump
