@@ -182,20 +182,6 @@ def fit_gaussian(data: torch.Tensor, scheduler_cfg: dict) -> GaussianDenoiser:
     ).eval()  # fmt: skip
 
 
-def gaussian_for(base: torch.nn.Module, scheduler_cfg: dict, data: str) -> GaussianDenoiser:
-    """The Gaussian expert for ``base``, fitted to the training split of ``data`` (a dataset name,
-    folder or .npz) only, so the cut-off that judges it on the held-out split is not judged on the
-    images it was fitted to; a one-line StepadaptError where it cannot pay or cannot be fitted."""
-    from stepadapt.data import load_dataset
-    from stepadapt.prune import count_macs
-
-    c, size = base.config.in_channels, base.config.sample_size
-    why_not = affordable((c, size, size), count_macs(base)[0])
-    if why_not is not None:
-        raise StepadaptError(why_not)
-    return fit_gaussian(load_dataset(data, "train", size, c), scheduler_cfg)
-
-
 @torch.no_grad()
 def gaussian_cutoff(
     base: torch.nn.Module,

@@ -100,14 +100,14 @@ def test_cutoff_is_where_the_gaussian_comes_within_tolerance_of_the_base():
 
 
 @pytest.mark.parametrize("layout", ["subfolders", "hash"])
-def test_gaussian_for_fits_the_training_split_of_a_folder_only(tmp_path, layout):
+def test_the_gaussian_expert_is_fitted_to_the_training_split_of_a_folder_only(tmp_path, layout):
     """Held-out images (here all white, so they would move the mean) never reach the fit: the
     cut-off judges the Gaussian on them, which means nothing if it was fitted to them."""
     import numpy as np
     from PIL import Image
 
-    from stepadapt.data import folder_split, load_dataset
-    from stepadapt.gaussian import gaussian_for
+    from stepadapt.analyze import fit_gaussian_for
+    from stepadapt.data import fingerprint, folder_split, load_dataset
     from stepadapt.models import build_unet
 
     rng = np.random.default_rng(0)
@@ -125,5 +125,6 @@ def test_gaussian_for_fits_the_training_split_of_a_folder_only(tmp_path, layout)
     data = str(tmp_path / "d")
     train, test = load_dataset(data, "train", 8, 1), load_dataset(data, "test", 8, 1)
     assert len(train) >= 64 and len(test) > 0 and (test == 1).all() and (train < 0).all()
-    den = gaussian_for(build_unet("tiny", sample_size=8), DEFAULT_SCHEDULER, data)
+    den, data_sha256 = fit_gaussian_for("auto", build_unet("tiny", sample_size=8), DEFAULT_SCHEDULER, data)
+    assert den is not None and data_sha256 == fingerprint(train)
     assert torch.allclose(den.tensors()["mean"], train.reshape(len(train), -1).mean(0), atol=1e-6)
