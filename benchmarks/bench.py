@@ -46,7 +46,7 @@ from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer
 
 from stepadapt import StepadaptError, __version__
-from stepadapt.bundle import Bundle, ExpertSpec, Manifest, provenance, save_bundle
+from stepadapt.bundle import Bundle, ExpertDraft, ExpertSpec, Manifest, provenance, save_bundle
 from stepadapt.devices import autocast
 from stepadapt.io import write_json
 from stepadapt.plan import tdc_ratios
@@ -117,16 +117,16 @@ def _model_bundle(path: Path, like: Manifest, name: str, model: UNet2DModel, his
     """One model over every timestep, as a bundle: the base or the uniform arm."""
     macs, params = count_macs(model)
     snr = (min(e.snr_db[0] for e in like.experts), max(e.snr_db[1] for e in like.experts))
-    spec = ExpertSpec(
+    draft = ExpertDraft(
         name=name, timesteps=(0, like.num_train_timesteps), snr_db=snr, target_macs=macs, macs=macs,
-        params=params, weights="", sha256="", structure="", structure_sha256="", importance="",
+        params=params,
     )  # fmt: skip
     manifest = Manifest(
         base_config=like.base_config, scheduler=like.scheduler, sample_shape=like.sample_shape,
-        base_macs=like.base_macs, base_params=like.base_params, experts=[spec],
+        base_macs=like.base_macs, base_params=like.base_params, experts=[],
         plan=like.plan, provenance=provenance(),
     )  # fmt: skip
-    save_bundle(path, manifest, {name: (model, history)})
+    save_bundle(path, manifest, [draft], {name: (model, history)})
     return Bundle.load(path)
 
 
@@ -324,7 +324,7 @@ def latency_section(arms: dict[str, Bundle], s: BenchSettings, bar) -> dict[str,
     """Every (model, backend) at each batch, in a shuffled order per repeat so drift hits all alike."""
     m = arms["experts"].manifest
     models = [
-        (arm, e) for arm, b in arms.items() for e in b.experts if not (arm == "experts" and _is_base(e, m))
+        (arm, e) for arm, b in arms.items() for e in b.experts if not (arm == "experts" and is_base(b, e))
     ]
     fns = {(arm, e.name, be): call_for(arms[arm], e, be) for arm, e in models for be in s.backends}
     rng = random.Random(s.seed)
@@ -358,8 +358,9 @@ def latency_section(arms: dict[str, Bundle], s: BenchSettings, bar) -> dict[str,
     return {"cells": cells}
 
 
-def _is_base(e: ExpertSpec, m: Manifest) -> bool:
-    return e.kind == "unet" and e.macs == m.base_macs
+def is_base(bundle: Bundle, e: ExpertSpec) -> bool:
+    """Whether ``e`` is the base itself (nothing pruned away): timing it again would time the base arm."""
+    return not bundle.is_pruned(e.name) and e.macs == bundle.manifest.base_macs
 
 
 def trajectory_section(arms: dict[str, Bundle], s: BenchSettings, pool: Denoisers, bar) -> dict[str, Any]:
@@ -546,7 +547,7 @@ def _steps_total(arms: dict[str, Bundle], s: BenchSettings) -> int:
     n = 0
     if "latency" in s.sections:
         models = sum(len(b.experts) for b in arms.values())
-        models -= sum(_is_base(e, arms["experts"].manifest) for e in arms["experts"].experts)
+        models -= sum(is_base(arms["experts"], e) for e in arms["experts"].experts)
         n += len(s.batches) * s.repeats * models * len(s.backends)
     if "trajectory" in s.sections:
         n += len(arms) * len(s.trajectory_backends) * len(s.steps) * s.trajectory_repeats

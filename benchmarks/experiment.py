@@ -20,68 +20,107 @@ changes the proxy sets, the training order and the sampling noise).
 
     python -m benchmarks.experiment [--out runs/experiment] [--iterations 2400] [--n 500]
 
-Pruning and fine-tuning are ``stepadapt`` commands (logged with their wall times); scores land in
-benchmarks/results/experiment_scores.json one by one and every finished score rewrites
-benchmarks/results/experiment.json and the plot, so a killed run continues where it stopped (in a later
-session too: what is scored and committed is skipped) and a partial run is already a result.
-``--only ARM-sSEED,...`` runs just those jobs; several such processes can run side by side (one thread
-each uses 2 cores better than one process with two), merging into the same results files under a lock.
+Analysis, pruning and fine-tuning run in this process through the stage functions the CLI runs
+(``stepadapt.analyze.analyze``, ``stepadapt.compress.prune``, ``stepadapt.finetune.finetune``), each from
+one options object, so the experiment cannot drift from ``stepadapt analyze/prune/finetune``; commands.json
+logs each stage with the equivalent command line, its options as JSON (:func:`logged_options` rebuilds
+them) and its wall time. Scores land in benchmarks/results/experiment_scores.json one by one and every
+finished score rewrites benchmarks/results/experiment.json and the plot, so a killed run continues where
+it stopped (in a later session too: what is scored and committed is skipped) and a partial run is already
+a result. ``--only ARM-sSEED,...`` runs just those jobs; several such processes can run side by side (one
+thread each uses 2 cores better than one process with two), merging into the same results files under a
+lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from stepadapt.analyze import AnalyzeOptions, analyze
+from stepadapt.compress import PruneOptions, prune
+from stepadapt.finetune import FinetuneOptions, finetune
 from stepadapt.io import read_json, write_json
+from stepadapt.options import Options
+from stepadapt.train import CHECKPOINT_NAME
 
-CLI = [str(Path(sys.executable).with_name("stepadapt"))]
 BASE = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny"
 BASE_STEPS = (10, 12, 20, 25, 40, 50)
 HEADLINE = ("uniform", "default")
+OPTIONS: dict[str, type[Options]] = {
+    "analyze": AnalyzeOptions,
+    "prune": PruneOptions,
+    "finetune": FinetuneOptions,
+}
+
+
+def flag_words(cls: type[Options], name: str, value: Any) -> list[str]:
+    """One option as ``stepadapt`` spells it on the command line: what the log shows a reader and what
+    the cache keys were made of when the experiment still ran the CLI."""
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    if value is None:
+        return []
+    if meta.get("argument"):
+        return [str(value)]
+    decl = (list(meta.get("flags", ())) or [meta.get("flag") or "--" + name.replace("_", "-")])[0]
+    if isinstance(value, bool):
+        on, _, off = decl.partition("/")
+        return [on] if value else [off or "--no-" + on.removeprefix("--")]
+    if isinstance(value, tuple | list):
+        if meta.get("repeat"):
+            return [w for v in value for w in (decl, str(v))]
+        value = ",".join(map(str, value))
+    return [decl, str(value)]
+
+
+def _key_words(cls: type[Options], overrides: dict[str, Any]) -> list[str]:
+    return [w.strip("-") for k, v in overrides.items() for w in flag_words(cls, k, v)]
 
 
 @dataclass(frozen=True)
 class Arm:
+    """One recipe: the options it sets beyond the ones every arm shares, per stage (field names of
+    AnalyzeOptions / PruneOptions / FinetuneOptions; insertion order is the order of the cache keys)."""
+
     name: str
     kind: str
     budget: float
-    analyze: tuple[str, ...] = ()  # options of `stepadapt analyze` beyond the budget
-    prune: tuple[str, ...] = ()  # options of `stepadapt prune` beyond the plan
-    finetune: tuple[str, ...] = ()  # options of `stepadapt finetune` beyond the shared ones
+    analyze: dict[str, Any] = field(default_factory=dict)  # beyond out, groups=4 and the budget
+    prune: dict[str, Any] = field(default_factory=dict)  # beyond plan, out and seed
+    finetune: dict[str, Any] = field(default_factory=dict)  # beyond the run's iterations, batch, seed
     seeds: tuple[int, ...] = (0,)
     note: str = ""
 
     @property
     def plan_key(self) -> str:
-        """Arms that analyze alike share the plan."""
-        return "-".join([str(self.budget), *[o.strip("-") for o in self.analyze]])
+        """Arms that analyze alike share the plan (directory names that outlive a session: stable)."""
+        return "-".join([str(self.budget), *_key_words(AnalyzeOptions, self.analyze)])
 
     @property
     def pruned_key(self) -> str:
         """Arms that analyze and prune alike share the pruned bundle."""
-        extra = [o.strip("-") for o in self.prune if o != "--uniform"]
-        return "-".join(["u" if "--uniform" in self.prune else "e", *extra, self.plan_key])
+        extra = _key_words(PruneOptions, {k: v for k, v in self.prune.items() if k != "uniform"})
+        return "-".join(["u" if self.prune.get("uniform") else "e", *extra, self.plan_key])
 
 
 # Every arm says whether it has the Gaussian expert, so its plan (and the plan's cache key) does not
-# follow the CLI's default; arms scored before the option existed ran what is now OFF.
-AUTO, OFF = ("--gaussian", "auto"), ("--gaussian", "off")
+# follow the stage's default; arms scored before the option existed ran what is now OFF.
+AUTO, OFF = {"gaussian": "auto"}, {"gaussian": "off"}
 ARMS = (
-    Arm("uniform-0.5", "uniform", 0.5, analyze=OFF, prune=("--uniform",), seeds=(0, 1),
+    Arm("uniform-0.5", "uniform", 0.5, analyze=OFF, prune={"uniform": True}, seeds=(0, 1),
         note="one model, the default recovery (0.7 distillation from the base)"),
     Arm("default-0.5", "default", 0.5, analyze=AUTO, seeds=(0, 1),
         note="Gaussian expert on the noisy end (auto cut-off), its budget to independent U-Net experts, "
@@ -89,23 +128,78 @@ ARMS = (
     Arm("nogauss-0.5", "no-gaussian", 0.5, analyze=OFF, seeds=(0, 1),
         note="U-Net experts on every interval, no Gaussian expert (the default until the Gaussian expert; "
              "run as default-0.5)"),
-    Arm("uniform-gauss-0.5", "uniform+gaussian", 0.5, analyze=("--groups", "2", *AUTO),
+    Arm("uniform-gauss-0.5", "uniform+gaussian", 0.5, analyze={"groups": 2, **AUTO},
         note="one uniformly pruned U-Net below the Gaussian's cut-off, the Gaussian above it"),
-    Arm("shared-0.5", "shared", 0.5, analyze=OFF, prune=("--nested",), finetune=("--mode", "shared"),
+    Arm("shared-0.5", "shared", 0.5, analyze=OFF, prune={"nested": True}, finetune={"mode": "shared"},
         note="nested experts trained together on shared weights (the default before no-gaussian)"),
-    Arm("snr-old-0.5", "snr-old", 0.5, analyze=OFF, finetune=("--distill", "0"),
+    Arm("snr-old-0.5", "snr-old", 0.5, analyze=OFF, finetune={"distill": 0},
         note="no-gaussian without distillation"),
-    Arm("nested-0.5", "nested", 0.5, analyze=AUTO, prune=("--nested",), note="default, experts nested"),
-    Arm("relative-0.5", "relative", 0.5, analyze=AUTO,
-        finetune=("--distill", "1", "--loss-weight", "relative"),
+    Arm("nested-0.5", "nested", 0.5, analyze=AUTO, prune={"nested": True}, note="default, experts nested"),
+    Arm("relative-0.5", "relative", 0.5, analyze=AUTO, finetune={"distill": 1, "loss_weight": "relative"},
         note="default, the base's eps only, each t's loss over the base's own"),
-    Arm("visited-0.5", "visited", 0.5, analyze=AUTO, finetune=("--sampler", "visited", "--visit-steps", "50"),
+    Arm("visited-0.5", "visited", 0.5, analyze=AUTO,
+        finetune={"timestep_sampler": "visited", "visit_steps": 50},
         note="default, trained only on the timesteps 50 (and so 25) DDIM steps visit"),
-    Arm("damage-0.5", "damage", 0.5, analyze=(*AUTO, "--measure", "damage"),
+    Arm("damage-0.5", "damage", 0.5, analyze={**AUTO, "measure": "damage"},
         note="default, sizes by measured damage (knapsack)"),
-    Arm("uniform-0.8", "uniform", 0.8, analyze=OFF, prune=("--uniform",)),
+    Arm("uniform-0.8", "uniform", 0.8, analyze=OFF, prune={"uniform": True}),
     Arm("default-0.8", "default", 0.8, analyze=AUTO),
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of one job. ``parts`` are merged in order into the options (a later part wins, as a
+    later flag does) and spelled in order on the command line, so the logged text reads as it always has."""
+
+    name: str  # analyze, prune or finetune
+    parts: tuple[dict[str, Any], ...]
+
+    @property
+    def options(self) -> Options:
+        merged: dict[str, Any] = {}
+        for part in self.parts:
+            merged.update(part)
+        return OPTIONS[self.name](**merged)
+
+    @property
+    def command(self) -> str:
+        cls = OPTIONS[self.name]
+        words = [w for part in self.parts for k, v in part.items() for w in flag_words(cls, k, v)]
+        return " ".join(["stepadapt", self.name, *words])
+
+    def run(self, log=print) -> Any:
+        # looked up when called, not bound at import: a test can watch what runs
+        fn = {"analyze": analyze, "prune": prune, "finetune": finetune}[self.name]
+        if self.name == "prune":  # the bundle's provenance records the command that made it
+            return fn(self.options, log=log, command=self.command)
+        return fn(self.options, log=log)
+
+
+def arm_stages(
+    a: Arm, out: Path, seed: int, iterations: int, batch_size: int, threads: int
+) -> tuple[Stage, Stage, Stage]:
+    """The analyze, prune and finetune stages of arm ``a`` at ``seed``: the settings every arm shares,
+    then the arm's own options (which win where they set the same one)."""
+    plan = out / f"plan-{a.plan_key}.json"
+    pruned = out / "pruned" / f"{a.pruned_key}-s{seed}"
+    tuned = out / "arms" / f"{a.name}-s{seed}"
+    return (
+        Stage("analyze", ({"out": plan, "groups": 4, "budget": a.budget}, a.analyze)),
+        Stage("prune", ({"plan": plan, "out": pruned, "seed": seed}, a.prune)),
+        Stage("finetune", (
+            {"bundle": tuned, "iterations": iterations, "batch_size": batch_size, "seed": seed},
+            a.finetune, {"threads": threads},
+        )),
+    )  # fmt: skip
+
+
+def logged_options(entry: dict) -> Options:
+    """The options of a stage logged in commands.json: run ``analyze(logged_options(entry))`` (or prune,
+    finetune) to make the same thing again. Entries from before the experiment ran in process have none."""
+    if "options" not in entry:
+        raise ValueError(f"{entry['command']!r} was logged before stages recorded their options")
+    return OPTIONS[entry["stage"]].from_dict(entry["options"])
 
 
 @contextmanager
@@ -127,17 +221,20 @@ def merge_log(log: list[dict], log_path: Path, *new: dict) -> None:
             write_json(log_path, log)
 
 
-def run(cmd: list[str], log: list[dict], log_path: Path, done: Path | None = None) -> float:
-    """Run one CLI command (unless ``done`` exists); record it with its wall time in ``log_path``."""
-    text = " ".join(["stepadapt", *cmd])
+def run_stage(stage: Stage, log: list[dict], log_path: Path, done: Path | None = None) -> float:
+    """Run one stage in this process (unless ``done`` exists); log its command line, options and wall
+    time in ``log_path``. A stage already done answers with the seconds it took when it ran."""
+    text = stage.command
     if done is not None and done.exists():
         prior = next((c for c in log if c["command"] == text), None)
         return prior["seconds"] if prior else float("nan")
+    options = stage.options  # a bad option is said before anything loads
     print(f"$ {text}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run([*CLI, *cmd], check=True)
+    stage.run(log=lambda line: print(line, flush=True))
     seconds = round(time.perf_counter() - t0, 1)
-    merge_log(log, log_path, {"command": text, "seconds": seconds})
+    entry = {"command": text, "seconds": seconds, "stage": stage.name, "options": options.to_dict()}
+    merge_log(log, log_path, entry)
     return seconds
 
 
@@ -211,6 +308,12 @@ def aggregate(arms: dict[str, dict], scores: dict[str, dict], settings: dict) ->
     return rows
 
 
+def own_rows(results: dict) -> list[dict]:
+    """This experiment's rows. benchmarks.solvers keeps its rows (other solvers, marked with their
+    ``source``) in the same file and draws them in its own plot; they have no budget, grid or fine-tuning."""
+    return [r for r in results["rows"] if "source" not in r]
+
+
 def table(results: dict) -> str:
     """The rows as a markdown table (what docs/results.md shows), grouped by arm."""
     lines = [
@@ -218,7 +321,7 @@ def table(results: dict) -> str:
         "| PSNR vs base |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
+    for r in own_rows(results):
         std = f"± {r['kid_std']:.4f}" + ("" if r["kid_std_over"] == "seeds" else " (subsets)")
         psnr = "—" if r["kind"] in ("base", "base-steps") or r["psnr"] is None else f"{r['psnr']:.1f} dB"
         lines.append(
@@ -235,7 +338,7 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
+    rows = own_rows(results)
     fig, ax = plt.subplots(figsize=(8, 5))
     base = sorted((r for r in rows if r["kind"] in ("base", "base-steps")), key=lambda r: r["macs_per_image"])
     if base:
@@ -404,19 +507,15 @@ def errors(bundles: list[Path], n: int = 128, seed: int = 0) -> dict[str, dict[i
 
 def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     """Copy a trained arm's bundle into the package (fp16 weights, no checkpoints) with its card."""
-    from stepadapt.bundle import Bundle, save_bundle
+    from stepadapt.bundle import Bundle
 
     name, _, seed = arm.rpartition("-s")
     res = read_json(results)
     scores = read_json(results.with_name("experiment_scores.json"))
     settings = res["settings"]
-    if dest.exists():
-        shutil.rmtree(dest)
-    skip = shutil.ignore_patterns("finetune", "onnx", "triton", "*.done")
-    shutil.copytree(out / "arms" / arm, dest, ignore=skip)
-    b = Bundle.load(dest)
-    save_bundle(dest, b.manifest, b.models())  # neighbouring copies of the base stored once
-    b = Bundle.load(dest)
+    # Only the experts and the manifest travel (no checkpoints, no exports), neighbouring copies of the
+    # base stored once; the old package copy is swapped out in one rename, never left half-written.
+    b = Bundle.load(out / "arms" / arm).copy_to(dest)
     b.cast_weights(torch.float16)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     tuned = next(  # the latest: an arm's name may have served another recipe in an earlier session
@@ -432,10 +531,9 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
         return f"{r['kid']:.4f} ± {r['kid_std']:.4f}" if r else "not measured"
 
     m = b.manifest
-    untrained = {"unet": "none: it is the base", "gaussian": "none: closed form"}
     rows = [
         f"| {e.name} | [{e.lo}, {e.hi}) | {e.macs / m.base_macs:.3f} | {e.params / 1e6:.3f} M "
-        f"| {e.parent or '-'} | {(e.training or {}).get('mode', untrained[e.kind])} |"
+        f"| {e.parent or '-'} | {(e.training or {}).get('mode', f'none: {b.describe(e.name)}')} |"
         for e in b.experts
     ]
     psnr = scores.get(f"{name}|{seed}|50", {}).get("psnr", float("nan"))
@@ -483,7 +581,7 @@ def ship(out: Path, arm: str, results: Path, dest: Path) -> Path:
     return dest
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/experiment"))
     ap.add_argument("--iterations", type=int, default=2400, help="fine-tuning iterations per trained arm")
@@ -517,172 +615,222 @@ def main() -> None:
         help="comma-separated LO: the Gaussian denoiser on [LO, T), the base elsewhere (and on the "
         "noisiest group of the --arms given), scored at --steps",
     )  # fmt: skip
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    return ap.parse_args(argv)
+
+
+def one_off(args: argparse.Namespace) -> bool:
+    """The modes that only read trained arms or the results (no schedule); whether one of them ran."""
     if args.gaussian:
         lows = [int(v) for v in args.gaussian.split(",")]
         arms = args.arms.split(",") if args.arms else []
         steps = [int(v) for v in args.steps.split(",")]
         gaussian(args.out, args.n, lows, arms, steps, args.results.with_name("experiment_gaussian.json"))
-        return
-    if args.errors:
+    elif args.errors:
         rows = errors([Path(p) for p in args.errors.split(",")])
         path = args.results.with_name("experiment_errors.json")
         write_json(path, {**(read_json(path) if path.exists() else {}), **rows})
-        return
-    if args.why:
+    elif args.why:
         why(args.out, args.why.split(","), args.n, args.results.with_name("experiment_why.json"))
-        return
-    if args.ship:
+    elif args.ship:
         dest = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-experts"
         print(f"shipped -> {ship(args.out, args.ship, args.results, dest)}")
-        return
-    if args.replot:
+    elif args.replot:
         results = read_json(args.results)
         print(table(results))
         print(plot(results, args.plot))
-        return
+    else:
+        return False
+    return True
 
-    from stepadapt.bundle import Bundle
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    # Scores and the results file are committed: a later session on a fresh machine skips what is scored.
-    log_path, scores_path = out / "commands.json", args.results.with_name("experiment_scores.json")
-    prior = read_json(args.results) if args.results.exists() else {}
-    log: list[dict] = read_json(log_path) if log_path.exists() else prior.get("commands", [])
-    scores: dict[str, dict] = read_json(scores_path) if scores_path.exists() else {}
-    threads = ["--threads", str(args.threads)]
-    steps_list = [int(s) for s in args.steps.split(",")]
-    chosen = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
-    settings = {"n": args.n, "iterations": args.iterations, "batch_size": args.batch_size,
-                "sampler": "ddim eta=0", "data": "fashion-mnist", "base": str(BASE.name)}  # fmt: skip
-    arms: dict[str, dict] = {
-        f"base-{s}": {"kind": "base" if s == 50 else "base-steps", "budget": 1.0, "steps": [s],
-                      "seeds": [0, 1], "macs_per_step": {str(s): 1.0}, "finetune_images": 0}
-        for s in BASE_STEPS
-    }  # fmt: skip
-    scorer = Scorer(out, args.n)
+class Run:
+    """The scheduled run: jobs train arms and score them, one score at a time.
 
-    touched: set[str] = set()  # arms this process trained or scored: its metadata wins over the file's
+    Scores and the results file are committed, so a later session on a fresh machine skips what is
+    scored; every score is published at once (merged under a lock with what parallel ``--only``
+    processes wrote), so a killed run is already a result.
+    """
 
-    def publish() -> None:
-        with locked(scores_path):  # merge with what a parallel --only process has written meanwhile
-            if scores_path.exists():
-                scores.update({k: v for k, v in read_json(scores_path).items() if k not in scores})
-            write_json(scores_path, scores)
-            if args.results.exists():
-                for name, a in read_json(args.results).get("arms", {}).items():
-                    if name not in touched:
-                        arms[name] = a
-            merge_log(log, log_path)
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "commands.json"
+        self.scores_path = args.results.with_name("experiment_scores.json")
+        prior = read_json(args.results) if args.results.exists() else {}
+        on_disk = self.log_path.exists()
+        self.log: list[dict] = read_json(self.log_path) if on_disk else prior.get("commands", [])
+        self.scores: dict[str, dict] = read_json(self.scores_path) if self.scores_path.exists() else {}
+        self.steps = [int(s) for s in args.steps.split(",")]
+        self.chosen = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
+        self.settings = {
+            "n": args.n, "iterations": args.iterations, "batch_size": args.batch_size,
+            "sampler": "ddim eta=0", "data": "fashion-mnist", "base": str(BASE.name),
+        }  # fmt: skip
+        self.arms: dict[str, dict] = {
+            f"base-{s}": {"kind": "base" if s == 50 else "base-steps", "budget": 1.0, "steps": [s],
+                          "seeds": [0, 1], "macs_per_step": {str(s): 1.0}, "finetune_images": 0}
+            for s in BASE_STEPS
+        }  # fmt: skip
+        for a in self.chosen:
+            self.arms[a.name] = prior.get("arms", {}).get(a.name) or self.fresh(a)
+        # arms this process trained or scored: its metadata wins over the file's
+        self.touched: set[str] = set()
+        self._scorer: Scorer | None = None
+
+    @property
+    def scorer(self) -> Scorer:
+        """Built on first use: Inception and the base load only when something is scored."""
+        if self._scorer is None:
+            self._scorer = Scorer(self.out, self.args.n)
+        return self._scorer
+
+    def fresh(self, a: Arm) -> dict:
+        """An arm's metadata before anything of it ran (its own options, to re-run it from)."""
+        return {"kind": a.kind, "budget": a.budget, "steps": self.steps, "seeds": list(a.seeds),
+                "macs_per_step": {}, "finetune_images": self.args.iterations * self.args.batch_size,
+                "analyze": dict(a.analyze), "prune": dict(a.prune), "finetune": dict(a.finetune),
+                "note": a.note}  # fmt: skip
+
+    def publish(self) -> None:
+        args = self.args
+        with locked(self.scores_path):  # merge with what a parallel --only process has written meanwhile
+            if self.scores_path.exists():
+                self.scores.update(
+                    {k: v for k, v in read_json(self.scores_path).items() if k not in self.scores}
+                )
+            write_json(self.scores_path, self.scores)
+            on_disk = read_json(args.results) if args.results.exists() else {}
+            for name, a in on_disk.get("arms", {}).items():
+                if name not in self.touched:
+                    self.arms[name] = a
+            merge_log(self.log, self.log_path)
             results = {
+                **on_disk,  # what other scripts keep there (benchmarks.solvers' rows) stays
                 "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-                "settings": settings, "commands": log, "arms": arms,
-                "rows": aggregate(arms, scores, settings),
+                "settings": self.settings, "commands": self.log, "arms": self.arms,
+                "rows": [*aggregate(self.arms, self.scores, self.settings),
+                         *[r for r in on_disk.get("rows", []) if "source" in r]],
             }  # fmt: skip
             write_json(args.results, results)
         plot(results, args.plot)
         grids = {
             f"{r['arm']} @{r['steps']}": r["grid"]
-            for r in results["rows"]
+            for r in own_rows(results)
             if r["grid"]
             and r["steps"] in (12, 25, 50)
             and r["kind"] in ("base", "base-steps", *HEADLINE, "no-gaussian")
         }
-        sample_figure(grids, args.plot.with_name("experiment_samples.png"))  # fmt: skip
+        sample_figure(grids, args.plot.with_name("experiment_samples.png"))
 
-    def score_once(name: str, seed: int, steps: int, denoiser) -> None:
+    def score_once(self, name: str, seed: int, steps: int, denoiser) -> None:
         key = f"{name}|{seed}|{steps}"
-        grid = out / "samples" / f"{name}-{steps}.png"
-        arms[name].setdefault("grids", {})[str(steps)] = str(grid)
-        if key in scores:
+        grid = self.out / "samples" / f"{name}-{steps}.png"
+        self.arms[name].setdefault("grids", {})[str(steps)] = str(grid)
+        if key in self.scores:
             if denoiser is None and seed == 0 and not grid.is_file():  # the base's grid: from its references
                 from stepadapt.sampling import save_grid
 
-                save_grid(scorer.reference(steps, seed)[:16], grid)
+                save_grid(self.scorer.reference(steps, seed)[:16], grid)
             return
-        touched.add(name)
-        r = scorer(denoiser, steps, seed, grid if seed == 0 else None)
-        scores[key] = r
+        self.touched.add(name)
+        r = self.scorer(denoiser, steps, seed, grid if seed == 0 else None)
+        self.scores[key] = r
         print(f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, PSNR {r.get('psnr', 0):.2f}", flush=True)
-        publish()
+        self.publish()
 
-    def base_job(seed: int, steps: tuple[int, ...]) -> None:
+    def base_job(self, seed: int, steps: tuple[int, ...]) -> None:
         for st in steps:
-            score_once(f"base-{st}", seed, st, None)  # None: the base's own (reference) images
+            self.score_once(f"base-{st}", seed, st, None)  # None: the base's own (reference) images
 
-    def arm_job(a: Arm, seed: int) -> None:
-        if all(f"{a.name}|{seed}|{st}" in scores for st in steps_list):
-            return  # scored (maybe in an earlier session): its metadata came with the prior results
-        plan = out / f"plan-{a.plan_key}.json"
-        cmd = ["analyze", "--out", str(plan), "--groups", "4", "--budget", str(a.budget), *a.analyze]
-        run(cmd, log, log_path, plan)
-        pruned = out / "pruned" / f"{a.pruned_key}-s{seed}"
-        cmd = ["prune", "--plan", str(plan), "--out", str(pruned), "--seed", str(seed), *a.prune]
-        run(cmd, log, log_path, pruned / "manifest.json")
-        arm = out / "arms" / f"{a.name}-s{seed}"
+    def train(self, a: Arm, seed: int) -> tuple[Path, float]:
+        """Analyze, prune and fine-tune arm ``a`` (each stage skipped when its output is there; plans
+        and pruned bundles shared between arms by their keys); the trained bundle and its fine-tuning
+        seconds."""
+        args = self.args
+        analyze_, prune_, finetune_ = arm_stages(
+            a, self.out, seed, args.iterations, args.batch_size, args.threads
+        )
+        plan, pruned, arm = analyze_.options.out, prune_.options.out, finetune_.options.bundle
+        run_stage(analyze_, self.log, self.log_path, plan)
+        run_stage(prune_, self.log, self.log_path, pruned / "manifest.json")
         done = arm / "finetune.done"
-        resume = any(arm.glob("finetune/*/checkpoint.pt"))  # a killed fine-tune goes on from its checkpoint
+        resume = any(arm.glob(f"finetune/*/{CHECKPOINT_NAME}"))  # a killed fine-tune goes on from there
         if not done.exists() and not resume:
             shutil.rmtree(arm, ignore_errors=True)
             shutil.copytree(pruned, arm)
-        cmd = ["finetune", str(arm), "--iterations", str(args.iterations), "--batch-size",
-               str(args.batch_size), "--seed", str(seed), *a.finetune, *threads]  # fmt: skip
-        seconds = run(cmd + ["--resume"] if resume else cmd, log, log_path, done)
+        if resume:
+            finetune_ = dataclasses.replace(finetune_, parts=(*finetune_.parts, {"resume": True}))
+        seconds = run_stage(finetune_, self.log, self.log_path, done)
         done.touch()
-        touched.add(a.name)
-        info = arms[a.name]
+        return arm, seconds
+
+    def arm_job(self, a: Arm, seed: int) -> None:
+        from stepadapt.bundle import Bundle
+
+        if all(f"{a.name}|{seed}|{st}" in self.scores for st in self.steps):
+            return  # scored (maybe in an earlier session): its metadata came with the prior results
+        arm, seconds = self.train(a, seed)
+        self.touched.add(a.name)
+        info = self.arms[a.name]
         info.setdefault("finetune_seconds_per_seed", {})[str(seed)] = seconds
         info["finetune_seconds"] = float(np.nanmean(list(info["finetune_seconds_per_seed"].values())))
         b = Bundle.load(arm)
-        info["macs_per_step"] = {str(s): b.manifest.trajectory_macs_ratio(s) for s in steps_list}
+        info["macs_per_step"] = {str(s): b.manifest.trajectory_macs_ratio(s) for s in self.steps}
         base_macs = b.manifest.base_macs
         info["experts"] = [
             {"name": e.name, "timesteps": list(e.timesteps), "macs_ratio": round(e.macs / base_macs, 4)}
             for e in b.experts
         ]
         router = b.router()
-        for steps in steps_list:
-            score_once(a.name, seed, steps, router)
+        for steps in self.steps:
+            self.score_once(a.name, seed, steps, router)
 
-    for a in chosen:
-        fresh = {"kind": a.kind, "budget": a.budget, "steps": steps_list, "seeds": list(a.seeds),
-                 "macs_per_step": {}, "finetune_images": args.iterations * args.batch_size,
-                 "analyze": list(a.analyze), "prune": list(a.prune), "finetune": list(a.finetune),
-                 "note": a.note}  # fmt: skip
-        arms[a.name] = prior.get("arms", {}).get(a.name) or fresh
-    if args.only:  # exactly these jobs, e.g. one process per arm side by side
+    def only(self, jobs: str) -> None:
+        """Exactly these jobs, e.g. one process per arm side by side."""
         by_name = {a.name: a for a in ARMS}
-        for job in args.only.split(","):
+        for job in jobs.split(","):
             name, _, seed = job.rpartition("-s")
             if name == "base":
-                base_job(int(seed), BASE_STEPS if int(seed) == 0 else (12, 25, 50))
-            elif name in by_name and name in arms:
-                arm_job(by_name[name], int(seed))
+                self.base_job(int(seed), BASE_STEPS if int(seed) == 0 else (12, 25, 50))
+            elif name in by_name and name in self.arms:
+                self.arm_job(by_name[name], int(seed))
             else:
                 raise SystemExit(f"--only: unknown job {job!r} (ARM-sSEED or base-sSEED)")
-        publish()
+        self.publish()
+
+    def schedule(self) -> None:
+        """Interleaved by priority: the bar, the headline arms (seed 0), their second seeds, the rest."""
+        chosen, first = self.chosen, (self.args.first or "").split(",")
+        headline = [a for a in chosen if a.kind in HEADLINE and a.budget == 0.5]
+        self.base_job(0, BASE_STEPS)
+        for a in headline:
+            self.arm_job(a, 0)
+        for a in chosen:  # arms asked for first: before the second seeds
+            if a.name in first:
+                self.arm_job(a, a.seeds[0])
+        self.base_job(1, (12, 25, 50))
+        for a in headline:
+            for seed in a.seeds[1:]:
+                self.arm_job(a, seed)
+        for a in chosen:
+            if a not in headline:
+                for seed in a.seeds:
+                    self.arm_job(a, seed)
+        self.publish()
+        print(f"results -> {self.args.results}, plot -> {self.args.plot}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # the stages run in this process: they share its threads
+    if one_off(args):
         return
-    # Interleaved by priority: the bar, the headline arms (seed 0), their second seeds, the rest.
-    headline = [a for a in chosen if a.kind in HEADLINE and a.budget == 0.5]
-    base_job(0, BASE_STEPS)
-    for a in headline:
-        arm_job(a, 0)
-    for a in chosen:  # arms asked for first: before the second seeds
-        if args.first and a.name in args.first.split(","):
-            arm_job(a, a.seeds[0])
-    base_job(1, (12, 25, 50))
-    for a in headline:
-        for seed in a.seeds[1:]:
-            arm_job(a, seed)
-    for a in chosen:
-        if a not in headline:
-            for seed in a.seeds:
-                arm_job(a, seed)
-    publish()
-    print(f"results -> {args.results}, plot -> {args.plot}")
+    run = Run(args)
+    if args.only:
+        run.only(args.only)
+    else:
+        run.schedule()
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from stepadapt.benchmarks.steps import save_kid_plot
 
+from stepadapt.bundle import Bundle, save_bundle
 from stepadapt.evaluate import load_target
 from stepadapt.io import read_json, write_json
 from stepadapt.solvers import Setting
@@ -67,21 +68,13 @@ def base_plus_gaussian() -> Path:
     """The base on [0, cut) and the shipped Gaussian expert on [cut, T): no pruned U-Net at all."""
     if (BASE_GAUSS / "manifest.json").is_file():
         return BASE_GAUSS
-    m = read_json(BUNDLE / "manifest.json")
-    whole = next(e for e in m["experts"] if e["kind"] == "unet" and e["macs"] == m["base_macs"])
-    gauss = m["experts"][-1]
-    whole["timesteps"] = [0, gauss["timesteps"][0]]
-    m["experts"] = [whole, gauss]
-    m.pop("recommended", None)
-    tmp = BASE_GAUSS.with_name(BASE_GAUSS.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "experts").mkdir(parents=True)
-    for e in m["experts"]:
-        for key in ("weights", "structure"):
-            if e.get(key):
-                shutil.copy(BUNDLE / e[key], tmp / e[key])
-    write_json(tmp / "manifest.json", m)
-    tmp.rename(BASE_GAUSS)
+    b = Bundle.load(BUNDLE)
+    whole = next(e for e in b.experts if not b.is_pruned(e.name) and e.macs == b.manifest.base_macs)
+    gauss = b.experts[-1]
+    drafts = [replace(whole.draft(), timesteps=(0, gauss.lo)), gauss.draft()]
+    models = b.models()
+    manifest = replace(b.manifest, experts=[], recommended=None)
+    save_bundle(BASE_GAUSS, manifest, drafts, {d.name: models[d.name] for d in drafts})
     return BASE_GAUSS
 
 

@@ -94,3 +94,21 @@ def test_bench_refuses_a_backend_it_cannot_run(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "unknown bench backend 'tensorflow'" in " ".join(r.output.split())
     assert not work.exists()  # refused before any arm was prepared
+
+
+def test_one_model_arms_are_bundles_drafted_like_any_other(tmp_path):
+    """The base and uniform arms go through the bundle's drafts (their kind writes the files); the
+    base is recognised as itself, so the experts' copy of it is not timed twice, and nothing else is."""
+    from stepadapt.benchmarks.bench import _model_bundle, is_base
+
+    from stepadapt.bundle import Bundle
+    from stepadapt.models import load_base
+
+    shipped = Bundle.load(SHIPPED)
+    m = shipped.manifest
+    b = _model_bundle(tmp_path / "base", m, "base", load_base(DEFAULT_BASE)[0], [])
+    (e,) = Bundle.load(b.path).experts
+    assert (e.name, e.timesteps, e.macs) == ("base", (0, m.num_train_timesteps), m.base_macs)
+    assert is_base(b, e) and b.describe("base") == shipped.describe("g0")
+    assert [is_base(shipped, x) for x in shipped.experts] == [x.macs == m.base_macs for x in shipped.experts]
+    assert sum(is_base(shipped, x) for x in shipped.experts) == 1
