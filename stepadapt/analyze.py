@@ -268,8 +268,9 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
     The proxy (the loss profile, the Gaussian's cut-off) comes from the held-out part of the data,
     the Gaussian's fit and damage's recovery from its training part."""
     o = options
+    dev = resolve_device(o.device)  # a bad --device is said before anything loads
     model, sched_cfg = load_base(o.base)
-    model = model.to(resolve_device(o.device))
+    model = model.to(dev)
     c, size = model.config.in_channels, model.config.sample_size
     proxy = load_dataset(o.data, "test", size, c, limit=o.proxy_size, seed=o.seed)
     damage = None

@@ -223,8 +223,9 @@ def prune(
     from stepadapt.devices import resolve_device
 
     o = options
+    dev = resolve_device(o.device)  # a bad --device is said before anything loads
     model, sched_cfg = load_base(o.base)
-    model = model.to(resolve_device(o.device))
+    model = model.to(dev)
     plan = Plan.load(o.plan)
     if o.uniform:
         plan = uniform_plan(plan, sched_cfg)

@@ -72,8 +72,11 @@ def parameters(cls: type[Options], skip: tuple[str, ...] = ()) -> list[inspect.P
         decls = list(meta.get("flags", ())) or ([meta["flag"]] if "flag" in meta else [])
         kind = typer.Argument if meta.get("argument") else typer.Option
         info = kind(*decls, help=meta.get("help", ""), show_default=meta.get("show_default", True))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if meta.get("argument") and f.default is dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # a required option: a positional argument of the command
             default = inspect.Parameter.empty
         annotation = Annotated[_cli_type(hints[f.name], repeat), info]
         params.append(
