@@ -50,8 +50,7 @@ class ExportOptions(Options):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.bundle, str):  # a plain string is what a caller or JSON most often has
-            object.__setattr__(self, "bundle", Path(self.bundle))
+        super().__post_init__()
         if not isinstance(self.bundle, Path):
             raise StepadaptError(f"export: bundle must be a path, got {self.bundle!r}")
         if isinstance(self.opset, bool) or not isinstance(self.opset, int):

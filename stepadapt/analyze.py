@@ -201,6 +201,7 @@ class AnalyzeOptions(Options):
     device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: the base's device.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.measure not in (*MEASURES, "damage"):
             raise StepadaptError(
                 f"unknown measure {self.measure!r}; choose one of {', '.join((*MEASURES, 'damage'))}"

@@ -177,6 +177,7 @@ class PruneOptions(Options):
     device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: where candidates are scored.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for label in self.candidates:
             Candidate.parse(label)  # an unknown importance or scope is said before anything loads
         if self.proxy_size < 2:

@@ -269,6 +269,7 @@ class FinetuneOptions(Options):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         phase_iterations(self.mode, self.iterations, self.specialize)  # a bad mode is said here
         if not 0.0 <= self.distill <= 1.0:
             raise StepadaptError(f"--distill must be in [0, 1], got {self.distill}")
@@ -283,7 +284,7 @@ class FinetuneOptions(Options):
         return finetune_config(
             self.iterations, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
             loss_weight=self.loss_weight, min_snr_gamma=self.min_snr_gamma, distill=self.distill,
-            sampler=self.timestep_sampler, clusters=self.clusters, patience=self.patience,
+            timestep_sampler=self.timestep_sampler, clusters=self.clusters, patience=self.patience,
             visit_steps=self.visit_steps, checkpoint_every=self.checkpoint_every, precision=self.precision,
         )  # fmt: skip
 

@@ -67,7 +67,16 @@ def _typed(hint: Any, value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Base of every stage's options; subclasses check themselves in ``__post_init__``."""
+    """Base of every stage's options; subclasses check themselves in ``__post_init__`` after
+    calling this one, which takes plain values for typed fields (a ``str`` for a ``Path``, a list for
+    a tuple) as a caller or JSON most often has them."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str | list):
+                object.__setattr__(self, f.name, _typed(hints[f.name], value))
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

@@ -52,6 +52,7 @@ class TrainBaseOptions(Options):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from stepadapt.models import CONFIGS
 
         if self.config not in CONFIGS:
@@ -81,7 +82,7 @@ class TrainBaseOptions(Options):
         return TrainConfig(
             iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay,
             seed=self.seed, checkpoint_every=self.checkpoint_every, sample_every=self.sample_every,
-            sampler=self.timestep_sampler, precision=self.precision,
+            timestep_sampler=self.timestep_sampler, precision=self.precision,
         )  # fmt: skip
 
 
