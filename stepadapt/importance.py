@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,6 @@ from stepadapt.io import read_json, write_json
 from stepadapt.prune import History, PruneResult, apply_history, prune_to_macs
 from stepadapt.schedule import make_scheduler
 from stepadapt.train import denoising_loss
-
-KINDS = ("taylor", "magnitude", "random", "diff-pruning")
-
-
-def make_importance(kind: str) -> tp.importance.Importance:
-    if kind in ("taylor", "diff-pruning"):
-        return tp.importance.GroupTaylorImportance()
-    if kind == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if kind == "random":
-        return tp.importance.RandomImportance()
-    raise StepadaptError(f"unknown importance {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +82,61 @@ def diff_pruning_timesteps(
     return int(below[0]) if len(below) and below[0] > 0 else len(prof)
 
 
+GradientBatch = Callable[[UNet2DModel, dict, torch.Tensor, int, int, int], ProxyBatch]
+
+
+def _group_batch(
+    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int
+) -> ProxyBatch:
+    """Taylor's: the loss at the group's own timesteps, so a channel counts where the expert works."""
+    return ProxyBatch.draw(proxy, lo, hi, seed)
+
+
+def _diff_pruning_batch(
+    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int
+) -> ProxyBatch:
+    """Diff-Pruning's: its low-noise steps (``diff_pruning_timesteps``), whatever the group."""
+    t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy, seed=seed)
+    return ProxyBatch.draw(proxy, 0, t_end, seed)
+
+
+@dataclass(frozen=True)
+class ImportanceKind:
+    """One way of scoring channels. ``gradient_batch`` is where its loss gradients are taken (None:
+    it needs none), so the search backpropagates only for the kinds that read gradients."""
+
+    name: str
+    make: Callable[[], tp.importance.Importance]
+    gradient_batch: GradientBatch | None = None
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.gradient_batch is not None
+
+
+IMPORTANCE_KINDS: dict[str, ImportanceKind] = {
+    k.name: k
+    for k in (
+        ImportanceKind("taylor", tp.importance.GroupTaylorImportance, _group_batch),
+        ImportanceKind("magnitude", lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+        ImportanceKind("random", tp.importance.RandomImportance),
+        ImportanceKind("diff-pruning", tp.importance.GroupTaylorImportance, _diff_pruning_batch),
+    )
+}
+IMPORTANCES = tuple(IMPORTANCE_KINDS)  # the names, for help texts and validation
+
+
+def importance_kind(name: str) -> ImportanceKind:
+    """The registry entry, so callers ask it (``.needs_gradients``) instead of comparing names."""
+    if name not in IMPORTANCE_KINDS:
+        raise StepadaptError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    return IMPORTANCE_KINDS[name]
+
+
+def make_importance(kind: str) -> tp.importance.Importance:
+    return importance_kind(kind).make()
+
+
 @torch.no_grad()
 def proxy_loss(model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk: int = 128) -> float:
     sched = make_scheduler("ddpm", scheduler_cfg)
@@ -120,10 +164,10 @@ class Candidate:
     def parse(cls, text: str) -> Candidate:
         """'taylor/global' -> Candidate('taylor', True); the scope defaults to local."""
         kind, _, scope = text.strip().partition("/")
-        if kind not in KINDS or scope not in ("local", "global", ""):
+        if kind not in IMPORTANCE_KINDS or scope not in ("local", "global", ""):
             raise StepadaptError(
                 f"bad candidate {text!r}: use IMPORTANCE[/local|/global], "
-                f"IMPORTANCE one of {', '.join(KINDS)}"
+                f"IMPORTANCE one of {', '.join(IMPORTANCES)}"
             )
         return cls(kind, scope == "global")
 
@@ -213,7 +257,6 @@ def search_group(
     memory = memory or Memory(None)
     fp = base_fingerprint(base)
     proxy_fp = tensor_fingerprint({"train": proxy_train, "val": proxy_val})
-    grad_batch = ProxyBatch.draw(proxy_train, lo, hi, seed)
     val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1)
     grads_cache: dict[str, dict] = {}
     tried: list[Tried] = []
@@ -229,15 +272,13 @@ def search_group(
             res = PruneResult(model, hit.ratio, hit.macs, hit.params, hit.history, True)
             t = hit
         else:
+            kind = importance_kind(cand.importance)
             grads = None
-            if cand.importance == "taylor":
-                grads = grads_cache.setdefault("group", group_gradients(base, scheduler_cfg, grad_batch))
-            elif cand.importance == "diff-pruning":
-                if "dp" not in grads_cache:
-                    t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy_train, seed=seed)
-                    dp_batch = ProxyBatch.draw(proxy_train, 0, t_end, seed)
-                    grads_cache["dp"] = group_gradients(base, scheduler_cfg, dp_batch)
-                grads = grads_cache["dp"]
+            if kind.needs_gradients:  # once per kind: the candidates differ in scope, not in gradients
+                if kind.name not in grads_cache:
+                    batch = kind.gradient_batch(base, scheduler_cfg, proxy_train, lo, hi, seed)
+                    grads_cache[kind.name] = group_gradients(base, scheduler_cfg, batch)
+                grads = grads_cache[kind.name]
             res = prune_to_macs(
                 base, target_macs, lambda c=cand: make_importance(c.importance),
                 global_pruning=cand.global_pruning, grads=grads, seed=seed, tol=tol,

@@ -14,11 +14,17 @@ not sampling noise.
 
 Every draw uses the caller's ``torch.Generator`` and every piece of state is a
 tensor or a number in ``state_dict()``, so a resumed run continues bit-for-bit.
+
+The samplers are registered by name (``TIMESTEP_SAMPLERS``, ``sampler_class``);
+each class says what it needs from a training run (``options``,
+``needs_visits``, ``needs_probes``), so the caller builds and drives any of them
+without asking which one it has.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -29,6 +35,9 @@ class TimestepSampler:
     """Uniform over [lo, hi): the reference every other sampler is compared with."""
 
     name = "uniform"
+    options: tuple[str, ...] = ()  # training options (TrainConfig fields) it takes, by the same name
+    needs_visits = False  # its support is the timesteps a DDIM schedule of ``visit_steps`` steps visits
+    needs_probes = False  # it learns from probe losses measured before and after each update
 
     def __init__(self, lo: int, hi: int) -> None:
         if not 0 <= lo < hi:
@@ -78,6 +87,7 @@ class CurriculumSampler(TimestepSampler):
     """
 
     name = "curriculum"
+    options = ("clusters", "patience")
 
     def __init__(self, lo: int, hi: int, clusters: int = 20, patience: int = 200, smoothing: float = 0.9):
         super().__init__(lo, hi)
@@ -194,6 +204,7 @@ class AdaptiveSampler(TimestepSampler):
     """
 
     name = "adaptive"
+    needs_probes = True
 
     def __init__(
         self,
@@ -325,6 +336,7 @@ class VisitedSampler(TimestepSampler):
     """
 
     name = "visited"
+    needs_visits = True
 
     def __init__(self, lo: int, hi: int, timesteps: torch.Tensor | list[int] | None = None):
         super().__init__(lo, hi)
@@ -345,18 +357,21 @@ class VisitedSampler(TimestepSampler):
         return self.support[i], torch.ones(batch)
 
 
-_CLASSES = {
+TIMESTEP_SAMPLER_KINDS: dict[str, type[TimestepSampler]] = {
     c.name: c
     for c in (TimestepSampler, CurriculumSampler, AdaptiveSampler, LossMomentSampler, VisitedSampler)
 }
-SAMPLERS = tuple(_CLASSES)
+TIMESTEP_SAMPLERS = tuple(TIMESTEP_SAMPLER_KINDS)  # the names, for help texts and validation
 
 
 def sampler_class(name: str) -> type[TimestepSampler]:
-    if name not in _CLASSES:
-        raise StepadaptError(f"unknown timestep sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return _CLASSES[name]
+    """The registry entry, so callers ask it (``.needs_probes``, ``.options``) instead of comparing names."""
+    if name not in TIMESTEP_SAMPLER_KINDS:
+        raise StepadaptError(
+            f"unknown timestep sampler {name!r}; choose one of {', '.join(TIMESTEP_SAMPLERS)}"
+        )
+    return TIMESTEP_SAMPLER_KINDS[name]
 
 
-def make_sampler(name: str, lo: int, hi: int, **options) -> TimestepSampler:
+def make_sampler(name: str, lo: int, hi: int, **options: Any) -> TimestepSampler:
     return sampler_class(name)(lo, hi, **options)

@@ -2,7 +2,9 @@
 
 Every source of randomness (batch indices, timesteps, noise) is drawn from one
 ``torch.Generator`` whose state goes into the checkpoint, so ``resume`` after a
-kill continues bit-for-bit where the run stopped.
+kill continues bit-for-bit where the run stopped. ``Trainer`` holds a run's
+state and does each part of it in its own method (restore, step, probe,
+checkpoint, log); ``train`` is the whole run in one call.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from stepadapt.schedule import make_scheduler, noised_target, snr
 from stepadapt.timesteps import TimestepSampler, make_sampler, sampler_class
 
 CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_WEIGHTS = ("none", "min-snr", "relative")
 RELATIVE_PROXY = 64  # images the base's own loss profile is measured on (relative weighting)
 DEFAULT_DISTILL = 0.7  # Diff-Pruning's mix: 0.7 x the base's eps + 0.3 x the true noise
+RENAMED_OPTIONS = {"sampler": "timestep_sampler"}  # old key -> field, for configs saved before the rename
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:
@@ -53,77 +55,6 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str =
     raise StepadaptError(
         f"min-SNR weighting is defined for epsilon, v_prediction and sample, not {prediction_type!r}"
     )
-
-
-@dataclass
-class TrainConfig:
-    iterations: int = 6000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup: int = 200
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    t_lo: int = 0
-    t_hi: int | None = None  # None: the whole schedule
-    checkpoint_every: int = 500
-    sample_every: int = 1000
-    loss_weight: str = "none"  # one of LOSS_WEIGHTS
-    min_snr_gamma: float = 5.0
-    distill: float = 0.0  # weight of the teacher's eps in the target (0 = true noise only)
-    sampler: str = "uniform"  # one of timesteps.SAMPLERS
-    clusters: int = 20  # curriculum: clusters of the interval
-    patience: int = 200  # curriculum: plateau length (updates) before the next stage
-    probe_images: int = 8  # adaptive: images per probe timestep
-    visit_steps: int = 25  # visited: the DDIM step count whose timesteps are trained
-    precision: str = "auto"  # forward passes: auto (bf16/fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise StepadaptError(f"unknown training options: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    def validate(self) -> None:
-        if self.iterations < 1 or self.batch_size < 1:
-            raise StepadaptError("iterations and batch size must be positive")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise StepadaptError(f"learning rate must be positive, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise StepadaptError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
-        if self.loss_weight not in LOSS_WEIGHTS:
-            raise StepadaptError(
-                f"unknown loss weight {self.loss_weight!r}; choose one of {', '.join(LOSS_WEIGHTS)}"
-            )
-        if not 0.0 <= self.distill <= 1.0:
-            raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
-        sampler_class(self.sampler)  # an unknown name fails with the other option checks
-        resolve_precision(self.precision, "cpu")
-        if self.sampler == "visited" and self.visit_steps < 1:
-            raise StepadaptError(f"--visit-steps must be at least 1, got {self.visit_steps}")
-
-    def make_sampler(self, lo: int, hi: int, scheduler_cfg: dict | None = None) -> TimestepSampler:
-        if self.sampler == "curriculum":
-            return make_sampler(self.sampler, lo, hi, clusters=self.clusters, patience=self.patience)
-        if self.sampler == "visited":
-            visits = visited_timesteps("ddim", self.visit_steps, scheduler_cfg or {})
-            return make_sampler(self.sampler, lo, hi, timesteps=visits.tolist())
-        return make_sampler(self.sampler, lo, hi)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    final_loss: float
-    seconds: float
-    images_per_second: float
-    checkpoint: Path
 
 
 def relative_weights(
@@ -182,21 +113,178 @@ def denoising_loss(
     return (per_sample * weight).mean() if weight is not None else per_sample.mean()
 
 
-def _state(
-    step, model, ema, opt, lr_sched, scaler, precision: str, ranks: list[dict], cfg: TrainConfig, losses
-) -> dict[str, Any]:
-    return {
-        "step": step,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "lr_scheduler": lr_sched.state_dict(),
-        "grad_scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
-        "precision": precision,  # as resolved: a resume elsewhere must not change the arithmetic
-        "ranks": ranks,  # per process: timestep sampler state and generator state
-        "config": json.dumps(cfg.to_dict()),
-        "losses": torch.tensor(losses, dtype=torch.float64),
-    }
+class LossWeight:
+    """``none``: every sample's loss counts alike, the plain mean of the per-sample losses.
+
+    Each loss weight is a class in ``LOSS_WEIGHT_KINDS``; ``prepare`` gets everything a weighting
+    may need and each keeps what it uses, so the training loop never asks which one it has.
+    """
+
+    name = "none"
+    needs_teacher = False  # built from the base's own predictions: train() must be given the base
+    teacher_use = ""  # what it does with the base (for the error when none is given)
+
+    @classmethod
+    def prepare(
+        cls,
+        cfg: TrainConfig,
+        scheduler: Any,
+        scheduler_cfg: dict[str, Any],
+        data: torch.Tensor,
+        t_hi: int,
+        teacher: UNet2DModel | None,
+    ) -> LossWeight:
+        return cls()
+
+    def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The sampler's weights ``w`` (all ones unless it corrects for its own bias) times this one's."""
+        return w
+
+
+class MinSnrWeight(LossWeight):
+    """``min-snr``: Min-SNR-gamma (``min_snr_weight``), so low-noise timesteps stop dominating."""
+
+    name = "min-snr"
+
+    def __init__(self, snr_table: torch.Tensor, gamma: float, prediction_type: str) -> None:
+        self.snr_table, self.gamma, self.prediction_type = snr_table, gamma, prediction_type
+
+    @classmethod
+    def prepare(
+        cls,
+        cfg: TrainConfig,
+        scheduler: Any,
+        scheduler_cfg: dict[str, Any],
+        data: torch.Tensor,
+        t_hi: int,
+        teacher: UNet2DModel | None,
+    ) -> LossWeight:
+        return cls(snr(scheduler).float(), cfg.min_snr_gamma, scheduler.config.prediction_type)
+
+    def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return w * min_snr_weight(self.snr_table[t], self.gamma, self.prediction_type)
+
+
+class RelativeWeight(LossWeight):
+    """``relative``: errors in units of the base's own loss at t (``relative_weights``)."""
+
+    name = "relative"
+    needs_teacher = True
+    teacher_use = "divide by the base's own loss"
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+    @classmethod
+    def prepare(
+        cls,
+        cfg: TrainConfig,
+        scheduler: Any,
+        scheduler_cfg: dict[str, Any],
+        data: torch.Tensor,
+        t_hi: int,
+        teacher: UNet2DModel | None,
+    ) -> LossWeight:
+        assert teacher is not None  # the Trainer refuses a run without one (needs_teacher)
+        return cls(relative_weights(teacher, scheduler_cfg, data, cfg.t_lo, t_hi, cfg.seed))
+
+    def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return w * self.table[t]
+
+
+LOSS_WEIGHT_KINDS: dict[str, type[LossWeight]] = {
+    c.name: c for c in (LossWeight, MinSnrWeight, RelativeWeight)
+}
+LOSS_WEIGHTS = tuple(LOSS_WEIGHT_KINDS)  # the names, for help texts and validation
+
+
+def loss_weight_class(name: str) -> type[LossWeight]:
+    """The registry entry, so callers ask it (``.needs_teacher``) instead of comparing names."""
+    if name not in LOSS_WEIGHT_KINDS:
+        raise StepadaptError(f"unknown loss weight {name!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
+    return LOSS_WEIGHT_KINDS[name]
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 6000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    t_lo: int = 0
+    t_hi: int | None = None  # None: the whole schedule
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+    loss_weight: str = "none"  # one of LOSS_WEIGHTS
+    min_snr_gamma: float = 5.0
+    distill: float = 0.0  # weight of the teacher's eps in the target (0 = true noise only)
+    timestep_sampler: str = "uniform"  # which timesteps training draws: one of timesteps.TIMESTEP_SAMPLERS
+    clusters: int = 20  # curriculum: clusters of the interval
+    patience: int = 200  # curriculum: plateau length (updates) before the next stage
+    probe_images: int = 8  # adaptive: images per probe timestep
+    visit_steps: int = 25  # visited: the DDIM step count whose timesteps are trained
+    precision: str = "auto"  # forward passes: auto (bf16/fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Also reads the records written before a field was renamed (bundle manifests' ``training``,
+        old checkpoints), which carry the old key."""
+        d = dict(d)
+        for old, new in RENAMED_OPTIONS.items():
+            if old in d:
+                value = d.pop(old)
+                if d.setdefault(new, value) != value:
+                    raise StepadaptError(f"training options give both {old}={value!r} and {new}={d[new]!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise StepadaptError(f"unknown training options: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training must be given the base: distillation or a loss weight built from it."""
+        return self.distill > 0 or loss_weight_class(self.loss_weight).needs_teacher
+
+    def validate(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise StepadaptError("iterations and batch size must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise StepadaptError(f"learning rate must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise StepadaptError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        loss_weight_class(self.loss_weight)
+        if not 0.0 <= self.distill <= 1.0:
+            raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
+        sampler = sampler_class(self.timestep_sampler)  # an unknown name fails with the other option checks
+        resolve_precision(self.precision, "cpu")
+        if sampler.needs_visits and self.visit_steps < 1:
+            raise StepadaptError(f"--visit-steps must be at least 1, got {self.visit_steps}")
+
+    def make_sampler(self, lo: int, hi: int, scheduler_cfg: dict | None = None) -> TimestepSampler:
+        """The sampler entry names the options it takes, so a new sampler needs no branch here."""
+        entry = sampler_class(self.timestep_sampler)
+        options = {name: getattr(self, name) for name in entry.options}
+        if entry.needs_visits:
+            visits = visited_timesteps("ddim", self.visit_steps, scheduler_cfg or {})
+            options["timesteps"] = visits.tolist()
+        return make_sampler(self.timestep_sampler, lo, hi, **options)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+    checkpoint: Path
 
 
 def _probe_losses(model, scheduler, x0, t_probe, noise, teacher, distill) -> torch.Tensor:
@@ -215,6 +303,301 @@ def ema_model(model: UNet2DModel, ema: EMAModel) -> UNet2DModel:
     m = copy.deepcopy(model)
     ema.copy_to(m.parameters())
     return m.eval()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where the timestep sampler wants an update's effect measured. The images and noise are held
+    fixed before and after the update, so the difference is the update's doing, not sampling noise."""
+
+    t: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+
+
+class Trainer:
+    """One training run, one concern per method: ``restore``, ``step``, ``probe``, ``checkpoint``,
+    ``log``; ``run`` strings them together the way ``train`` always has.
+
+    Kept apart so that a test or a caller can drive a run step by step and stop or restore it
+    anywhere. Every draw comes from ``self.generator`` in one order per step (batch indices,
+    timesteps, noise, then the probe's noise): that order is what a restored generator continues.
+    Under ``torchrun`` the model is wrapped in DDP, each process draws ``batch_size / world``
+    images with its own generator, and only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        model: UNet2DModel,
+        data: torch.Tensor,
+        scheduler_cfg: dict[str, Any],
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        teacher: UNet2DModel | None = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg, self.data = cfg, data
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.device = dist.local_device(device)
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.local_batch = self._local_batch()
+        self._check_data(model, data)
+        self.scheduler = make_scheduler("ddpm", scheduler_cfg)
+        self.t_hi = self._interval_end()
+        self.timestep_sampler = cfg.make_sampler(cfg.t_lo, self.t_hi, scheduler_cfg)
+        self.teacher = self._teacher(teacher)
+        self.loss_weight = self._loss_weight(scheduler_cfg)
+        self.model, self.net = model, self._wrap(model)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup, cfg.iterations)
+        self.ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.mixed = functools.partial(autocast, self.precision, self.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.rank)
+        self.losses: list[float] = []  # the smoothed loss after each step
+        self.steps = 0  # optimizer steps taken, counting those before a restore
+
+    def _local_batch(self) -> int:
+        if self.cfg.batch_size % self.world:
+            raise StepadaptError(
+                f"batch size {self.cfg.batch_size} does not split over {self.world} processes"
+            )
+        return self.cfg.batch_size // self.world
+
+    @staticmethod
+    def _check_data(model: UNet2DModel, data: torch.Tensor) -> None:
+        if data.ndim != 4 or data.shape[1] != model.config.in_channels:
+            raise StepadaptError(
+                f"data has shape {tuple(data.shape)}; the model wants N x {model.config.in_channels} x H x W"
+            )
+        if not torch.isfinite(data).all():
+            raise StepadaptError("training data contains NaN or infinite values")
+
+    def _interval_end(self) -> int:
+        T = self.scheduler.config.num_train_timesteps
+        t_hi = self.cfg.t_hi if self.cfg.t_hi is not None else T
+        if not 0 <= self.cfg.t_lo < t_hi <= T:
+            raise StepadaptError(f"timestep interval [{self.cfg.t_lo}, {t_hi}) is not inside [0, {T})")
+        return t_hi
+
+    def _teacher(self, teacher: UNet2DModel | None) -> UNet2DModel | None:
+        if self.cfg.distill > 0 and teacher is None:
+            raise StepadaptError("distillation asked for, but no teacher model given")
+        return teacher.to(self.device).eval() if teacher is not None else None
+
+    def _loss_weight(self, scheduler_cfg: dict[str, Any]) -> LossWeight:
+        kind = loss_weight_class(self.cfg.loss_weight)
+        if kind.needs_teacher and self.teacher is None:
+            raise StepadaptError(f"{kind.name} loss weights {kind.teacher_use}: give the base (teacher)")
+        return kind.prepare(self.cfg, self.scheduler, scheduler_cfg, self.data, self.t_hi, self.teacher)
+
+    def _wrap(self, model: UNet2DModel) -> torch.nn.Module:
+        """The module the training forward goes through: DDP's wrapper averages gradients over
+        processes; probes, clipping and the EMA use the bare model."""
+        model.to(self.device).train()
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def restore(self) -> None:
+        """Continue from the checkpoint in ``out_dir``: weights, EMA, optimizer, LR schedule, loss
+        scale, and per process the sampler's and generator's state, so the next step is the one an
+        uninterrupted run would take."""
+        if not self.checkpoint_path.exists():
+            raise StepadaptError(f"nothing to resume: {self.checkpoint_path} does not exist")
+        st = load_torch(self.checkpoint_path)
+        self._check_resumable(st)
+        try:
+            self.model.load_state_dict(st["model"])
+        except RuntimeError as e:
+            raise StepadaptError(
+                f"checkpoint {self.checkpoint_path} does not fit this model: {str(e).splitlines()[0]}"
+            ) from None
+        self.ema.load_state_dict(st["ema"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.lr_scheduler.load_state_dict(st["lr_scheduler"])
+        if st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
+        self.timestep_sampler.load_state_dict(st["ranks"][self.rank]["sampler"])
+        self.generator.set_state(st["ranks"][self.rank]["generator"])
+        self.losses = st["losses"].tolist()
+        self.steps = int(st["step"])
+
+    def _check_resumable(self, st: dict[str, Any]) -> None:
+        """A resume that would change the run (options, arithmetic, process count) is refused."""
+        saved = TrainConfig.from_dict(json.loads(st["config"])).to_dict()
+        now = self.cfg.to_dict()
+        if saved != now:
+            diff = [k for k, v in saved.items() if now[k] != v]
+            raise StepadaptError(f"cannot resume: options differ from the checkpoint ({', '.join(diff)})")
+        saved_precision = st.get("precision", "fp32")  # checkpoints from before --precision: fp32
+        if saved_precision != self.precision:
+            raise StepadaptError(
+                f"cannot resume: the checkpoint trained in {saved_precision}, this run would use "
+                f"{self.precision} (--precision {saved_precision}, or resume on the same kind of device)"
+            )
+        if len(st["ranks"]) != self.world:
+            raise StepadaptError(
+                f"cannot resume: checkpoint was written by {len(st['ranks'])} processes, "
+                f"this run has {self.world}"
+            )
+
+    def step(self) -> float:
+        """One optimizer update on a fresh batch; returns the smoothed loss."""
+        idx = torch.randint(len(self.data), (self.local_batch,), generator=self.generator)
+        x0 = self.data[idx].to(self.device)
+        t, w = self.timestep_sampler.sample(self.local_batch, self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        probe = self.probe(x0)
+        before = self.probe_losses(probe)
+        per_sample, loss = self._update(x0, t, self.loss_weight.apply(w, t), noise)
+        after = self.probe_losses(probe)
+        self.timestep_sampler.update(t, per_sample.detach().cpu(), before, after)
+        self.steps += 1
+        return self._smooth(loss.item())
+
+    def _update(
+        self, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.mixed():  # weights, gradients and the optimizer stay fp32; the loss is formed in fp32
+            per_sample = denoising_losses(
+                self.net, self.scheduler, x0, t.to(self.device), noise, self.teacher, self.cfg.distill
+            )
+        loss = (per_sample.float() * w.to(self.device)).mean()
+        if not torch.isfinite(loss):
+            raise StepadaptError(f"loss became {loss.item()} at step {self.steps}: lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16's scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)  # fp16: skipped (and the scale lowered) where a gradient overflowed
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.ema.step(self.model.parameters())
+        return per_sample, loss
+
+    def _smooth(self, loss: float) -> float:
+        """The running loss the log and the progress bar show (and the checkpoint keeps)."""
+        smooth = loss if not self.losses else 0.98 * self.losses[-1] + 0.02 * loss
+        self.losses.append(smooth)
+        return smooth
+
+    def probe(self, x0: torch.Tensor) -> Probe | None:
+        """Where a sampler that learns from the update's effect (``needs_probes``) wants it measured,
+        with the batch's first images and their own noise; None for the others, which draw nothing."""
+        if not self.timestep_sampler.needs_probes:
+            return None
+        t_probe = self.timestep_sampler.probes(self.generator)
+        if t_probe is None:
+            return None
+        m = min(self.cfg.probe_images, len(x0))
+        noise = torch.randn((m, *x0.shape[1:]), generator=self.generator).to(self.device)
+        return Probe(t_probe.to(self.device), x0[:m], noise)
+
+    def probe_losses(self, probe: Probe | None) -> torch.Tensor | None:
+        """The mean loss at each probe timestep, measured before and again after the update."""
+        if probe is None:
+            return None
+        with self.mixed():
+            return _probe_losses(
+                self.model, self.scheduler, probe.x0, probe.t, probe.noise, self.teacher, self.cfg.distill
+            )
+
+    def checkpoint(self) -> None:
+        """Everything ``restore`` needs; each process gives its own sampler and generator state."""
+        ranks = dist.gather(
+            {"sampler": self.timestep_sampler.state_dict(), "generator": self.generator.get_state()}
+        )
+        if not dist.is_main():
+            return
+        state = {
+            "step": self.steps,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),  # fp16's loss scale ({} when unused)
+            "precision": self.precision,  # as resolved: a resume elsewhere must not change the arithmetic
+            "ranks": ranks,  # per process: timestep sampler state and generator state
+            "config": json.dumps(self.cfg.to_dict()),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+        }
+        save_torch(self.checkpoint_path, state)
+
+    def ema_model(self) -> UNet2DModel:
+        return ema_model(self.model, self.ema)
+
+    def _due(self, every: int) -> bool:
+        return self.steps % every == 0 or self.steps == self.cfg.iterations
+
+    def run(
+        self, *, progress: bool = True, on_sample: Callable[[int, UNet2DModel], None] | None = None
+    ) -> tuple[UNet2DModel, TrainResult]:
+        """Step to ``cfg.iterations``, checkpointing and sampling on schedule; see ``train``."""
+        cfg = self.cfg
+        show = progress and dist.is_main()
+        bar = progress_bar(
+            total=cfg.iterations, initial=self.steps, disable=not show, unit="it", dynamic_ncols=True
+        )
+        bar.set_description(f"t in [{cfg.t_lo},{self.t_hi}) {cfg.timestep_sampler}")
+        t0, step0 = time.perf_counter(), self.steps
+        while self.steps < cfg.iterations:
+            smooth = self.step()
+            rate = (self.steps - step0) * cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            if self._due(cfg.checkpoint_every):
+                self.checkpoint()
+            if on_sample is not None and dist.is_main() and self._due(cfg.sample_every):
+                on_sample(self.steps, self.ema_model())
+        bar.close()
+        return self.finish(time.perf_counter() - t0, step0)
+
+    def finish(self, seconds: float, step0: int) -> tuple[UNet2DModel, TrainResult]:
+        """The EMA copy and the summary, once the processes are known to agree on the weights."""
+        spread = dist.max_param_spread(self.model)
+        if spread > 0:
+            raise StepadaptError(
+                f"processes disagree on the weights after training (max difference {spread:g})"
+            )
+        result = TrainResult(
+            steps=self.steps,
+            final_loss=self.losses[-1] if self.losses else float("nan"),
+            seconds=seconds,
+            images_per_second=(self.steps - step0) * self.cfg.batch_size / seconds if seconds > 0 else 0.0,
+            checkpoint=self.checkpoint_path,
+        )
+        if dist.is_main():
+            self.log(result, step0)
+        dist.barrier()
+        return self.ema_model(), result
+
+    def log(self, result: TrainResult, step0: int) -> None:
+        """``train_log.json``: what a run did, for plots and for telling a resumed run from a fresh one."""
+        write_json(
+            self.out_dir / "train_log.json",
+            {
+                "config": self.cfg.to_dict(),
+                "world_size": self.world,
+                "precision": self.precision,  # as resolved on this device (the config may say auto)
+                "steps": result.steps,
+                "resumed_from": step0,  # 0: a fresh run; else the checkpoint's step it continued from
+                "final_loss": result.final_loss,
+                "seconds_this_run": round(result.seconds, 1),
+                "images_per_second": round(result.images_per_second, 1),
+                "smoothed_loss_every_50": self.losses[::50],
+                "sampler_probabilities_every_10": self.timestep_sampler.probabilities()[::10].tolist(),
+            },
+        )
 
 
 def train(
@@ -237,179 +620,7 @@ def train(
     Under ``torchrun`` the model is wrapped in DDP, each process draws
     ``batch_size / world`` images with its own generator, and only rank 0 writes.
     """
-    cfg.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    device = dist.local_device(device)
-    world, rank = dist.world_size(), dist.rank()
-    if cfg.batch_size % world:
-        raise StepadaptError(f"batch size {cfg.batch_size} does not split over {world} processes")
-    local_batch = cfg.batch_size // world
-    if data.ndim != 4 or data.shape[1] != model.config.in_channels:
-        raise StepadaptError(
-            f"data has shape {tuple(data.shape)}; the model wants N x {model.config.in_channels} x H x W"
-        )
-    if not torch.isfinite(data).all():
-        raise StepadaptError("training data contains NaN or infinite values")
-    scheduler = make_scheduler("ddpm", scheduler_cfg)
-    T = scheduler.config.num_train_timesteps
-    t_hi = cfg.t_hi if cfg.t_hi is not None else T
-    if not 0 <= cfg.t_lo < t_hi <= T:
-        raise StepadaptError(f"timestep interval [{cfg.t_lo}, {t_hi}) is not inside [0, {T})")
-    sampler = cfg.make_sampler(cfg.t_lo, t_hi, scheduler_cfg)
-    snr_all = snr(scheduler).float()
-    if cfg.distill > 0 and teacher is None:
-        raise StepadaptError("distillation asked for, but no teacher model given")
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-    rel_w = None
-    if cfg.loss_weight == "relative":
-        if teacher is None:
-            raise StepadaptError(
-                "relative loss weights divide by the base's own loss: give the base (teacher)"
-            )
-        rel_w = relative_weights(teacher, scheduler_cfg, data, cfg.t_lo, t_hi, cfg.seed)
-
-    model.to(device).train()
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.iterations)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
-    precision = resolve_precision(cfg.precision, device)
-    scaler, mixed = grad_scaler(precision, device), functools.partial(autocast, precision, device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
-    losses: list[float] = []
-    step = 0
-    if resume and ckpt_path.exists():
-        st = load_torch(ckpt_path)
-        saved = TrainConfig.from_dict(json.loads(st["config"]))
-        if saved.to_dict() != cfg.to_dict():
-            diff = [k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
-            raise StepadaptError(f"cannot resume: options differ from the checkpoint ({', '.join(diff)})")
-        saved_precision = st.get("precision", "fp32")  # checkpoints from before --precision: fp32
-        if saved_precision != precision:
-            raise StepadaptError(
-                f"cannot resume: the checkpoint trained in {saved_precision}, this run would use {precision} "
-                f"(--precision {saved_precision}, or resume on the same kind of device)"
-            )
-        if len(st["ranks"]) != world:
-            raise StepadaptError(
-                f"cannot resume: checkpoint was written by {len(st['ranks'])} processes, this run has {world}"
-            )
-        try:
-            model.load_state_dict(st["model"])
-        except RuntimeError as e:
-            raise StepadaptError(
-                f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}"
-            ) from None
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["optimizer"])
-        lr_sched.load_state_dict(st["lr_scheduler"])
-        if st.get("grad_scaler"):
-            scaler.load_state_dict(st["grad_scaler"])
-        sampler.load_state_dict(st["ranks"][rank]["sampler"])
-        gen.set_state(st["ranks"][rank]["generator"])
-        losses = st["losses"].tolist()
-        step = int(st["step"])
-    elif resume:
-        raise StepadaptError(f"nothing to resume: {ckpt_path} does not exist")
-
-    n = len(data)
-    show = progress and dist.is_main()
-    bar = progress_bar(total=cfg.iterations, initial=step, disable=not show, unit="it", dynamic_ncols=True)
-    bar.set_description(f"t in [{cfg.t_lo},{t_hi}) {cfg.sampler}")
-    t0, step0 = time.perf_counter(), step
-    smooth = losses[-1] if losses else None
-    while step < cfg.iterations:
-        idx = torch.randint(n, (local_batch,), generator=gen)
-        x0 = data[idx].to(device)
-        t, w = sampler.sample(local_batch, gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t_probe = sampler.probes(gen)
-        before = after = None
-        if t_probe is not None:  # same images and noise before and after the update
-            m = min(cfg.probe_images, local_batch)
-            p_noise = torch.randn((m, *x0.shape[1:]), generator=gen).to(device)
-            with mixed():
-                before = _probe_losses(
-                    model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
-                )
-        if cfg.loss_weight == "min-snr":
-            w = w * min_snr_weight(snr_all[t], cfg.min_snr_gamma, scheduler.config.prediction_type)
-        elif cfg.loss_weight == "relative":
-            w = w * rel_w[t]
-        with mixed():  # weights, gradients and the optimizer stay fp32; the loss is formed in fp32
-            per_sample = denoising_losses(net, scheduler, x0, t.to(device), noise, teacher, cfg.distill)
-        loss = (per_sample.float() * w.to(device)).mean()
-        if not torch.isfinite(loss):
-            raise StepadaptError(f"loss became {loss.item()} at step {step}: lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)  # clip the true gradients, not fp16's scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)  # fp16: skipped (and the scale lowered) where a gradient overflowed
-        scaler.update()
-        lr_sched.step()
-        ema.step(model.parameters())
-        if t_probe is not None:
-            with mixed():
-                after = _probe_losses(
-                    model, scheduler, x0[:m], t_probe.to(device), p_noise, teacher, cfg.distill
-                )
-        sampler.update(t, per_sample.detach().cpu(), before, after)
-        step += 1
-        v = loss.item()
-        smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
-        losses.append(smooth)
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(
-            loss=f"{smooth:.4f}", img_s=f"{(step - step0) * cfg.batch_size / elapsed:.0f}", refresh=False
-        )
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            ranks = dist.gather({"sampler": sampler.state_dict(), "generator": gen.get_state()})
-            if dist.is_main():
-                state = _state(step, model, ema, opt, lr_sched, scaler, precision, ranks, cfg, losses)
-                save_torch(ckpt_path, state)
-        if (
-            on_sample is not None
-            and dist.is_main()
-            and (step % cfg.sample_every == 0 or step == cfg.iterations)
-        ):
-            on_sample(step, ema_model(model, ema))
-    bar.close()
-    seconds = time.perf_counter() - t0
-    spread = dist.max_param_spread(model)
-    if spread > 0:
-        raise StepadaptError(f"processes disagree on the weights after training (max difference {spread:g})")
-    result = TrainResult(
-        steps=step,
-        final_loss=losses[-1] if losses else float("nan"),
-        seconds=seconds,
-        images_per_second=(step - step0) * cfg.batch_size / seconds if seconds > 0 else 0.0,
-        checkpoint=ckpt_path,
-    )
-    if dist.is_main():
-        write_json(
-            out_dir / "train_log.json",
-            {
-                "config": cfg.to_dict(),
-                "world_size": world,
-                "precision": precision,  # as resolved on this device (the config may say auto)
-                "steps": result.steps,
-                "resumed_from": step0,  # 0: a fresh run; else the checkpoint's step it continued from
-                "final_loss": result.final_loss,
-                "seconds_this_run": round(seconds, 1),
-                "images_per_second": round(result.images_per_second, 1),
-                "smoothed_loss_every_50": losses[::50],
-                "sampler_probabilities_every_10": sampler.probabilities()[::10].tolist(),
-            },
-        )
-    dist.barrier()
-    return ema_model(model, ema), result
+    trainer = Trainer(model, data, scheduler_cfg, cfg, out_dir, device=device, teacher=teacher)
+    if resume:
+        trainer.restore()
+    return trainer.run(progress=progress, on_sample=on_sample)

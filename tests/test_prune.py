@@ -75,3 +75,53 @@ def test_four_group_budget_plan_on_ddpm_cifar10(tmp_path):
     for e in b.experts:
         y = b.load_expert(e.name)(torch.randn(1, 3, 32, 32), torch.tensor([e.lo])).sample
         assert y.shape == (1, 3, 32, 32)
+
+
+def test_importance_registry_lists_its_choices_and_says_which_need_gradients():
+    import pytest
+
+    from stepadapt import StepadaptError
+    from stepadapt.importance import IMPORTANCES, Candidate, importance_kind
+
+    assert IMPORTANCES == ("taylor", "magnitude", "random", "diff-pruning")
+    assert [n for n in IMPORTANCES if importance_kind(n).needs_gradients] == ["taylor", "diff-pruning"]
+    assert isinstance(make_importance("diff-pruning"), tp.importance.GroupTaylorImportance)
+    choices = "taylor, magnitude, random, diff-pruning"
+    with pytest.raises(StepadaptError, match=f"^unknown importance 'l1'; choose one of {choices}$"):
+        make_importance("l1")
+    with pytest.raises(StepadaptError, match=f"IMPORTANCE one of {choices}$"):
+        Candidate.parse("l1/global")
+
+
+def test_search_takes_gradients_once_per_kind_that_needs_them(monkeypatch):
+    """Taylor/local and taylor/global share the group's gradients; magnitude takes none;
+    diff-pruning takes its own, over its low-noise steps whatever the group."""
+    from stepadapt import importance as imp
+
+    base = build_unet("tiny", seed=0)
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = []
+
+    def counting(model, scheduler_cfg, batch, chunk=64):
+        batches.append(batch)
+        return group_gradients(model, scheduler_cfg, batch, chunk)
+
+    def unpruned(model, target, make, *, global_pruning, grads, seed, tol):
+        make()  # each candidate's importance is still built from the registry
+        macs, params = count_macs(model)
+        return imp.PruneResult(model, 0.0, macs, params, [], True)
+
+    monkeypatch.setattr(imp, "group_gradients", counting)
+    monkeypatch.setattr(imp, "prune_to_macs", unpruned)  # the pruning itself is not what is tested
+    cands = tuple(
+        imp.Candidate.parse(c) for c in ("taylor/local", "magnitude/local", "taylor/global", "diff-pruning")
+    )
+    found = imp.search_group(
+        base, DEFAULT_SCHEDULER, 100, 400, 0.7 * count_macs(base)[0], x, x, candidates=cands
+    )
+    assert [t.candidate for t in found.tried] == [c.label for c in cands]
+    assert len(batches) == 2
+    expected = ProxyBatch.draw(x, 100, 400, 0)  # the group's own timesteps
+    assert torch.equal(batches[0].t, expected.t) and torch.equal(batches[0].noise, expected.noise)
+    t_end = imp.diff_pruning_timesteps(base, DEFAULT_SCHEDULER, x)
+    assert torch.equal(batches[1].t, ProxyBatch.draw(x, 0, t_end, 0).t)

@@ -3,7 +3,7 @@ import torch
 
 from stepadapt import StepadaptError
 from stepadapt.timesteps import (
-    SAMPLERS,
+    TIMESTEP_SAMPLERS,
     AdaptiveSampler,
     CurriculumSampler,
     LossMomentSampler,
@@ -25,7 +25,7 @@ def _drive(sampler, steps: int, gen, reward=lambda t: torch.zeros(())):
         sampler.update(t, 1.0 - (t - LO) / (HI - LO) + 0.1, before, after)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", TIMESTEP_SAMPLERS)
 def test_samplers_draw_only_inside_their_interval(name):
     gen = torch.Generator().manual_seed(0)
     options = {"timesteps": range(0, 1000, 40)} if name == "visited" else {}
@@ -130,10 +130,39 @@ def test_visited_sampler_draws_only_the_visited_timesteps_of_its_interval():
     from stepadapt.train import TrainConfig
 
     visits = set(visited_timesteps("ddim", 25, DEFAULT_SCHEDULER).tolist())
-    s = TrainConfig(sampler="visited", visit_steps=25).make_sampler(300, 700, DEFAULT_SCHEDULER)
+    s = TrainConfig(timestep_sampler="visited", visit_steps=25).make_sampler(300, 700, DEFAULT_SCHEDULER)
     t, w = s.sample(4000, torch.Generator().manual_seed(0))
     inside = {v for v in visits if 300 <= v < 700}
     assert set(t.tolist()) == inside and torch.all(w == 1)
     assert abs(float(s.probabilities().sum()) - 1.0) < 1e-9
     with pytest.raises(StepadaptError, match="no visited timestep"):
-        TrainConfig(sampler="visited", visit_steps=2).make_sampler(1, 30, DEFAULT_SCHEDULER)
+        TrainConfig(timestep_sampler="visited", visit_steps=2).make_sampler(1, 30, DEFAULT_SCHEDULER)
+
+
+def test_sampler_registry_lists_its_choices_and_says_what_each_needs():
+    from stepadapt.timesteps import sampler_class
+
+    assert TIMESTEP_SAMPLERS == ("uniform", "curriculum", "adaptive", "loss-moment", "visited")
+    with pytest.raises(
+        StepadaptError,
+        match=f"unknown timestep sampler 'cosine'; choose one of {', '.join(TIMESTEP_SAMPLERS)}$",
+    ):
+        sampler_class("cosine")
+    assert [n for n in TIMESTEP_SAMPLERS if sampler_class(n).needs_probes] == ["adaptive"]
+    assert [n for n in TIMESTEP_SAMPLERS if sampler_class(n).needs_visits] == ["visited"]
+    assert sampler_class("curriculum").options == ("clusters", "patience")
+
+
+def test_train_config_builds_each_sampler_from_the_options_it_names():
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+    from stepadapt.train import TrainConfig
+
+    s = TrainConfig(timestep_sampler="curriculum", clusters=4, patience=7).make_sampler(0, 100)
+    assert isinstance(s, CurriculumSampler) and (s.clusters, s.patience) == (4, 7)
+    for name in TIMESTEP_SAMPLERS:
+        built = TrainConfig(timestep_sampler=name).make_sampler(0, 1000, DEFAULT_SCHEDULER)
+        assert built.name == name
+    with pytest.raises(StepadaptError, match="unknown timestep sampler 'cosine'"):
+        TrainConfig(timestep_sampler="cosine").validate()
+    with pytest.raises(StepadaptError, match="--visit-steps"):
+        TrainConfig(timestep_sampler="visited", visit_steps=0).validate()

@@ -6,7 +6,7 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.models import build_unet
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
-from stepadapt.timesteps import SAMPLERS
+from stepadapt.timesteps import TIMESTEP_SAMPLERS
 from stepadapt.train import TrainConfig, denoising_loss, train
 
 
@@ -49,14 +49,14 @@ def test_a_few_steps_lower_the_loss(tmp_path, squares):
     assert after < 0.8 * before
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", TIMESTEP_SAMPLERS)
 def test_resume_equals_uninterrupted_run(tmp_path, squares, sampler):
     """Model, EMA, optimizer, generator and the timestep sampler's own state all come back."""
     x = squares()
     lo, hi = (30, 50) if sampler == "visited" else (10, 13)  # 25 DDIM steps visit t=40 there
     cfg = TrainConfig(
         iterations=6, batch_size=8, warmup=2, checkpoint_every=3, ema_decay=0.9,
-        sampler=sampler, t_lo=lo, t_hi=hi, clusters=3, patience=1, probe_images=2,
+        timestep_sampler=sampler, t_lo=lo, t_hi=hi, clusters=3, patience=1, probe_images=2,
     )  # fmt: skip
     full = build_unet("tiny", seed=0)
     ema_full, _ = train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
@@ -216,3 +216,117 @@ def test_precision_choice(monkeypatch):
     assert resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(StepadaptError, match="--precision must be one of"):
         TrainConfig(precision="fp8").validate()
+
+
+def test_a_trainer_driven_step_by_step_then_restored_equals_one_run(tmp_path, squares):
+    """Trainer's parts alone: N steps and a checkpoint by hand, then a fresh Trainer restored from
+    it and run to the end, give the weights of one train() call (the adaptive sampler's probes too)."""
+    from stepadapt.train import Trainer
+
+    x = squares()
+    cfg = TrainConfig(
+        iterations=6, batch_size=8, warmup=2, checkpoint_every=100, ema_decay=0.9,
+        timestep_sampler="adaptive", t_lo=10, t_hi=13, probe_images=2,
+    )  # fmt: skip
+    full = build_unet("tiny", seed=0)
+    ema_full, res_full = train(full, x, DEFAULT_SCHEDULER, cfg, tmp_path / "a", progress=False)
+
+    first = Trainer(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path / "b")
+    smoothed = [first.step() for _ in range(4)]
+    assert first.steps == 4 and first.losses == smoothed
+    first.checkpoint()
+
+    second = Trainer(build_unet("tiny", seed=99), x, DEFAULT_SCHEDULER, cfg, tmp_path / "b")
+    second.restore()
+    assert second.steps == 4 and second.losses == first.losses
+    ema, res = second.run(progress=False)
+    assert res.steps == 6 and res.final_loss == res_full.final_loss
+    for (k, a), b in zip(full.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    for a, b in zip(ema_full.parameters(), ema.parameters(), strict=True):
+        assert torch.equal(a, b)
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert log["resumed_from"] == 4 and log["config"]["timestep_sampler"] == "adaptive"
+
+
+def test_only_a_sampler_that_needs_probes_draws_them(tmp_path, squares):
+    """Probes cost forward passes and generator draws: adaptive gets them, on probe_images images;
+    uniform gets none and leaves the generator where it was."""
+    from stepadapt.train import Trainer
+
+    x = squares(8)
+    cfg = TrainConfig(iterations=1, batch_size=4, timestep_sampler="adaptive", probe_images=2)
+    adaptive = Trainer(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path / "a")
+    probe = adaptive.probe(x[:4])
+    assert probe is not None and probe.x0.shape == probe.noise.shape == (2, 1, 32, 32)
+    assert adaptive.probe_losses(probe).shape == probe.t.shape
+    uniform = Trainer(
+        build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, TrainConfig(iterations=1), tmp_path / "u"
+    )
+    state = uniform.generator.get_state()
+    assert uniform.probe(x[:4]) is None and uniform.probe_losses(None) is None
+    assert torch.equal(uniform.generator.get_state(), state)
+
+
+def test_loss_weight_registry_says_what_each_needs(tmp_path, squares):
+    from stepadapt.train import LOSS_WEIGHTS, Trainer, loss_weight_class
+
+    assert LOSS_WEIGHTS == ("none", "min-snr", "relative")
+    assert loss_weight_class("relative").needs_teacher is True
+    assert loss_weight_class("none").needs_teacher is False
+    assert loss_weight_class("min-snr").needs_teacher is False
+    assert TrainConfig(loss_weight="relative").needs_teacher
+    assert not TrainConfig(loss_weight="min-snr").needs_teacher
+    assert TrainConfig(distill=0.5).needs_teacher  # distillation reads the base too
+    with pytest.raises(
+        StepadaptError, match=r"unknown loss weight 'snr'; choose one of none, min-snr, relative"
+    ):
+        loss_weight_class("snr")
+    with pytest.raises(StepadaptError, match="unknown loss weight 'snr'"):
+        TrainConfig(loss_weight="snr").validate()
+    relative = TrainConfig(iterations=1, batch_size=4, loss_weight="relative")
+    with pytest.raises(StepadaptError, match=r"^relative loss weights divide by the base's own loss: give"):
+        Trainer(build_unet("tiny"), squares(4), DEFAULT_SCHEDULER, relative, tmp_path)
+
+
+def test_loss_weights_weigh_by_timestep():
+    from stepadapt.schedule import snr
+    from stepadapt.train import loss_weight_class, min_snr_weight
+
+    sched = make_scheduler("ddpm", DEFAULT_SCHEDULER)
+    cfg = TrainConfig(min_snr_gamma=2.0)
+    t, w = torch.tensor([0, 500, 999]), torch.tensor([1.0, 2.0, 3.0])
+    none = loss_weight_class("none").prepare(cfg, sched, DEFAULT_SCHEDULER, torch.zeros(1), 1000, None)
+    assert torch.equal(none.apply(w, t), w)
+    min_snr = loss_weight_class("min-snr").prepare(cfg, sched, DEFAULT_SCHEDULER, torch.zeros(1), 1000, None)
+    assert torch.equal(min_snr.apply(w, t), w * min_snr_weight(snr(sched).float()[t], 2.0))
+    assert min_snr.apply(w, t)[0] < w[0]  # t=0: SNR far above gamma, weight gamma/SNR
+
+
+def test_old_sampler_key_reads_as_timestep_sampler():
+    """Bundle manifests' training records and old checkpoints carry the field's old name."""
+    cfg = TrainConfig.from_dict({"iterations": 3, "sampler": "curriculum"})
+    assert cfg.timestep_sampler == "curriculum" and "sampler" not in cfg.to_dict()
+    assert (
+        TrainConfig.from_dict({"sampler": "visited", "timestep_sampler": "visited"}).timestep_sampler
+        == "visited"
+    )
+    with pytest.raises(StepadaptError, match="both sampler='adaptive' and timestep_sampler='uniform'"):
+        TrainConfig.from_dict({"sampler": "adaptive", "timestep_sampler": "uniform"})
+
+
+def test_resume_from_a_checkpoint_written_before_the_rename(tmp_path, squares):
+    """A checkpoint whose stored config says 'sampler' resumes under the renamed field."""
+    x = squares(8)
+    cfg = TrainConfig(iterations=2, batch_size=4, warmup=1, checkpoint_every=1, timestep_sampler="curriculum")
+    train(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    st = torch.load(path, weights_only=False)
+    old = json.loads(st["config"])
+    old["sampler"] = old.pop("timestep_sampler")
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    _, res = train(
+        build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False
+    )
+    assert res.steps == 2
