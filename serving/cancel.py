@@ -2,9 +2,9 @@
 
 Triton tells a model when *its* client cancelled (gRPC only; Triton 2.51's HTTP
 front end never cancels), but not the request a model made for it over BLS:
-the fused layout's ``generate`` front sees the cancellation and the ``sampler``
+the fused layout's ``generate`` front sees the cancellation and the ``router``
 doing the work does not. So the front marks the request id it gave the
-sampler's request, and the sampler looks for the mark between steps. The
+router's request, and the router looks for the mark between steps. The
 server's own stop is one more mark (``shutdown``) so that requests in flight
 end within a step instead of holding the exit for minutes.
 

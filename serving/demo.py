@@ -1,8 +1,11 @@
-"""`stepadapt demo` as a pipeline of the stages the commands run, each callable (and testable) alone.
+"""`stepadapt demo`: the stages the commands run, in order, on the shipped default base.
 
-It lives in stepadapt.serving because its last stages export and serve: the
-flow stays one-way (core <- export <- serving). Every grid uses the same seed,
-so grids compare image by image.
+Each stage is the library function its command calls (``analyze``, ``prune``, ``finetune``,
+``export``, ``serve``) with options built from :class:`DemoOptions`, so the demo cannot drift
+from what the commands do; the demo adds only what it shows: sample grids of every step, the
+KID beside the base's, and the base-vs-experts figure. It lives in stepadapt.serving because its
+last stages export and serve: the flow stays one-way (core <- export <- serving). Every grid
+uses the same seed, so grids compare image by image.
 
 A fine-tune that fits the demo's minutes cannot make the experts look like the
 base (docs/results.md measures how far they get), so the demo runs the whole
@@ -20,222 +23,308 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from stepadapt.export.stage import ExportOptions, export
+from stepadapt.serving.repository import RepositoryOptions
+from stepadapt.serving.stage import ServeOptions, start
+
 from stepadapt import StepadaptError
-from stepadapt.bundle import Bundle
+from stepadapt.analyze import Analysis, AnalyzeOptions, analyze
+from stepadapt.bundle import Bundle, Manifest
+from stepadapt.compress import PruneOptions, prune
+from stepadapt.devices import DEVICES, resolve_device
+from stepadapt.finetune import FinetuneOptions, finetune
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
+from stepadapt.kinds import kind_of
 from stepadapt.models import DEFAULT_BASE, load_base
+from stepadapt.options import Options, option
 from stepadapt.plan import visited_timesteps
-from stepadapt.sampling import max_pixel_diff, module_denoiser, sample_images, save_grid
+from stepadapt.sampling import Denoiser, max_pixel_diff, module_denoiser, sample_images, save_grid
 from stepadapt.solvers import Setting, resolve_setting
 
 SHIPPED_BUNDLE = DEFAULT_BASE.with_name("fashion-tiny-experts")
+DATA = "fashion-mnist"  # the shipped base's data: every stage's proxy, fine-tuning and KID set
+STAGES = 7
 
 
-@dataclass
-class Demo:
-    out: Path
-    base_dir: Path = DEFAULT_BASE
-    budget: float = 0.5
-    groups: int = 4
-    n: int = 36  # images per grid
-    finetune_iterations: int = 300
-    kid_images: int = 128  # images per KID (0 skips KID)
-    shipped: Path = SHIPPED_BUNDLE
-    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
-    proxy_size: int = 128  # images per proxy set (importance, candidate scoring, loss profile)
-    gaussian: bool = True  # the closed-form Gaussian expert on the noisy end (analyze --gaussian auto)
-    device: str = "cpu"  # where the PyTorch stages run (onnxruntime picks its own provider)
-    log: Callable[[str], None] = print
-    state: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True)
+class DemoOptions(Options):
+    """``stepadapt demo``: base -> analyze -> prune -> fine-tune -> KID -> export -> serve.
+
+    Writes OUT/base_samples.png, OUT/plan.json + plan.png (+ plan.gaussian.safetensors, the
+    Gaussian expert's fit), OUT/bundle/ (this run's experts), OUT/bundle_samples.png (pruned
+    only), OUT/finetuned_samples.png, OUT/served/ (the bundle served: the shipped one, fine-tuned
+    longer by the same commands), OUT/onnxruntime_samples.png, OUT/endpoint_samples.png (from a
+    real tritonserver on 127.0.0.1) and OUT/base_vs_experts.png.
+    """
+
+    out: Path = option(Path("demo-out"), "Where the demo writes its results.", flag="--out")
+    base: Path = option(DEFAULT_BASE, "Base model dir (diffusers UNet2DModel).", flag="--base")
+    budget: float = option(0.5, "Target mean MACs per step, fraction of the base.")
+    groups: int = option(4, "Number of experts.")
+    gaussian: bool = option(
+        True,
+        "The closed-form Gaussian expert on the noisy end (as analyze --gaussian auto).",
+        flags=("--gaussian/--no-gaussian",),
+    )
+    n: int = option(36, "Images per sample grid.", flag="--n")
+    finetune_iterations: int = option(
+        300, "Fine-tuning iterations for this run's bundle (0 skips fine-tuning)."
+    )
+    kid_images: int = option(128, "Images per KID (0 skips the KID stage).")
+    serve_shipped: bool = option(
+        True,
+        "Serve the shipped, longer fine-tuned bundle (default), or the one this run made.",
+        flags=("--serve-shipped/--serve-own",),
+    )
+    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda. The PyTorch stages' device.")
+    proxy_size: int = option(128, "Images per proxy set (importance, candidate scoring, loss profile).")
+    candidates: tuple[str, ...] = option(
+        tuple(c.label for c in DEFAULT_CANDIDATES), "Candidate structures: importance/scope, comma-separated."
+    )
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.model, self.scheduler = load_base(self.base_dir)
+        super().__post_init__()  # plain values (a str path, a list) as their fields' types
+        if not 0.0 < self.budget <= 1.0:
+            raise StepadaptError(f"--budget must be in (0, 1], got {self.budget}")
+        for flag, value, least in (("--groups", self.groups, 1), ("--n", self.n, 1),
+                                   ("--finetune-iterations", self.finetune_iterations, 0),
+                                   ("--kid-images", self.kid_images, 0),
+                                   ("--proxy-size", self.proxy_size, 2)):  # fmt: skip
+            if value < least:
+                raise StepadaptError(f"{flag} must be at least {least}, got {value}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise StepadaptError(
+                f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}"
+            )
+        for label in self.candidates:
+            Candidate.parse(label)  # an unknown importance or scope is said before anything loads
+
+    @property
+    def bundle(self) -> Path:
+        """This run's bundle."""
+        return self.out / "bundle"
+
+    @property
+    def served(self) -> Path:
+        """Where the served bundle is copied (exported and served there, leaving its source alone)."""
+        return self.out / "served"
+
+    @property
+    def served_source(self) -> Path:
+        """The bundle to serve: the shipped one where asked for and present, else this run's."""
+        shipped = self.serve_shipped and (SHIPPED_BUNDLE / "manifest.json").is_file()
+        return SHIPPED_BUNDLE if shipped else self.bundle
+
+    @property
+    def onnx_device(self) -> str:
+        """onnxruntime's device: CUDA only with onnxruntime-gpu, so anything but cpu is ``auto``."""
+        return "cpu" if self.device == "cpu" else "auto"
+
+    def analyze_options(self) -> AnalyzeOptions:
+        return AnalyzeOptions(
+            out=self.out / "plan.json", base=self.base, data=DATA, groups=self.groups, budget=self.budget,
+            proxy_size=self.proxy_size, gaussian="auto" if self.gaussian else "off", device=self.device,
+        )  # fmt: skip
+
+    def prune_options(self) -> PruneOptions:
+        return PruneOptions(
+            out=self.bundle, plan=self.out / "plan.json", base=self.base, data=DATA,
+            proxy_size=self.proxy_size, candidates=self.candidates, memory=self.out / "memory.json",
+            device=self.device,
+        )  # fmt: skip
+
+    def finetune_options(self) -> FinetuneOptions:
+        """The recovery recipe's defaults, distilled from the recorded base (this run's ``base``)."""
+        return FinetuneOptions(bundle=self.bundle, data=DATA, iterations=self.finetune_iterations,
+                               device=self.device)  # fmt: skip
+
+    def export_options(self) -> ExportOptions:
+        return ExportOptions(bundle=self.served)
+
+    def serve_options(self, http_port: int, grpc_port: int) -> ServeOptions:
+        """One copy of the router: the demo sends one request."""
+        return ServeOptions(
+            bundle=self.served, http_port=http_port, grpc_port=grpc_port, instances=1,
+            max_images=max(self.n, RepositoryOptions.max_batch), device=self.onnx_device,
+            log=self.out / "triton.log",
+        )  # fmt: skip
+
+
+def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every stage in order. Returns the KIDs (``kid``: name -> (mean, std); empty with
+    ``kid_images=0``), the served bundle's MACs per image (``macs_per_image``, in base
+    evaluations) and its ratio to the base's (``macs_ratio``), the figure's path (``figure``),
+    both settings (``setting``, ``base_setting``) and the largest pixel difference between the
+    endpoint's images and onnxruntime's in process (``endpoint_max_pixel_diff``)."""
+    resolve_device(options.device)  # a device that is not there is said before minutes of work
+    return _Demo(options, log or (lambda _: None)).run()
+
+
+def _two_ports() -> tuple[int, int]:
+    from stepadapt.serving.server import free_port
+
+    http = free_port()
+    grpc = free_port()
+    while grpc == http:
+        grpc = free_port()
+    return http, grpc
+
+
+class _Demo:
+    """One run: the base, the settings and what the stages hand on to the next."""
+
+    def __init__(self, options: DemoOptions, log: Callable[[str], None]) -> None:
+        self.o, self.log = options, log
+        self.device = resolve_device(options.device)
+        self.model, self.scheduler = load_base(options.base)
         self.model.to(self.device)
         c, s = self.model.config.in_channels, self.model.config.sample_size
         self.shape = (c, s, s)
-        shipped = self.shipped / "manifest.json"
-        rec = Bundle.load(self.shipped).manifest.recommended if shipped.is_file() else None
+        source = options.served_source
+        # This run's bundle is fresh from prune: no recommendation (``tune`` writes one).
+        rec = Bundle.load(source).manifest.recommended if source != options.bundle else None
         self.setting = resolve_setting(rec)  # the bundles'
-        self.base_setting = Setting.from_dict(rec["base_best"]) if rec and rec.get("base_best") else (
-            Setting(self.setting.sampler, self.setting.steps)
-        )  # fmt: skip
+        best = rec.get("base_best") if rec else None
+        self.base_setting = (
+            Setting.from_dict(best) if best else Setting(self.setting.sampler, self.setting.steps)
+        )
+        self.analysis: Analysis | None = None
 
-    def sample(self, denoiser, n: int, bundle: Bundle | None = None) -> Any:
-        """``n`` images from seed 0: a bundle with its setting (jumping where it has the Gaussian
-        expert), the base with its own."""
+    def sample(self, denoiser: Denoiser, n: int, bundle: Bundle | None = None) -> np.ndarray:
+        """``n`` images from seed 0: a bundle with its setting (jumping where its noisy end has an
+        expert that jumps), the base with its own."""
         s = self.setting if bundle is not None else self.base_setting
-        jump = (
-            bundle.jump() if s.jump and bundle is not None and bundle.experts[-1].kind == "gaussian" else None
-        )
-        return sample_images(
-            denoiser, self.scheduler, self.shape, n, steps=s.steps, sampler=s.sampler, jump=jump
-        )
+        jumps = s.jump and bundle is not None and kind_of(bundle.experts[-1].kind).jumps
+        return sample_images(denoiser, self.scheduler, self.shape, n, steps=s.steps, sampler=s.sampler,
+                             jump=bundle.jump() if jumps else None)  # fmt: skip
 
-    def grid(self, denoiser, name: str, bundle: Bundle | None = None) -> Any:
-        images = self.sample(denoiser, self.n, bundle)
-        path = save_grid(images, self.out / f"{name}.png")
-        self.log(f"{name} -> {path}")
+    def grid(self, denoiser: Denoiser, name: str, bundle: Bundle | None = None) -> np.ndarray:
+        images = self.sample(denoiser, self.o.n, bundle)
+        self.log(f"{name} -> {save_grid(images, self.o.out / f'{name}.png')}")
         return images
 
-    def base_samples(self) -> None:
-        self.grid(module_denoiser(self.model), "base_samples")
+    def analyze(self) -> Analysis:
+        self.analysis = analyze(self.o.analyze_options(), log=self.log)
+        if self.analysis.note:
+            self.log(f"no Gaussian expert: {self.analysis.note}")
+        return self.analysis
 
-    def analyze(self):
-        from stepadapt.analyze import analyze_base
-        from stepadapt.data import proxy_sets
+    def prune(self) -> Manifest:
         from stepadapt.plots import plot_plan
 
-        c, s = self.shape[0], self.shape[1]
-        self.state["proxy"] = proxy_sets("fashion-mnist", self.proxy_size, s, c)
-        from stepadapt.gaussian import gaussian_for
-
-        if not self.gaussian:
-            self.log("no Gaussian expert: turned off")
-        else:
-            try:
-                self.state["gaussian"] = gaussian_for(self.model, self.scheduler, "fashion-mnist")
-            except StepadaptError as e:
-                self.log(f"no Gaussian expert: {e}")
-        plan, profiles = analyze_base(
-            self.model, self.scheduler, self.state["proxy"][1], groups=self.groups, budget=self.budget,
-            gaussian=self.state.get("gaussian"),
-        )  # fmt: skip
-        plan.save(self.out / "plan.json")
-        plot_plan(plan, profiles, self.out / "plan.png")
-        self.state["plan"], self.state["profiles"] = plan, profiles
-        return plan
-
-    def prune(self):
-        from stepadapt.compress import compress
-        from stepadapt.importance import Memory
-        from stepadapt.plots import plot_plan
-
-        plan = self.state["plan"]
-        train, val = self.state["proxy"]
-        manifest = compress(
-            self.model, self.scheduler, plan, train, val, self.out / "bundle",
-            candidates=self.candidates, memory=Memory(self.out / "memory.json"),
-            gaussian=self.state.get("gaussian"), log=self.log, command="stepadapt demo",
-        )  # fmt: skip
+        manifest = prune(self.o.prune_options(), log=self.log, command="stepadapt demo")
+        plan, profiles = self.analysis.plan, self.analysis.profiles
         # Per plan group (neighbours that both got the whole base are one expert in the bundle).
         owner = {g.name: next(e for e in manifest.experts if e.lo <= g.lo < e.hi) for g in plan.groups}
         achieved = [owner[g.name].macs / manifest.base_macs for g in plan.groups]
-        plot_plan(plan, self.state["profiles"], self.out / "plan.png", achieved=achieved)
-        b = Bundle.load(self.out / "bundle")
+        plot_plan(plan, profiles, self.o.out / "plan.png", achieved=achieved)
+        b = Bundle.load(self.o.bundle)
         self.grid(b.router(self.device), "bundle_samples", b)
         return manifest
 
     def finetune(self) -> None:
-        from stepadapt.data import load_dataset
-        from stepadapt.finetune import finetune_bundle, finetune_config
-
-        if self.finetune_iterations <= 0:
+        if self.o.finetune_iterations <= 0:
             return
-        b = Bundle.load(self.out / "bundle")
-        data = load_dataset("fashion-mnist", "train", self.shape[1], self.shape[0])
-        cfg = finetune_config(self.finetune_iterations)
-        finetune_bundle(
-            b, data, cfg, self.finetune_iterations, teacher=self.model, log=self.log, device=self.device
-        )
+        finetune(self.o.finetune_options(), log=self.log)
+        b = Bundle.load(self.o.bundle)
         self.grid(b.router(self.device), "finetuned_samples", b)
 
     def serve_copy(self) -> Bundle:
-        """The bundle the last stages export and serve: the shipped one if present, else the demo's."""
-        served = self.out / "served"
-        source = self.shipped if (self.shipped / "manifest.json").is_file() else self.out / "bundle"
-        self.state["served_from"] = source.resolve()
+        """The served bundle's copy, without the source's fine-tuning checkpoints, exports and card."""
+        source, served = self.o.served_source, self.o.served
         if served.exists():
             shutil.rmtree(served)
         shutil.copytree(source, served, ignore=shutil.ignore_patterns("finetune", "onnx", "triton", "*.md"))
         self.log(f"serving {source} (copied to {served})")
         return Bundle.load(served)
 
-    def kid(self, names: dict[str, tuple[Any, Bundle | None]]) -> dict[str, tuple[float, float]]:
-        """KID of each (denoiser, bundle or None for the base) against real test images
-        (``kid_images`` each), each sampled with its setting."""
+    def kid(self, served: Bundle) -> dict[str, tuple[float, float]]:
+        """KID against real test images (``kid_images`` each) of the base, the served bundle and,
+        where another one is served, this run's bundle; each sampled with its setting."""
         from stepadapt.evaluate import InceptionFeatures, kid, real_set
         from stepadapt.evaluate import features as inception
 
-        if self.kid_images <= 0:
+        if self.o.kid_images <= 0:
             return {}
-        net = InceptionFeatures()
-        _, real = real_set(net, "fashion-mnist", self.kid_images, self.shape[1], self.shape[0])
-        scores = {}
-        for name, (den, bundle) in names.items():
-            fake = inception(net, self.sample(den, self.kid_images, bundle))
-            scores[name] = kid(real, fake)
-            self.log(f"KID {name}: {scores[name][0]:.4f} ± {scores[name][1]:.4f} (n={self.kid_images})")
-        return scores
-
-    def export(self, b: Bundle):
-        from stepadapt.export.onnx import export_bundle, onnx_router
-
-        export_bundle(b, log=self.log)
-        ort_device = "cpu" if self.device == "cpu" else "auto"  # onnxruntime's CUDA only with onnxruntime-gpu
-        images = self.grid(onnx_router(b, device=ort_device), "onnxruntime_samples", b)
-        torch_images = self.sample(b.router(self.device), self.n, b)
-        self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
-        return images
-
-    def serve(self, b: Bundle, reference) -> Any:
-        from stepadapt.serving.client import GenerateRequest
-        from stepadapt.serving.client import generate as call
-        from stepadapt.serving.repository import write_repository
-        from stepadapt.serving.server import TritonServer
-
-        repo = write_repository(b, b.path / "triton")
-        with TritonServer(repo, log_path=self.out / "triton.log") as server:
-            # Silent on the solver: the endpoint samples the way the bundle's manifest recommends.
-            served = call(server.http_url, GenerateRequest(num_images=self.n, seed=0))
-        path = save_grid(served, self.out / "endpoint_samples.png")
-        self.log(f"endpoint samples -> {path} (max pixel difference to onnxruntime: "
-                 f"{max_pixel_diff(served, reference)}/255)")  # fmt: skip
-        return served
-
-    def run(self) -> dict[str, Any]:
-        from stepadapt.plots import side_by_side
-
-        stages = 7
-        self.log(f"[1/{stages}] base samples ({self.n}, {self.base_setting}; bundles: {self.setting})")
-        self.base_samples()
-        self.log(f"[2/{stages}] analyze: difficulty, groups, budgets")
-        self.analyze()
-        self.log(f"[3/{stages}] prune: one expert per group from the base, candidate search")
-        self.prune()
-        self.log(f"[4/{stages}] fine-tune ({self.finetune_iterations} iterations, each alone, distilled)")
-        self.finetune()
-        self.log(f"[5/{stages}] KID: base, this run's bundle, the bundle to serve")
-        served = self.serve_copy()
-        targets = {
+        targets: dict[str, tuple[Denoiser, Bundle | None]] = {
             "base": (module_denoiser(self.model), None),
             "served": (served.router(self.device), served),
         }
-        if self.state["served_from"] != (self.out / "bundle").resolve():
-            own = Bundle.load(self.out / "bundle")
+        if self.o.served_source.resolve() != self.o.bundle.resolve():
+            own = Bundle.load(self.o.bundle)
             targets["demo"] = (own.router(self.device), own)
-        scores = self.kid(targets)
-        self.log(f"[6/{stages}] export: ONNX per expert, parity-checked in onnxruntime")
-        ort_images = self.export(served)
-        self.log(f"[7/{stages}] serve: tritonserver on 127.0.0.1, generate through the endpoint")
-        self.serve(served, ort_images)
+        net = InceptionFeatures()
+        _, real = real_set(net, DATA, self.o.kid_images, self.shape[1], self.shape[0])
+        scores = {}
+        for name, (den, bundle) in targets.items():
+            scores[name] = kid(real, inception(net, self.sample(den, self.o.kid_images, bundle)))
+            self.log(f"KID {name}: {scores[name][0]:.4f} ± {scores[name][1]:.4f} (n={self.o.kid_images})")
+        return scores
+
+    def export(self) -> np.ndarray:
+        """ONNX per expert (the export stage's parity check), then a grid from onnxruntime."""
+        from stepadapt.export.onnx import onnx_router
+
+        export(self.o.export_options(), log=self.log)
+        b = Bundle.load(self.o.served)
+        images = self.grid(onnx_router(b, device=self.o.onnx_device), "onnxruntime_samples", b)
+        torch_images = self.sample(b.router(self.device), self.o.n, b)
+        self.log(f"onnxruntime vs PyTorch: max pixel difference {max_pixel_diff(images, torch_images)}/255")
+        return images
+
+    def serve(self, reference: np.ndarray) -> int:
+        """One request to a real tritonserver; the endpoint's largest pixel difference to ``reference``."""
+        from stepadapt.serving.client import GenerateRequest
+        from stepadapt.serving.client import generate as call
+
+        with start(self.o.serve_options(*_two_ports()), log=self.log) as server:
+            # Silent on the solver: the endpoint samples the way the bundle's manifest recommends.
+            served = call(server.http_url, GenerateRequest(num_images=self.o.n, seed=0))
+        diff = max_pixel_diff(served, reference)
+        path = save_grid(served, self.o.out / "endpoint_samples.png")
+        self.log(f"endpoint samples -> {path} (max pixel difference to onnxruntime: {diff}/255)")
+        return diff
+
+    def run(self) -> dict[str, Any]:
+        o, say = self.o, self.log
+        say(f"[1/{STAGES}] base samples ({o.n}, {self.base_setting}; bundles: {self.setting})")
+        self.grid(module_denoiser(self.model), "base_samples")
+        say(f"[2/{STAGES}] analyze: difficulty, groups, budgets")
+        self.analyze()
+        say(f"[3/{STAGES}] prune: one expert per group from the base, candidate search")
+        self.prune()
+        say(f"[4/{STAGES}] fine-tune ({o.finetune_iterations} iterations, each alone, distilled)")
+        self.finetune()
+        say(f"[5/{STAGES}] KID: base, this run's bundle, the bundle to serve")
+        served = self.serve_copy()
+        scores = self.kid(served)
+        say(f"[6/{STAGES}] export: ONNX per expert, parity-checked in onnxruntime")
+        reference = self.export()
+        say(f"[7/{STAGES}] serve: tritonserver on 127.0.0.1, generate through the endpoint")
+        diff = self.serve(reference)
+        return {**self.figure(served, scores), "kid": scores, "endpoint_max_pixel_diff": diff}
+
+    def figure(self, served: Bundle, scores: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """base_vs_experts.png: the base's grid beside the endpoint's, with what each costs."""
+        from stepadapt.plots import side_by_side
+
         s, bs = self.setting, self.base_setting
         per_image = served.manifest.macs_per_image(s.steps, s.sampler, s.jump)
         base_per_image = len(visited_timesteps(bs.sampler, bs.steps, self.scheduler))
-        ratio = per_image / base_per_image
         titles = [f"base, {bs}: {base_per_image} base evaluations",
                   f"endpoint: experts, {s}: {per_image:.2f} base evaluations"]  # fmt: skip
         for i, key in enumerate(("base", "served")):
             if key in scores:
                 titles[i] += f"\nKID {scores[key][0]:.4f} ± {scores[key][1]:.4f}"
         figure = side_by_side(
-            [self.out / "base_samples.png", self.out / "endpoint_samples.png"], titles,
-            self.out / "base_vs_experts.png",
+            [self.o.out / "base_samples.png", self.o.out / "endpoint_samples.png"], titles,
+            self.o.out / "base_vs_experts.png",
         )  # fmt: skip
         self.log(f"base vs experts -> {figure}")
-        return {"kid": scores, "macs_ratio": ratio, "macs_per_image": per_image, "figure": figure,
+        return {"macs_ratio": per_image / base_per_image, "macs_per_image": per_image, "figure": figure,
                 "setting": str(s), "base_setting": str(bs)}  # fmt: skip

@@ -1,7 +1,7 @@
 """Error replies of stepadapt's Triton models, and the one convention for a code crossing BLS.
 
 A BLS caller reads every error as INTERNAL, whatever code the callee set, so an
-answer meant to be relayed (the fused ``sampler`` answering the ``generate``
+answer meant to be relayed (the fused ``router`` answering the ``generate``
 front) carries its code at the head of the message; :func:`unrelay` takes it
 off again. Imported only inside Triton's python backend (it needs pb_utils).
 """

@@ -3,9 +3,9 @@
 ``fused`` (default): the experts run inside the router's process, so a step
 costs no hop; concurrent requests are stepped together as one batch.
 ```
-generate/        front.py: the endpoint; hands each request to sampler (numpy only)
-sampler/         generate.py + manifest.json + <expert>.onnx; dynamic batching over requests
-generate_stream/ generate.py, decoupled (one message per step), experts in process
+generate/        front.py: the endpoint; hands each request to router (numpy only)
+router/          router.py + manifest.json + <expert>.onnx; dynamic batching over requests
+generate_stream/ router.py, decoupled (one message per step), experts in process
 ```
 ``bls``: each expert is its own Triton model and every step is a BLS call to
 it; the layout for a full Triton with GPU backends (TensorRT, onnxruntime).
@@ -13,7 +13,7 @@ it; the layout for a full Triton with GPU backends (TensorRT, onnxruntime).
 expert_<name>/config.pbtxt            python backend + onnxruntime, KIND_CPU, dynamic batching
 expert_<name>/configs/gpu.pbtxt       full Triton on GPU (--model-config-name gpu)
 expert_<name>/1/{model.py,model.onnx}
-generate/, generate_stream/           generate.py + manifest.json, BLS per step
+generate/, generate_stream/           router.py + manifest.json, BLS per step
 ```
 Router overhead per layout is measured by ``stepadapt bench`` (docs/benchmarks.md).
 """
@@ -35,6 +35,7 @@ import stepadapt
 from stepadapt import Notice, StepadaptError
 from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.io import atomic_dir
+from stepadapt.kinds import kind_of
 
 MODELS_SRC = Path(__file__).parent / "triton_models"
 # Where each part of the stepadapt package lives in this checkout or install -> its place in lib/.
@@ -56,18 +57,19 @@ def copy_library(model_dir: Path) -> None:
 
 
 LAYOUTS = ("fused", "bls")
+ROUTER = "router"  # the fused layout's model that runs the sampling loop behind the endpoints
 
 
 @dataclass
 class RepositoryOptions:
     threads: int = 1  # onnxruntime threads per expert session
-    instances: int = 1  # expert instances (bls) or sampler instances (fused), KIND_CPU
+    instances: int = 1  # expert instances (bls) or router instances (fused), KIND_CPU
     max_batch: int = MAX_BATCH  # images per expert batch, also the most images one request may ask for
     queue_delay_us: int = 0  # extra wait for batching; on a saturated CPU 0 measured best (docs/results.md)
-    router_instances: int = 2  # bls: requests the router runs at once (each steps alone)
-    front_instances: int = 8  # fused: requests the endpoint accepts at once (each waits on the sampler)
+    router_instances: int = 2  # bls routers, and generate_stream: requests run at once (each alone)
+    front_instances: int = 8  # fused: requests the endpoint accepts at once (each waits on the router)
     layout: str = "fused"
-    max_requests: int = 16  # fused: requests the sampler steps together in one batch
+    max_requests: int = 16  # fused: requests the router steps together in one batch
     max_queue: int = 16  # requests waiting at the endpoint beyond those running; more are refused at once
     queue_timeout_s: float = 60.0  # a request still waiting after this is refused
     max_seconds: float = 600.0  # a request still running after this is stopped with an error
@@ -165,18 +167,19 @@ input [
 output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
 {queue_policy(o)}
 instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
-{_params({"target": "sampler"})}
+{_params({"target": ROUTER})}
 """
 
 
-def sampler_config(shape: tuple, o: RepositoryOptions) -> str:
-    """Requests carry a batch axis of 1 so Triton's dynamic batcher can hand several to one call."""
+def batched_router_config(shape: tuple, o: RepositoryOptions) -> str:
+    """The fused layout's router. Requests carry a batch axis of 1 so Triton's dynamic batcher can
+    hand several to one call."""
     c, h, w = shape
     params = {
         "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
         "max_seconds": str(o.max_seconds), "device": o.device,
     }  # fmt: skip
-    return f"""name: "sampler"
+    return f"""name: "{ROUTER}"
 backend: "python"
 max_batch_size: {o.max_requests}
 input [
@@ -253,20 +256,20 @@ def write_repository(
         onnx[e.name] = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
     manifest = json.dumps(bundle.manifest.to_dict())
     top = bundle.experts[-1]
-    gaussian = (
+    jump = (
         bundle.verify_file(top.weights, top.sha256, f"weights of expert {top.name}")
-        if top.kind == "gaussian"
+        if kind_of(top.kind).jumps
         else None
     )  # what the router needs for the analytic jump
 
     def router(d: Path, config: str, local: bool) -> None:
         (d / "1").mkdir(parents=True)
         (d / "config.pbtxt").write_text(config)
-        shutil.copy(MODELS_SRC / "generate.py", d / "1" / "model.py")
+        shutil.copy(MODELS_SRC / "router.py", d / "1" / "model.py")
         copy_library(d)
         (d / "1" / "manifest.json").write_text(manifest)
-        if gaussian is not None:
-            shutil.copy(gaussian, d / "1" / "jump.safetensors")
+        if jump is not None:
+            shutil.copy(jump, d / "1" / "jump.safetensors")
         for name, src in onnx.items() if local else ():
             shutil.copy(src, d / "1" / f"{name}.onnx")
 
@@ -276,7 +279,7 @@ def write_repository(
             (tmp / "generate" / "config.pbtxt").write_text(front_config(shape, o))
             shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
             copy_library(tmp / "generate")
-            router(tmp / "sampler", sampler_config(shape, o), local=True)
+            router(tmp / ROUTER, batched_router_config(shape, o), local=True)
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
         for e in bundle.experts:

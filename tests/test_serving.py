@@ -216,7 +216,7 @@ def test_bounded_load_run(served):
 
 
 @pytest.mark.parametrize("layout, broken, named", [
-    ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "sampler/1/g1.onnx", "g1.onnx"),
+    ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "router/1/g1.onnx", "g1.onnx"),
 ])  # fmt: skip
 def test_failed_model_load_reports_tritons_message(exported, tmp_path, layout, broken, named):
     repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(layout=layout, front_instances=1))
@@ -229,9 +229,9 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
     fused = write_repository(exported, tmp_path / "f", RepositoryOptions(layout="fused"))
     bls = write_repository(exported, tmp_path / "b", RepositoryOptions(layout="bls"))
     names = {e.name for e in exported.experts}
-    assert {p.name for p in fused.iterdir()} == {"generate", "sampler", "generate_stream"}
-    assert {p.name for p in (fused / "sampler" / "1").glob("*.onnx")} == {f"{n}.onnx" for n in names}
-    assert "max_batch_size: 16" in (fused / "sampler" / "config.pbtxt").read_text()
+    assert {p.name for p in fused.iterdir()} == {"generate", "router", "generate_stream"}
+    assert {p.name for p in (fused / "router" / "1").glob("*.onnx")} == {f"{n}.onnx" for n in names}
+    assert "max_batch_size: 16" in (fused / "router" / "config.pbtxt").read_text()
     assert {p.name for p in bls.iterdir()} == {"generate", "generate_stream"} | {f"expert_{n}" for n in names}
     with pytest.raises(StepadaptError, match="unknown repository layout"):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
@@ -239,7 +239,7 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
 
 @pytest.mark.parametrize("sampler", [None, "dpm++2m-sde"])  # multi-step and stochastic
 def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path, sampler):
-    """The fused sampler steps concurrent requests together (its log counts them) and each still
+    """The fused router steps concurrent requests together (its log counts them) and each still
     gets what the in-process sampler gives it alone: multi-step and stochastic solvers included,
     since each request owns its scheduler and its noise."""
     options = RepositoryOptions(layout="fused", instances=1, queue_delay_us=200_000, front_instances=4)
@@ -259,7 +259,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_p
                               sampler=sampler or "ddim")  # fmt: skip
         assert images.shape == alone.shape
         assert np.abs(images.astype(int) - alone.astype(int)).max() <= 2
-    assert "model sampler, instance sampler_0_0, executing 3 requests" in log
+    assert "model router, instance router_0_0, executing 3 requests" in log
 
 
 def test_the_bundles_recommended_setting_is_the_endpoints_default(exported, tmp_path):
@@ -407,7 +407,7 @@ def test_an_unexpected_failure_is_one_line_and_the_server_keeps_serving(exported
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(front_instances=1, instances=1))
-    for f in (repo / "sampler" / "1").glob("*.onnx"):
+    for f in (repo / "router" / "1").glob("*.onnx"):
         onnx.save(model, f)
     with TritonServer(repo, log_path=tmp_path / "log") as server:
         status, text = _infer_json(server, {"num_images": ("INT32", 1), "steps": ("INT32", 2)})
@@ -557,8 +557,8 @@ def test_the_repository_runs_on_a_triton_whose_python_lacks_stepadapt(exported, 
     with TritonServer(repo, log_path=tmp_path / "log", **server) as s:
         images = generate(s.http_url, GenerateRequest(num_images=1, steps=2))
     assert images.shape == (1, 32, 32, 1)
-    used = re.findall(r'sampler: stepadapt from ([^"\s]+)', (tmp_path / "log").read_text())
-    assert used and used[0] == str(repo / "sampler" / "lib" / "stepadapt"), used
+    used = re.findall(r'router: stepadapt from ([^"\s]+)', (tmp_path / "log").read_text())
+    assert used and used[0] == str(repo / "router" / "lib" / "stepadapt"), used
     for lib in repo.glob("*/lib"):
         shutil.rmtree(lib)
     with pytest.raises(StepadaptError, match="stepadapt"):
@@ -580,3 +580,69 @@ def test_interrupted_start_leaves_nothing_running(exported, tmp_path, monkeypatc
         server.start()
     assert server.proc is None and not server.work.exists()
     assert not _processes_naming(repo)
+
+
+def test_serve_options_round_trip_to_json_and_refuse_bad_values_in_one_line():
+    from stepadapt.serving.stage import ServeOptions
+
+    o = ServeOptions(bundle="b", layout="bls", http_port=9000, grpc_port=9001, max_images=8, log="x.log")
+    assert o.bundle == Path("b") and ServeOptions.from_json(o.to_json()) == o
+    assert o.repo_path == Path("b/triton") and o.log_path == Path("x.log")
+    assert ServeOptions(bundle=Path("b")).log_path == Path("b/triton.log")
+    r = o.repository_options()
+    assert (r.layout, r.max_batch, r.instances, r.queue_timeout_s) == ("bls", 8, 2, 60.0)
+    bad = [
+        ({"layout": "ensemble"}, "unknown repository layout 'ensemble'; choose one of fused, bls"),
+        ({"http_port": 0}, "--http-port must be a port in 1..65535"),
+        ({"grpc_port": 70000}, "--grpc-port must be a port in 1..65535"),
+        ({"http_port": 8001}, "--http-port and --grpc-port must differ"),
+        ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
+        ({"instances": 0}, "--instances must be at least 1"),
+        ({"max_queue": -1}, "--max-queue must be 0 or more"),
+        ({"queue_timeout": 0}, "--queue-timeout must be a positive number"),
+    ]
+    for change, msg in bad:
+        with pytest.raises(StepadaptError, match=msg) as e:
+            ServeOptions(bundle=Path("b"), **change)
+        assert "\n" not in str(e.value)
+    with pytest.raises(StepadaptError, match="unknown option"):
+        ServeOptions.from_dict({"bundle": "b", "layot": "fused"})
+
+
+def test_serve_refuses_a_device_onnxruntime_lacks_before_anything_loads(tmp_path, monkeypatch):
+    import onnxruntime as ort
+    from stepadapt.serving.stage import ServeOptions, start
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(StepadaptError, match="no CUDA provider"):
+        start(ServeOptions(bundle=tmp_path / "no-bundle", device="cuda"))  # said before the bundle
+
+
+@pytest.mark.slow
+def test_the_serve_stage_serves_an_exported_bundle(exported, tmp_path):
+    """start() returns a ready server on the ports asked for, with the repository and the log
+    where the options put them by default; it serves what onnxruntime gives in process."""
+    from stepadapt.serving.server import free_port
+    from stepadapt.serving.stage import ServeOptions, start
+
+    d = tmp_path / "bundle"
+    shutil.copytree(exported.path, d, ignore=shutil.ignore_patterns("triton*"))
+    http, grpc = free_port(), free_port()
+    said = []
+    options = ServeOptions(bundle=d, http_port=http, grpc_port=grpc, instances=1)
+    server = start(options, log=said.append)
+    try:
+        assert server.ready() and server.http_url == f"127.0.0.1:{http}"
+        req = GenerateRequest(num_images=2, steps=STEPS, seed=5)
+        images = generate(server.http_url, req)
+        assert np.array_equal(images, generate(f"127.0.0.1:{grpc}", req, protocol="grpc"))
+    finally:
+        server.stop()
+    assert server.proc is None and not _processes_naming(d)
+    m = exported.manifest
+    alone = sample_images(onnx_router(exported), m.scheduler, m.sample_shape, 2, steps=STEPS, seed=5)
+    assert np.abs(images.astype(int) - alone.astype(int)).max() <= 2
+    assert "count: 1" in (d / "triton" / "router" / "config.pbtxt").read_text()  # fused by default
+    assert (d / "triton.log").is_file() and said == [
+        f"starting tritonserver on 127.0.0.1 (repository {d / 'triton'}) ..."
+    ]

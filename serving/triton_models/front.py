@@ -2,13 +2,13 @@
 
 Clients send one request of scalars; Triton's dynamic batcher only batches
 models whose tensors carry a batch axis. So this thin model (numpy only, many
-instances, no torch) adds that axis and hands each request to ``sampler``,
+instances, no torch) adds that axis and hands each request to ``router``,
 where concurrent requests are stepped together as one batch. One hop per
 request instead of one per step.
 
 Triton does not cancel the request made here when the client cancels this one,
 so while it waits the front looks at its own request and, on cancellation,
-marks the sampler's request id (``stepadapt.serving.cancel``); the sampler
+marks the router's request id (``stepadapt.serving.cancel``); the router
 drops it at its next step. The bounded queue in front of this model (its
 ``dynamic_batching`` queue policy) is where overload is refused.
 """
@@ -29,11 +29,11 @@ from stepadapt.serving import cancel
 from stepadapt.serving.replies import error, unrelay
 
 INPUTS = ("seed", "num_images", "steps", "sampler", "eta", "jump")
-POLL = 0.05  # seconds between looks at the client's cancellation while the sampler works
+POLL = 0.05  # seconds between looks at the client's cancellation while the router works
 
 
 def _relay(resp):
-    """The sampler's answer as this endpoint's: its images without the batch axis, or its error with
+    """The router's answer as this endpoint's: its images without the batch axis, or its error with
     the code it was sent with (``stepadapt.serving.replies``)."""
     if resp.has_error():
         code, msg = unrelay(resp.error().message())
@@ -46,7 +46,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.target = params.get("target", "sampler")
+        self.target = params.get("target", "router")
 
     def execute(self, requests):
         return asyncio.run(self._all(requests))

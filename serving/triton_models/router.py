@@ -1,4 +1,5 @@
-"""Triton python-backend model: the router.
+"""Triton python-backend model: the router (``router`` in the fused layout, ``generate`` in bls,
+``generate_stream`` in both).
 
 Runs stepadapt's own sampling loop (imported, not copied) with a Router whose
 experts are either onnxruntime sessions in this process (``experts: local``,
@@ -40,6 +41,7 @@ from stepadapt.serving.replies import error
 import stepadapt
 from stepadapt import StepadaptError
 from stepadapt.export.runtime import timestep_type
+from stepadapt.kinds import DEFAULT, kind_of
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request, validate_setting
 from stepadapt.solvers import Solver, resolve_setting
 
@@ -155,7 +157,7 @@ class TritonPythonModel:
         self.recommended = manifest.get("recommended")
         self.jump_file = os.path.join(version_dir, "jump.safetensors")
         top = manifest["experts"][-1]
-        self.jump_cut = top["timesteps"][0] if top.get("kind") == "gaussian" else None
+        self.jump_cut = top["timesteps"][0] if kind_of(top.get("kind", DEFAULT)).jumps else None
         self._jump = None
         pb_utils.Logger.log_info(f"{cfg['name']}: stepadapt from {os.path.dirname(stepadapt.__file__)}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
