@@ -97,7 +97,7 @@ class BenchSettings:
     serving_steps: int = 50
     sampler: str = "ddim"  # the solver spec every timed trajectory and request uses
     threads: int = 1  # onnxruntime threads per session on the server (and the in-process reference)
-    instances: int = field(default_factory=lambda: os.cpu_count() or 1)  # sampler / expert instances
+    instances: int = field(default_factory=lambda: os.cpu_count() or 1)  # router / expert instances
     seed: int = 0
 
     @classmethod
@@ -427,7 +427,7 @@ def _load(
 
 
 def _options(layout: str, s: BenchSettings) -> RepositoryOptions:
-    """Both layouts get the same cores: ``instances`` samplers (fused) or of each expert (bls)."""
+    """Both layouts get the same cores: ``instances`` routers (fused) or of each expert (bls)."""
     return RepositoryOptions(
         layout=layout, threads=s.threads, instances=s.instances, router_instances=max(s.concurrency),
         front_instances=max(s.concurrency), max_requests=max(s.concurrency),

@@ -229,7 +229,7 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
             f"each) to a real Triton server on 127.0.0.1. Layouts: `fused` (experts inside the router "
             f"process, concurrent requests stepped together) and `bls` (each expert a Triton model, a BLS "
             f"call per step). onnxruntime {s['threads']} thread(s) per session, {s['instances']} "
-            f"sampler/expert instance(s). Ceiling: the same requests stepped together in process.",
+            f"router/expert instance(s). Ceiling: the same requests stepped together in process.",
             "",
         ]
         table = []

@@ -34,7 +34,14 @@ from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.kinds import UNET
 from stepadapt.options import Options, option
 from stepadapt.shared import SharedExperts
-from stepadapt.train import CHECKPOINT_NAME, DEFAULT_DISTILL, TrainConfig, TrainResult, train
+from stepadapt.train import (
+    CHECKPOINT_NAME,
+    DEFAULT_DISTILL,
+    TrainConfig,
+    TrainResult,
+    loss_weight_class,
+    train,
+)
 
 MODES = ("shared", "separate")
 DEFAULT_MODE = "separate"
@@ -202,15 +209,6 @@ def _record(cfg: TrainConfig, res: TrainResult, teacher, mode: str) -> dict:
     }
 
 
-def _loss_weight_needs_teacher(name: str) -> bool:
-    from stepadapt import train
-
-    registry = getattr(train, "LOSS_WEIGHT_KINDS", None)
-    if registry is not None:
-        return bool(registry[name].needs_teacher)
-    return name == "relative"
-
-
 @dataclass(frozen=True)
 class FinetuneOptions(Options):
     """``stepadapt finetune``: a bundle's pruned experts recovered on their own timesteps."""
@@ -278,7 +276,7 @@ class FinetuneOptions(Options):
     def needs_teacher(self) -> bool:
         """Distillation, shared training (it starts from the base) and relative loss weights all read
         the base; the other recipes never load it."""
-        return self.distill > 0 or self.mode == "shared" or _loss_weight_needs_teacher(self.loss_weight)
+        return self.distill > 0 or self.mode == "shared" or loss_weight_class(self.loss_weight).needs_teacher
 
     def train_config(self) -> TrainConfig:
         return finetune_config(
