@@ -99,7 +99,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise StepadaptError(f"not a stepadapt plan (format {d.get('format')!r})")
-        if d.get("version") not in (2, PLAN_VERSION):
+        if d.get("version") not in (1, 2, PLAN_VERSION):
             raise StepadaptError(f"unsupported plan version {d.get('version')}")
         kinds = {g.get("kind", DEFAULT) for g in d.get("groups", []) if isinstance(g, dict)}
         if not kinds <= KINDS.keys():
@@ -107,9 +107,9 @@ class Plan:
         body = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
             body["groups"] = [Group(**{**g, "snr_db": tuple(g["snr_db"])}) for g in body["groups"]]
-            if isinstance(body.get("gaussian"), dict):
-                body["gaussian"] = GaussianChoice.from_dict(body["gaussian"])
             plan = cls(**body)
+            if isinstance(plan.gaussian, dict):
+                plan.gaussian = GaussianChoice.from_dict(plan.gaussian)
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed plan: {e}") from None
         check_coverage(plan.boundaries, plan.num_train_timesteps)
