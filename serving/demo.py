@@ -36,7 +36,7 @@ from stepadapt import StepadaptError
 from stepadapt.analyze import Analysis, AnalyzeOptions, analyze
 from stepadapt.bundle import Bundle, Manifest
 from stepadapt.compress import PruneOptions, prune
-from stepadapt.devices import DEVICES, resolve_device
+from stepadapt.devices import DEVICE_HELP, DEVICES, resolve_device
 from stepadapt.finetune import FinetuneOptions, finetune
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
 from stepadapt.kinds import kind_of
@@ -81,7 +81,7 @@ class DemoOptions(Options):
         "Serve the shipped, longer fine-tuned bundle (default), or the one this run made.",
         flags=("--serve-shipped/--serve-own",),
     )
-    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda. The PyTorch stages' device.")
+    device: str = option("auto", DEVICE_HELP + " The PyTorch stages' device.")
     proxy_size: int = option(128, "Images per proxy set (importance, candidate scoring, loss profile).")
     candidates: tuple[str, ...] = option(
         tuple(c.label for c in DEFAULT_CANDIDATES), "Candidate structures: importance/scope, comma-separated."

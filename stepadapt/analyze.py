@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from stepadapt import StepadaptError
 from stepadapt.data import fingerprint, load_dataset, proxy_sets
-from stepadapt.devices import resolve_device
+from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
 from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, affordable, fit_gaussian, gaussian_cutoff
 from stepadapt.io import atomic_path, sha256_file
@@ -198,7 +198,7 @@ class AnalyzeOptions(Options):
         DEFAULT_TOLERANCE, "auto: the factor by which the Gaussian's eps error may exceed the base's."
     )
     seed: int = option(0, "Seed of the proxy batch and noise.")
-    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: the base's device.")
+    device: str = option("auto", DEVICE_HELP + " The base's device.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

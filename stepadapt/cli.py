@@ -15,7 +15,7 @@ from rich.console import Console
 from stepadapt import Notice, StepadaptError
 from stepadapt.analyze import AnalyzeOptions
 from stepadapt.compress import PruneOptions
-from stepadapt.devices import resolve_device
+from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.export.stage import ExportOptions
 from stepadapt.finetune import FinetuneOptions
 from stepadapt.flags import command
@@ -53,7 +53,6 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
 SOLVER_HELP = (
     "Solver, as NAME[:OPTION,...]: ddim, ddpm, dpm++2m, dpm++3m, dpm++2m-sde, dpm++sde, unipc, euler, "
     "euler-a, heun, pndm, lms; options thresholding (dynamic, max 1.0), karras, clip, no-clip, "

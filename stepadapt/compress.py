@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
+from stepadapt.devices import DEVICE_HELP
 from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory
 from stepadapt.io import sha256_file
@@ -174,7 +175,7 @@ class PruneOptions(Options):
         flags=("--nested/--independent",),
     )
     seed: int = option(0, "Seed of proxy sets and random importance.")
-    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda: where candidates are scored.")
+    device: str = option("auto", DEVICE_HELP + " Where candidates are scored.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -69,3 +69,10 @@ def autocast(precision: str, device: str | torch.device) -> Any:
 def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradScaler:
     """fp16's loss scaling (bf16 has fp32's range and needs none); a disabled scaler is a no-op."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+
+
+DEVICE_HELP = "auto (CUDA where there is one), cpu or cuda."
+PRECISION_HELP = (
+    "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss scaling; "
+    "fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32."
+)

@@ -31,6 +31,7 @@ from diffusers import UNet2DModel
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
+from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.kinds import UNET
 from stepadapt.options import Options, option
 from stepadapt.shared import SharedExperts
@@ -249,7 +250,7 @@ class FinetuneOptions(Options):
     seed: int = option(0, "Seed (expert i uses seed + i).")
     resume: bool = option(False, "Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
     checkpoint_every: int = option(250, "Checkpoint period in steps.")
-    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda.")
+    device: str = option("auto", DEVICE_HELP)
     timestep_sampler: str = option(
         "uniform",
         "Timestep sampler: uniform, curriculum (easy-to-hard clusters), adaptive (REINFORCE policy), "
@@ -260,11 +261,7 @@ class FinetuneOptions(Options):
     patience: int = option(200, "curriculum: flat-loss updates before the next stage.")
     visit_steps: int = option(25, "visited: the DDIM step count served.")
     threads: int | None = option(None, "CPU threads for torch.")
-    precision: str = option(
-        "auto",
-        "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss "
-        "scaling; fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32.",
-    )
+    precision: str = option("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.options import Options, option
 from stepadapt.schedule import DEFAULT_SCHEDULER
 from stepadapt.train import TrainConfig, TrainResult
@@ -42,14 +43,10 @@ class TrainBaseOptions(Options):
     checkpoint_every: int = option(500, "Checkpoint period in steps.")
     sample_every: int = option(1000, "Sample-grid period in steps.")
     resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
-    device: str = option("auto", "auto (CUDA where there is one), cpu or cuda.")
+    device: str = option("auto", DEVICE_HELP)
     threads: int | None = option(None, "CPU threads for torch.")
     timestep_sampler: str = option("uniform", "Timestep sampler (see 'finetune --help').")
-    precision: str = option(
-        "auto",
-        "Forward passes in mixed precision: auto (bf16 on a GPU that has it, else fp16 with loss "
-        "scaling; fp32 on a CPU), fp32, bf16 or fp16. Weights, optimizer and EMA stay fp32.",
-    )
+    precision: str = option("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
