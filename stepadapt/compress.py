@@ -34,7 +34,7 @@ from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
 from stepadapt.devices import DEVICE_HELP
 from stepadapt.gaussian import GaussianDenoiser
-from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory
+from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory, search_group
 from stepadapt.io import sha256_file
 from stepadapt.kinds import BuildContext, Built, kind_of
 from stepadapt.models import DEFAULT_BASE, clean_config, load_base, weights_sha256
@@ -98,7 +98,7 @@ def compress(
     base_macs, base_params = count_macs(base)
     ctx = BuildContext(
         base, scheduler_cfg, proxy_train, proxy_val, candidates=candidates, memory=memory, seed=seed,
-        gaussian=gaussian, log=log,
+        gaussian=gaussian, log=log, search=search_group,
     )  # fmt: skip
     achieved: dict[int, float] = {}
     models, drafts = {}, {}

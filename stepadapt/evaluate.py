@@ -349,9 +349,13 @@ def evaluate_targets(
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
             raise StepadaptError(f"{name}: {path} is not a bundle or model directory")
+    ref = load_target(base, device)
+    targets_loaded = {name: load_target(path, device) for name, path in targets.items()}
+    for target in targets_loaded.values():  # before any image is made: a wrong base is said at once
+        if target.bundle is not None and ref.model is not None:
+            target.bundle.manifest.check_base(ref.model, base, allow_other_base)
     net = InceptionFeatures()
     solver = Solver.parse(sampler)
-    ref = load_target(base, device)
     base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
     opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
     reals, real_feats = real_set(net, data, n_real or n, shape[1], shape[0], **opts)
@@ -360,9 +364,7 @@ def evaluate_targets(
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
-        target = load_target(path, device)
-        if target.bundle is not None and ref.model is not None:
-            target.bundle.manifest.check_base(ref.model, base, allow_other_base)
+        target = targets_loaded[name]
         if tuple(target.shape) != tuple(shape):
             raise StepadaptError(f"{name}: sample shape {target.shape} differs from the base's {shape}")
         jumps = jump and target.can_jump

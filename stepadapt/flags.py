@@ -49,9 +49,11 @@ def _cli_default(value: Any, hint: Any, repeat: bool) -> Any:
 
 def _parse(value: Any, hint: Any, flag: str) -> Any:
     """A flag's value as the options want it: comma-separated lists become typed tuples."""
-    inner, _ = _unwrap(hint)
-    if value is None or typing.get_origin(inner) is not tuple:
+    inner, optional = _unwrap(hint)
+    if typing.get_origin(inner) is not tuple:
         return value
+    if value is None:  # a repeatable flag not given: no values
+        return None if optional else ()
     item = typing.get_args(inner)[0]
     parts = value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
     try:

@@ -48,6 +48,9 @@ class BuildContext:
     gaussian: GaussianDenoiser | None = None  # fitted once, before (stepadapt.plan.GaussianChoice)
     log: Callable[[str], None] | None = None
     parent: tuple[UNet2DModel, list, str | None] | None = None  # nested pruning: model, history, name
+    # The candidate search a pruned kind is built by (stepadapt.importance.search_group), injected
+    # by the caller so that kinds stay below the pruning machinery.
+    search: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -135,10 +138,10 @@ class UNetKind(ExpertKind):
     files = (("weights", "sha256"), ("structure", "structure_sha256"))
 
     def build(self, group: Any, target_macs: float, ctx: BuildContext) -> Built:
-        from stepadapt.importance import search_group
-
+        if ctx.search is None:
+            raise StepadaptError(f"group {group.name}: a pruned U-Net needs a candidate search to build it")
         parent, parent_history, parent_name = ctx.parent or (ctx.base, [], None)
-        res = search_group(
+        res = ctx.search(
             parent, ctx.scheduler_cfg, group.lo, group.hi, target_macs, ctx.proxy_train, ctx.proxy_val,
             candidates=ctx.candidates, memory=ctx.memory, seed=ctx.seed, log=ctx.log,
         )  # fmt: skip

@@ -113,6 +113,18 @@ def denoising_loss(
     return (per_sample * weight).mean() if weight is not None else per_sample.mean()
 
 
+@dataclass(frozen=True)
+class WeightInputs:
+    """What a loss weight may be prepared from; each keeps what it uses."""
+
+    cfg: TrainConfig
+    scheduler: Any
+    scheduler_cfg: dict[str, Any]
+    data: torch.Tensor
+    t_hi: int
+    teacher: UNet2DModel | None
+
+
 class LossWeight:
     """``none``: every sample's loss counts alike, the plain mean of the per-sample losses.
 
@@ -125,15 +137,7 @@ class LossWeight:
     teacher_use = ""  # what it does with the base (for the error when none is given)
 
     @classmethod
-    def prepare(
-        cls,
-        cfg: TrainConfig,
-        scheduler: Any,
-        scheduler_cfg: dict[str, Any],
-        data: torch.Tensor,
-        t_hi: int,
-        teacher: UNet2DModel | None,
-    ) -> LossWeight:
+    def prepare(cls, run: WeightInputs) -> LossWeight:
         return cls()
 
     def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -150,16 +154,8 @@ class MinSnrWeight(LossWeight):
         self.snr_table, self.gamma, self.prediction_type = snr_table, gamma, prediction_type
 
     @classmethod
-    def prepare(
-        cls,
-        cfg: TrainConfig,
-        scheduler: Any,
-        scheduler_cfg: dict[str, Any],
-        data: torch.Tensor,
-        t_hi: int,
-        teacher: UNet2DModel | None,
-    ) -> LossWeight:
-        return cls(snr(scheduler).float(), cfg.min_snr_gamma, scheduler.config.prediction_type)
+    def prepare(cls, run: WeightInputs) -> LossWeight:
+        return cls(snr(run.scheduler).float(), run.cfg.min_snr_gamma, run.scheduler.config.prediction_type)
 
     def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return w * min_snr_weight(self.snr_table[t], self.gamma, self.prediction_type)
@@ -176,17 +172,10 @@ class RelativeWeight(LossWeight):
         self.table = table
 
     @classmethod
-    def prepare(
-        cls,
-        cfg: TrainConfig,
-        scheduler: Any,
-        scheduler_cfg: dict[str, Any],
-        data: torch.Tensor,
-        t_hi: int,
-        teacher: UNet2DModel | None,
-    ) -> LossWeight:
-        assert teacher is not None  # the Trainer refuses a run without one (needs_teacher)
-        return cls(relative_weights(teacher, scheduler_cfg, data, cfg.t_lo, t_hi, cfg.seed))
+    def prepare(cls, run: WeightInputs) -> LossWeight:
+        assert run.teacher is not None  # the Trainer refuses a run without one (needs_teacher)
+        c = run.cfg
+        return cls(relative_weights(run.teacher, run.scheduler_cfg, run.data, c.t_lo, run.t_hi, c.seed))
 
     def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return w * self.table[t]
@@ -394,7 +383,9 @@ class Trainer:
         kind = loss_weight_class(self.cfg.loss_weight)
         if kind.needs_teacher and self.teacher is None:
             raise StepadaptError(f"{kind.name} loss weights {kind.teacher_use}: give the base (teacher)")
-        return kind.prepare(self.cfg, self.scheduler, scheduler_cfg, self.data, self.t_hi, self.teacher)
+        return kind.prepare(
+            WeightInputs(self.cfg, self.scheduler, scheduler_cfg, self.data, self.t_hi, self.teacher)
+        )
 
     def _wrap(self, model: UNet2DModel) -> torch.nn.Module:
         """The module the training forward goes through: DDP's wrapper averages gradients over

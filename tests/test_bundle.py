@@ -162,23 +162,22 @@ def test_half_precision_weights_load_back_as_float32(tiny_bundle, tmp_path):
 
 def test_neighbouring_copies_of_one_network_are_stored_once(tiny, tmp_path):
     """Two groups that both got the whole base become one expert over both intervals."""
-    from stepadapt.bundle import ExpertSpec, Manifest, save_bundle
+    from stepadapt.bundle import ExpertDraft, Manifest, save_bundle
     from stepadapt.models import clean_config
     from stepadapt.schedule import DEFAULT_SCHEDULER
 
     def spec(name, lo, hi):
-        return ExpertSpec(
-            name=name, timesteps=(lo, hi), snr_db=(float(-hi), float(-lo)), target_macs=1, macs=1, params=1,
-            weights="", sha256="", structure="", structure_sha256="",
-        )  # fmt: skip
+        return ExpertDraft(
+            name=name, timesteps=(lo, hi), snr_db=(float(-hi), float(-lo)), target_macs=1, macs=1, params=1
+        )
 
     other = type(tiny)(**tiny.config)  # same structure, other weights: must stay apart
     experts = [spec("a", 0, 100), spec("b", 100, 400), spec("c", 400, 1000)]
     m = Manifest(
         base_config=clean_config(tiny), scheduler=dict(DEFAULT_SCHEDULER), sample_shape=(1, 32, 32),
-        base_macs=1, base_params=1, experts=experts,
+        base_macs=1, base_params=1, experts=[],
     )  # fmt: skip
-    save_bundle(tmp_path / "b", m, {"a": (tiny, []), "b": (tiny, []), "c": (other, [])})
+    save_bundle(tmp_path / "b", m, experts, {"a": (tiny, []), "b": (tiny, []), "c": (other, [])})
     b = Bundle.load(tmp_path / "b")
     assert [(e.name, e.timesteps) for e in b.experts] == [("a", (0, 400)), ("c", (400, 1000))]
     assert b.experts[0].snr_db == (-400.0, -0.0)

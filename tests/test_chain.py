@@ -173,3 +173,30 @@ def test_the_shipped_bundle_samples_the_images_it_sampled_before(tmp_path):
         assert np.array_equal(images, before[f"{backend}_recommended"]), backend
         images = sample_images(den, m.scheduler, m.sample_shape, 6, steps=10, sampler="ddim", seed=1)
         assert np.array_equal(images, before[f"{backend}_ddim10"]), backend
+
+
+def test_evaluate_refuses_a_reference_of_other_weights_before_sampling(tmp_path, tiny_bundle, monkeypatch):
+    """A bundle that records its base is scored against that base (the default) and refuses a
+    --base of the same architecture but other weights, before Inception or any sampling starts."""
+    from dataclasses import replace
+
+    import stepadapt.evaluate as evaluate_module
+    from stepadapt.bundle import save_bundle
+    from stepadapt.evaluate import evaluate_targets, reference_base
+
+    b = Bundle.load(tiny_bundle)
+    save_base(build_unet("tiny", seed=0), tmp_path / "base")  # the base tiny_bundle was cut from
+    save_base(build_unet("tiny", seed=1), tmp_path / "other")
+    record = {"path": str(tmp_path / "base"), "sha256": weights_sha256(build_unet("tiny", seed=0))}
+    save_bundle(tmp_path / "b", replace(b.manifest, base=record), [e.draft() for e in b.experts], b.models())
+    assert reference_base({"b": tmp_path / "b"}, None) == tmp_path / "base"
+
+    def no_inception():
+        raise AssertionError("Inception was loaded before the base was checked")
+
+    monkeypatch.setattr(evaluate_module, "InceptionFeatures", no_inception)
+    with pytest.raises(StepadaptError, match="--allow-other-base") as e:
+        evaluate_targets({"b": tmp_path / "b"}, tmp_path / "other")
+    assert record["sha256"][:16] in str(e.value)
+    with pytest.raises(AssertionError, match="Inception was loaded"):  # the recorded base passes the check
+        evaluate_targets({"b": tmp_path / "b"})

@@ -291,14 +291,15 @@ def test_loss_weight_registry_says_what_each_needs(tmp_path, squares):
 
 def test_loss_weights_weigh_by_timestep():
     from stepadapt.schedule import snr
-    from stepadapt.train import loss_weight_class, min_snr_weight
+    from stepadapt.train import WeightInputs, loss_weight_class, min_snr_weight
 
     sched = make_scheduler("ddpm", DEFAULT_SCHEDULER)
     cfg = TrainConfig(min_snr_gamma=2.0)
     t, w = torch.tensor([0, 500, 999]), torch.tensor([1.0, 2.0, 3.0])
-    none = loss_weight_class("none").prepare(cfg, sched, DEFAULT_SCHEDULER, torch.zeros(1), 1000, None)
+    run = WeightInputs(cfg, sched, DEFAULT_SCHEDULER, torch.zeros(1), 1000, None)
+    none = loss_weight_class("none").prepare(run)
     assert torch.equal(none.apply(w, t), w)
-    min_snr = loss_weight_class("min-snr").prepare(cfg, sched, DEFAULT_SCHEDULER, torch.zeros(1), 1000, None)
+    min_snr = loss_weight_class("min-snr").prepare(run)
     assert torch.equal(min_snr.apply(w, t), w * min_snr_weight(snr(sched).float()[t], 2.0))
     assert min_snr.apply(w, t)[0] < w[0]  # t=0: SNR far above gamma, weight gamma/SNR
 
