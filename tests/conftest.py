@@ -81,3 +81,11 @@ def tiny_bundle(tmp_path_factory):
     """3 U-Net experts pruned from a random tiny base and a Gaussian one (built once per test run)."""
     torch.set_num_threads(2)
     return make_bundle(build_unet("tiny", seed=0), tmp_path_factory.mktemp("b") / "bundle", gaussian=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test on a served endpoint starts (or shares) a real tritonserver: slow, whichever of
+    them runs first pays for the start."""
+    for item in items:
+        if "served" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -56,6 +56,7 @@ def test_knapsack_is_exact_on_random_cases():
         assert abs(sum(o[k].damage for o, k in zip(options, pick, strict=True)) - want[0]) < 1e-9
 
 
+@pytest.mark.slow
 def test_damage_plan_measures_each_size_and_meets_the_budget(tiny, squares):
     from stepadapt.analyze import analyze_base
     from stepadapt.schedule import DEFAULT_SCHEDULER

@@ -24,6 +24,7 @@ def quick(tmp_path_factory):
     return d, json.loads((d / "results" / "bench-fashion-tiny-experts.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_bench_report_is_complete_and_sound(quick):
     _, report = quick
     assert check_report(report) == []
@@ -42,6 +43,7 @@ def test_quick_bench_report_is_complete_and_sound(quick):
     assert all(0 < t["mac_ratio"] < 1 for t in experts)  # the shipped bundle is pruned
 
 
+@pytest.mark.slow
 def test_quick_bench_renders_the_page_and_plots(quick):
     d, report = quick
     page = (d / "docs" / "benchmarks.md").read_text()

@@ -22,6 +22,7 @@ def _copy(src, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_bundle_round_trip_is_exact(bundle_dir):
     b = Bundle.load(bundle_dir)
     assert [e.name for e in b.experts] == ["g0", "g1", "g2", "g3"]
@@ -115,6 +116,7 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_memory_bank_makes_reruns_cheap(bundle_dir, tiny, tmp_path, monkeypatch):
     import stepadapt.importance as imp
     from stepadapt.prune import count_macs

@@ -58,6 +58,7 @@ def test_options_refuse_what_they_cannot_run():
     assert FinetuneOptions(bundle=Path("b"), distill=0.0, mode="shared").needs_teacher is True
 
 
+@pytest.mark.slow
 def test_analyze_and_prune_fit_the_gaussian_once_and_the_bundle_records_its_base(tmp_path, tiny, monkeypatch):
     """analyze fits the Gaussian to the training part, keeps it beside the plan; prune builds the
     bundle from that fit (no second fit), and the manifest names the base's weights and the data."""
@@ -94,6 +95,7 @@ def test_analyze_and_prune_fit_the_gaussian_once_and_the_bundle_records_its_base
         prune(PruneOptions(out=tmp_path / "b3", plan=plan_path, **{**common, "data": str(other)}))
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_teacher_of_other_weights(tmp_path, tiny):
     save_base(tiny, tmp_path / "base")
     save_base(build_unet("tiny", seed=1), tmp_path / "other")  # the same architecture, other weights
@@ -116,6 +118,7 @@ def test_finetune_refuses_a_teacher_of_other_weights(tmp_path, tiny):
     assert finetune(opts.replace(teacher=tmp_path / "other", allow_other_base=True, resume=False))
 
 
+@pytest.mark.slow
 def test_the_gaussian_cut_off_is_judged_on_held_out_images(tmp_path, tiny, monkeypatch):
     """On an image folder, the images the cut-off is judged on are none of those the Gaussian was
     fitted to (the folder's hash split)."""
@@ -150,6 +153,7 @@ def test_the_gaussian_cut_off_is_judged_on_held_out_images(tmp_path, tiny, monke
     assert len(fitted) == len(train)
 
 
+@pytest.mark.slow
 def test_the_shipped_bundle_samples_the_images_it_sampled_before(tmp_path):
     """Same uint8 images as the code before the refactor (tests/data/README.md says how they were
     made), through the PyTorch experts and through onnxruntime."""
@@ -175,6 +179,7 @@ def test_the_shipped_bundle_samples_the_images_it_sampled_before(tmp_path):
         assert np.array_equal(images, before[f"{backend}_ddim10"]), backend
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_reference_of_other_weights_before_sampling(tmp_path, tiny_bundle, monkeypatch):
     """A bundle that records its base is scored against that base (the default) and refuses a
     --base of the same architecture but other weights, before Inception or any sampling starts."""

@@ -37,6 +37,7 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_analyze_prune_info_and_routed_sample(tmp_path, tiny):
     save_base(tiny, tmp_path / "m")
     rng = np.random.default_rng(0)
@@ -66,6 +67,7 @@ def test_analyze_prune_info_and_routed_sample(tmp_path, tiny):
     assert r.exit_code == 2 and "plan not found" in r.output
 
 
+@pytest.mark.slow
 def test_train_base_takes_channels_and_size_from_the_data_and_a_mismatch_is_refused(tmp_path):
     """An RGB folder of 16 x 16 images makes an RGB 16 x 16 model; that folder against a grey base is
     refused in one line (the colour would be lost), and grey data for the RGB model is said."""

@@ -31,6 +31,7 @@ def real(net, tmp_path_factory):
     return real_set(net, "fashion-mnist", 96, 32, 1, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
+@pytest.mark.slow
 def test_kid_real_vs_real_is_near_zero_and_far_below_real_vs_noise(net, real):
     images, feats = real
     assert feats.shape == (96, 2048) and torch.isfinite(feats).all()
@@ -41,6 +42,7 @@ def test_kid_real_vs_real_is_near_zero_and_far_below_real_vs_noise(net, real):
     assert far > 0.2 and far > 20 * abs(same)
 
 
+@pytest.mark.slow
 def test_real_features_are_cached_and_a_corrupt_cache_is_recomputed(net, real, tmp_path, monkeypatch):
     import stepadapt.evaluate as ev
 
@@ -90,6 +92,7 @@ def test_missing_inception_weights_is_a_clear_error(monkeypatch):
         inception_path()
 
 
+@pytest.mark.slow
 def test_evaluate_cli_scores_a_bundle_and_a_base(tiny_bundle, tiny, tmp_path):
     save_base(tiny, tmp_path / "base")
     out = tmp_path / "eval.json"

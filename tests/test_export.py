@@ -25,6 +25,7 @@ def exported(tiny_bundle, tmp_path_factory):
     return d, reports
 
 
+@pytest.mark.slow
 def test_every_expert_exports_with_parity(exported):
     d, reports = exported
     b = Bundle.load(d)
@@ -127,6 +128,7 @@ def _copy(bundle, tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_export_stage_records_onnx_without_the_cli(tiny_bundle, tmp_path):
     d = _copy(tiny_bundle, tmp_path)
     lines = []
@@ -137,6 +139,7 @@ def test_export_stage_records_onnx_without_the_cli(tiny_bundle, tmp_path):
     assert len(lines) == len(b.experts) and not (d / "trt").exists()
 
 
+@pytest.mark.slow
 def test_export_stage_records_injected_engines_in_the_manifest(tiny_bundle, tmp_path):
     d = _copy(tiny_bundle, tmp_path)
     built = []
@@ -156,6 +159,7 @@ def test_export_stage_records_injected_engines_in_the_manifest(tiny_bundle, tmp_
     assert not [p for p in d.iterdir() if p.name.startswith(".trt")]
 
 
+@pytest.mark.slow
 def test_export_stage_refuses_an_engine_beyond_the_tolerance(tiny_bundle, tmp_path):
     d = _copy(tiny_bundle, tmp_path)
     opts = ExportOptions(bundle=d, trt=True, atol=1e-4)  # engines: 10x, 1e-3
@@ -168,6 +172,7 @@ def test_export_stage_refuses_an_engine_beyond_the_tolerance(tiny_bundle, tmp_pa
     assert not [p for p in d.iterdir() if p.name.startswith(".trt")]
 
 
+@pytest.mark.slow
 def test_export_stage_refuses_a_non_finite_engine_error(tiny_bundle, tmp_path):
     d = _copy(tiny_bundle, tmp_path)
     with pytest.raises(StepadaptError, match="expert g0: TensorRT parity failed"):

@@ -95,6 +95,7 @@ def test_the_gaussian_expert_answers_in_the_models_parameterisation(squares):
     assert torch.allclose(v_model(x_t, t), ab.sqrt() * eps - (1 - ab).sqrt() * x0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_cosine_v_prediction_model_goes_through_the_whole_chain(own_model, tmp_path, squares, monkeypatch):
     """analyze -> prune at --budget 0.5 (2 and 4 groups) -> finetune (on the v target) -> export ->
     serve -> generate, on a model whose scheduler is nothing like the default."""

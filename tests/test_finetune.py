@@ -29,6 +29,7 @@ def test_budgets_follow_interval_length(tiny_bundle):
         iteration_budgets(experts, 2)
 
 
+@pytest.mark.slow
 def test_short_finetune_lowers_each_experts_loss_on_its_interval(tiny_bundle, tmp_path, squares):
     d = tmp_path / "b"
     shutil.copytree(tiny_bundle, d)
@@ -63,6 +64,7 @@ def test_distillation_needs_a_teacher(tiny_bundle, tmp_path, squares):
         finetune_bundle(Bundle.load(d), squares(8), cfg, 3, mode="separate", progress=False)
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, squares):
     """Real DDP: torchrun starts 2 CPU processes (gloo); weights stay identical across them and land once."""
     import json
@@ -96,6 +98,7 @@ def test_torchrun_two_gloo_processes_finetune_one_expert(tiny_bundle, tmp_path, 
     assert r.stdout.count("bundle updated") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_two_finetune_processes_on_one_bundle_both_land(tiny_bundle, tmp_path, squares):
     """One `finetune --expert` job per expert, started together (what the README suggests): each
     re-reads the manifest under a lock and adds its own expert, so neither undoes the other."""
@@ -131,6 +134,7 @@ def test_two_finetune_processes_on_one_bundle_both_land(tiny_bundle, tmp_path, s
         assert b.expert(name).sha256 != before[name] and b.expert(name).training is not None
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(tiny_bundle, tmp_path, squares):
     """A real `finetune` process killed with SIGKILL after a checkpoint, then `--resume`: the expert
     lands with exactly the weights of a run that was never interrupted."""

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch_pruning as tp
 
@@ -7,6 +8,7 @@ from stepadapt.prune import count_macs, prune_once, prune_to_macs, replay
 from stepadapt.schedule import DEFAULT_SCHEDULER
 
 
+@pytest.mark.slow
 def test_uniform_pruning_reproduces_diff_pruning_size():
     # Diff-Pruning's "0.3" DDPM-CIFAR10 model is 19.8M params / 3.4 GMACs; with
     # torch-pruning 1.6 (GroupNorm widths in steps of num_groups) that is ratio 0.25.
@@ -22,6 +24,7 @@ def test_uniform_pruning_reproduces_diff_pruning_size():
     assert count_macs(rebuilt) == (macs, params)
 
 
+@pytest.mark.slow
 def test_prune_to_macs_hits_the_target_or_the_nearest_step():
     base = build_unet("tiny")
     base_macs, _ = count_macs(base)
@@ -54,6 +57,7 @@ def test_group_restricted_taylor_depends_on_the_timesteps():
     assert differing, "early and late groups pruned the same channels"
 
 
+@pytest.mark.slow
 def test_four_group_budget_plan_on_ddpm_cifar10(tmp_path):
     from stepadapt.bundle import Bundle
     from stepadapt.compress import compress
@@ -93,6 +97,7 @@ def test_importance_registry_lists_its_choices_and_says_which_need_gradients():
         Candidate.parse("l1/global")
 
 
+@pytest.mark.slow
 def test_search_takes_gradients_once_per_kind_that_needs_them(monkeypatch):
     """Taylor/local and taylor/global share the group's gradients; magnitude takes none;
     diff-pruning takes its own, over its low-noise steps whatever the group."""

@@ -141,6 +141,7 @@ TOGETHER = [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpm++2m", None), ("dp
             ("pndm", None), ("lms:karras", None)]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler, eta", TOGETHER)
 def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
     """Lockstep batching (the server's) must not change anyone's images, noise included."""

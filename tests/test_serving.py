@@ -60,6 +60,7 @@ def _infer_json(server, inputs):
     return _post(f"http://{server.http_url}/v2/models/generate/infer", json.dumps(body).encode())
 
 
+@pytest.mark.slow
 def test_http_and_grpc_match_the_in_process_onnx_sampler(served):
     b, server = served
     req = GenerateRequest(num_images=3, steps=STEPS, seed=7)
@@ -86,6 +87,7 @@ def test_ddpm_sampler_and_seed_change_the_images(served):
     assert not np.array_equal(ddpm, get(2, "ddpm"))  # the seed alone changes them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler:karras", "unipc"])
 def test_every_solver_and_the_jump_through_the_endpoint_match_the_in_process_sampler(served, sampler):
     """Euler with Karras sigmas lands between timesteps (float32 through the ONNX/Triton boundary in
@@ -199,6 +201,7 @@ def test_malformed_json_and_client_errors(served):
         generate("127.0.0.1:1", GenerateRequest(steps=2), timeout=5)
 
 
+@pytest.mark.slow
 def test_bounded_load_run(served):
     _, server = served
 
@@ -218,6 +221,7 @@ def test_bounded_load_run(served):
 @pytest.mark.parametrize("layout, broken, named", [
     ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "router/1/g1.onnx", "g1.onnx"),
 ])  # fmt: skip
+@pytest.mark.slow
 def test_failed_model_load_reports_tritons_message(exported, tmp_path, layout, broken, named):
     repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(layout=layout, front_instances=1))
     (repo / broken).write_bytes(b"not an onnx file")
@@ -237,6 +241,7 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", [None, "dpm++2m-sde"])  # multi-step and stochastic
 def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path, sampler):
     """The fused router steps concurrent requests together (its log counts them) and each still
@@ -262,6 +267,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_p
     assert "model router, instance router_0_0, executing 3 requests" in log
 
 
+@pytest.mark.slow
 def test_the_bundles_recommended_setting_is_the_endpoints_default(exported, tmp_path):
     """A request silent on sampler, steps and jump gets the manifest's recommendation (``tune``)."""
     d = tmp_path / "bundle"
@@ -341,6 +347,7 @@ def _idle_within_a_second(server) -> float:
 LONG = GenerateRequest(num_images=8, steps=1000)  # tens of seconds here, were it not cancelled
 
 
+@pytest.mark.slow
 def test_a_cancelled_request_frees_the_cpu_within_a_second(served):
     """gRPC: the client's timeout cancels the request; the server drops it at its next step."""
     _, server = served
@@ -351,6 +358,7 @@ def test_a_cancelled_request_frees_the_cpu_within_a_second(served):
     assert generate(server.grpc_url, GenerateRequest(num_images=1, steps=2), "grpc").shape == (1, 32, 32, 1)
 
 
+@pytest.mark.slow
 def test_a_stream_given_up_on_is_cancelled(served):
     """Ctrl-C while streaming: the client cancels the stream and the server stops stepping."""
     _, server = served
@@ -367,6 +375,7 @@ def test_a_stream_given_up_on_is_cancelled(served):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_burst_beyond_the_queue_is_served_or_refused_at_once(served):
     """32 requests at once against 4 running + a queue of 8: every one is answered, none hangs;
     the ones that do not fit are refused at once with a message that says so."""
@@ -392,6 +401,7 @@ def test_a_burst_beyond_the_queue_is_served_or_refused_at_once(served):
     assert server.ready()
 
 
+@pytest.mark.slow
 def test_an_unexpected_failure_is_one_line_and_the_server_keeps_serving(exported, tmp_path):
     """An expert that onnxruntime refuses at run time (a fixed batch of 2): the client gets one line
     naming no path and no traceback; the details are in the server log; batch 2 still works."""
@@ -419,6 +429,7 @@ def test_an_unexpected_failure_is_one_line_and_the_server_keeps_serving(exported
     assert "generate: " in (tmp_path / "log").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_serve_within_5s_with_no_orphans(exported, tmp_path):
     """`stepadapt serve`, a long request in flight, SIGTERM: the request ends with an error, the
     server is gone within 5 s, no process of it is left and its temp directory is removed."""
@@ -528,6 +539,7 @@ def test_one_batch_setting_for_the_engine_and_the_configs(exported, tmp_path):
     assert "max_batch_size: 32" in (repo / "expert_g0" / "config.pbtxt").read_text()
 
 
+@pytest.mark.slow
 def test_the_repository_runs_on_a_triton_whose_python_lacks_stepadapt(exported, tmp_path):
     """A full Triton's layout (bin/tritonserver, backends/ beside it) and a Python that can import
     torch, onnxruntime, diffusers but not stepadapt: the models use the copy inside the repository.

@@ -84,6 +84,7 @@ def test_phases():
         phase_iterations("shared", 100, 1.5)
 
 
+@pytest.mark.slow
 def test_shared_finetune_trains_every_pruned_expert_and_exports_the_shared_net(
     tmp_path, squares, bundle_maker
 ):
@@ -153,6 +154,7 @@ def test_shared_training_refuses_an_unpruned_expert_between_pruned_ones(tmp_path
         finetune_bundle(b, x, TrainConfig(batch_size=4), 2, mode="shared", teacher=tiny, progress=False)
 
 
+@pytest.mark.slow
 def test_shared_experts_forward_and_train_under_bf16_autocast(tmp_path, squares, bundle_maker):
     """Mixed precision (a GPU's --precision auto): each slice answers in bf16, and the shared net
     writes their answers into one batch of that dtype (an fp32 buffer would refuse them)."""

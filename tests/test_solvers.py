@@ -126,6 +126,7 @@ def _diffusers_loop(unet, scheduler, n: int, steps: int, seed: int) -> np.ndarra
     return ((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_base_gives_what_diffusers_loop_gives_for_every_solver(own_model, tmp_path, name):
     """The model's own scheduler config under each solver, diffusers' loop written against diffusers

@@ -39,6 +39,7 @@ def _stopped_and_resumed(x, cfg: TrainConfig, at: int, out):
     return resumed, ema, res
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(tmp_path, squares):
     x = squares()
     model = build_unet("tiny", seed=0)
@@ -49,6 +50,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, squares):
     assert after < 0.8 * before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", TIMESTEP_SAMPLERS)
 def test_resume_equals_uninterrupted_run(tmp_path, squares, sampler):
     """Model, EMA, optimizer, generator and the timestep sampler's own state all come back."""
@@ -110,6 +112,7 @@ def test_train_config_round_trips_and_rejects_unknown_keys():
         TrainConfig.from_dict({"iterations": 1, "bogus": 2})
 
 
+@pytest.mark.slow
 def test_relative_weights_count_errors_in_units_of_the_base_loss():
     """1 / (the base's loss at t), mean 1 over the interval: the trained base's noisy end weighs most."""
     from stepadapt.data import load_dataset
@@ -148,6 +151,7 @@ def test_progress_off_a_terminal_writes_a_line_per_interval_not_per_update():
     assert 1 <= redraws <= 3, redraws  # first, last, maybe one 30 s tick; per update would be 2000
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_fp32_weights_with_bf16_forward_passes(tmp_path, squares):
     """bf16 autocast (CPU autocast here; a GPU's under --precision auto) lowers the loss like fp32
     does, keeps weights fp32, and really changes the arithmetic (the weights differ from fp32's)."""
@@ -168,6 +172,7 @@ def test_mixed_precision_trains_fp32_weights_with_bf16_forward_passes(tmp_path, 
     assert diff > 1e-6
 
 
+@pytest.mark.slow
 def test_fp16_resume_restores_the_loss_scale(tmp_path, squares):
     """fp16 scales the loss (lowering the scale, and skipping the step, where gradients overflow;
     raising it after a run of clean steps); the scaler's state is in the checkpoint, so a resumed
@@ -218,6 +223,7 @@ def test_precision_choice(monkeypatch):
         TrainConfig(precision="fp8").validate()
 
 
+@pytest.mark.slow
 def test_a_trainer_driven_step_by_step_then_restored_equals_one_run(tmp_path, squares):
     """Trainer's parts alone: N steps and a checkpoint by hand, then a fresh Trainer restored from
     it and run to the end, give the weights of one train() call (the adaptive sampler's probes too)."""

@@ -37,6 +37,7 @@ def test_candidates_are_the_settings_within_the_budget(bundle):
     assert any(s.jump for s, _ in options) and not any(s.jump for s, _ in options if s.sampler == "heun")
 
 
+@pytest.mark.slow
 def test_tune_records_the_best_setting_and_reuses_stored_scores(bundle, tiny, tmp_path, monkeypatch):
     save_base(tiny, tmp_path / "base")
     store = tmp_path / "scores"
@@ -64,6 +65,7 @@ def test_a_budget_nothing_fits_is_a_one_line_error(bundle):
         tune(bundle, 0.01, samplers=["ddim"], steps=[2], n=4, seeds=(0,))
 
 
+@pytest.mark.slow
 def test_the_recommendation_is_the_default_of_sample_and_evaluate(bundle, tmp_path):
     b = Bundle.load(bundle)
     b.set_recommended({"sampler": "unipc", "steps": 3, "jump": True})
