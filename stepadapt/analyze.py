@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
-from stepadapt import StepadaptError
-from stepadapt.data import fingerprint, load_dataset, proxy_sets
+from stepadapt import Notice, StepadaptError
+from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP, fingerprint, held_out, load_dataset, proxy_sets
 from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
 from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, affordable, fit_gaussian, gaussian_cutoff
@@ -198,6 +199,7 @@ class AnalyzeOptions(Options):
         DEFAULT_TOLERANCE, "auto: the factor by which the Gaussian's eps error may exceed the base's."
     )
     seed: int = option(0, "Seed of the proxy batch and noise.")
+    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
     device: str = option("auto", DEVICE_HELP + " The base's device.")
 
     def __post_init__(self) -> None:
@@ -233,7 +235,7 @@ class Analysis:
 
 
 def fit_gaussian_for(
-    choice: str, model: UNet2DModel, scheduler_cfg: dict, data: str
+    choice: str, model: UNet2DModel, scheduler_cfg: dict, data: str, holdout: float = DEFAULT_HOLDOUT
 ) -> tuple[GaussianDenoiser | None, str]:
     """The Gaussian fitted to ``data``'s training part, and the fingerprint of those images; or None
     and why not: ``off``, or ``auto`` where it cannot pay. A given start that cannot be honoured is an
@@ -243,7 +245,7 @@ def fit_gaussian_for(
     c, size = model.config.in_channels, model.config.sample_size
     why_not = affordable((c, size, size), count_macs(model)[0])
     if why_not is None:
-        train = load_dataset(data, "train", size, c)
+        train = load_dataset(data, "train", size, c, holdout=holdout)
         try:
             return fit_gaussian(train, scheduler_cfg), fingerprint(train)
         except StepadaptError as e:
@@ -273,16 +275,20 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
     model, sched_cfg = load_base(o.base)
     model = model.to(dev)
     c, size = model.config.in_channels, model.config.sample_size
-    proxy = load_dataset(o.data, "test", size, c, limit=o.proxy_size, seed=o.seed)
+    if not held_out(o.data, o.holdout):
+        msg = f"{o.data} has no held-out part: the loss profile and Gaussian cut-off see training images"
+        warnings.warn(Notice(msg), stacklevel=2)
+    proxy = load_dataset(o.data, "test", size, c, limit=o.proxy_size, seed=o.seed, holdout=o.holdout)
     damage = None
     if o.measure == "damage":
-        proxy_train, proxy_val = proxy_sets(o.data, o.proxy_size, size, c, o.seed)
+        proxy_train, proxy_val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
         damage = {
-            "data": load_dataset(o.data, "train", size, c, seed=o.seed), "proxy_train": proxy_train,
+            "data": load_dataset(o.data, "train", size, c, seed=o.seed, holdout=o.holdout),
+            "proxy_train": proxy_train,
             "proxy_val": proxy_val, "sizes": list(o.sizes), "recover_iterations": o.recover_iterations,
             "log": log,
         }  # fmt: skip
-    gaussian, said = fit_gaussian_for(o.gaussian, model, sched_cfg, o.data)
+    gaussian, said = fit_gaussian_for(o.gaussian, model, sched_cfg, o.data, o.holdout)
     plan, profiles = analyze_base(
         model, sched_cfg, proxy, measure=o.measure, groups=o.groups, partition=o.partition,
         boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,

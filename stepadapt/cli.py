@@ -15,6 +15,7 @@ from rich.console import Console
 from stepadapt import Notice, StepadaptError
 from stepadapt.analyze import AnalyzeOptions
 from stepadapt.compress import PruneOptions
+from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.export.stage import ExportOptions
 from stepadapt.finetune import FinetuneOptions
@@ -60,6 +61,7 @@ SOLVER_HELP = (
     "bundle's recommended setting ('stepadapt tune'), else ddim."
 )
 STEPS_HELP = "Solver steps (default: the bundle's recommended, else 50)."
+REAL_DATA_HELP = "Real data: 'fashion-mnist', a folder or .npz (its held-out part)."
 JUMP_HELP = (
     "Carry x_T in closed form over the Gaussian expert's interval (its exact flow) and spend every "
     "step below it (bundles with a Gaussian expert; default: the bundle's recommendation)."
@@ -297,9 +299,8 @@ def evaluate(
         bool | None, typer.Option("--jump/--no-jump", help=JUMP_HELP + " Base models never jump.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed, the same for every target.")] = 0,
-    data: Annotated[str, typer.Option(help="Real data: 'fashion-mnist' (test split), a folder or .npz.")] = (
-        "fashion-mnist"
-    ),
+    data: Annotated[str, typer.Option(help=REAL_DATA_HELP)] = "fashion-mnist",
+    holdout: Annotated[float, typer.Option(help=HOLDOUT_HELP)] = DEFAULT_HOLDOUT,
     kid_subsets: Annotated[int, typer.Option(help="Random subsets for KID's mean and std.")] = 100,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Real-feature cache (default ~/.cache/stepadapt).")
@@ -333,7 +334,7 @@ def evaluate(
             {str(t): t for t in targets}, base, allow_other_base=allow_other_base,
             n=n, n_real=n_real, steps=setting.steps, seed=seed, data=data,
             cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=dev,
-            sampler=setting.sampler, jump=setting.jump,
+            sampler=setting.sampler, jump=setting.jump, holdout=holdout,
         )  # fmt: skip
         write_json(out_path, report)
     except StepadaptError as e:
@@ -366,9 +367,7 @@ def tune(
     ] = None,
     n: Annotated[int, typer.Option("--n", help="Generated and real images per KID.")] = 500,
     seeds: Annotated[str, typer.Option(help="Noise seeds, comma-separated; KID is their mean.")] = "0,1",
-    data: Annotated[str, typer.Option(help="Real data: 'fashion-mnist' (test split), a folder or .npz.")] = (
-        "fashion-mnist"
-    ),
+    data: Annotated[str, typer.Option(help=REAL_DATA_HELP)] = "fashion-mnist",
     store: Annotated[
         Path | None,
         typer.Option(help="Where scores are kept and reused (default ~/.cache/stepadapt/scores)."),

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
+from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP
 from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory, search_group
@@ -175,6 +176,7 @@ class PruneOptions(Options):
         flags=("--nested/--independent",),
     )
     seed: int = option(0, "Seed of proxy sets and random importance.")
+    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
     device: str = option("auto", DEVICE_HELP + " Where candidates are scored.")
 
     def __post_init__(self) -> None:
@@ -190,7 +192,13 @@ class PruneOptions(Options):
 
 
 def plan_gaussian(
-    plan: Plan, plan_path: Path, base: UNet2DModel, scheduler_cfg: dict, data: str, data_sha256: str
+    plan: Plan,
+    plan_path: Path,
+    base: UNet2DModel,
+    scheduler_cfg: dict,
+    data: str,
+    data_sha256: str,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> GaussianDenoiser | None:
     """The Gaussian expert of ``plan``: the fit analyze kept beside it (checksummed), or for a plan
     without one, fitted here, once, from ``data``, which must be the data the plan chose it on."""
@@ -212,7 +220,7 @@ def plan_gaussian(
             )
         c, s = base.config.in_channels, base.config.sample_size
         return GaussianDenoiser.from_tensors(load_file(str(path)), (c, s, s), scheduler_cfg)
-    return fit_gaussian_for("in the plan", base, scheduler_cfg, data)[0]
+    return fit_gaussian_for("in the plan", base, scheduler_cfg, data, holdout)[0]
 
 
 def prune(
@@ -232,12 +240,12 @@ def prune(
     if o.uniform:
         plan = uniform_plan(plan, sched_cfg)
     c, size = model.config.in_channels, model.config.sample_size
-    data_sha256 = fingerprint(load_dataset(o.data, "train", size, c))
-    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, data_sha256)
-    train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed)
+    data_sha256 = fingerprint(load_dataset(o.data, "train", size, c, holdout=o.holdout))
+    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, data_sha256, o.holdout)
+    train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
     records = {
         "base": {"path": str(o.base), "sha256": weights_sha256(model)},
-        "data": {"source": o.data, "sha256": data_sha256},
+        "data": {"source": o.data, "holdout": o.holdout, "sha256": data_sha256},
     }
     return compress(
         model, sched_cfg, plan, train, val, o.out, candidates=tuple(map(Candidate.parse, o.candidates)),

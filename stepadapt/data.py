@@ -33,6 +33,9 @@ SPLITS = ("train", "test")
 # Data with no held-out part of its own keeps this fraction back, chosen by hashing names (folders)
 # or indices (.npz): evaluation and the Gaussian cut-off must not be judged on training images.
 DEFAULT_HOLDOUT = 0.1
+HOLDOUT_HELP = (
+    "Share of a folder or .npz without its own test part held out, by the hash of each file's name."
+)
 TRAIN_DIR = "train"  # the Hugging Face imagefolder layout: train/ and test/ (or validation/)
 HELD_OUT_DIRS = ("test", "validation")  # the first present is the held-out part
 NPZ_TRAIN_KEYS = ("images", "train", "x_train")  # "images" first: what this tool has always read

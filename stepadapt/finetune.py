@@ -31,6 +31,7 @@ from diffusers import UNet2DModel
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
+from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.kinds import UNET
 from stepadapt.options import Options, option
@@ -248,6 +249,7 @@ class FinetuneOptions(Options):
     expert: tuple[str, ...] = option((), "Only this expert (repeatable; separate).", repeat=True)
     limit: int | None = option(None, "Use a deterministic subset of N images.")
     seed: int = option(0, "Seed (expert i uses seed + i).")
+    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
     resume: bool = option(False, "Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
     checkpoint_every: int = option(250, "Checkpoint period in steps.")
     device: str = option("auto", DEVICE_HELP)
@@ -311,7 +313,7 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None)
     b = Bundle.load(o.bundle)
     c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
     teacher = teacher_for(o, b)
-    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed)
+    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed, holdout=o.holdout)
     return finetune_bundle(
         b, x, o.train_config(), o.iterations, mode=o.mode, specialize=o.specialize,
         experts=list(o.expert) or None, teacher=teacher, resume=o.resume, log=log, device=dev,

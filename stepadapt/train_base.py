@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.options import Options, option
 from stepadapt.schedule import DEFAULT_SCHEDULER
@@ -40,6 +41,7 @@ class TrainBaseOptions(Options):
     ema_decay: float = option(0.999, "EMA decay of the shipped weights.")
     limit: int | None = option(None, "Use a deterministic subset of N images.")
     seed: int = option(0, "Seed for init, batches, timesteps and noise.")
+    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
     checkpoint_every: int = option(500, "Checkpoint period in steps.")
     sample_every: int = option(1000, "Sample-grid period in steps.")
     resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
@@ -108,7 +110,7 @@ def train_base(
     resolve_precision(o.precision, dev)  # a bad --precision is said before the data loads
     dist.init_from_env()
     side = o.side()
-    x = load_dataset(o.data, "train", size=side, channels=o.channels, limit=o.limit, seed=o.seed)
+    x = load_dataset(o.data, "train", side, o.channels, limit=o.limit, seed=o.seed, holdout=o.holdout)
     say(f"data: {o.data} -> {tuple(x.shape)}")
     model = build_unet(o.config, in_channels=x.shape[1], seed=o.seed, sample_size=side)
 
