@@ -295,7 +295,7 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
         tdc_k=o.tdc_k, sampler=o.sampler, steps=o.steps, seed=o.seed, damage=damage, gaussian=gaussian,
         gaussian_from=o.gaussian_start, tolerance=o.gaussian_tolerance,
     )  # fmt: skip
-    if plan.gaussian is not None and gaussian is not None:
+    if plan.gaussian is not None and gaussian is not None and plan.fixed_ratios():
         save_gaussian(gaussian, plan.gaussian, o.gaussian_path, o.data, said)
     plan.save(o.out)
     note = said if gaussian is None else None

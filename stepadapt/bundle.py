@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from stepadapt import StepadaptError, __version__
 from stepadapt.gaussian import GaussianJump
 from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
-from stepadapt.kinds import DEFAULT, UNET, Stored, kind_of
+from stepadapt.kinds import DEFAULT, Stored, kind_of
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History
 from stepadapt.sampling import Denoiser, Router, module_denoiser, steps_for_jump
@@ -159,11 +159,21 @@ class Manifest:
             total += self.experts[-1].macs
         return total / self.base_macs
 
-    @property
-    def base_path(self) -> Path | None:
-        """The recorded base, where that path exists here: the default teacher and reference."""
-        path = Path(self.base["path"]) if self.base and self.base.get("path") else None
-        return path if path is not None and path.is_dir() else None
+    def default_base(self, flag: str) -> Path:
+        """The default teacher and reference: the recorded base; the shipped base for bundles made
+        before bases were recorded. A recorded base that is not here is said (``flag`` names the
+        option to give it by), never replaced by another."""
+        from stepadapt.models import DEFAULT_BASE
+
+        if self.base is None:
+            return DEFAULT_BASE
+        path = Path(self.base.get("path", ""))
+        if not path.is_dir():
+            raise StepadaptError(
+                f"the bundle was cut from {path} (weights sha256 {self.base['sha256'][:16]}...), which is "
+                f"not here: pass {flag} with that base"
+            )
+        return path
 
     def check_base(self, model: torch.nn.Module, path: str | os.PathLike, allow_other: bool = False) -> None:
         """Refuse a teacher or reference whose weights are not the recorded base's (one line naming
@@ -325,9 +335,7 @@ class Bundle:
     def structure(self, name: str) -> History:
         """The expert's pruning history on the base (empty: the expert is the base itself)."""
         e = self.expert(name)
-        if e.kind != UNET.name:
-            raise StepadaptError(f"expert {name} is a {e.kind} denoiser: it has no pruning structure")
-        return UNET.history(self.path, e)
+        return kind_of(e.kind).history(self.path, e)
 
     def is_pruned(self, name: str) -> bool:
         """Whether fine-tuning has anything to recover (not the base itself, not a closed form)."""

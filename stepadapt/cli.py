@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stepadapt import Notice, StepadaptError
 from stepadapt.analyze import AnalyzeOptions
@@ -50,7 +51,7 @@ BaseOpt = Annotated[Path, typer.Option("--base", help="Base model dir (diffusers
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    console.print(f"[bold red]error:[/] {escape(str(e))}")  # a message may hold brackets: not markup
     raise typer.Exit(2)
 
 
@@ -79,11 +80,15 @@ def _command() -> str:
     return " ".join(["stepadapt", *map(shlex.quote, sys.argv[1:])])
 
 
-def _renamed(old: str | None, new: str) -> str | None:
-    """An option's old spelling still works, with a one-line notice."""
-    if old is not None:
-        warnings.warn(Notice(f"--sampler here is now {new} (the timestep sampler)"), stacklevel=2)
-    return old
+def _renamed(opts, old: str | None, default: str):
+    """The old spelling --sampler of --timestep-sampler still works, with a one-line notice; both at
+    once (with different values) is refused rather than one silently winning."""
+    if old is None:
+        return opts
+    if opts.timestep_sampler not in (default, old):
+        raise StepadaptError("--sampler is the old name of --timestep-sampler: give only one of them")
+    warnings.warn(Notice("--sampler here is now --timestep-sampler (the timestep sampler)"), stacklevel=2)
+    return opts.replace(timestep_sampler=old)
 
 
 OldSamplerOpt = Annotated[str | None, typer.Option("--sampler", hidden=True, help="Old --timestep-sampler.")]
@@ -102,8 +107,7 @@ def train_base(opts: TrainBaseOptions, sampler: OldSamplerOpt = None) -> None:
     from stepadapt.train_base import train_base as run
 
     try:
-        if _renamed(sampler, "--timestep-sampler"):
-            opts = opts.replace(timestep_sampler=sampler)
+        opts = _renamed(opts, sampler, "uniform")
         res, model_dir = run(opts, log=console.print)
     except StepadaptError as e:
         _fail(e)
@@ -266,8 +270,7 @@ def finetune(opts: FinetuneOptions, sampler: OldSamplerOpt = None) -> None:
     from stepadapt.finetune import finetune as run
 
     try:
-        if _renamed(sampler, "--timestep-sampler"):
-            opts = opts.replace(timestep_sampler=sampler)
+        opts = _renamed(opts, sampler, "uniform")
         results = run(opts, log=console.print)
     except StepadaptError as e:
         _fail(e)

@@ -210,7 +210,8 @@ def plan_gaussian(
     chosen_on = choice.data if choice is not None and choice.data else data
     if chosen_on != data or (choice is not None and choice.data_sha256 not in ("", data_sha256)):
         raise StepadaptError(
-            f"the plan's Gaussian expert was fitted to --data {chosen_on}; prune with the same data"
+            f"the plan's Gaussian expert was fitted to --data {chosen_on} (training part sha256 "
+            f"{(choice.data_sha256 if choice else '')[:16]}...); prune with the same data and --holdout"
         )
     if choice is not None and choice.weights:
         path = plan_path.parent / choice.weights
@@ -244,7 +245,7 @@ def prune(
     gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, data_sha256, o.holdout)
     train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
     records = {
-        "base": {"path": str(o.base), "sha256": weights_sha256(model)},
+        "base": {"path": str(o.base.resolve()), "sha256": weights_sha256(model)},
         "data": {"source": o.data, "holdout": o.holdout, "sha256": data_sha256},
     }
     return compress(

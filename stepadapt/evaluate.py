@@ -309,8 +309,8 @@ def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
 
 
 def reference_base(targets: dict[str, str | os.PathLike], base: str | os.PathLike | None) -> Path:
-    """The base to score against: the one given, else the first base a target bundle records that
-    exists here, else the shipped base."""
+    """The base to score against: the one given, else the base the first target bundle records
+    (refused in one line where that is not here), else the shipped base."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import DEFAULT_BASE
 
@@ -318,9 +318,7 @@ def reference_base(targets: dict[str, str | os.PathLike], base: str | os.PathLik
         return Path(base)
     for path in targets.values():
         if (Path(path) / MANIFEST).is_file():
-            recorded = Bundle.load(path, verify=False).manifest.base_path
-            if recorded is not None:
-                return recorded
+            return Bundle.load(path, verify=False).manifest.default_base("--base")
     return DEFAULT_BASE
 
 

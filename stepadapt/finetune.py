@@ -20,6 +20,7 @@ manifest, since they no longer match the weights.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,12 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from stepadapt import StepadaptError
+from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
-from stepadapt.kinds import UNET
+from stepadapt.kinds import kind_of
 from stepadapt.options import Options, option
 from stepadapt.shared import SharedExperts
 from stepadapt.train import (
@@ -53,7 +54,7 @@ DEFAULT_LR = 5e-4
 
 
 def finetune_config(iterations: int, **options: Any) -> TrainConfig:
-    """The recovery recipe's defaults, which the CLI and the demo share; ``options`` override them."""
+    """The recovery recipe's defaults (FinetuneOptions.train_config starts from them)."""
     defaults = {
         "batch_size": DEFAULT_BATCH, "lr": DEFAULT_LR, "warmup": min(100, iterations // 10),
         "distill": DEFAULT_DISTILL, "checkpoint_every": 250, "sample_every": 10**9,
@@ -88,7 +89,7 @@ def _run(bundle: Bundle, name: str) -> tuple:
 
 def unet_experts(bundle: Bundle) -> list:
     """The U-Net experts (in timestep order): what shared weights can hold. They must tile one interval."""
-    unets = [e for e in bundle.experts if e.kind == UNET.name]
+    unets = [e for e in bundle.experts if kind_of(e.kind).has_structure]
     if not unets or any(a.hi != b.lo for a, b in zip(unets, unets[1:], strict=False)):
         raise StepadaptError("shared fine-tuning needs the U-Net experts to tile one interval of timesteps")
     return unets
@@ -249,7 +250,7 @@ class FinetuneOptions(Options):
     expert: tuple[str, ...] = option((), "Only this expert (repeatable; separate).", repeat=True)
     limit: int | None = option(None, "Use a deterministic subset of N images.")
     seed: int = option(0, "Seed (expert i uses seed + i).")
-    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
+    holdout: float | None = option(None, HOLDOUT_HELP + " Default: the bundle's (its prune's), else 0.1.")
     resume: bool = option(False, "Continue from BUNDLE/finetune/ checkpoints (after a crash or kill).")
     checkpoint_every: int = option(250, "Checkpoint period in steps.")
     device: str = option("auto", DEVICE_HELP)
@@ -289,19 +290,33 @@ class FinetuneOptions(Options):
 def teacher_for(options: FinetuneOptions, bundle: Bundle) -> UNet2DModel | None:
     """The teacher the options need: the one given, else the recorded base, else the shipped base;
     refused where its weights are not the base the bundle was cut from."""
-    from stepadapt.models import DEFAULT_BASE, load_base
+    from stepadapt.models import load_base
 
     if not options.needs_teacher:
         return None
-    path = options.teacher or bundle.manifest.base_path or DEFAULT_BASE
+    path = options.teacher or bundle.manifest.default_base("--teacher")
     model = load_base(path)[0]
     bundle.manifest.check_base(model, path, options.allow_other_base)
     return model
 
 
+def training_data(options: FinetuneOptions, bundle: Bundle) -> torch.Tensor:
+    """The training part of ``options.data``, split as the bundle's prune split it (unless told
+    otherwise); other images than the bundle was pruned with are said in one line."""
+    from stepadapt.data import fingerprint, load_dataset
+
+    o, record = options, bundle.manifest.data or {}
+    holdout = o.holdout if o.holdout is not None else record.get("holdout", DEFAULT_HOLDOUT)
+    c, size = bundle.manifest.sample_shape[0], bundle.manifest.sample_shape[1]
+    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed, holdout=holdout)
+    if record and o.limit is None and fingerprint(x) != record.get("sha256"):
+        msg = f"fine-tuning on other images than {bundle.path} was pruned with ({record.get('source')})"
+        warnings.warn(Notice(msg), stacklevel=2)
+    return x
+
+
 def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None) -> dict[str, TrainResult]:
     """The finetune stage (under ``torchrun`` every process runs it; rank 0 writes the bundle)."""
-    from stepadapt.data import load_dataset
     from stepadapt.devices import resolve_device, resolve_precision
 
     o = options
@@ -311,9 +326,8 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None)
         torch.set_num_threads(o.threads)
     dist.init_from_env()
     b = Bundle.load(o.bundle)
-    c, size = b.manifest.sample_shape[0], b.manifest.sample_shape[1]
     teacher = teacher_for(o, b)
-    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed, holdout=o.holdout)
+    x = training_data(o, b)
     return finetune_bundle(
         b, x, o.train_config(), o.iterations, mode=o.mode, specialize=o.specialize,
         experts=list(o.expert) or None, teacher=teacher, resume=o.resume, log=log, device=dev,

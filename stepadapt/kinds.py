@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,7 +63,6 @@ class Built:
     importance: str = ""
     proxy_loss: float | None = None
     parent: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ExpertKind:
@@ -74,6 +73,8 @@ class ExpertKind:
     label: ClassVar[str]  # how a table names it beside its size
     sized_by_budget: ClassVar[bool]  # the allocator chooses its MACs (else the image sets them)
     jumps: ClassVar[bool] = False  # an exact flow map over its interval exists (``--jump``)
+    # a pruning history over the base: it can be a slice of the base (shared fine-tuning, nesting)
+    has_structure: ClassVar[bool] = False
     # manifest (path field, sha256 field) pairs every bundle must verify before loading
     files: ClassVar[tuple[tuple[str, str], ...]] = (("weights", "sha256"),)
 
@@ -95,6 +96,10 @@ class ExpertKind:
     def trains(self, root: Path, spec: Any) -> bool:
         """Whether fine-tuning has anything to recover in this expert."""
         return False
+
+    def history(self, root: Path, spec: Any) -> list:
+        """The pruning history that rebuilds this expert from the base (``has_structure`` kinds)."""
+        raise StepadaptError(f"expert {spec.name} is a {self.name} denoiser: it has no pruning structure")
 
     def describe(self, root: Path, spec: Any) -> str:
         """What it is, for the line that says why fine-tuning leaves it alone."""
@@ -135,6 +140,7 @@ class UNetKind(ExpertKind):
     model_type = UNet2DModel
     label = ""
     sized_by_budget = True
+    has_structure = True
     files = (("weights", "sha256"), ("structure", "structure_sha256"))
 
     def build(self, group: Any, target_macs: float, ctx: BuildContext) -> Built:

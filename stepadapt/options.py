@@ -1,7 +1,7 @@
 """Options objects: one frozen dataclass per stage, round-tripping to JSON.
 
-A stage's options are what a bundle records in its provenance, so the options
-a bundle was made with are the options it can be re-made with (diffusers'
+A bundle records the prune options it was made with in its provenance, and the
+experiment logs every stage's, so a stage can be run again from what it ran with (diffusers'
 ``ConfigMixin`` does the same for models and schedulers). Every rule about a
 stage's options (defaults, what depends on what, what is refused) lives in its
 options class, so the CLI, the demo and the experiment cannot disagree.
@@ -46,7 +46,8 @@ def _plain(value: Any) -> Any:
 
 
 def _typed(hint: Any, value: Any) -> Any:
-    """``value`` (from JSON) as ``hint`` wants it: paths, tuples and nested options come back typed."""
+    """``value`` (from JSON) as ``hint`` wants it: paths, tuples and nested options come back typed;
+    a value of another type (a number for a string, a string for a list) is refused."""
     if value is None:
         return None
     origin = typing.get_origin(hint)
@@ -54,15 +55,26 @@ def _typed(hint: Any, value: Any) -> Any:
         for arg in typing.get_args(hint):
             if arg is not type(None):
                 return _typed(arg, value)
-    if hint is Path:
+    if hint is Path and isinstance(value, str | Path):
         return Path(value)
-    if origin is tuple and isinstance(value, list):
+    if origin is tuple and isinstance(value, list | tuple):
         args = typing.get_args(hint)
         inner = args[0] if args else Any
         return tuple(_typed(inner, v) for v in value)
     if isinstance(hint, type) and issubclass(hint, Options) and isinstance(value, dict):
         return hint.from_dict(value)
+    want = tuple if origin is tuple else hint
+    if isinstance(want, type) and not _fits(want, value):
+        raise StepadaptError(f"expected {'a list' if want is tuple else want.__name__}, got {value!r}")
     return value
+
+
+def _fits(want: type, value: Any) -> bool:
+    if isinstance(value, bool):
+        return want is bool
+    if want is float:
+        return isinstance(value, int | float)
+    return isinstance(value, want)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +105,15 @@ class Options:
         if unknown:
             raise StepadaptError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
+        values = {}
+        for k, v in d.items():
+            try:
+                values[k] = _typed(hints[k], v)
+            except StepadaptError as e:
+                raise StepadaptError(f"{cls.__name__}.{k}: {e}") from None
         try:
-            return cls(**{k: _typed(hints[k], v) for k, v in d.items()})
-        except TypeError as e:
+            return cls(**values)
+        except (TypeError, ValueError, AttributeError) as e:
             raise StepadaptError(f"{cls.__name__}: {e}") from None
 
     @classmethod
@@ -110,7 +128,7 @@ class Options:
 
     @classmethod
     def help(cls, name: str) -> str:
-        """The help text of one option (what the CLI shows for its flag)."""
+        """The help text of one option: what the CLI shows for its flag."""
         for f in dataclasses.fields(cls):
             if f.name == name:
                 return f.metadata.get("help", "")

@@ -44,7 +44,7 @@ class GaussianChoice:
     plan (``weights``, relative to the plan's directory) so prune builds the bundle from that fit."""
 
     rule: str  # "auto": from where its eps error is within ``tolerance`` of the base's; "given"
-    start: int | None  # its first timestep (None: auto found none, the plan has no Gaussian group)
+    start: int | None  # its first timestep (T: auto found none, and the plan has no Gaussian group)
     tolerance: float | None = None
     tolerance_from: int | None = None  # auto: where the tolerance held (the budget may start it later)
     eps_mse: dict[str, list[float]] = field(default_factory=dict)  # per t: [base, Gaussian] on held-out
@@ -290,7 +290,7 @@ def make_plan(
     for lo, hi in zip(b, b[1:], strict=False):
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))
         diffs.append(float(difficulty[lo:hi].mean()))
-    fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if k == GAUSSIAN.name}
+    fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if not kind_of(k).sized_by_budget}
     if budget is None:  # the TDC rule ranks the U-Net groups among themselves
         unet = [i for i in range(len(kinds)) if i not in fixed]
         ranked = dict(zip(unet, tdc_ratios([diffs[i] for i in unet], tdc_k), strict=True))

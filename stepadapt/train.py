@@ -435,6 +435,11 @@ class Trainer:
                 f"cannot resume: the checkpoint trained in {saved_precision}, this run would use "
                 f"{self.precision} (--precision {saved_precision}, or resume on the same kind of device)"
             )
+        if st.get("data_sha256", self.data_sha256) != self.data_sha256:  # older checkpoints: unknown
+            raise StepadaptError(
+                "cannot resume: the training images differ from the checkpoint's (another --data, "
+                "--holdout or --limit)"
+            )
         if len(st["ranks"]) != self.world:
             raise StepadaptError(
                 f"cannot resume: checkpoint was written by {len(st['ranks'])} processes, "
@@ -521,11 +526,18 @@ class Trainer:
             "ranks": ranks,  # per process: timestep sampler state and generator state
             "config": json.dumps(self.cfg.to_dict()),
             "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "data_sha256": self.data_sha256,  # other images (--data, --holdout, --limit) are another run
         }
         save_torch(self.checkpoint_path, state)
 
     def ema_model(self) -> UNet2DModel:
         return ema_model(self.model, self.ema)
+
+    @functools.cached_property
+    def data_sha256(self) -> str:
+        from stepadapt.data import fingerprint
+
+        return fingerprint(self.data)
 
     def _due(self, every: int) -> bool:
         return self.steps % every == 0 or self.steps == self.cfg.iterations

@@ -205,3 +205,36 @@ def test_evaluate_refuses_a_reference_of_other_weights_before_sampling(tmp_path,
     assert record["sha256"][:16] in str(e.value)
     with pytest.raises(AssertionError, match="Inception was loaded"):  # the recorded base passes the check
         evaluate_targets({"b": tmp_path / "b"})
+
+
+def test_options_from_json_refuse_values_of_the_wrong_type():
+    for d, field in (({"gaussian": 300}, "gaussian"), ({"boundaries": "0,250,1000"}, "boundaries"),
+                     ({"groups": "4"}, "groups"), ({"tdc": 1}, "tdc")):  # fmt: skip
+        with pytest.raises(StepadaptError, match=f"AnalyzeOptions.{field}: expected"):
+            AnalyzeOptions.from_dict(d)
+    assert AnalyzeOptions.from_dict({"budget": 1}).budget == 1  # an integer is a number
+
+
+def test_cli_errors_with_brackets_and_both_sampler_spellings_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from stepadapt.cli import app
+
+    r = CliRunner().invoke(app, ["prune", "--candidates", "bogus", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "IMPORTANCE[/local|/global]" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(
+        app, ["finetune", str(tmp_path / "none"), "--timestep-sampler", "adaptive", "--sampler", "visited"]
+    )
+    assert r.exit_code == 2 and "give only one of them" in r.output
+
+
+def test_a_recorded_base_that_is_not_here_is_said_not_replaced(tmp_path, tiny_bundle):
+    from dataclasses import replace
+
+    from stepadapt.bundle import save_bundle
+
+    b = Bundle.load(tiny_bundle)
+    record = {"path": str(tmp_path / "gone"), "sha256": weights_sha256(build_unet("tiny", seed=0))}
+    save_bundle(tmp_path / "b", replace(b.manifest, base=record), [e.draft() for e in b.experts], b.models())
+    with pytest.raises(StepadaptError, match="which is not here: pass --teacher"):
+        finetune(FinetuneOptions(bundle=tmp_path / "b", iterations=2, device="cpu"))

@@ -337,3 +337,24 @@ def test_resume_from_a_checkpoint_written_before_the_rename(tmp_path, squares):
         build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False
     )
     assert res.steps == 2
+
+
+def test_a_resume_on_other_training_images_is_refused(tmp_path, squares):
+    """Other --data, --holdout or --limit would continue the run on other images from the saved
+    generator state: not the run it claims to be."""
+    cfg = TrainConfig(iterations=2, batch_size=4, warmup=1, checkpoint_every=1)
+    train(build_unet("tiny"), squares(8), DEFAULT_SCHEDULER, cfg, tmp_path, progress=False)
+    with pytest.raises(StepadaptError, match="training images differ"):
+        train(
+            build_unet("tiny"),
+            squares(8, seed=1),
+            DEFAULT_SCHEDULER,
+            cfg,
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
+    ema, res = train(
+        build_unet("tiny"), squares(8), DEFAULT_SCHEDULER, cfg, tmp_path, resume=True, progress=False
+    )
+    assert res.steps == 2
