@@ -69,6 +69,14 @@ def _typed(hint: Any, value: Any) -> Any:
     return value
 
 
+def _converts(hint: Any) -> bool:
+    """Whether a plain value for ``hint`` becomes another type (a path, a tuple); other values are
+    the subclass's to check, with its own message."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_converts(a) for a in typing.get_args(hint) if a is not type(None))
+    return hint is Path or typing.get_origin(hint) is tuple
+
+
 def _fits(want: type, value: Any) -> bool:
     if isinstance(value, bool):
         return want is bool
@@ -87,7 +95,7 @@ class Options:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, str | list):
+            if isinstance(value, str | list) and _converts(hints[f.name]):
                 object.__setattr__(self, f.name, _typed(hints[f.name], value))
 
     def to_dict(self) -> dict[str, Any]:
