@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import save_file
 
 from stepadapt import Notice, StepadaptError
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP, fingerprint, held_out, load_dataset, proxy_sets
 from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
 from stepadapt.gaussian import DEFAULT_TOLERANCE, GaussianDenoiser, affordable, fit_gaussian, gaussian_cutoff
-from stepadapt.io import atomic_path, sha256_file
+from stepadapt.kinds import GAUSSIAN
 from stepadapt.models import DEFAULT_BASE, load_base
 from stepadapt.options import Options, option
 from stepadapt.plan import GaussianChoice, Plan, make_plan, visited_timesteps
@@ -259,10 +258,9 @@ def save_gaussian(
     gaussian: GaussianDenoiser, choice: GaussianChoice, path: Path, data: str, data_sha256: str
 ) -> None:
     """Keep the fit beside the plan and name it in the plan's choice, so prune uses this very fit."""
-    with atomic_path(path) as tmp:
-        save_file(gaussian.tensors(), str(tmp))
+    written = GAUSSIAN.write(path.parent, path.name.removesuffix(".safetensors"), gaussian)
     choice.data, choice.data_sha256 = data, data_sha256
-    choice.weights, choice.weights_sha256 = path.name, sha256_file(path)
+    choice.weights, choice.weights_sha256 = path.name, written["sha256"]
 
 
 def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -> Analysis:

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stepadapt import StepadaptError, __version__
 from stepadapt.gaussian import GaussianJump
-from stepadapt.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
+from stepadapt.io import atomic_dir, read_json, save_safetensors, sha256_file, write_json
 from stepadapt.kinds import DEFAULT, Stored, kind_of
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History
@@ -233,10 +233,7 @@ def provenance(command: str | None = None, **extra) -> dict[str, Any]:
 
 def save_weights(path: Path, model: UNet2DModel) -> str:
     """Write ``model``'s tensors as safetensors (atomically); returns the file's sha256."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-    return sha256_file(path)
+    return save_safetensors(path, model.state_dict())
 
 
 def merge_identical(drafts: list[ExpertDraft], models: dict[str, Stored]) -> list[ExpertDraft]:
@@ -425,10 +422,8 @@ class Bundle:
         changes = {}
         for e in self.experts:
             path = self.verify_file(e.weights, e.sha256, f"weights of expert {e.name}")
-            tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(path)).items()}
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp))
-            changes[e.name] = {"sha256": sha256_file(path)}
+            tensors = {k: v.to(dtype) for k, v in load_file(str(path)).items()}
+            changes[e.name] = {"sha256": save_safetensors(path, tensors)}
         self.update_experts(changes)
 
     def update_expert_weights(self, name: str, model: UNet2DModel, **fields) -> None:

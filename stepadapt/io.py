@@ -164,6 +164,17 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise StepadaptError(f"{what} {path} is corrupt or unreadable: {msg}") from None
 
 
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` as safetensors, atomically; returns the file's sha256 (what a manifest
+    records beside the path)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return sha256_file(path)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

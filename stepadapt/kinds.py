@@ -25,11 +25,11 @@ from typing import Any, ClassVar
 import torch
 from diffusers import UNet2DModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.gaussian import GaussianDenoiser
-from stepadapt.io import atomic_path, sha256_file, write_json
+from stepadapt.io import save_safetensors, sha256_file, write_json
 
 Stored = Any  # what a kind keeps in memory for one expert: (U-Net, history) or a GaussianDenoiser
 
@@ -162,13 +162,11 @@ class UNetKind(ExpertKind):
         model, history = stored
         directory.mkdir(parents=True, exist_ok=True)
         w, s = directory / f"{name}.safetensors", directory / f"{name}.structure.json"
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(w) as tmp:
-            save_file(tensors, str(tmp))
+        sha = save_safetensors(w, model.state_dict())
         write_json(s, history)
         return {
             "weights": f"{directory.name}/{w.name}",
-            "sha256": sha256_file(w),
+            "sha256": sha,
             "structure": f"{directory.name}/{s.name}",
             "structure_sha256": sha256_file(s),
         }
@@ -237,9 +235,7 @@ class GaussianKind(ExpertKind):
     def write(self, directory: Path, name: str, stored: Stored) -> dict[str, str]:
         directory.mkdir(parents=True, exist_ok=True)
         w = directory / f"{name}.safetensors"
-        with atomic_path(w) as tmp:
-            save_file(stored.tensors(), str(tmp))
-        return {"weights": f"{directory.name}/{w.name}", "sha256": sha256_file(w)}
+        return {"weights": f"{directory.name}/{w.name}", "sha256": save_safetensors(w, stored.tensors())}
 
     def load(self, root: Path, spec: Any, manifest: Any) -> torch.nn.Module:
         return GaussianDenoiser.from_tensors(_tensors(root, spec), manifest.sample_shape, manifest.scheduler)
