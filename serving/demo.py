@@ -36,10 +36,9 @@ from stepadapt import StepadaptError
 from stepadapt.analyze import Analysis, AnalyzeOptions, analyze
 from stepadapt.bundle import Bundle, Manifest
 from stepadapt.compress import PruneOptions, prune
-from stepadapt.devices import DEVICE_HELP, DEVICES, resolve_device
+from stepadapt.devices import DEVICE_HELP, check_device, resolve_device
 from stepadapt.finetune import FinetuneOptions, finetune
 from stepadapt.importance import DEFAULT_CANDIDATES, Candidate
-from stepadapt.kinds import kind_of
 from stepadapt.models import DEFAULT_BASE, load_base
 from stepadapt.options import Options, option
 from stepadapt.plan import visited_timesteps
@@ -97,10 +96,7 @@ class DemoOptions(Options):
                                    ("--proxy-size", self.proxy_size, 2)):  # fmt: skip
             if value < least:
                 raise StepadaptError(f"{flag} must be at least {least}, got {value}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise StepadaptError(
-                f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}"
-            )
+        check_device(self.device)
         for label in self.candidates:
             Candidate.parse(label)  # an unknown importance or scope is said before anything loads
 
@@ -161,7 +157,6 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
     evaluations) and its ratio to the base's (``macs_ratio``), the figure's path (``figure``),
     both settings (``setting``, ``base_setting``) and the largest pixel difference between the
     endpoint's images and onnxruntime's in process (``endpoint_max_pixel_diff``)."""
-    resolve_device(options.device)  # a device that is not there is said before minutes of work
     return _Demo(options, log or (lambda _: None)).run()
 
 
@@ -180,7 +175,7 @@ class _Demo:
 
     def __init__(self, options: DemoOptions, log: Callable[[str], None]) -> None:
         self.o, self.log = options, log
-        self.device = resolve_device(options.device)
+        self.device = resolve_device(options.device)  # one that is not there: said before any work
         self.model, self.scheduler = load_base(options.base)
         self.model.to(self.device)
         c, s = self.model.config.in_channels, self.model.config.sample_size
@@ -199,7 +194,7 @@ class _Demo:
         """``n`` images from seed 0: a bundle with its setting (jumping where its noisy end has an
         expert that jumps), the base with its own."""
         s = self.setting if bundle is not None else self.base_setting
-        jumps = s.jump and bundle is not None and kind_of(bundle.experts[-1].kind).jumps
+        jumps = s.jump and bundle is not None and bundle.manifest.can_jump
         return sample_images(denoiser, self.scheduler, self.shape, n, steps=s.steps, sampler=s.sampler,
                              jump=bundle.jump() if jumps else None)  # fmt: skip
 

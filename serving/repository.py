@@ -35,7 +35,6 @@ import stepadapt
 from stepadapt import Notice, StepadaptError
 from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.io import atomic_dir
-from stepadapt.kinds import kind_of
 
 MODELS_SRC = Path(__file__).parent / "triton_models"
 # Where each part of the stepadapt package lives in this checkout or install -> its place in lib/.
@@ -258,7 +257,7 @@ def write_repository(
     top = bundle.experts[-1]
     jump = (
         bundle.verify_file(top.weights, top.sha256, f"weights of expert {top.name}")
-        if kind_of(top.kind).jumps
+        if bundle.manifest.can_jump
         else None
     )  # what the router needs for the analytic jump
 

@@ -17,9 +17,8 @@ from stepadapt.serving.repository import LAYOUTS, RepositoryOptions, write_repos
 from stepadapt.serving.server import TritonServer
 
 from stepadapt import StepadaptError
+from stepadapt.devices import DEVICES  # onnxruntime's too (stepadapt.export.runtime.providers)
 from stepadapt.options import Options, option
-
-DEVICES = ("auto", "cpu", "cuda")  # onnxruntime's (stepadapt.export.runtime.providers)
 
 
 @dataclass(frozen=True)

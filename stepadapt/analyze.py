@@ -234,7 +234,12 @@ class Analysis:
 
 
 def fit_gaussian_for(
-    choice: str, model: UNet2DModel, scheduler_cfg: dict, data: str, holdout: float = DEFAULT_HOLDOUT
+    choice: str,
+    model: UNet2DModel,
+    scheduler_cfg: dict,
+    data: str,
+    holdout: float = DEFAULT_HOLDOUT,
+    train: torch.Tensor | None = None,
 ) -> tuple[GaussianDenoiser | None, str]:
     """The Gaussian fitted to ``data``'s training part, and the fingerprint of those images; or None
     and why not: ``off``, or ``auto`` where it cannot pay. A given start that cannot be honoured is an
@@ -244,7 +249,8 @@ def fit_gaussian_for(
     c, size = model.config.in_channels, model.config.sample_size
     why_not = affordable((c, size, size), count_macs(model)[0])
     if why_not is None:
-        train = load_dataset(data, "train", size, c, holdout=holdout)
+        if train is None:  # loaded here only where the fit can pay (it may be a large dataset)
+            train = load_dataset(data, "train", size, c, holdout=holdout)
         try:
             return fit_gaussian(train, scheduler_cfg), fingerprint(train)
         except StepadaptError as e:

@@ -130,12 +130,16 @@ class Manifest:
         return visits[visits < self.jump_cut]
 
     @property
+    def can_jump(self) -> bool:
+        """Whether the expert on the noisy end has an exact flow map (the analytic jump)."""
+        return kind_of(self.experts[-1].kind).jumps
+
+    @property
     def jump_cut(self) -> int:
         """Where the analytic jump stops: the lowest timestep of the Gaussian expert on the noisy end."""
-        top = self.experts[-1]
-        if not kind_of(top.kind).jumps:
+        if not self.can_jump:
             raise StepadaptError("the jump needs a Gaussian expert on the noisy end; this bundle has none")
-        return top.lo
+        return self.experts[-1].lo
 
     def visit_shares(self, steps: int | None = None, sampler: str | Solver | None = None) -> list[float]:
         """Fraction of the model evaluations (the plan's sampler by default: 50 DDIM) each expert serves."""

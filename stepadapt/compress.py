@@ -197,11 +197,12 @@ def plan_gaussian(
     base: UNet2DModel,
     scheduler_cfg: dict,
     data: str,
+    train: torch.Tensor,
     data_sha256: str,
-    holdout: float = DEFAULT_HOLDOUT,
 ) -> GaussianDenoiser | None:
     """The Gaussian expert of ``plan``: the fit analyze kept beside it (checksummed), or for a plan
-    without one, fitted here, once, from ``data``, which must be the data the plan chose it on."""
+    without one, fitted here, once, to ``train`` (``data``'s training part, whose fingerprint is
+    ``data_sha256``), which must be the data the plan chose it on."""
     from stepadapt.analyze import fit_gaussian_for
 
     if not plan.fixed_ratios():
@@ -221,7 +222,7 @@ def plan_gaussian(
             )
         c, s = base.config.in_channels, base.config.sample_size
         return GaussianDenoiser.from_tensors(load_file(str(path)), (c, s, s), scheduler_cfg)
-    return fit_gaussian_for("in the plan", base, scheduler_cfg, data, holdout)[0]
+    return fit_gaussian_for("in the plan", base, scheduler_cfg, data, train=train)[0]
 
 
 def prune(
@@ -241,8 +242,9 @@ def prune(
     if o.uniform:
         plan = uniform_plan(plan, sched_cfg)
     c, size = model.config.in_channels, model.config.sample_size
-    data_sha256 = fingerprint(load_dataset(o.data, "train", size, c, holdout=o.holdout))
-    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, data_sha256, o.holdout)
+    images = load_dataset(o.data, "train", size, c, holdout=o.holdout)
+    data_sha256 = fingerprint(images)
+    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, images, data_sha256)
     train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
     records = {
         "base": {"path": str(o.base.resolve()), "sha256": weights_sha256(model)},

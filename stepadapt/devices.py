@@ -24,13 +24,18 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(name: str) -> str:
     """``auto`` -> cuda where torch sees a GPU, else cpu; ``cuda[:N]`` without one is refused."""
+    check_device(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
-        raise StepadaptError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise StepadaptError("--device cuda asked for, but no CUDA device is available")
     return name
+
+
+def check_device(name: str) -> None:
+    """A device name this project knows (whether it is there is :func:`resolve_device`'s question)."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise StepadaptError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -260,9 +260,7 @@ class Target:
 
     @property
     def can_jump(self) -> bool:
-        from stepadapt.kinds import kind_of
-
-        return self.bundle is not None and kind_of(self.bundle.experts[-1].kind).jumps
+        return self.bundle is not None and self.bundle.manifest.can_jump
 
     def jump(self, wanted: bool) -> Jump | None:
         if not wanted:
