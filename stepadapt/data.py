@@ -27,6 +27,10 @@ from stepadapt import Notice, StepadaptError
 
 FASHION_MNIST_DIR = Path(os.environ.get("STEPADAPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
+FASHION_MNIST_LABELS = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 FASHION_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 SPLITS = ("train", "test")
@@ -40,6 +44,8 @@ TRAIN_DIR = "train"  # the Hugging Face imagefolder layout: train/ and test/ (or
 HELD_OUT_DIRS = ("test", "validation")  # the first present is the held-out part
 NPZ_TRAIN_KEYS = ("images", "train", "x_train")  # "images" first: what this tool has always read
 NPZ_TEST_KEYS = ("test", "x_test", "validation", "x_val")
+# An .npz's labels, beside its images: "labels" for the training (or only) array, else Keras' names.
+NPZ_LABEL_KEYS = {"train": ("labels", "train_labels", "y_train"), "test": ("test_labels", "y_test", "y_val")}
 
 
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
@@ -59,6 +65,23 @@ def read_idx_images(path: str | os.PathLike) -> np.ndarray:
     if len(raw) != 16 + n * h * w:
         raise StepadaptError(f"{path} is truncated: {len(raw) - 16} bytes for {n}x{h}x{w} images")
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX1 ubyte label file (optionally gzipped) into uint8 N."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise StepadaptError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != 2049:
+        raise StepadaptError(f"{path} is not an IDX label file (magic 2049)")
+    n = struct.unpack(">I", raw[4:8])[0]
+    if len(raw) != 8 + n:
+        raise StepadaptError(f"{path} is truncated: {len(raw) - 8} bytes for {n} labels")
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)
 
 
 def _to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,6 +110,15 @@ def load_fashion_mnist(split: str = "train", size: int = 32) -> torch.Tensor:
         )
     arr = read_idx_images(path)
     return _to_model_range(torch.from_numpy(arr.copy()).unsqueeze(1), size)
+
+
+def fashion_mnist_labels(split: str = "train") -> torch.Tensor:
+    path = FASHION_MNIST_DIR / FASHION_MNIST_LABELS[split]
+    if not path.is_file():
+        raise StepadaptError(
+            f"Fashion-MNIST labels not found at {path} (apt-get install dataset-fashion-mnist)"
+        )
+    return torch.from_numpy(read_idx_labels(path).astype(np.int64))
 
 
 def _center_square(img: Image.Image) -> Image.Image:
@@ -219,7 +251,9 @@ def _nchw(arr: np.ndarray, what: str) -> np.ndarray:
 
 def _npz_keys(names: list[str], path: Path) -> tuple[str, str | None]:
     """(training array, held-out array or None) of an .npz: ``train``/``test`` or Keras'
-    ``x_train``/``x_test`` pairs, else the one array (``images`` or the first) split by index hash."""
+    ``x_train``/``x_test`` pairs, else the one array (``images`` or the first) split by index hash.
+    Label arrays (:data:`NPZ_LABEL_KEYS`) are never images."""
+    names = [n for n in names if n not in _all_label_keys()]
     if not names:
         raise StepadaptError(f"{path} holds no arrays")
     test = next((k for k in NPZ_TEST_KEYS if k in names), None)
@@ -355,10 +389,109 @@ def load_dataset(
         x = load_npz(source, size, split=split, holdout=holdout)
     if channels is not None:
         x = match_channels(x, channels, source)
-    if limit is not None and limit < len(x):
-        g = torch.Generator().manual_seed(seed)
-        x = x[torch.randperm(len(x), generator=g)[:limit].sort().values]
-    return x
+    keep = _subset(len(x), limit, seed)
+    return x if keep is None else x[keep]
+
+
+def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """The rows ``limit`` keeps of ``n`` (a seeded random subset, in order), or None for all."""
+    if limit is None or limit >= n:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:limit].sort().values
+
+
+def class_names(source: str, holdout: float = DEFAULT_HOLDOUT) -> tuple[str, ...]:
+    """The classes of labelled data, index order: Fashion-MNIST's ten, a folder's subfolders of its
+    training part (sorted: the ImageFolder convention), an .npz's label values 0..max."""
+    kind = _kind(source)
+    if kind == "fashion":
+        return FASHION_CLASSES
+    if kind == "folder":
+        train, _ = folder_split(source, holdout)
+        root = _split_root(Path(source), "train")
+        names = {f.relative_to(root).parts[0] for f in train if len(f.relative_to(root).parts) > 1}
+        if not names or any(len(f.relative_to(root).parts) < 2 for f in train):
+            raise StepadaptError(
+                f"{source} is not labelled: a labelled folder has one subfolder per class (train/<class>/...)"
+            )
+        return tuple(sorted(names))
+    y = load_labels(source, "train", holdout)
+    return tuple(str(i) for i in range(int(y.max()) + 1))
+
+
+def _split_root(path: Path, split: str) -> Path:
+    held_dir = next((path / d for d in HELD_OUT_DIRS if (path / d).is_dir()), None)
+    if split == "test" and held_dir is not None:
+        return held_dir
+    return path / TRAIN_DIR if (path / TRAIN_DIR).is_dir() else path
+
+
+def load_labels(source: str, split: str = "train", holdout: float = DEFAULT_HOLDOUT) -> torch.Tensor:
+    """The int64 labels of one split, row for row with :func:`load_dataset`'s images (no limit)."""
+    _check_split(split)
+    kind = _kind(source)
+    if kind == "fashion":
+        return fashion_mnist_labels(split)
+    if kind == "folder":
+        classes = {c: i for i, c in enumerate(class_names(source, holdout))}
+        train, test = folder_split(source, holdout)
+        files, part = (test, "test") if split == "test" and test else (train, "train")
+        root = _split_root(Path(source), part)
+        names = [f.relative_to(root).parts[0] for f in files]
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise StepadaptError(
+                f"{source}: class {unknown[0]!r} of the held-out part is not a training class"
+            )
+        return torch.tensor([classes[n] for n in names], dtype=torch.long)
+    return _npz_labels(Path(source), split, holdout)
+
+
+def _npz_labels(path: Path, split: str, holdout: float) -> torch.Tensor:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            train, test = _npz_keys(names, path)
+            part = "test" if split == "test" and test is not None else "train"
+            key = next((k for k in NPZ_LABEL_KEYS[part] if k in names), None)
+            if key is None:
+                raise StepadaptError(
+                    f"{path} has no labels for its {part} images (an array named "
+                    f"{' or '.join(repr(k) for k in NPZ_LABEL_KEYS[part])})"
+                )
+            y, n = np.asarray(z[key]), len(z[test if part == "test" else train])
+    except (OSError, ValueError) as e:
+        raise StepadaptError(f"cannot read {path}: {e}") from None
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise StepadaptError(f"{path}:{key} must be {n} non-negative integer labels, got {y.dtype} {y.shape}")
+    y = torch.from_numpy(y.astype(np.int64))
+    if test is not None:
+        return y
+    out = torch.tensor(_hash_split([str(i) for i in range(n)], holdout), dtype=torch.bool)
+    return y[out] if split == "test" and out.any() else y[~out]
+
+
+def _all_label_keys() -> set[str]:
+    return {k for keys in NPZ_LABEL_KEYS.values() for k in keys}
+
+
+def load_labelled(
+    source: str = "fashion-mnist",
+    split: str = "train",
+    size: int = 32,
+    channels: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    holdout: float = DEFAULT_HOLDOUT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and their int64 labels, the same rows :func:`load_dataset` gives (same ``limit``)."""
+    x = load_dataset(source, split, size, channels, holdout=holdout)
+    y = load_labels(source, split, holdout)
+    if len(y) != len(x):
+        raise StepadaptError(f"{source}: {len(y)} labels for {len(x)} images")
+    keep = _subset(len(x), limit, seed)
+    return (x, y) if keep is None else (x[keep], y[keep])
 
 
 def proxy_sets(
@@ -382,9 +515,9 @@ def proxy_sets(
     return x[:half], x[half:]
 
 
-def fingerprint(x: torch.Tensor) -> str:
-    """The sha256 of a loaded dataset: what a plan and a bundle record of the images they were
-    fitted to, so a later stage can tell the same data from other data."""
+def fingerprint(x: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    """The sha256 of a loaded dataset (and its labels, where used): what a plan and a bundle record
+    of the images they were fitted to, so a later stage can tell the same data from other data."""
     from stepadapt.io import sha256_tensors
 
-    return sha256_tensors({"images": x})
+    return sha256_tensors({"images": x} if labels is None else {"images": x, "labels": labels})

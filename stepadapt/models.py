@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 from stepadapt import StepadaptError
 from stepadapt.io import atomic_dir, read_json
@@ -47,14 +47,24 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SCHEDULER_NAME = "scheduler_config.json"
+CLASSES_NAME = "classes.json"  # a class-conditional base's class names, index order
 DEFAULT_BASE = Path(__file__).parent / "weights" / "fashion-tiny"
 
 
+# The U-Net classes a base may be: diffusers' own, loaded from safetensors only.
+UNET_CLASSES: dict[str, type] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
 def build_unet(
-    name: str = "tiny", in_channels: int | None = None, seed: int = 0, sample_size: int | None = None
+    name: str = "tiny",
+    in_channels: int | None = None,
+    seed: int = 0,
+    sample_size: int | None = None,
+    classes: int = 0,
 ) -> UNet2DModel:
     """A freshly initialised U-Net of a named config (seeded, so runs are repeatable); channels and
-    size follow the data when given."""
+    size follow the data when given. ``classes`` > 0: class-conditional, with one more embedding for
+    the null class that guidance needs (see :mod:`stepadapt.conditioning`)."""
     if name not in CONFIGS:
         raise StepadaptError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
     cfg = dict(CONFIGS[name])
@@ -65,19 +75,29 @@ def build_unet(
         if sample_size < step or sample_size % step:
             raise StepadaptError(f"config {name} needs an image side divisible by {step}, got {sample_size}")
         cfg["sample_size"] = sample_size
+    if classes:
+        cfg["num_class_embeds"] = int(classes) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**cfg)
 
 
-def save_base(model: UNet2DModel, path: str | os.PathLike, scheduler_cfg: dict | None = None) -> Path:
-    """Write a diffusers-format dir (config.json + safetensors) plus the scheduler config."""
+def save_base(
+    model: UNet2DModel,
+    path: str | os.PathLike,
+    scheduler_cfg: dict | None = None,
+    class_names: tuple[str, ...] | list[str] = (),
+) -> Path:
+    """Write a diffusers-format dir (config.json + safetensors) plus the scheduler config, and a
+    class-conditional model's class names (``classes.json``, index order)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / SCHEDULER_NAME).write_text(
             json.dumps({**DEFAULT_SCHEDULER, **(scheduler_cfg or {})}, indent=2) + "\n"
         )
+        if class_names:
+            (tmp / CLASSES_NAME).write_text(json.dumps(list(class_names), indent=2) + "\n")
         for extra in ("MODEL_CARD.md", "samples.png"):
             if (path / extra).is_file():
                 (tmp / extra).write_bytes((path / extra).read_bytes())
@@ -85,7 +105,8 @@ def save_base(model: UNet2DModel, path: str | os.PathLike, scheduler_cfg: dict |
 
 
 def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[str, Any]]:
-    """Load a diffusers UNet2DModel dir (safetensors only) and its scheduler config.
+    """Load a diffusers U-Net dir (``UNet2DModel``, or ``UNet2DConditionModel`` for cross-attention;
+    safetensors only) and its scheduler config.
 
     The scheduler config is kept whole, as diffusers' own pipeline would build from it; a dir
     without ``scheduler_config.json`` (e.g. a plain download of google/ddpm-cifar10-32's unet) gets
@@ -103,10 +124,11 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
             f"{unet_dir} has no {WEIGHTS_NAME} (only safetensors weights are loaded, never pickles)"
         )
     cfg = read_json(unet_dir / "config.json", "model config")
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise StepadaptError(f"{unet_dir} holds a {cfg['_class_name']}, not a UNet2DModel")
+    cls = UNET_CLASSES.get(cfg.get("_class_name", "UNet2DModel"))
+    if cls is None:
+        raise StepadaptError(f"{unet_dir} holds a {cfg['_class_name']}, not one of {', '.join(UNET_CLASSES)}")
     try:
-        model = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepadaptError(f"cannot load model from {unet_dir}: {msg}") from None
@@ -122,6 +144,17 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
         sched.update({k: v for k, v in loaded.items() if not k.startswith("_")})
         make_scheduler("ddpm", sched)  # a bad prediction type or beta schedule is said here, once
     return model.eval(), sched
+
+
+def read_class_names(path: str | os.PathLike | None, classes: int) -> tuple[str, ...]:
+    """A base's class names (``classes.json``), else the label numbers themselves."""
+    f = Path(path if path is not None else DEFAULT_BASE) / CLASSES_NAME
+    if f.is_file():
+        names = read_json(f, "class names")
+        if isinstance(names, list) and len(names) == classes and all(isinstance(n, str) for n in names):
+            return tuple(names)
+        raise StepadaptError(f"{f} must list {classes} class names")
+    return tuple(str(i) for i in range(classes))
 
 
 def clean_config(model: UNet2DModel) -> dict[str, Any]:

@@ -24,9 +24,20 @@ from stepadapt.devices import device_of
 History = list[list]  # torch-pruning's pruning history: [module name, is_out, idxs], JSON-able
 
 
-def example_inputs(model: UNet2DModel) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(model: UNet2DModel) -> tuple | dict[str, torch.Tensor]:
+    """One image's inputs, with the condition the model takes: DepGraph traces them and the MACs
+    counted include the class embedding (and cross-attention over the text, where there is one)."""
+    from stepadapt.conditioning import CLASS_LABELS, conditioning_of
+
     c, s, device = model.config.in_channels, model.config.sample_size, device_of(model)
-    return torch.randn(1, c, s, s, device=device), torch.tensor([1], device=device)
+    x, t = torch.randn(1, c, s, s, device=device), torch.tensor([1], device=device)
+    cond = conditioning_of({"_class_name": type(model).__name__, **model.config})
+    if cond.unconditional:
+        return x, t
+    inputs = {"sample": x, "timestep": t}
+    if cond.classes:
+        inputs[CLASS_LABELS] = torch.zeros(1, dtype=torch.long, device=device)
+    return inputs
 
 
 def count_macs(model: torch.nn.Module, inputs: tuple | None = None) -> tuple[int, int]:

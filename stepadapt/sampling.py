@@ -1,8 +1,10 @@
 """Routed sampling: one scheduler loop for every kind of denoiser and every solver.
 
-A *denoiser* is any callable ``(x, t) -> eps`` with ``x`` of shape B x C x H x W
-and ``t`` a tensor of shape [B] (int64 for whole timesteps, float32 where a
-sigma-space solver such as Euler lands between them). The :class:`Router` is
+A *denoiser* is any callable ``(x, t, cond) -> eps`` with ``x`` of shape B x C x H x W,
+``t`` a tensor of shape [B] (int64 for whole timesteps, float32 where a
+sigma-space solver such as Euler lands between them) and ``cond`` a dict of
+row-aligned tensors (class labels, text embeddings; empty for an unconditional
+model: see :mod:`stepadapt.conditioning`). The :class:`Router` is
 itself a denoiser that dispatches each timestep to the expert owning it, so the
 same loop serves the base model, a pruned model, experts in PyTorch, in
 onnxruntime, or behind Triton (where the expert is a BLS call). The loop is
@@ -25,11 +27,13 @@ import torch
 from PIL import Image
 
 from stepadapt import StepadaptError
+from stepadapt.conditioning import Cond, Denoiser, model_inputs, take
+from stepadapt.conditioning import cat as cat_conds
 from stepadapt.devices import device_of
 from stepadapt.io import atomic_path
 from stepadapt.solvers import Setting, Solver
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["Cond", "Denoiser"]  # re-exported: the denoiser protocol is where sampling meets models
 StepCallback = Callable[[int, float, torch.Tensor], None]
 
 
@@ -55,14 +59,15 @@ class Router:
             )
         return bisect.bisect_right(self.boundaries, t) - 1
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        cond = cond or {}
         idx = [self.index(v) for v in t.reshape(-1).tolist()]
         if len(set(idx)) == 1:
-            return self.experts[idx[0]](x, t)
+            return self.experts[idx[0]](x, t, cond)
         out = torch.empty_like(x)
         for e in sorted(set(idx)):
             sel = torch.tensor([i == e for i in idx])
-            out[sel] = self.experts[e](x[sel], t[sel])
+            out[sel] = self.experts[e](x[sel], t[sel], take(cond, sel))
         return out
 
 
@@ -74,13 +79,14 @@ def swapped_in(base: Denoiser, other: Denoiser, lo: int, hi: int, num_train_time
 
 def module_denoiser(model: torch.nn.Module) -> Denoiser:
     """Wrap a diffusers UNet2DModel (or any module returning eps, like the Gaussian expert) as a
-    plain ``(x, t) -> eps`` function. It runs where the model lives and answers where ``x`` lives,
-    so the sampling loop (and its CPU generators) stays the same on a GPU."""
+    plain ``(x, t, cond) -> eps`` function. It runs where the model lives and answers where ``x``
+    lives, so the sampling loop (and its CPU generators) stays the same on a GPU."""
     device = device_of(model)
 
     @torch.no_grad()
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(x.to(device), t.to(device))
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        extra = {k: v.to(device) for k, v in model_inputs(cond or {}).items()}
+        out = model(x.to(device), t.to(device), **extra)
         return getattr(out, "sample", out).to(x.device)
 
     return run
@@ -138,7 +144,11 @@ class Trajectory:
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         jump: Jump | None = None,
+        cond: Cond | None = None,
     ):
+        self.cond = dict(cond or {})
+        if any(v.shape[0] != x_t.shape[0] for v in self.cond.values()):
+            raise StepadaptError(f"the condition's rows do not match the {x_t.shape[0]} images")
         self.solver = Solver.parse(solver)
         self.scheduler = self.solver.scheduler(scheduler_cfg, seed=seed)
         self.solver.set_timesteps(
@@ -168,10 +178,10 @@ class Trajectory:
         v = float(self.timesteps[self.i])
         return int(v) if v == int(v) else v
 
-    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the model sees at this evaluation: the scaled sample and its timesteps."""
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        """What the model sees at this evaluation: the scaled sample, its timesteps, its condition."""
         t = self.timesteps[self.i]
-        return self.scheduler.scale_model_input(self.x, t), timestep_batch(t, self.x.shape[0])
+        return self.scheduler.scale_model_input(self.x, t), timestep_batch(t, self.x.shape[0]), self.cond
 
     def advance(self, out: torch.Tensor) -> None:
         """One ``step`` with the model's output for this evaluation."""
@@ -311,20 +321,23 @@ def sample_images(
     batch: int = 64,
     callback: StepCallback | None = None,
     jump: Jump | None = None,
+    cond: Cond | None = None,
 ) -> np.ndarray:
     """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images.
 
     ``sampler`` is a :class:`Solver` or its spec (``"unipc"``, ``"dpm++2m:thresholding"``); ``eta``,
-    where given, overrides the spec's."""
+    where given, overrides the spec's. ``cond``: the ``n`` rows' condition (labels, guidance)."""
     solver = _solver(sampler, eta)
     validate_request(steps, n, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
     x_t, gen = initial_noise(n, shape, seed)
     chunks = []
     for lo in range(0, n, batch):
         rows = x_t[lo : lo + batch]
+        part = take(cond or {}, slice(lo, lo + batch))
         run = Trajectory(
-            solver, scheduler_cfg, rows, steps, generator=[gen] * len(rows), seed=seed + lo, jump=jump
-        )
+            solver, scheduler_cfg, rows, steps, generator=[gen] * len(rows), seed=seed + lo, jump=jump,
+            cond=part,
+        )  # fmt: skip
         chunks.append(sample(denoiser, run, callback=callback))
     return to_uint8(torch.cat(chunks))
 
@@ -338,8 +351,10 @@ def step_together(denoiser: Denoiser, runs: Sequence[Trajectory]) -> None:
     """One model evaluation for each of ``runs`` (unfinished), as **one** denoiser call: their rows
     are stacked (the Router splits them by expert), then each run takes its own step."""
     inputs = [r.model_input() for r in runs]
-    out = denoiser(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]))
-    for r, part in zip(runs, out.split([x.shape[0] for x, _ in inputs]), strict=True):
+    x, t, cond = (torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs]),
+                  cat_conds([i[2] for i in inputs]))  # fmt: skip
+    out = denoiser(x, t, cond)
+    for r, part in zip(runs, out.split([i[0].shape[0] for i in inputs]), strict=True):
         r.advance(part)
 
 
@@ -347,7 +362,7 @@ def sample_together(
     denoiser: Denoiser,
     scheduler_cfg: dict,
     shape: Sequence[int],
-    requests: Sequence[tuple[int, int]],
+    requests: Sequence[tuple[int, int] | tuple[int, int, Cond]],
     *,
     steps: int = 50,
     sampler: Solver | str = "ddim",
@@ -355,7 +370,7 @@ def sample_together(
     stopped: Callable[[], Sequence[bool]] | None = None,
     jump: Jump | None = None,
 ) -> list[np.ndarray | None]:
-    """Several requests ``(n, seed)`` as one batch: every model evaluation is one call for all.
+    """Several requests ``(n, seed[, cond])`` as one batch: every model evaluation is one call for all.
 
     Each request owns its trajectory (its x_T, its noise generator, its scheduler: a multi-step
     solver's history is per request), so it gets exactly the images ``sample_images(..., n,
@@ -365,9 +380,20 @@ def sample_together(
     """
     solver = _solver(sampler, eta)
     runs: list[Trajectory | None] = []
-    for n, seed in requests:
+    for n, seed, *cond in requests:
         x, g = initial_noise(n, shape, seed)
-        runs.append(Trajectory(solver, scheduler_cfg, x, steps, generator=[g] * n, seed=seed, jump=jump))
+        runs.append(
+            Trajectory(
+                solver,
+                scheduler_cfg,
+                x,
+                steps,
+                generator=[g] * n,
+                seed=seed,
+                jump=jump,
+                cond=cond[0] if cond else None,
+            )  # fmt: skip
+        )
     while True:
         if stopped is not None:
             runs = [None if f else r for r, f in zip(runs, stopped(), strict=True)]

@@ -28,6 +28,14 @@ from diffusers.training_utils import EMAModel
 
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.conditioning import (
+    CLASS_LABELS,
+    DEFAULT_LABEL_DROPOUT,
+    Cond,
+    conditioning_of,
+    drop_labels,
+    model_inputs,
+)
 from stepadapt.devices import autocast, grad_scaler, resolve_precision
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import load_torch, save_torch, write_json
@@ -83,19 +91,22 @@ def denoising_losses(
     noise: torch.Tensor,
     teacher: UNet2DModel | None = None,
     distill: float = 0.0,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
     """Per-sample MSE against the model's own target (eps, v or x0, as the scheduler's
     ``prediction_type`` says; unweighted: samplers learn from these).
 
     With a ``teacher`` the target mixes in its prediction: (1-distill)*target + distill*teacher's,
-    so a pruned expert learns what the base does at its timesteps, not only the data.
+    so a pruned expert learns what the base does at its timesteps, not only the data. ``cond``
+    (class labels, text embeddings; row-aligned) goes to both, so they answer the same question.
     """
+    extra = model_inputs(cond or {})
     x_t = scheduler.add_noise(x0, noise, t)
     target = noised_target(scheduler, x0, noise, t)
     if teacher is not None and distill > 0:
         with torch.no_grad():
-            target = (1.0 - distill) * target + distill * teacher(x_t, t).sample
-    return F.mse_loss(model(x_t, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
+            target = (1.0 - distill) * target + distill * teacher(x_t, t, **extra).sample
+    return F.mse_loss(model(x_t, t, **extra).sample, target, reduction="none").mean(dim=(1, 2, 3))
 
 
 def denoising_loss(
@@ -107,9 +118,10 @@ def denoising_loss(
     weight: torch.Tensor | None = None,
     teacher: UNet2DModel | None = None,
     distill: float = 0.0,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
     """The training objective: mean of the per-sample losses, times ``weight`` where given."""
-    per_sample = denoising_losses(model, scheduler, x0, t, noise, teacher, distill)
+    per_sample = denoising_losses(model, scheduler, x0, t, noise, teacher, distill, cond)
     return (per_sample * weight).mean() if weight is not None else per_sample.mean()
 
 
@@ -217,6 +229,7 @@ class TrainConfig:
     probe_images: int = 8  # adaptive: images per probe timestep
     visit_steps: int = 25  # visited: the DDIM step count whose timesteps are trained
     precision: str = "auto"  # forward passes: auto (bf16/fp16 on a GPU, fp32 on a CPU), fp32, bf16, fp16
+    label_dropout: float = DEFAULT_LABEL_DROPOUT  # class-conditional: share of labels trained as "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +267,8 @@ class TrainConfig:
             raise StepadaptError(f"distillation weight must be in [0, 1], got {self.distill}")
         sampler = sampler_class(self.timestep_sampler)  # an unknown name fails with the other option checks
         resolve_precision(self.precision, "cpu")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise StepadaptError(f"label dropout must be in [0, 1), got {self.label_dropout}")
         if sampler.needs_visits and self.visit_steps < 1:
             raise StepadaptError(f"--visit-steps must be at least 1, got {self.visit_steps}")
 
@@ -276,15 +291,35 @@ class TrainResult:
     checkpoint: Path
 
 
-def _probe_losses(model, scheduler, x0, t_probe, noise, teacher, distill) -> torch.Tensor:
+def _probe_losses(model, scheduler, x0, t_probe, noise, teacher, distill, cond=None) -> torch.Tensor:
     """Mean loss at each probe timestep over the same images and noise (no gradients)."""
     m, k = len(x0), len(t_probe)
+    cond = {key: v.repeat(k, *([1] * (v.ndim - 1))) for key, v in (cond or {}).items()}
     with torch.no_grad():
         per = denoising_losses(
             model, scheduler, x0.repeat(k, 1, 1, 1), t_probe.repeat_interleave(m),
-            noise.repeat(k, 1, 1, 1), teacher, distill,
+            noise.repeat(k, 1, 1, 1), teacher, distill, cond,
         )  # fmt: skip
     return per.view(k, m).mean(dim=1).cpu()
+
+
+def _check_labels(model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """The null label of a class-conditional model given labelled data; -1 for an unconditional one.
+    Labels for a model that takes none, or none for one that needs them, are one-line errors."""
+    cond = conditioning_of({"_class_name": type(model).__name__, **model.config})
+    if labels is None:
+        if cond.classes:
+            raise StepadaptError("this model is class-conditional: training needs labelled data")
+        return -1
+    if not cond.classes:
+        raise StepadaptError("labels given, but this model is not class-conditional")
+    if labels.shape != (len(data),):
+        raise StepadaptError(f"{tuple(labels.shape)} labels for {len(data)} images")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < cond.classes:
+        raise StepadaptError(
+            f"labels span {int(labels.min())}..{int(labels.max())}; the model knows 0..{cond.classes - 1}"
+        )
+    return cond.null_label
 
 
 def ema_model(model: UNet2DModel, ema: EMAModel) -> UNet2DModel:
@@ -302,6 +337,7 @@ class Probe:
     t: torch.Tensor
     x0: torch.Tensor
     noise: torch.Tensor
+    cond: Cond
 
 
 class Trainer:
@@ -325,9 +361,11 @@ class Trainer:
         *,
         device: str | torch.device = "cpu",
         teacher: UNet2DModel | None = None,
+        labels: torch.Tensor | None = None,
     ) -> None:
         cfg.validate()
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.labels = cfg, data, labels
+        self.null_label = _check_labels(model, data, labels)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
@@ -366,6 +404,14 @@ class Trainer:
             )
         if not torch.isfinite(data).all():
             raise StepadaptError("training data contains NaN or infinite values")
+
+    def _cond(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's condition: its labels, a share dropped to the null class (drawn after the
+        noise, so an unconditional run draws exactly what it always has)."""
+        if self.labels is None:
+            return {}
+        y = drop_labels(self.labels[idx], self.cfg.label_dropout, self.null_label, self.generator)
+        return {CLASS_LABELS: y.to(self.device)}
 
     def _interval_end(self) -> int:
         T = self.scheduler.config.num_train_timesteps
@@ -452,20 +498,21 @@ class Trainer:
         x0 = self.data[idx].to(self.device)
         t, w = self.timestep_sampler.sample(self.local_batch, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
-        probe = self.probe(x0)
+        cond = self._cond(idx)
+        probe = self.probe(x0, cond)
         before = self.probe_losses(probe)
-        per_sample, loss = self._update(x0, t, self.loss_weight.apply(w, t), noise)
+        per_sample, loss = self._update(x0, t, self.loss_weight.apply(w, t), noise, cond)
         after = self.probe_losses(probe)
         self.timestep_sampler.update(t, per_sample.detach().cpu(), before, after)
         self.steps += 1
         return self._smooth(loss.item())
 
     def _update(
-        self, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, noise: torch.Tensor
+        self, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, noise: torch.Tensor, cond: Cond
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.mixed():  # weights, gradients and the optimizer stay fp32; the loss is formed in fp32
             per_sample = denoising_losses(
-                self.net, self.scheduler, x0, t.to(self.device), noise, self.teacher, self.cfg.distill
+                self.net, self.scheduler, x0, t.to(self.device), noise, self.teacher, self.cfg.distill, cond
             )
         loss = (per_sample.float() * w.to(self.device)).mean()
         if not torch.isfinite(loss):
@@ -487,7 +534,7 @@ class Trainer:
         self.losses.append(smooth)
         return smooth
 
-    def probe(self, x0: torch.Tensor) -> Probe | None:
+    def probe(self, x0: torch.Tensor, cond: Cond) -> Probe | None:
         """Where a sampler that learns from the update's effect (``needs_probes``) wants it measured,
         with the batch's first images and their own noise; None for the others, which draw nothing."""
         if not self.timestep_sampler.needs_probes:
@@ -497,7 +544,7 @@ class Trainer:
             return None
         m = min(self.cfg.probe_images, len(x0))
         noise = torch.randn((m, *x0.shape[1:]), generator=self.generator).to(self.device)
-        return Probe(t_probe.to(self.device), x0[:m], noise)
+        return Probe(t_probe.to(self.device), x0[:m], noise, {k: v[:m] for k, v in cond.items()})
 
     def probe_losses(self, probe: Probe | None) -> torch.Tensor | None:
         """The mean loss at each probe timestep, measured before and again after the update."""
@@ -505,8 +552,9 @@ class Trainer:
             return None
         with self.mixed():
             return _probe_losses(
-                self.model, self.scheduler, probe.x0, probe.t, probe.noise, self.teacher, self.cfg.distill
-            )
+                self.model, self.scheduler, probe.x0, probe.t, probe.noise, self.teacher, self.cfg.distill,
+                probe.cond,
+            )  # fmt: skip
 
     def checkpoint(self) -> None:
         """Everything ``restore`` needs; each process gives its own sampler and generator state."""
@@ -537,7 +585,7 @@ class Trainer:
     def data_sha256(self) -> str:
         from stepadapt.data import fingerprint
 
-        return fingerprint(self.data)
+        return fingerprint(self.data, self.labels)
 
     def _due(self, every: int) -> bool:
         return self.steps % every == 0 or self.steps == self.cfg.iterations
@@ -615,15 +663,17 @@ def train(
     on_sample: Callable[[int, UNet2DModel], None] | None = None,
     device: str | torch.device = "cpu",
     teacher: UNet2DModel | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[UNet2DModel, TrainResult]:
     """Train ``model`` in place; returns the EMA copy and a summary.
 
     ``on_sample(step, ema_model)`` is called every ``cfg.sample_every`` steps and
     at the end (sample grids); checkpoints land in ``out_dir/checkpoint.pt``.
     Under ``torchrun`` the model is wrapped in DDP, each process draws
-    ``batch_size / world`` images with its own generator, and only rank 0 writes.
+    ``batch_size / world`` images with its own generator, and only rank 0 writes. ``labels``: the
+    images' classes, for a class-conditional model (dropped to the null class at ``label_dropout``).
     """
-    trainer = Trainer(model, data, scheduler_cfg, cfg, out_dir, device=device, teacher=teacher)
+    trainer = Trainer(model, data, scheduler_cfg, cfg, out_dir, device=device, teacher=teacher, labels=labels)
     if resume:
         trainer.restore()
     return trainer.run(progress=progress, on_sample=on_sample)

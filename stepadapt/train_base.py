@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 
 from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
+from stepadapt.conditioning import DEFAULT_LABEL_DROPOUT
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.options import Options, option
@@ -49,6 +50,19 @@ class TrainBaseOptions(Options):
     threads: int | None = option(None, "CPU threads for torch.")
     timestep_sampler: str = option("uniform", "Timestep sampler (see 'finetune --help').")
     precision: str = option("auto", PRECISION_HELP)
+    conditional: bool = option(
+        False,
+        "Class-conditional: train on the data's labels (Fashion-MNIST's, a folder's subfolders, an "
+        ".npz's 'labels'), one class embedding per class plus a null class for guidance.",
+    )
+    label_dropout: float = option(
+        DEFAULT_LABEL_DROPOUT, "Share of labels trained as the null class (what guidance needs)."
+    )
+    init: Path | None = option(
+        None,
+        "Start from this base's weights (same config) instead of from scratch; a class-conditional "
+        "model learns its class embedding from zero, so it starts as the unconditional base.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,15 +96,45 @@ class TrainBaseOptions(Options):
             iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay,
             seed=self.seed, checkpoint_every=self.checkpoint_every, sample_every=self.sample_every,
             timestep_sampler=self.timestep_sampler, precision=self.precision,
+            label_dropout=self.label_dropout,
         )  # fmt: skip
 
 
 def sample_grid(model: UNet2DModel, scheduler_cfg: dict, path: Path, n: int = 16, steps: int = 50) -> Path:
-    """A grid of ``n`` images from seed 0 (50 DDIM steps): how training is going, by eye."""
+    """A grid of ``n`` images from seed 0 (50 DDIM steps): how training is going, by eye. A
+    class-conditional model draws its classes in turn (label i mod classes), unguided."""
+    from stepadapt.conditioning import conditioning_of, labels_cond
     from stepadapt.sampling import module_denoiser, sample_images, save_grid
 
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    return save_grid(sample_images(module_denoiser(model), scheduler_cfg, shape, n, steps=steps), path)
+    classes = conditioning_of(model.config).classes
+    cond = labels_cond(torch.arange(n) % classes) if classes else None
+    return save_grid(
+        sample_images(module_denoiser(model), scheduler_cfg, shape, n, steps=steps, cond=cond), path
+    )
+
+
+def initial_model(o: TrainBaseOptions, channels: int, side: int, classes: int) -> UNet2DModel:
+    """The model training starts from: fresh (seeded), or --init's weights, where a class embedding
+    the init has not got starts at zero (the model then answers as the init does, for every label)."""
+    from stepadapt.models import build_unet, load_base
+
+    model = build_unet(o.config, in_channels=channels, seed=o.seed, sample_size=side, classes=classes)
+    if o.init is None:
+        return model
+    init, _ = load_base(o.init)
+    mine, theirs = model.state_dict(), init.state_dict()
+    unknown = sorted(k for k in theirs if k not in mine or theirs[k].shape != mine[k].shape)
+    if unknown:
+        raise StepadaptError(f"--init {o.init} does not fit config {o.config}: {unknown[0]} differs")
+    model.load_state_dict(theirs, strict=False)
+    new = sorted(set(mine) - set(theirs))
+    if any(not k.startswith("class_embedding.") for k in new):
+        raise StepadaptError(f"--init {o.init} lacks {new[0]}: not the same architecture")
+    with torch.no_grad():
+        for k in new:
+            model.get_parameter(k).zero_()
+    return model
 
 
 def train_base(
@@ -98,9 +142,9 @@ def train_base(
 ) -> tuple[TrainResult, Path]:
     """The train-base stage: OUT/checkpoint.pt (resumable), OUT/samples/step_*.png, and at the end
     OUT/model/ (EMA weights). Under ``torchrun`` it trains with DDP; rank 0 writes the model."""
-    from stepadapt.data import load_dataset
+    from stepadapt.data import class_names, load_dataset, load_labelled
     from stepadapt.devices import resolve_device, resolve_precision
-    from stepadapt.models import build_unet, save_base
+    from stepadapt.models import save_base
     from stepadapt.train import train
 
     o, say = options, log or (lambda _: None)
@@ -110,17 +154,25 @@ def train_base(
     resolve_precision(o.precision, dev)  # a bad --precision is said before the data loads
     dist.init_from_env()
     side = o.side()
-    x = load_dataset(o.data, "train", side, o.channels, limit=o.limit, seed=o.seed, holdout=o.holdout)
-    say(f"data: {o.data} -> {tuple(x.shape)}")
-    model = build_unet(o.config, in_channels=x.shape[1], seed=o.seed, sample_size=side)
+    part = dict(limit=o.limit, seed=o.seed, holdout=o.holdout)
+    y, names = None, ()
+    if o.conditional:
+        x, y = load_labelled(o.data, "train", side, o.channels, **part)
+        names = class_names(o.data, o.holdout)
+        say(f"data: {o.data} -> {tuple(x.shape)}, {len(names)} classes: {', '.join(names)}")
+    else:
+        x = load_dataset(o.data, "train", side, o.channels, **part)
+        say(f"data: {o.data} -> {tuple(x.shape)}")
+    model = initial_model(o, x.shape[1], side, len(names))
 
     def on_sample(step: int, ema: UNet2DModel) -> None:
         path = sample_grid(ema, DEFAULT_SCHEDULER, o.out / "samples" / f"step_{step:06d}.png")
         say(f"step {step}: samples -> {path}")
 
     ema, res = train(
-        model, x, DEFAULT_SCHEDULER, o.train_config(), o.out, resume=o.resume, on_sample=on_sample, device=dev
-    )
+        model, x, DEFAULT_SCHEDULER, o.train_config(), o.out, resume=o.resume, on_sample=on_sample,
+        device=dev, labels=y,
+    )  # fmt: skip
     if dist.is_main():
-        save_base(ema.cpu(), o.out / "model", DEFAULT_SCHEDULER)
+        save_base(ema.cpu(), o.out / "model", DEFAULT_SCHEDULER, class_names=names)
     return res, o.out / "model"

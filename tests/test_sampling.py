@@ -45,14 +45,14 @@ def test_callback_sees_every_step(tiny):
 def test_nan_denoiser_is_reported():
     x_t, _ = initial_noise(1, (1, 8, 8), 0)
     with pytest.raises(StepadaptError, match="NaN"):
-        sample(lambda x, t: torch.full_like(x, float("nan")), Trajectory("ddim", {}, x_t, 3))
+        sample(lambda x, t, c: torch.full_like(x, float("nan")), Trajectory("ddim", {}, x_t, 3))
 
 
 def test_router_dispatches_by_timestep():
     calls = []
 
     def expert(k):
-        def f(x, t):
+        def f(x, t, cond):
             calls.append((k, t.tolist()))
             return torch.full_like(x, float(k))
 
@@ -80,7 +80,7 @@ def test_request_validation():
 
 def test_router_routes_fractional_timesteps_where_their_whole_part_goes():
     seen = []
-    r = Router([0, 500, 1000], [lambda x, t: seen.append(0) or x, lambda x, t: seen.append(1) or x])
+    r = Router([0, 500, 1000], [lambda x, t, c: seen.append(0) or x, lambda x, t, c: seen.append(1) or x])
     r(torch.zeros(3, 1, 2, 2), torch.tensor([499.7, 500.0, 999.9]))
     assert seen == [0, 1]
     with pytest.raises(StepadaptError, match="no expert covers"):
@@ -93,7 +93,7 @@ def test_every_solver_samples_through_a_router_deterministically(name):
     owners = []
 
     def expert(k):
-        def f(x, t):
+        def f(x, t, cond):
             owners.append((k, t.tolist()))
             return 0.1 * x
 
@@ -126,8 +126,8 @@ def test_swapped_in_gives_one_interval_to_the_other_denoiser():
 
     from stepadapt.sampling import swapped_in
 
-    base = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    other = lambda x, t: torch.ones_like(x)  # noqa: E731
+    base = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    other = lambda x, t, c: torch.ones_like(x)  # noqa: E731
     r = swapped_in(base, other, 300, 700, 1000)
     x = torch.zeros(4, 1, 2, 2)
     out = r(x, torch.tensor([0, 299, 300, 699])).flatten(1).mean(1)
@@ -146,7 +146,7 @@ TOGETHER = [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpm++2m", None), ("dp
 def test_requests_stepped_together_get_the_images_they_get_alone(sampler, eta):
     """Lockstep batching (the server's) must not change anyone's images, noise included."""
 
-    def den(x, t):  # per-sample, so batching cannot change the arithmetic
+    def den(x, t, cond=None):  # per-sample, so batching cannot change the arithmetic
         return 0.3 * x + 1e-3 * t.view(-1, 1, 1, 1).float()
 
     shape = (3, 7, 7)  # 147 values per image: not a multiple of torch's 16-wide normal sampler
@@ -167,7 +167,7 @@ def test_a_request_stopped_mid_batch_costs_nothing_more_and_the_others_keep_thei
     """What a server does with a cancelled request: its rows leave the batch at the next step."""
     rows_seen = []
 
-    def den(x, t):
+    def den(x, t, cond=None):
         rows_seen.append(x.shape[0])
         return 0.3 * x + 1e-3 * t.view(-1, 1, 1, 1).float()
 

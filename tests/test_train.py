@@ -263,14 +263,14 @@ def test_only_a_sampler_that_needs_probes_draws_them(tmp_path, squares):
     x = squares(8)
     cfg = TrainConfig(iterations=1, batch_size=4, timestep_sampler="adaptive", probe_images=2)
     adaptive = Trainer(build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, cfg, tmp_path / "a")
-    probe = adaptive.probe(x[:4])
+    probe = adaptive.probe(x[:4], {})
     assert probe is not None and probe.x0.shape == probe.noise.shape == (2, 1, 32, 32)
     assert adaptive.probe_losses(probe).shape == probe.t.shape
     uniform = Trainer(
         build_unet("tiny", seed=0), x, DEFAULT_SCHEDULER, TrainConfig(iterations=1), tmp_path / "u"
     )
     state = uniform.generator.get_state()
-    assert uniform.probe(x[:4]) is None and uniform.probe_losses(None) is None
+    assert uniform.probe(x[:4], {}) is None and uniform.probe_losses(None) is None
     assert torch.equal(uniform.generator.get_state(), state)
 
 
