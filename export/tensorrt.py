@@ -105,7 +105,9 @@ class TrtDenoiser:
         # float32 in engines built from exports since fractional timesteps (int64 before)
         self.float_timestep = self.engine.get_tensor_dtype("timestep") == trt.DataType.FLOAT
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        if cond:
+            raise StepadaptError("TensorRT engines of conditional experts are not built yet: serve ONNX")
         torch = self.torch
         x = x.float().cuda().contiguous()
         t = (t.float() if self.float_timestep else t.double().round().long()).cuda().contiguous()

@@ -29,6 +29,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from stepadapt import StepadaptError, __version__
+from stepadapt.conditioning import Conditioning, conditioning_of
 from stepadapt.gaussian import GaussianJump
 from stepadapt.io import atomic_dir, read_json, save_safetensors, sha256_file, write_json
 from stepadapt.kinds import DEFAULT, Stored, kind_of
@@ -102,6 +103,13 @@ class Manifest:
     # the data they were fitted to: {"source": as given, "sha256": data.fingerprint of its train part}.
     base: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
+    # A class-conditional bundle's class names (index order), copied from its base's classes.json.
+    class_names: list[str] | None = None
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """What the experts are conditioned on: the base's (every expert keeps its inputs)."""
+        return conditioning_of(self.base_config)
 
     @property
     def prediction_type(self) -> str:

@@ -45,6 +45,21 @@ class Conditioning:
     def null_label(self) -> int:
         return self.classes
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The model inputs beside (sample, timestep), in the order exports take them."""
+        return tuple(k for k, on in ((CLASS_LABELS, self.classes), (TEXT, self.text_dim)) if on)
+
+    def examples(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random inputs for ``n`` rows (labels including the null one; 7-token texts): for tracing,
+        parity checks and MAC counts."""
+        out = {}
+        if self.classes:
+            out[CLASS_LABELS] = torch.randint(0, self.null_label + 1, (n,), generator=generator)
+        if self.text_dim:
+            out[TEXT] = torch.randn(n, 7, self.text_dim, generator=generator)
+        return out
+
     def describe(self) -> str:
         parts = [f"{self.classes} classes + null"] if self.classes else []
         parts += [f"text embeddings of width {self.text_dim}"] if self.text_dim else []
@@ -99,7 +114,7 @@ def conditioning_of(config: Mapping) -> Conditioning:
     """A diffusers U-Net's conditioning, from its config: ``num_class_embeds`` counts the null
     class; ``cross_attention_dim`` is the text width of a ``UNet2DConditionModel``."""
     n = config.get("num_class_embeds") or 0
-    cross = config.get("cross_attention_dim") if config.get("_class_name") == "UNet2DConditionModel" else 0
+    cross = config.get("cross_attention_dim")  # UNet2DModel's config has no such key
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
     return Conditioning(classes=max(int(n) - 1, 0), text_dim=int(cross or 0))

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
+from stepadapt.conditioning import Conditioning, conditioning_of
 from stepadapt.gaussian import GaussianDenoiser
 from stepadapt.io import save_safetensors, sha256_file, write_json
 
@@ -110,8 +111,13 @@ class ExpertKind:
         return False
 
     def as_eps(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The expert as a module ``(sample, timestep) -> eps tensor``: what ONNX exports."""
-        return model
+        """The expert as a module ``(sample, timestep, *condition) -> eps tensor`` (the condition's
+        inputs in the order :meth:`conditioning` names them): what ONNX exports."""
+        return _EpsOnly(model, self.conditioning(model).inputs)
+
+    def conditioning(self, model: torch.nn.Module) -> Conditioning:
+        """What the expert takes beside (x, t)."""
+        return Conditioning()
 
     def sample_shape(self, model: torch.nn.Module) -> tuple[int, int, int]:
         raise NotImplementedError
@@ -125,19 +131,21 @@ def _tensors(root: Path, spec: Any) -> dict[str, torch.Tensor]:
 
 
 class _EpsOnly(torch.nn.Module):
-    """diffusers returns a dataclass; ONNX wants a plain tensor output."""
+    """diffusers returns a dataclass and takes its condition by keyword; ONNX wants a plain tensor
+    output and positional inputs: ``(sample, timestep, *condition)`` in the order of ``keys``."""
 
-    def __init__(self, model: UNet2DModel):
+    def __init__(self, model: torch.nn.Module, keys: tuple[str, ...] = ()):
         super().__init__()
-        self.model = model
+        self.model, self.keys = model, tuple(keys)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        out = self.model(sample, timestep, **dict(zip(self.keys, cond, strict=True)))
+        return getattr(out, "sample", out)
 
 
 class UNetKind(ExpertKind):
     name = "unet"
-    model_type = UNet2DModel
+    model_type = (UNet2DModel, UNet2DConditionModel)
     label = ""
     sized_by_budget = True
     has_structure = True
@@ -209,8 +217,8 @@ class UNetKind(ExpertKind):
         sa, sb = a[0].state_dict(), b[0].state_dict()
         return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    def as_eps(self, model: torch.nn.Module) -> torch.nn.Module:
-        return _EpsOnly(model)
+    def conditioning(self, model: torch.nn.Module) -> Conditioning:
+        return conditioning_of(model.config)
 
     def sample_shape(self, model: torch.nn.Module) -> tuple[int, int, int]:
         c = model.config

@@ -79,6 +79,9 @@ def validate_manifest(d: dict[str, Any]) -> None:
             _fail(key, "a JSON object or null", record)
         if not isinstance(record.get("sha256"), str) or not SHA256.match(record["sha256"]):
             _fail(f"{key}.sha256", "a sha256 hex digest", record.get("sha256"))
+    names = d.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        _fail("class_names", "a list of strings or null", names)
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
