@@ -140,8 +140,19 @@ def sample(
         str, typer.Option(help="With --bundle: torch, or onnxruntime (needs 'stepadapt export').")
     ] = "torch",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    class_labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Class-conditional models: comma-separated labels, cycled over the --n images "
+            "(default: every class in turn)."
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale (class-conditional models; 1 = none).")
+    ] = 1.0,
 ) -> None:
     """Sample images from a base model, or from a bundle's experts with per-step routing."""
+    from stepadapt.conditioning import conditioning_of, for_model, sampling_condition
     from stepadapt.kinds import UNET
     from stepadapt.models import load_base
     from stepadapt.plan import visited_timesteps
@@ -160,10 +171,15 @@ def sample(
                 b.manifest.scheduler,
                 b.manifest.sample_shape,
             )
-            rec = b.manifest.recommended
+            rec, conditioning = b.manifest.recommended, b.manifest.conditioning
         else:
             model, sched_cfg = load_base(base)
             den, shape = module_denoiser(model.to(resolve_device(device))), UNET.sample_shape(model)
+            conditioning = conditioning_of(model.config)
+        cond = sampling_condition(
+            conditioning, n, _parse_ints(class_labels, "--class-labels"), guidance_scale
+        )
+        den = for_model(den, conditioning)
         setting = resolve_setting(rec, sampler, steps, jump, eta)
         if setting.jump:
             if bundle is None:
@@ -173,7 +189,7 @@ def sample(
         with progress(total=per_chunk * -(-n // batch), unit="eval", disable=not sys.stderr.isatty()) as bar:
             images = sample_images(
                 den, sched_cfg, shape, n, steps=setting.steps, sampler=setting.sampler, seed=seed,
-                batch=batch, callback=lambda i, t, x: bar.update(1), jump=j,
+                batch=batch, callback=lambda i, t, x: bar.update(1), jump=j, cond=cond,
             )  # fmt: skip
         save_grid(images, out_path)
         save_npz(images, out_path.with_suffix(".npz"))
@@ -313,6 +329,16 @@ def evaluate(
     device: Annotated[
         str, typer.Option(help=DEVICE_HELP + " The models' device (Inception stays on CPU).")
     ] = "auto",
+    guidance_scale: Annotated[
+        float, typer.Option(help="Class-conditional models: classifier-free guidance scale (1 = none).")
+    ] = 1.0,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            help="Class-conditional models: the classifier whose accuracy on the generated images is "
+            "reported (default: the shipped one, for Fashion-MNIST; see 'train-classifier')."
+        ),
+    ] = None,
 ) -> None:
     """Score sample quality: KID and FID (Inception-v3 features), fidelity to the base (same noise, PSNR),
     sliced Wasserstein distance on pixels.
@@ -338,6 +364,7 @@ def evaluate(
             n=n, n_real=n_real, steps=setting.steps, seed=seed, data=data,
             cache_dir=cache_dir, kid_subsets=kid_subsets, log=console.print, device=dev,
             sampler=setting.sampler, jump=setting.jump, holdout=holdout,
+            guidance_scale=guidance_scale, classifier=classifier,
         )  # fmt: skip
         write_json(out_path, report)
     except StepadaptError as e:

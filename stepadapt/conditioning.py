@@ -210,3 +210,27 @@ def guided(denoiser: Denoiser, null_label: int) -> Denoiser:
         return out_c.index_copy(0, rows, guided_rows)
 
     return run
+
+
+def for_model(denoiser: Denoiser, conditioning: Conditioning) -> Denoiser:
+    """The denoiser a sampler should call: guided where the model has a null class to guide
+    against (a row without a ``guidance_scale`` is unguided), else as it is."""
+    return guided(denoiser, conditioning.null_label) if conditioning.classes else denoiser
+
+
+def sampling_condition(
+    conditioning: Conditioning, n: int, labels: Sequence[int] | None, guidance_scale: float = 1.0
+) -> dict[str, torch.Tensor] | None:
+    """The condition of ``n`` images to sample: ``labels`` cycled over them (every class in turn
+    where none are given) at ``guidance_scale``; None for an unconditional model, which refuses
+    labels and guidance in one line."""
+    if not conditioning.classes:
+        if labels:
+            raise StepadaptError("class labels given, but this model is not class-conditional")
+        if guidance_scale != 1.0:
+            raise StepadaptError("guidance needs a class-conditional model; this one is unconditional")
+        return None
+    base = torch.as_tensor(labels if labels else range(conditioning.classes), dtype=torch.long)
+    cond = labels_cond(base[torch.arange(n) % len(base)], guidance_scale)
+    conditioning.check(cond, n)
+    return cond

@@ -389,11 +389,11 @@ def load_dataset(
         x = load_npz(source, size, split=split, holdout=holdout)
     if channels is not None:
         x = match_channels(x, channels, source)
-    keep = _subset(len(x), limit, seed)
+    keep = subset(len(x), limit, seed)
     return x if keep is None else x[keep]
 
 
-def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+def subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
     """The rows ``limit`` keeps of ``n`` (a seeded random subset, in order), or None for all."""
     if limit is None or limit >= n:
         return None
@@ -490,7 +490,7 @@ def load_labelled(
     y = load_labels(source, split, holdout)
     if len(y) != len(x):
         raise StepadaptError(f"{source}: {len(y)} labels for {len(x)} images")
-    keep = _subset(len(x), limit, seed)
+    keep = subset(len(x), limit, seed)
     return (x, y) if keep is None else (x[keep], y[keep])
 
 

@@ -30,6 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from stepadapt import Notice, StepadaptError
+from stepadapt.conditioning import Cond, Conditioning, conditioning_of, for_model, labels_cond
 from stepadapt.data import DEFAULT_HOLDOUT, held_out, load_dataset
 from stepadapt.io import atomic_path
 from stepadapt.plan import visited_timesteps
@@ -230,13 +231,19 @@ def generate(
     seed: int = 0,
     sampler: Solver | str = "ddim",
     jump: Jump | None = None,
+    cond: Cond | None = None,
 ) -> np.ndarray:
     """The same seed gives every model the same initial noise (and, for stochastic solvers, the same
-    noise along the way)."""
+    noise along the way); ``cond``, the same labels and guidance."""
     with torch.no_grad():
         return sample_images(
-            denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump
+            denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump, cond=cond
         )
+
+
+def balanced_labels(n: int, classes: int) -> torch.Tensor:
+    """Labels 0, 1, ..., classes-1, 0, 1, ...: every class alike (50 each of 500 for ten classes)."""
+    return torch.arange(n) % classes
 
 
 @dataclass
@@ -249,6 +256,12 @@ class Target:
     shape: tuple[int, ...]
     bundle: Any = None  # stepadapt.bundle.Bundle, for bundles
     model: Any = None  # the UNet2DModel, for base model dirs
+
+    @property
+    def conditioning(self) -> Conditioning:
+        if self.bundle is not None:
+            return self.bundle.manifest.conditioning
+        return conditioning_of(self.model.config) if self.model is not None else Conditioning()
 
     def macs_per_image(self, steps: int, sampler: Solver | str = "ddim", jump: bool = False) -> float:
         """In base evaluations: every model evaluation the solver makes, at the expert owning it."""
@@ -299,10 +312,11 @@ def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
     path = Path(path)
     if (path / MANIFEST).is_file():
         b = Bundle.load(path)
-        return Target(path, b.router(device), b.manifest.scheduler, tuple(b.manifest.sample_shape), b)
+        den = for_model(b.router(device), b.manifest.conditioning)
+        return Target(path, den, b.manifest.scheduler, tuple(b.manifest.sample_shape), b)
     model, sched = load_base(path)
     cfg = model.config
-    den = module_denoiser(model.eval().to(device))
+    den = for_model(module_denoiser(model.eval().to(device)), conditioning_of(cfg))
     return Target(path, den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), model=model)
 
 
@@ -337,10 +351,16 @@ def evaluate_targets(
     sampler: Solver | str = "ddim",
     jump: bool = False,
     holdout: float = DEFAULT_HOLDOUT,
+    guidance_scale: float = 1.0,
+    classifier: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score each target against real held-out images (:func:`real_images`), and against the base
     from the same noise and solver (the base never jumps: it has no Gaussian expert). ``base``:
-    :func:`reference_base`; a bundle that records another base is refused unless ``allow_other_base``."""
+    :func:`reference_base`; a bundle that records another base is refused unless ``allow_other_base``.
+
+    A class-conditional base draws every class alike (:func:`balanced_labels`) at ``guidance_scale``;
+    its images are scored by class too: the accuracy of ``classifier`` on them (the shipped
+    Fashion-MNIST classifier by default for Fashion-MNIST) and the KID of each class, averaged."""
     base = reference_base(targets, base)
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
@@ -355,8 +375,10 @@ def evaluate_targets(
     base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
     opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
     reals, real_feats = real_set(net, data, n_real or n, shape[1], shape[0], **opts)
+    by_class = _by_class(ref.conditioning, n, guidance_scale, data, n_real or n, seed, holdout, classifier)
+    cond = by_class.cond if by_class else None
     t0 = time.perf_counter()
-    reference = generate(base_den, sched, shape, n, steps, seed, solver)
+    reference = generate(base_den, sched, shape, n, steps, seed, solver, cond=cond)
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
@@ -370,11 +392,11 @@ def evaluate_targets(
             reference
             if Path(path).resolve() == Path(base).resolve()
             else generate(
-                target.denoiser, target.scheduler, shape, n, steps, seed, solver, target.jump(jumps)
+                target.denoiser, target.scheduler, shape, n, steps, seed, solver, target.jump(jumps), cond
             )
         )
         seconds = base_seconds if images is reference else time.perf_counter() - t0
-        r = score(net, images, reals, real_feats, reference, kid_subsets=kid_subsets)
+        r = score(net, images, reals, real_feats, reference, kid_subsets=kid_subsets, by_class=by_class)
         results[name] = {
             "path": str(path), "macs_ratio": per_image / len(visited_timesteps(solver, steps, sched)),
             "macs_per_image": round(per_image, 3), "jump": jumps,
@@ -382,13 +404,71 @@ def evaluate_targets(
         }  # fmt: skip
         if log:
             kid_text = f"KID {r['kid']:.4f} ± {r['kid_std']:.4f}"
-            log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB")
-    return {
-        "settings": {"n": n, "n_real": n_real or n, "steps": steps, "sampler": str(solver), "seed": seed,
-                     "data": data, "holdout": holdout, "held_out": held_out(data, holdout), "base": str(base),
-                     "kid_subsets": kid_subsets},
-        "results": results,
-    }  # fmt: skip
+            acc = f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else ""
+            log(f"{name}: {kid_text}, FID {r['fid']:.1f}, PSNR {r['psnr']:.2f} dB{acc}")
+    settings = {"n": n, "n_real": n_real or n, "steps": steps, "sampler": str(solver), "seed": seed,
+                "data": data, "holdout": holdout, "held_out": held_out(data, holdout), "base": str(base),
+                "kid_subsets": kid_subsets}  # fmt: skip
+    if by_class:
+        settings.update(guidance_scale=guidance_scale, classifier=by_class.classifier_path)
+    return {"settings": settings, "results": results}
+
+
+@dataclass
+class ByClass:
+    """What scoring a class-conditional model by class needs: the labels its images are drawn with
+    (and their condition), the real images' labels, and the classifier that reads the generated ones."""
+
+    labels: torch.Tensor
+    cond: dict
+    real_labels: torch.Tensor
+    classifier: Any = None
+    classifier_path: str | None = None
+
+
+def _by_class(
+    conditioning: Conditioning,
+    n: int,
+    guidance_scale: float,
+    data: str,
+    n_real: int,
+    seed: int,
+    holdout: float,
+    classifier: str | os.PathLike | None,
+) -> ByClass | None:
+    if not conditioning.classes:
+        return None
+    from stepadapt.data import FASHION_NAMES, load_labels, subset
+
+    labels = balanced_labels(n, conditioning.classes)
+    real_labels = load_labels(data, "test", holdout)
+    keep = subset(len(real_labels), n_real, seed)
+    real_labels = real_labels if keep is None else real_labels[keep]
+    net, path = None, None
+    if classifier is not None or data in FASHION_NAMES:
+        from stepadapt.classifier import DEFAULT_CLASSIFIER, load_classifier
+
+        path = str(classifier or DEFAULT_CLASSIFIER)
+        net = load_classifier(path)
+    else:
+        warnings.warn(Notice(f"no classifier for {data}: class accuracy is not scored (--classifier)"),
+                      stacklevel=2)  # fmt: skip
+    return ByClass(labels, labels_cond(labels, guidance_scale), real_labels, net, path)
+
+
+def kid_per_class(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, subsets: int
+) -> float:
+    """The KID of each class's images against that class's real ones, averaged over classes: a model
+    that draws the right garments in the wrong classes scores well on KID and badly here."""
+    values = []
+    for c in labels.unique().tolist():
+        r, f = real[real_labels == c], fake[labels == c]
+        if min(len(r), len(f)) >= 2:
+            values.append(kid(r, f, subsets=subsets)[0])
+    if not values:
+        raise StepadaptError("per-class KID needs at least 2 real and 2 generated images of a class")
+    return float(np.mean(values))
 
 
 def score(
@@ -399,8 +479,10 @@ def score(
     reference: np.ndarray | None = None,
     *,
     kid_subsets: int = 100,
+    by_class: ByClass | None = None,
 ) -> dict[str, Any]:
-    """Every metric for one set of generated images (reference: the base's images from the same noise)."""
+    """Every metric for one set of generated images (reference: the base's images from the same noise;
+    ``by_class``: a class-conditional model's labels, for accuracy and per-class KID)."""
     t0 = time.perf_counter()
     fake = features(net, images)
     mean, std = kid(real_features, fake, subsets=kid_subsets)
@@ -414,5 +496,13 @@ def score(
     }
     if reference is not None:
         out.update(fidelity(images, reference))
+    if by_class is not None:
+        out["kid_per_class"] = kid_per_class(
+            real_features, by_class.real_labels, fake, by_class.labels, kid_subsets
+        )
+        if by_class.classifier is not None:
+            from stepadapt.classifier import class_accuracy
+
+            out["accuracy"] = class_accuracy(by_class.classifier, images, by_class.labels)
     out["metric_seconds"] = round(time.perf_counter() - t0, 1)
     return out

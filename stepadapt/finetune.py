@@ -32,6 +32,7 @@ from diffusers import UNet2DModel
 from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
+from stepadapt.conditioning import DEFAULT_LABEL_DROPOUT
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.kinds import kind_of
@@ -128,8 +129,10 @@ def finetune_bundle(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     device: str = "cpu",
+    labels: torch.Tensor | None = None,
 ) -> dict[str, TrainResult]:
-    """Fine-tune the pruned experts (``teacher``: the base, for distillation and as the shared start)."""
+    """Fine-tune the pruned experts (``teacher``: the base, for distillation and as the shared start;
+    ``labels``: the images' classes for a class-conditional bundle, the teacher seeing the same)."""
     n_shared, n_separate = phase_iterations(mode, total_iterations, specialize)
     pruned = [e for e in bundle.experts if bundle.is_pruned(e.name)]
     say = log if log and dist.is_main() else (lambda _: None)
@@ -160,7 +163,7 @@ def finetune_bundle(
             f"{n_shared} iterations")  # fmt: skip
         ema, res = train(
             shared, data, bundle.manifest.scheduler, cfg, run_dir, resume=resume and started,
-            progress=progress, device=device, teacher=teacher,
+            progress=progress, device=device, teacher=teacher, labels=labels,
         )  # fmt: skip
         if dist.is_main():
             for i, e in enumerate(unet_experts(bundle)):
@@ -188,7 +191,7 @@ def finetune_bundle(
         model = bundle.load_expert(e.name)
         ema, res = train(
             model, data, bundle.manifest.scheduler, cfg, run_dir, resume=resume and started,
-            progress=progress, device=device, teacher=teacher,
+            progress=progress, device=device, teacher=teacher, labels=labels,
         )  # fmt: skip
         if dist.is_main():  # under torchrun every process holds the same weights; one writes
             previous = e.training or {}
@@ -265,6 +268,11 @@ class FinetuneOptions(Options):
     visit_steps: int = option(25, "visited: the DDIM step count served.")
     threads: int | None = option(None, "CPU threads for torch.")
     precision: str = option("auto", PRECISION_HELP)
+    label_dropout: float = option(
+        DEFAULT_LABEL_DROPOUT,
+        "Class-conditional bundles: share of labels trained as the null class, so the unconditional "
+        "branch that guidance needs stays trained.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -284,6 +292,7 @@ class FinetuneOptions(Options):
             loss_weight=self.loss_weight, min_snr_gamma=self.min_snr_gamma, distill=self.distill,
             timestep_sampler=self.timestep_sampler, clusters=self.clusters, patience=self.patience,
             visit_steps=self.visit_steps, checkpoint_every=self.checkpoint_every, precision=self.precision,
+            label_dropout=self.label_dropout,
         )  # fmt: skip
 
 
@@ -300,19 +309,25 @@ def teacher_for(options: FinetuneOptions, bundle: Bundle) -> UNet2DModel | None:
     return model
 
 
-def training_data(options: FinetuneOptions, bundle: Bundle) -> torch.Tensor:
+def training_data(options: FinetuneOptions, bundle: Bundle) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training part of ``options.data``, split as the bundle's prune split it (unless told
-    otherwise); other images than the bundle was pruned with are said in one line."""
-    from stepadapt.data import fingerprint, load_dataset
+    otherwise), with its labels where the bundle is class-conditional; other images than the bundle
+    was pruned with are said in one line."""
+    from stepadapt.data import fingerprint, load_dataset, load_labelled
 
     o, record = options, bundle.manifest.data or {}
     holdout = o.holdout if o.holdout is not None else record.get("holdout", DEFAULT_HOLDOUT)
     c, size = bundle.manifest.sample_shape[0], bundle.manifest.sample_shape[1]
-    x = load_dataset(o.data, "train", size, c, limit=o.limit, seed=o.seed, holdout=holdout)
+    part = dict(limit=o.limit, seed=o.seed, holdout=holdout)
+    y = None
+    if bundle.manifest.conditioning.classes:
+        x, y = load_labelled(o.data, "train", size, c, **part)
+    else:
+        x = load_dataset(o.data, "train", size, c, **part)
     if record and o.limit is None and fingerprint(x) != record.get("sha256"):
         msg = f"fine-tuning on other images than {bundle.path} was pruned with ({record.get('source')})"
         warnings.warn(Notice(msg), stacklevel=2)
-    return x
+    return x, y
 
 
 def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None) -> dict[str, TrainResult]:
@@ -327,8 +342,8 @@ def finetune(options: FinetuneOptions, log: Callable[[str], None] | None = None)
     dist.init_from_env()
     b = Bundle.load(o.bundle)
     teacher = teacher_for(o, b)
-    x = training_data(o, b)
+    x, y = training_data(o, b)
     return finetune_bundle(
         b, x, o.train_config(), o.iterations, mode=o.mode, specialize=o.specialize,
-        experts=list(o.expert) or None, teacher=teacher, resume=o.resume, log=log, device=dev,
+        experts=list(o.expert) or None, teacher=teacher, resume=o.resume, log=log, device=dev, labels=y,
     )  # fmt: skip

@@ -110,16 +110,17 @@ class SharedExperts(torch.nn.Module):
     def expert_parameters(self, i: int) -> dict[str, torch.Tensor]:
         return {n: gather(p, self._slices[i][n]) for n, p in self.base.named_parameters()}
 
-    def forward_expert(self, i: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward_expert(self, i: int, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         skeleton = self._skeletons[i].to(x.device).train(self.training)  # dropout as in the base
-        return torch.func.functional_call(skeleton, self.expert_parameters(i), (x, t)).sample
+        return torch.func.functional_call(skeleton, self.expert_parameters(i), (x, t), cond).sample
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> UNet2DOutput:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> UNet2DOutput:
+        """``cond``: the rows' condition as keyword inputs (class labels), as a diffusers U-Net."""
         owner = self.expert_index(t)
         out = None  # allocated in the experts' dtype (bf16/fp16 under autocast), not x's
         for i in owner.unique().tolist():
             sel = (owner == i).to(x.device)
-            y = self.forward_expert(i, x[sel], t[sel])
+            y = self.forward_expert(i, x[sel], t[sel], **{k: v[sel] for k, v in cond.items()})
             if out is None:
                 out = x.new_empty(x.shape, dtype=y.dtype)
             out = out.index_put((sel,), y.to(out.dtype))
