@@ -16,6 +16,7 @@ requests -- at different steps, with different solvers -- can share one call.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -82,10 +83,14 @@ def module_denoiser(model: torch.nn.Module) -> Denoiser:
     plain ``(x, t, cond) -> eps`` function. It runs where the model lives and answers where ``x``
     lives, so the sampling loop (and its CPU generators) stays the same on a GPU."""
     device = device_of(model)
+    # What its forward takes: an unconditional expert (the Gaussian) in a conditional bundle gets
+    # the Router's rows with their labels, and ignores them as its ONNX export does.
+    params = inspect.signature(model.forward).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     @torch.no_grad()
     def run(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
-        extra = {k: v.to(device) for k, v in model_inputs(cond or {}).items()}
+        extra = {k: v.to(device) for k, v in model_inputs(cond or {}).items() if takes_all or k in params}
         out = model(x.to(device), t.to(device), **extra)
         return getattr(out, "sample", out).to(x.device)
 
