@@ -375,7 +375,9 @@ def evaluate_targets(
     base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
     opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
     reals, real_feats = real_set(net, data, n_real or n, shape[1], shape[0], **opts)
-    by_class = _by_class(ref.conditioning, n, guidance_scale, data, n_real or n, seed, holdout, classifier)
+    by_class = class_scoring(
+        ref.conditioning, n, guidance_scale, data, n_real or n, seed, holdout, classifier
+    )
     cond = by_class.cond if by_class else None
     t0 = time.perf_counter()
     reference = generate(base_den, sched, shape, n, steps, seed, solver, cond=cond)
@@ -426,7 +428,7 @@ class ByClass:
     classifier_path: str | None = None
 
 
-def _by_class(
+def class_scoring(
     conditioning: Conditioning,
     n: int,
     guidance_scale: float,
