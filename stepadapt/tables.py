@@ -58,7 +58,8 @@ def gaussian_lines(plan: Plan) -> list[str]:
 def bundle_table(m: Any) -> Table:
     """A bundle's experts: interval, SNR range, MACs vs base, params (``m``: a Manifest)."""
     table = Table(
-        title=f"{len(m.experts)} experts, trajectory mean {m.trajectory_macs_ratio():.3f} x base MACs"
+        title=f"{len(m.experts)} experts, trajectory mean {m.trajectory_macs_ratio():.3f} x base MACs",
+        caption=None if m.conditioning.unconditional else f"conditioned on {_condition_text(m)}",
     )
     for col in ("expert", "timesteps", "SNR dB", "MACs", "vs base", "target", "params", "importance"):
         table.add_column(col, justify="right")
@@ -77,15 +78,30 @@ def bundle_table(m: Any) -> Table:
     return table
 
 
+def _condition_text(m: Any) -> str:
+    names = m.class_names or []
+    text = m.conditioning.describe()
+    return text + (f" ({', '.join(names)})" if names else "")
+
+
 def evaluate_table(report: dict[str, Any], n: int, setting: Any, seed: int) -> Table:
-    table = Table(title=f"{n} images, {setting}, seed {seed}")
-    for col in ("target", "MACs/base", "KID", "FID", "PSNR vs base", "SWD", "sampling s"):
+    guidance = report["settings"].get("guidance_scale")
+    title = f"{n} images, {setting}, seed {seed}" + (f", guidance {guidance:g}" if guidance else "")
+    table = Table(title=title)
+    by_class = any("kid_per_class" in r for r in report["results"].values())
+    columns = ["target", "MACs/base", "KID", "FID", "PSNR vs base", "SWD", "sampling s"]
+    columns += ["KID per class", "accuracy"] if by_class else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "target" else "right")
     for name, r in report["results"].items():
-        table.add_row(
+        row = [
             name, f"{r['macs_ratio']:.3f}", f"{r['kid']:.4f} ± {r['kid_std']:.4f}", f"{r['fid']:.1f}",
             f"{r['psnr']:.2f}", f"{r['swd']:.4f}", f"{r['sample_seconds']:.1f}",
-        )  # fmt: skip
+        ]  # fmt: skip
+        if by_class:
+            acc = r.get("accuracy")
+            row += [f"{r['kid_per_class']:.4f}", "—" if acc is None else f"{100 * acc:.1f}%"]
+        table.add_row(*row)
     return table
 
 
