@@ -164,6 +164,11 @@ def tune(
     target = load_target(bundle, device)
     if target.bundle is None:
         raise StepadaptError(f"{bundle} is not a bundle (tune writes into a bundle's manifest)")
+    if not target.conditioning.unconditional:
+        raise StepadaptError(
+            f"{bundle} is conditional: tune scores unconditional bundles only so far "
+            "(python -m benchmarks.conditional measures conditional ones)"
+        )
     if jump is None:  # try it wherever it exists
         jump = target.can_jump
     options = candidates(target, max_macs_per_image, samplers, steps, jump)
