@@ -10,8 +10,10 @@ class here plus its tests.
 - ``unet``: a structurally pruned copy of the base (or the base itself): weights
   plus the torch-pruning history that rebuilds its structure from the base config.
 - ``gaussian``: the closed-form denoiser of the training images' mean and
-  covariance (stepadapt.gaussian); its size is set by the image, not the budget,
-  and its exact flow map allows the analytic jump.
+  covariance, full or low-rank (stepadapt.gaussian); its size is set by the image,
+  not the budget, and its exact flow map allows the analytic jump.
+- ``class-gaussian``: one low-rank Gaussian per class plus the pooled one for the
+  null class, for class-conditional bases: the noisy end keeps the label.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.conditioning import Conditioning, conditioning_of
-from stepadapt.gaussian import GaussianDenoiser
+from stepadapt.gaussian import ClassGaussianDenoiser, GaussianDenoiser
 from stepadapt.io import save_safetensors, sha256_file, write_json
 
 Stored = Any  # what a kind keeps in memory for one expert: (U-Net, history) or a GaussianDenoiser
@@ -46,7 +48,8 @@ class BuildContext:
     candidates: tuple = ()
     memory: Any = None
     seed: int = 0
-    gaussian: GaussianDenoiser | None = None  # fitted once, before (stepadapt.plan.GaussianChoice)
+    # fitted once, before (stepadapt.plan.GaussianChoice): a GaussianDenoiser or ClassGaussianDenoiser
+    gaussian: torch.nn.Module | None = None
     log: Callable[[str], None] | None = None
     parent: tuple[UNet2DModel, list, str | None] | None = None  # nested pruning: model, history, name
     # The candidate search a pruned kind is built by (stepadapt.importance.search_group), injected
@@ -235,9 +238,19 @@ class GaussianKind(ExpertKind):
     def build(self, group: Any, target_macs: float, ctx: BuildContext) -> Built:
         if ctx.gaussian is None:
             raise StepadaptError(
-                f"the plan gives [{group.lo},{group.hi}) to a Gaussian expert, but none was fitted"
+                f"the plan gives [{group.lo},{group.hi}) to a {self.label} expert, but none was fitted"
             )
-        g = ctx.gaussian
+        if not isinstance(ctx.gaussian, self.model_type):
+            raise StepadaptError(
+                f"the plan gives [{group.lo},{group.hi}) to a {self.name} expert, but the fit is a "
+                f"{type(ctx.gaussian).__name__}"
+            )
+        g, serves = ctx.gaussian, conditioning_of(ctx.base.config)
+        if self.conditioning(g) != serves:
+            raise StepadaptError(
+                f"a {self.label} expert taking {self.conditioning(g).describe()} cannot stand in for a base "
+                f"taking {serves.describe()}"
+            )
         return Built(g, g.macs, g.params, importance="closed form")
 
     def write(self, directory: Path, name: str, stored: Stored) -> dict[str, str]:
@@ -246,13 +259,52 @@ class GaussianKind(ExpertKind):
         return {"weights": f"{directory.name}/{w.name}", "sha256": save_safetensors(w, stored.tensors())}
 
     def load(self, root: Path, spec: Any, manifest: Any) -> torch.nn.Module:
-        return GaussianDenoiser.from_tensors(_tensors(root, spec), manifest.sample_shape, manifest.scheduler)
+        return self.from_tensors(
+            _tensors(root, spec), manifest.sample_shape, manifest.scheduler, manifest.conditioning
+        )
+
+    def from_tensors(
+        self, tensors: dict[str, torch.Tensor], sample_shape: tuple[int, int, int], scheduler_cfg: dict,
+        conditioning: Conditioning,
+    ) -> torch.nn.Module:  # fmt: skip
+        """The expert from its stored tensors (a bundle's file, or the fit analyze kept beside a plan),
+        checked against the model it stands in for."""
+        return GaussianDenoiser.from_tensors(tensors, sample_shape, scheduler_cfg)
 
     def describe(self, root: Path, spec: Any) -> str:
         return "a closed-form Gaussian denoiser"
 
     def sample_shape(self, model: torch.nn.Module) -> tuple[int, int, int]:
         return model.sample_shape
+
+
+class ClassGaussianKind(GaussianKind):
+    """One low-rank Gaussian per class and the pooled one for the null class
+    (:class:`stepadapt.gaussian.ClassGaussianDenoiser`), taking ``class_labels`` beside (x, t) as a
+    class-conditional U-Net does, so guidance, the Router and ONNX export treat it alike.
+
+    No analytic jump: each row's own Gaussian has an exact flow, but the guided map
+    ``eps_u + s (eps_c - eps_u)`` mixes two Gaussians' scores and is not the flow of any Gaussian,
+    so the sampler steps through its interval like any expert's."""
+
+    name = "class-gaussian"
+    model_type = ClassGaussianDenoiser
+    label = "class Gaussian"
+    jumps = False
+
+    def from_tensors(
+        self, tensors: dict[str, torch.Tensor], sample_shape: tuple[int, int, int], scheduler_cfg: dict,
+        conditioning: Conditioning,
+    ) -> torch.nn.Module:  # fmt: skip
+        if not conditioning.classes:
+            raise StepadaptError("a class Gaussian expert serves class-conditional models only")
+        return ClassGaussianDenoiser.from_tensors(tensors, sample_shape, scheduler_cfg, conditioning.classes)
+
+    def describe(self, root: Path, spec: Any) -> str:
+        return "closed-form Gaussian denoisers, one per class"
+
+    def conditioning(self, model: torch.nn.Module) -> Conditioning:
+        return model.conditioning
 
 
 KINDS: dict[str, ExpertKind] = {}
@@ -266,6 +318,7 @@ def register(kind: ExpertKind) -> ExpertKind:
 
 UNET = register(UNetKind())
 GAUSSIAN = register(GaussianKind())
+CLASS_GAUSSIAN = register(ClassGaussianKind())
 DEFAULT = UNET.name  # manifests and plans from before kinds existed hold only U-Nets
 
 
