@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +29,27 @@ class GenerateRequest:
     sampler: str | None = None  # a solver spec: "unipc", "dpm++2m:thresholding", "ddim:eta=0.5", ...
     eta: float | None = None
     jump: bool | None = None
+    # A class-conditional bundle: one label per image (the bundle's null label, its class count,
+    # for an unconditional image) and the classifier-free guidance scale (None: 1, no guidance).
+    class_labels: Sequence[int] | None = None
+    guidance_scale: float | None = None
+
+
+INT32 = np.iinfo(np.int32)
+
+
+def _labels(labels: Sequence[int] | None) -> np.ndarray | None:
+    """The labels as the endpoint's INT32 [N]; whether they fit the bundle is the server's to say."""
+    if labels is None:
+        return None
+    a = np.asarray(list(labels))
+    if a.size and (a.dtype.kind not in "iu" or a.min() < INT32.min or a.max() > INT32.max):
+        raise StepadaptError(f"class labels must be whole numbers, got {list(labels)[:8]}")
+    return a.astype(np.int32).reshape(-1)
 
 
 def _inputs(mod, req: GenerateRequest) -> list:
+    scale = req.guidance_scale
     values = [
         ("seed", np.array([req.seed], dtype=np.int64), "INT64"),
         ("num_images", np.array([req.num_images], dtype=np.int32), "INT32"),
@@ -43,6 +61,8 @@ def _inputs(mod, req: GenerateRequest) -> list:
         ),
         ("eta", None if req.eta is None else np.array([req.eta], dtype=np.float32), "FP32"),
         ("jump", None if req.jump is None else np.array([req.jump], dtype=np.bool_), "BOOL"),
+        ("class_labels", _labels(req.class_labels), "INT32"),
+        ("guidance_scale", None if scale is None else np.array([scale], dtype=np.float32), "FP32"),
     ]
     out = []
     for name, arr, dtype in values:

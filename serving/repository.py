@@ -16,6 +16,14 @@ expert_<name>/1/{model.py,model.onnx}
 generate/, generate_stream/           router.py + manifest.json, BLS per step
 ```
 Router overhead per layout is measured by ``stepadapt bench`` (docs/benchmarks.md).
+
+The endpoints' inputs are the same in both layouts and for every bundle: ``seed``,
+``num_images``, ``steps``, ``sampler``, ``eta``, ``jump``, and for a class-conditional
+bundle ``class_labels`` (INT32 [N], one per image) and ``guidance_scale`` (FP32 [1], 1 =
+no guidance by default); all optional in the configs, so an unconditional request is
+unchanged and labels sent to an unconditional bundle get the router's own 400
+(``stepadapt.serving.condition``), not Triton's "unexpected input". An expert that
+takes labels (its ONNX export's ``class_labels``) declares one more input, INT64 per row.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from pathlib import Path
 import stepadapt.export as export_package
 from stepadapt.export import MAX_BATCH
 from stepadapt.export.runtime import timestep_type
+from stepadapt.serving.condition import CLASS_LABELS, GUIDANCE, takes_labels
 
 import stepadapt
 from stepadapt import Notice, StepadaptError
 from stepadapt.bundle import Bundle, ExpertSpec
+from stepadapt.conditioning import Conditioning
 from stepadapt.io import atomic_dir
 
 MODELS_SRC = Path(__file__).parent / "triton_models"
@@ -96,9 +106,23 @@ def _timestep_type(e: ExpertSpec) -> str:
     return "TYPE_FP32" if timestep_type(e.onnx) == "float32" else "TYPE_INT64"
 
 
+def _labels_input(null_label: int | None, reshape: str = "") -> str:
+    """An expert's ``class_labels`` input (one per row, like ``timestep``), where it takes one."""
+    if null_label is None:
+        return ""
+    return f',\n  {{ name: "{CLASS_LABELS}" data_type: TYPE_INT64 dims: [ 1 ]{reshape} }}'
+
+
 def expert_config(
-    name: str, shape: tuple, lo: int, hi: int, o: RepositoryOptions, ttype: str = "TYPE_FP32"
+    name: str,
+    shape: tuple,
+    lo: int,
+    hi: int,
+    o: RepositoryOptions,
+    ttype: str = "TYPE_FP32",
+    null_label: int | None = None,
 ) -> str:
+    """A python-backend expert; ``null_label``: it takes class labels 0..null_label."""
     c, h, w = shape
     params = {
         "threads": str(o.threads),
@@ -106,12 +130,14 @@ def expert_config(
         "sample_shape": json.dumps(list(shape)),
         "timesteps": json.dumps([lo, hi]),
     }
+    if null_label is not None:
+        params["null_label"] = str(null_label)
     return f"""name: "expert_{name}"
 backend: "python"
 max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
-  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] }}
+  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] }}{_labels_input(null_label)}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -121,7 +147,12 @@ instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
 
 
 def expert_gpu_config(
-    name: str, shape: tuple, o: RepositoryOptions, tensorrt: bool, ttype: str = "TYPE_FP32"
+    name: str,
+    shape: tuple,
+    o: RepositoryOptions,
+    tensorrt: bool,
+    ttype: str = "TYPE_FP32",
+    null_label: int | None = None,
 ) -> str:
     """For a full Triton build with GPU backends: the same I/O on TensorRT or ONNX Runtime."""
     c, h, w = shape
@@ -132,7 +163,8 @@ default_model_filename: "{filename}"
 max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
-  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] reshape: {{ shape: [ ] }} }}
+  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] reshape: {{ shape: [ ] }} }}\
+{_labels_input(null_label, " reshape: { shape: [ ] }")}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -140,9 +172,11 @@ instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 """
 
 
-def _router_inputs(dims: str) -> str:
-    return "\n".join(
-        f'  {{ name: "{n}" data_type: {t} dims: {dims} optional: true }},'
+def _router_inputs(ragged: bool = False) -> str:
+    """The endpoints' inputs, all optional. ``ragged``: the batched router, whose dynamic batcher
+    must batch requests whose ``class_labels`` differ in length (one label per image)."""
+    scalars = [
+        f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] optional: true }}'
         for n, t in (
             ("seed", "TYPE_INT64"),
             ("num_images", "TYPE_INT32"),
@@ -150,23 +184,31 @@ def _router_inputs(dims: str) -> str:
             ("sampler", "TYPE_STRING"),
             ("eta", "TYPE_FP32"),
             ("jump", "TYPE_BOOL"),
+            (GUIDANCE, "TYPE_FP32"),
         )  # fmt: skip
-    ).rstrip(",")
+    ]
+    extra = " allow_ragged_batch: true" if ragged else ""
+    labels = f'  {{ name: "{CLASS_LABELS}" data_type: TYPE_INT32 dims: [ -1 ] optional: true{extra} }}'
+    return ",\n".join([*scalars, labels])
 
 
-def front_config(shape: tuple, o: RepositoryOptions) -> str:
-    """The fused layout's endpoint: the same inputs and outputs as the bls router."""
+def front_config(shape: tuple, o: RepositoryOptions, conditioning: Conditioning | None = None) -> str:
+    """The fused layout's endpoint: the same inputs and outputs as the bls router. For a
+    class-conditional bundle it fills in the condition a request leaves out (front.py says why)."""
     c, h, w = shape
+    params = {"target": ROUTER}
+    if conditioning is not None and conditioning.classes:
+        params["fill"] = json.dumps({CLASS_LABELS: [], GUIDANCE: [1.0]})
     return f"""name: "generate"
 backend: "python"
 max_batch_size: 0
 input [
-{_router_inputs("[ 1 ]")}
+{_router_inputs()}
 ]
 output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
 {queue_policy(o)}
 instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
-{_params({"target": ROUTER})}
+{_params(params)}
 """
 
 
@@ -182,7 +224,7 @@ def batched_router_config(shape: tuple, o: RepositoryOptions) -> str:
 backend: "python"
 max_batch_size: {o.max_requests}
 input [
-{_router_inputs("[ 1 ]")}
+{_router_inputs(ragged=True)}
 ]
 output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -209,7 +251,7 @@ def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool
 backend: "python"
 max_batch_size: 0
 input [
-{_router_inputs("[ 1 ]")}
+{_router_inputs()}
 ]
 output [
 {stream_out}  {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }}
@@ -244,6 +286,11 @@ def write_repository(
     o = options or RepositoryOptions()
     if o.layout not in LAYOUTS:
         raise StepadaptError(f"unknown repository layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if bundle.manifest.conditioning.text_dim:
+        raise StepadaptError(
+            "this bundle is conditioned on text embeddings, which the endpoint does not take yet "
+            "(it takes class labels)"
+        )
     shape = tuple(bundle.manifest.sample_shape)
     path = Path(path)
     onnx = {}
@@ -275,7 +322,8 @@ def write_repository(
     with atomic_dir(path) as tmp:
         if o.layout == "fused":
             (tmp / "generate" / "1").mkdir(parents=True)
-            (tmp / "generate" / "config.pbtxt").write_text(front_config(shape, o))
+            front = front_config(shape, o, bundle.manifest.conditioning)
+            (tmp / "generate" / "config.pbtxt").write_text(front)
             shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
             copy_library(tmp / "generate")
             router(tmp / ROUTER, batched_router_config(shape, o), local=True)
@@ -286,10 +334,13 @@ def write_repository(
             d = tmp / f"expert_{e.name}"
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
-            (d / "config.pbtxt").write_text(expert_config(e.name, shape, e.lo, e.hi, o, _timestep_type(e)))
+            null = bundle.manifest.conditioning.null_label if takes_labels(e.onnx) else None
+            (d / "config.pbtxt").write_text(
+                expert_config(e.name, shape, e.lo, e.hi, o, _timestep_type(e), null_label=null)
+            )
             engine = _usable_engine(bundle, e, o)
             (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, shape, o, tensorrt=bool(engine), ttype=_timestep_type(e))
+                expert_gpu_config(e.name, shape, o, bool(engine), _timestep_type(e), null_label=null)
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)

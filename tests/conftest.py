@@ -87,5 +87,5 @@ def pytest_collection_modifyitems(items):
     """Every test on a served endpoint starts (or shares) a real tritonserver: slow, whichever of
     them runs first pays for the start."""
     for item in items:
-        if "served" in getattr(item, "fixturenames", ()):
+        if any(f.startswith("served") for f in getattr(item, "fixturenames", ())):  # served, served_cond
             item.add_marker(pytest.mark.slow)

@@ -158,6 +158,8 @@ def test_http_generate_stream_route(served):
         ({"eta": ("FP32", 3.0)}, "eta must be in"),
         ({"steps": ("FP32", 5.0)}, "data-type"),
         ({"bogus": ("INT32", 1)}, "unexpected inference input"),
+        ({"class_labels": ("INT32", 1)}, "class_labels given, but this bundle is not class-conditional"),
+        ({"guidance_scale": ("FP32", 3.0)}, "guidance_scale given, but this bundle is not class-conditional"),
     ],
 )
 def test_bad_requests_get_400_and_the_server_keeps_serving(served, inputs, message):
@@ -236,6 +238,7 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
     assert {p.name for p in fused.iterdir()} == {"generate", "router", "generate_stream"}
     assert {p.name for p in (fused / "router" / "1").glob("*.onnx")} == {f"{n}.onnx" for n in names}
     assert "max_batch_size: 16" in (fused / "router" / "config.pbtxt").read_text()
+    assert "fill" not in (fused / "generate" / "config.pbtxt").read_text()  # unconditional: nothing to fill
     assert {p.name for p in bls.iterdir()} == {"generate", "generate_stream"} | {f"expert_{n}" for n in names}
     with pytest.raises(StepadaptError, match="unknown repository layout"):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))

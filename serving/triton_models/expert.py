@@ -3,6 +3,9 @@
 Dynamic batching hands ``execute`` several requests at once (steps of
 concurrent generations that landed on this expert); they run as one batch.
 A malformed request gets its own error response; the others still run.
+An expert of a class-conditional bundle also takes ``class_labels`` (INT64, one
+per row, the null label included: the router's guided rows); the Gaussian beside
+it takes none.
 """
 
 import sys
@@ -29,8 +32,11 @@ class TritonPythonModel:
         self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
         self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
         self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
+        self.labels = "class_labels" in {i.name for i in self.session.get_inputs()}
+        null = params.get("null_label")  # the repository writes it beside a labels input
+        self.null_label = None if null is None else int(null)
 
-    def _check(self, x, t):
+    def _check(self, x, t, y):
         if x.shape[1:] != self.shape:
             return f"sample must be [B, {', '.join(map(str, self.shape))}], got {list(x.shape)}"
         if t.size != x.shape[0]:
@@ -39,23 +45,39 @@ class TritonPythonModel:
             return "sample contains NaN or infinite values"
         if t.size and (t.min() < self.lo or t.max() >= self.hi):
             return f"timestep outside this expert's interval [{self.lo}, {self.hi})"
+        return None if y is None else self._check_labels(y, x.shape[0])
+
+    def _check_labels(self, y, rows):
+        if y.size != rows:
+            return f"class_labels must have one value per sample ({rows}), got {y.size}"
+        if y.size and self.null_label is not None and (y.min() < 0 or y.max() > self.null_label):
+            return f"class label outside 0..{self.null_label} ({self.null_label}: no class)"
         return None
+
+    def _labels(self, request):
+        if not self.labels:
+            return None
+        return pb_utils.get_input_tensor_by_name(request, "class_labels").as_numpy().reshape(-1)
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        xs, ts, idx = [], [], []
+        xs, ts, ys, idx = [], [], [], []
         for i, r in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(r, "sample").as_numpy().astype(np.float32, copy=False)
             t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.float64)
-            problem = self._check(x, t)
+            y = self._labels(r)
+            problem = self._check(x, t, y)
             if problem:
                 responses[i] = error(problem)
             else:
                 xs.append(x)
                 ts.append(t)
+                ys.append(y)
                 idx.append(i)
         if xs:
             feed = {"sample": np.concatenate(xs), "timestep": timestep_feed(self.session, np.concatenate(ts))}
+            if self.labels:
+                feed["class_labels"] = np.concatenate(ys).astype(np.int64)
             eps = self.session.run(["eps"], feed)[0]
             start = 0
             for i, x in zip(idx, xs, strict=True):

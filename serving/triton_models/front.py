@@ -11,6 +11,12 @@ so while it waits the front looks at its own request and, on cancellation,
 marks the router's request id (``stepadapt.serving.cancel``); the router
 drops it at its next step. The bounded queue in front of this model (its
 ``dynamic_batching`` queue policy) is where overload is refused.
+
+Triton's dynamic batcher puts requests of a model with optional inputs in one
+batch only if they carry the same inputs. So for a class-conditional bundle the
+front fills in the condition a request leaves out (``fill``: no labels, which the
+router refuses in its own words, and guidance scale 1), and requests with and
+without a guidance scale still share the router's steps.
 """
 
 import sys
@@ -28,7 +34,9 @@ import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
 from stepadapt.serving.replies import error, unrelay
 
-INPUTS = ("seed", "num_images", "steps", "sampler", "eta", "jump")
+SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale")
+PER_IMAGE = ("class_labels",)  # one value per image: any length, checked by the router
+TYPES = {"class_labels": np.int32, "guidance_scale": np.float32}  # of the inputs ``fill`` may name
 POLL = 0.05  # seconds between looks at the client's cancellation while the router works
 
 
@@ -47,6 +55,8 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.target = params.get("target", "router")
+        fill = json.loads(params.get("fill", "{}"))  # input -> its value where a request has none
+        self.fill = {k: np.asarray(v, dtype=TYPES[k]).reshape(1, -1) for k, v in fill.items()}
 
     def execute(self, requests):
         return asyncio.run(self._all(requests))
@@ -55,15 +65,19 @@ class TritonPythonModel:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def _inputs(self, request):
+        """The request's inputs with the router's batch axis of 1 (its ``class_labels`` ragged: the
+        router batches requests of different image counts)."""
         inputs = []
-        for name in INPUTS:
+        for name in (*SCALARS, *PER_IMAGE):
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
+                if name in self.fill:
+                    inputs.append(pb_utils.Tensor(name, self.fill[name]))
                 continue
             a = t.as_numpy().reshape(-1)
-            if a.size != 1:
+            if name in SCALARS and a.size != 1:
                 raise ValueError(f"input {name} must hold exactly one value, got {a.size}")
-            inputs.append(pb_utils.Tensor(name, a.reshape(1, 1)))
+            inputs.append(pb_utils.Tensor(name, a.reshape(1, -1)))
         return inputs
 
     async def _one(self, request):

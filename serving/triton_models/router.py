@@ -14,6 +14,14 @@ images it would get alone (``sample_together``). A request that leaves out
 (``stepadapt tune``). ``generate_stream`` (decoupled) runs one request at a
 time and sends a message per model evaluation.
 
+A class-conditional bundle takes ``class_labels`` (one per image) and
+``guidance_scale`` (``stepadapt.serving.condition``). Each request's condition
+rides with its rows; classifier-free guidance wraps the Router
+(``conditioning.guided``), so a step is still one Router call for all rows of
+all batched requests, conditional and unconditional, and each expert runs once
+per step. Experts that take labels get them (in process: the ONNX session asks
+for them; bls: the call passes them); the Gaussian does not.
+
 Between steps every request is looked at (``Watch``): cancelled by its client
 (directly, or through the front's mark), past the server's time limit, or the
 server stopping; such a request gets its error and its images stop costing
@@ -36,10 +44,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
+from stepadapt.serving.condition import CLASS_LABELS, request_condition, takes_labels
 from stepadapt.serving.replies import error
 
 import stepadapt
 from stepadapt import StepadaptError
+from stepadapt.conditioning import conditioning_of, guided, take
 from stepadapt.export.runtime import timestep_type
 from stepadapt.kinds import DEFAULT, kind_of
 from stepadapt.sampling import Router, sample_images, sample_together, validate_request, validate_setting
@@ -93,21 +103,32 @@ def _timesteps(t, dtype):
     return np.rint(t).astype(np.int64) if dtype == np.int64 else np.asarray(t, dtype=dtype)
 
 
-def _bls_expert(model_name, dtype):
-    def call(x, t):
-        req = pb_utils.InferenceRequest(
-            model_name=model_name,
-            requested_output_names=["eps"],
-            inputs=[
-                pb_utils.Tensor("sample", x.numpy().astype(np.float32, copy=False)),
-                pb_utils.Tensor("timestep", _timesteps(t.numpy(), dtype).reshape(-1, 1)),
-            ],
-        )
+def _bls_expert(model_name, dtype, labels, max_rows):
+    """A denoiser ``(x, t, cond)`` that is a BLS call to ``model_name``; ``labels``: the expert takes
+    ``class_labels`` (one per row, like ``timestep``). Guidance doubles the rows of a full request,
+    so rows beyond the expert's ``max_batch_size`` (``max_rows``) go in a second call."""
+
+    def one(x, t, cond):
+        inputs = [
+            pb_utils.Tensor("sample", x.numpy().astype(np.float32, copy=False)),
+            pb_utils.Tensor("timestep", _timesteps(t.numpy(), dtype).reshape(-1, 1)),
+        ]
+        if labels:
+            y = cond[CLASS_LABELS].numpy().astype(np.int64).reshape(-1, 1)
+            inputs.append(pb_utils.Tensor(CLASS_LABELS, y))
+        req = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=["eps"], inputs=inputs)
         resp = req.exec()
         if resp.has_error():
             raise StepadaptError(f"{model_name}: {resp.error().message()}")
         # A copy: the response's memory belongs to the response and goes with it.
         return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy().copy())
+
+    def call(x, t, cond=None):
+        cond = cond or {}
+        if len(x) <= max_rows:
+            return one(x, t, cond)
+        parts = [slice(lo, lo + max_rows) for lo in range(0, len(x), max_rows)]
+        return torch.cat([one(x[p], t[p], take(cond, p)) for p in parts])
 
     return call
 
@@ -126,6 +147,12 @@ def _scalar(request, name, default):
         except UnicodeDecodeError:
             raise StepadaptError(f"input {name} is not UTF-8 text") from None
     return v.item()
+
+
+def _labels(request):
+    """The request's class labels (any shape: a batch axis of 1 from the front), or None."""
+    t = pb_utils.get_input_tensor_by_name(request, CLASS_LABELS)
+    return None if t is None else t.as_numpy().reshape(-1)
 
 
 class TritonPythonModel:
@@ -148,12 +175,19 @@ class TritonPythonModel:
             paths = [os.path.join(version_dir, f"{n}.onnx") for n in self.names]
             experts = [OnnxDenoiser(p, threads, device) for p in paths]
         else:
-            types = [
-                np.float32 if timestep_type(e.get("onnx")) == "float32" else np.int64
+            experts = [
+                _bls_expert(
+                    f"expert_{e['name']}",
+                    np.float32 if timestep_type(e.get("onnx")) == "float32" else np.int64,
+                    takes_labels(e.get("onnx")),
+                    self.max_images,
+                )
                 for e in manifest["experts"]
             ]
-            experts = [_bls_expert(f"expert_{n}", d) for n, d in zip(self.names, types, strict=True)]
-        self.router = Router(bounds, experts)
+        self.router = Router(bounds, experts)  # the stream names each step's expert from it
+        self.conditioning = conditioning_of(manifest["base_config"])
+        c = self.conditioning
+        self.denoiser = guided(self.router, c.null_label) if c.classes else self.router
         self.recommended = manifest.get("recommended")
         self.jump_file = os.path.join(version_dir, "jump.safetensors")
         top = manifest["experts"][-1]
@@ -165,9 +199,11 @@ class TritonPythonModel:
         torch.set_num_threads(1)
 
     def _parse(self, request):
-        """(seed, n, setting): what the request asks for, the bundle's recommendation where it is silent."""
+        """(seed, n, setting, cond): what the request asks for, the bundle's recommendation where it is
+        silent; ``cond`` its rows' condition (empty for an unconditional bundle)."""
         seed = int(_scalar(request, "seed", 0))
         n = int(_scalar(request, "num_images", 1))
+        scale = _scalar(request, "guidance_scale", None)
         steps = _scalar(request, "steps", None)
         sampler = _scalar(request, "sampler", None)
         eta = _scalar(request, "eta", None)
@@ -184,7 +220,7 @@ class TritonPythonModel:
         )  # fmt: skip
         validate_request(setting.steps, n, self.max_images, T)
         validate_setting(setting, self.scheduler, self.jump_cut)
-        return seed, n, setting
+        return seed, n, setting, request_condition(self.conditioning, n, _labels(request), scale)
 
     def jump(self):
         """The analytic jump over the Gaussian expert's interval, loaded on first use."""
@@ -206,11 +242,11 @@ class TritonPythonModel:
                 self._stream(r)
             return None
         responses = [None] * len(requests)
-        groups = defaultdict(list)  # setting -> [(index, n, seed, watch)]
+        groups = defaultdict(list)  # setting -> [(index, n, seed, cond, watch)]
         for i, r in enumerate(requests):
             try:
-                seed, n, setting = self._parse(r)
-                groups[setting].append((i, n, seed, Watch(r, self.max_seconds)))
+                seed, n, setting, cond = self._parse(r)
+                groups[setting].append((i, n, seed, cond, Watch(r, self.max_seconds)))
             except StepadaptError as e:
                 responses[i] = error(str(e), relayed=self.batched)
             except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
@@ -228,7 +264,7 @@ class TritonPythonModel:
 
         try:
             images = sample_together(
-                self.router, self.scheduler, self.shape, [(n, seed) for _, n, seed, _ in chunk],
+                self.denoiser, self.scheduler, self.shape, [(n, seed, cond) for _, n, seed, cond, _ in chunk],
                 steps=setting.steps, sampler=setting.sampler, stopped=stopped,
                 jump=self.jump() if setting.jump else None,
             )  # fmt: skip
@@ -242,7 +278,7 @@ class TritonPythonModel:
                 error(str(e), "INTERNAL", self.batched) if ours else _internal(e, self.batched)
             )
             return
-        for (i, _, _, watch), im in zip(chunk, images, strict=True):
+        for (i, *_, watch), im in zip(chunk, images, strict=True):
             if im is None:
                 responses[i] = error(str(watch.stopped), watch.stopped.code, self.batched)
             else:
@@ -280,11 +316,11 @@ class TritonPythonModel:
             )
 
         try:
-            seed, n, setting = self._parse(request)
+            seed, n, setting, cond = self._parse(request)
             images = sample_images(
-                self.router, self.scheduler, self.shape, n, steps=setting.steps, sampler=setting.sampler,
+                self.denoiser, self.scheduler, self.shape, n, steps=setting.steps, sampler=setting.sampler,
                 seed=seed, batch=self.max_images, callback=progress,
-                jump=self.jump() if setting.jump else None,
+                jump=self.jump() if setting.jump else None, cond=cond,
             )  # fmt: skip
             last = pb_utils.InferenceResponse([pb_utils.Tensor("images", images)])
         except Stopped as e:
