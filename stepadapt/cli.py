@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from stepadapt import Notice, StepadaptError
 from stepadapt.analyze import AnalyzeOptions
+from stepadapt.classifier import ClassifierOptions
 from stepadapt.compress import PruneOptions
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, resolve_device
@@ -116,6 +117,21 @@ def train_base(opts: TrainBaseOptions, sampler: OldSamplerOpt = None) -> None:
             f"trained {res.steps} steps, final loss {res.final_loss:.4f}, "
             f"{res.images_per_second:.0f} img/s; model -> {model_dir}"
         )
+
+
+@app.command("train-classifier")
+@command(ClassifierOptions, _fail)
+def train_classifier(opts: ClassifierOptions) -> None:
+    """Train the image classifier whose accuracy on generated images `evaluate` reports for
+    class-conditional models (a small CNN; OUT/model.safetensors + OUT/config.json)."""
+    from stepadapt.classifier import train_classifier as run
+
+    try:
+        res, path = run(opts, log=console.print)
+    except StepadaptError as e:
+        _fail(e)
+    acc = "no test part" if res.test_accuracy is None else f"{100 * res.test_accuracy:.2f}%"
+    out.print(f"trained {res.iterations} steps in {res.seconds:.0f} s; test accuracy {acc}; -> {path}")
 
 
 @app.command()
@@ -595,6 +611,13 @@ def generate(
     out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write (.npz beside it).")] = Path(
         "grid.png"
     ),
+    class_labels: Annotated[
+        str | None,
+        typer.Option(help="Class-conditional bundles: comma-separated labels, cycled over the --n images."),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Class-conditional bundles: classifier-free guidance (1 = none).")
+    ] = None,
 ) -> None:
     """Ask a running endpoint for images and save them as a grid."""
     from stepadapt.progress import progress
@@ -602,8 +625,13 @@ def generate(
     from stepadapt.serving.client import GenerateRequest, generate_stream
     from stepadapt.serving.client import generate as call
 
-    req = GenerateRequest(num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta, jump=jump)
     try:
+        labels = _parse_ints(class_labels, "--class-labels")
+        req = GenerateRequest(
+            num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta, jump=jump,
+            class_labels=[labels[i % len(labels)] for i in range(n)] if labels else None,
+            guidance_scale=guidance_scale,
+        )  # fmt: skip
         if stream:
             with progress(total=None, unit="eval") as bar:
 
