@@ -47,7 +47,7 @@ from stepadapt.solvers import Setting, resolve_setting
 
 SHIPPED_BUNDLE = DEFAULT_BASE.with_name("fashion-tiny-experts")
 DATA = "fashion-mnist"  # the shipped base's data: every stage's proxy, fine-tuning and KID set
-STAGES = 7
+STAGES = 8
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,12 @@ class DemoOptions(Options):
     proxy_size: int = option(128, "Images per proxy set (importance, candidate scoring, loss profile).")
     candidates: tuple[str, ...] = option(
         tuple(c.label for c in DEFAULT_CANDIDATES), "Candidate structures: importance/scope, comma-separated."
+    )
+    conditional: bool = option(
+        True,
+        "Then the shipped class-conditional base beside its experts served by Triton: one row per "
+        "class, KID and class accuracy.",
+        flags=("--conditional/--no-conditional",),
     )
 
     def __post_init__(self) -> None:
@@ -302,7 +308,19 @@ class _Demo:
         reference = self.export()
         say(f"[7/{STAGES}] serve: tritonserver on 127.0.0.1, generate through the endpoint")
         diff = self.serve(reference)
-        return {**self.figure(served, scores), "kid": scores, "endpoint_max_pixel_diff": diff}
+        result = {**self.figure(served, scores), "kid": scores, "endpoint_max_pixel_diff": diff}
+        if o.conditional:
+            say(f"[8/{STAGES}] class-conditional: the base beside its shipped experts, served")
+            result["conditional"] = self.conditional()
+        return result
+
+    def conditional(self) -> dict[str, Any] | None:
+        from stepadapt.serving.demo_cond import COND_BUNDLE, run_conditional, shipped
+
+        if not shipped():
+            self.log(f"no class-conditional bundle at {COND_BUNDLE}: stage skipped")
+            return None
+        return run_conditional(self.o.out, self.device, self.o.onnx_device, _two_ports(), self.log)
 
     def figure(self, served: Bundle, scores: dict[str, tuple[float, float]]) -> dict[str, Any]:
         """base_vs_experts.png: the base's grid beside the endpoint's, with what each costs."""

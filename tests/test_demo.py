@@ -18,6 +18,7 @@ def _small(tmp_path: Path) -> DemoOptions:
     return DemoOptions(
         out=tmp_path / "out", base=tmp_path / "base", groups=2, n=4, finetune_iterations=3, kid_images=0,
         serve_shipped=False, gaussian=False, candidates=("taylor/global",), proxy_size=16, device="cpu",
+        conditional=False,
     )  # fmt: skip
 
 
@@ -68,7 +69,8 @@ def test_the_demo_runs_every_stage_and_serves_what_it_made(tmp_path, tiny):
     assert result["endpoint_max_pixel_diff"] <= 2
     assert result["figure"] == out / "base_vs_experts.png" and 0 < result["macs_ratio"] < 1
     assert result["setting"] == result["base_setting"] == "ddim x50"
-    assert any("serving" in line for line in logs) and any("[7/7] serve" in line for line in logs)
+    assert any("serving" in line for line in logs) and any("[7/8] serve" in line for line in logs)
+    assert "conditional" not in result
 
 
 def test_the_shipped_bundle_is_what_the_demo_serves():
