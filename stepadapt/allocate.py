@@ -9,6 +9,10 @@ fine-tune on the group's timesteps, and swapped into the base's trajectory
 alone (base everywhere else, same noise); its damage is how far the images
 move from the base's. A multiple-choice knapsack then picks one size per group
 with the least total damage whose visit-weighted mean MACs meet the budget.
+
+A class-conditional base is measured with its labels: the proxy sets' and the recovery data's
+travel beside the images, and the images compared are sampled for labels cycling through the
+classes (unguided: the conditional branch).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.conditioning import Cond, conditioning_of, labels_cond
 from stepadapt.devices import device_of
 from stepadapt.evaluate import fidelity
 from stepadapt.importance import Candidate, search_group
@@ -69,14 +74,22 @@ def choose(options: Sequence[Sequence[Option]], shares: Sequence[float], budget:
 
 def swap_damage(
     model: UNet2DModel, base: UNet2DModel, lo: int, hi: int, scheduler_cfg: dict, reference: np.ndarray,
-    steps: int, seed: int,
+    steps: int, seed: int, cond: Cond | None = None,
 ) -> float:  # fmt: skip
-    """Mean squared pixel error (range [0, 1]) against the base's images, ``model`` alone on [lo, hi)."""
+    """Mean squared pixel error (range [0, 1]) against the base's images, ``model`` alone on [lo, hi);
+    ``cond``: the condition the reference was sampled with."""
     T = int(scheduler_cfg["num_train_timesteps"])
     hybrid = swapped_in(module_denoiser(base), module_denoiser(model), lo, hi, T)
     shape = reference.shape[3], reference.shape[1], reference.shape[2]
-    images = sample_images(hybrid, scheduler_cfg, shape, len(reference), steps=steps, seed=seed)
+    images = sample_images(hybrid, scheduler_cfg, shape, len(reference), steps=steps, seed=seed, cond=cond)
     return fidelity(images, reference)["mse"]
+
+
+def reference_cond(base: torch.nn.Module, n: int) -> Cond | None:
+    """What the compared images are sampled for: labels cycling through a class-conditional base's
+    classes (every class alike); None for an unconditional base."""
+    classes = conditioning_of(base.config).classes
+    return labels_cond(torch.arange(n) % classes) if classes else None
 
 
 def measure_damage(
@@ -94,22 +107,29 @@ def measure_damage(
     n: int = 64,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    labels: torch.Tensor | None = None,
+    train_labels: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
 ) -> list[list[Option]]:
-    """Per group: the unpruned base (no damage) and each size below 1, pruned, recovered and swapped in."""
+    """Per group: the unpruned base (no damage) and each size below 1, pruned, recovered and swapped in.
+    ``labels``, ``train_labels``, ``val_labels``: the classes of ``data`` and the proxy sets, for a
+    class-conditional base."""
     if any(not 0 < s < 1 for s in sizes):
         raise StepadaptError(f"sizes are fractions of the base's MACs in (0, 1), got {list(sizes)}")
     base_macs = count_macs(base)[0]
     c, s = base.config.in_channels, base.config.sample_size
+    cond = reference_cond(base, n)
     reference = sample_images(
-        module_denoiser(base), scheduler_cfg, (c, s, s), n, steps=sample_steps, seed=seed
+        module_denoiser(base), scheduler_cfg, (c, s, s), n, steps=sample_steps, seed=seed, cond=cond
     )
+    labelled = {} if train_labels is None else {"train_labels": train_labels, "val_labels": val_labels}
     table = []
     for lo, hi in zip(boundaries, boundaries[1:], strict=False):
         row = [Option(1.0, 0.0)]
         for size in sorted(sizes, reverse=True):
             found = search_group(
                 base, scheduler_cfg, lo, hi, size * base_macs, proxy_train, proxy_val,
-                candidates=(Candidate("taylor", True),), seed=seed,
+                candidates=(Candidate("taylor", True),), seed=seed, **labelled,
             ).best  # fmt: skip
             ratio = round(found.macs / base_macs, 4)
             if any(o.ratio == ratio for o in row):
@@ -122,9 +142,9 @@ def measure_damage(
             with tempfile.TemporaryDirectory() as tmp:
                 recovered, _ = train(
                     found.model, data, scheduler_cfg, cfg, tmp, progress=False, teacher=base,
-                    device=device_of(base),
+                    device=device_of(base), labels=labels,
                 )  # fmt: skip
-            damage = swap_damage(recovered, base, lo, hi, scheduler_cfg, reference, sample_steps, seed)
+            damage = swap_damage(recovered, base, lo, hi, scheduler_cfg, reference, sample_steps, seed, cond)
             row.append(Option(ratio, damage))
             if log:
                 log(

@@ -1,7 +1,10 @@
 """Base + plan -> expert bundle: the candidate search for every U-Net group.
 
-A ``gaussian`` group gets the caller's fitted closed-form denoiser
-(stepadapt.gaussian) and its fixed cost; the U-Net groups share the rest.
+A ``gaussian`` or ``class-gaussian`` group gets the caller's fitted closed-form
+denoiser (stepadapt.gaussian) and its fixed cost; the U-Net groups share the rest.
+A class-conditional base is pruned on its conditional loss: the proxy images'
+labels travel beside them (stepadapt.importance), and the bundle records the
+base's class names.
 
 In budget mode the groups are pruned one after another and the budgets of the
 groups still to come are re-solved after each, so the widths one group could
@@ -32,13 +35,20 @@ from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
+from stepadapt.conditioning import conditioning_of
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP
-from stepadapt.gaussian import GaussianDenoiser
-from stepadapt.importance import DEFAULT_CANDIDATES, Candidate, Memory, search_group
+from stepadapt.importance import (
+    DEFAULT_CANDIDATES,
+    Candidate,
+    Memory,
+    check_labels,
+    labelled_proxy_sets,
+    search_group,
+)
 from stepadapt.io import sha256_file
-from stepadapt.kinds import BuildContext, Built, kind_of
-from stepadapt.models import DEFAULT_BASE, clean_config, load_base, weights_sha256
+from stepadapt.kinds import CLASS_GAUSSIAN, GAUSSIAN, BuildContext, Built, kind_of
+from stepadapt.models import DEFAULT_BASE, clean_config, load_base, read_class_names, weights_sha256
 from stepadapt.options import Options, option
 from stepadapt.plan import Plan, budget_ratios, uniform_plan
 from stepadapt.prune import count_macs
@@ -86,20 +96,24 @@ def compress(
     memory: Memory | None = None,
     seed: int = 0,
     nested: bool = False,
-    gaussian: GaussianDenoiser | None = None,
+    gaussian: torch.nn.Module | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     records: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    proxy_train_labels: torch.Tensor | None = None,
+    proxy_val_labels: torch.Tensor | None = None,
 ) -> Manifest:
     """Build every group's expert through its kind and write the bundle. ``gaussian``: the fitted
     closed-form denoiser for the plan's Gaussian groups; ``records``: manifest fields (``base``,
-    ``data``) saying what the bundle came from; ``options``: the stage's options, kept in the provenance so
-    the bundle can be made again."""
+    ``data``, ``class_names``) saying what the bundle came from; ``options``: the stage's options,
+    kept in the provenance so the bundle can be made again. ``proxy_train_labels`` and
+    ``proxy_val_labels``: the proxy images' classes, which a class-conditional base needs."""
     base_macs, base_params = count_macs(base)
     ctx = BuildContext(
         base, scheduler_cfg, proxy_train, proxy_val, candidates=candidates, memory=memory, seed=seed,
-        gaussian=gaussian, log=log, search=search_group,
+        gaussian=gaussian, log=log, search=search_group, proxy_train_labels=proxy_train_labels,
+        proxy_val_labels=proxy_val_labels,
     )  # fmt: skip
     achieved: dict[int, float] = {}
     models, drafts = {}, {}
@@ -199,15 +213,20 @@ def plan_gaussian(
     data: str,
     train: torch.Tensor,
     data_sha256: str,
-) -> GaussianDenoiser | None:
+    labels: torch.Tensor | None = None,
+) -> torch.nn.Module | None:
     """The Gaussian expert of ``plan``: the fit analyze kept beside it (checksummed), or for a plan
-    without one, fitted here, once, to ``train`` (``data``'s training part, whose fingerprint is
-    ``data_sha256``), which must be the data the plan chose it on."""
+    without one, fitted here, once, to ``train`` (``data``'s training part, with its ``labels`` for
+    a class-conditional base; ``data_sha256`` their fingerprint), which must be the data the plan
+    chose it on. Its kind and classes must be what ``base`` takes."""
     from stepadapt.analyze import fit_gaussian_for
 
-    if not plan.fixed_ratios():
+    fixed = plan.fixed_ratios()
+    if not fixed:
         return None
+    kind = kind_of(plan.groups[next(iter(fixed))].kind)
     choice = plan.gaussian
+    _check_gaussian_fits_base(kind.name, choice.classes if choice is not None else None, base)
     chosen_on = choice.data if choice is not None and choice.data else data
     if chosen_on != data or (choice is not None and choice.data_sha256 not in ("", data_sha256)):
         raise StepadaptError(
@@ -221,8 +240,33 @@ def plan_gaussian(
                 f"the plan's Gaussian fit {path} is missing or was changed: run analyze again"
             )
         c, s = base.config.in_channels, base.config.sample_size
-        return GaussianDenoiser.from_tensors(load_file(str(path)), (c, s, s), scheduler_cfg)
-    return fit_gaussian_for("in the plan", base, scheduler_cfg, data, train=train)[0]
+        return kind.from_tensors(load_file(str(path)), (c, s, s), scheduler_cfg, conditioning_of(base.config))
+    # a plan without a kept fit: the form it names (plans before ranks existed: the full covariance)
+    rank = (
+        str(choice.rank) if choice is not None and choice.rank else ("full" if kind is GAUSSIAN else "auto")
+    )
+    fit = fit_gaussian_for("in the plan", base, scheduler_cfg, data, train=train, rank=rank, labels=labels)
+    return fit.gaussian
+
+
+def _check_gaussian_fits_base(kind: str, classes: int | None, base: UNet2DModel) -> None:
+    """One line where a plan's Gaussian cannot stand in for ``base``: another kind than its
+    conditioning calls for, or a class Gaussian of another class count."""
+    cond = conditioning_of(base.config)
+    want = CLASS_GAUSSIAN.name if cond.classes else GAUSSIAN.name
+    if cond.text_dim:
+        raise StepadaptError(
+            "the plan has a Gaussian expert, but the base is text-conditional: analyze it again"
+        )
+    if kind != want:
+        raise StepadaptError(
+            f"the plan's Gaussian expert is a {kind} one, but the base ({cond.describe()}) needs a {want} "
+            "one: analyze this base"
+        )
+    if cond.classes and classes is not None and classes != cond.classes:
+        raise StepadaptError(
+            f"the plan's Gaussian knows {classes} classes, the base {cond.classes}: analyze this base"
+        )
 
 
 def prune(
@@ -230,8 +274,8 @@ def prune(
 ) -> Manifest:
     """The prune stage: one expert per plan group, each built by its kind (a U-Net group by
     candidate search on proxy loss, a Gaussian group from the plan's fit); the bundle records the
-    base's weights digest and the data's fingerprint."""
-    from stepadapt.data import fingerprint, load_dataset, proxy_sets
+    base's weights digest, the data's fingerprint and a class-conditional base's class names."""
+    from stepadapt.data import fingerprint, load_dataset, load_labelled, proxy_sets
     from stepadapt.devices import resolve_device
 
     o = options
@@ -242,16 +286,24 @@ def prune(
     if o.uniform:
         plan = uniform_plan(plan, sched_cfg)
     c, size = model.config.in_channels, model.config.sample_size
-    images = load_dataset(o.data, "train", size, c, holdout=o.holdout)
-    data_sha256 = fingerprint(images)
-    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, images, data_sha256)
-    train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
-    records = {
-        "base": {"path": str(o.base.resolve()), "sha256": weights_sha256(model)},
-        "data": {"source": o.data, "holdout": o.holdout, "sha256": data_sha256},
-    }
+    classes = conditioning_of(model.config).classes
+    records: dict[str, Any] = {"base": {"path": str(o.base.resolve()), "sha256": weights_sha256(model)}}
+    proxy_labels: dict[str, torch.Tensor] = {}
+    if classes:  # labelled: the conditional loss scores and judges, and the fit saw the labels too
+        images, labels = load_labelled(o.data, "train", size, c, holdout=o.holdout)
+        check_labels(labels, classes, f"{o.data}'s training labels")
+        data_sha256 = fingerprint(images, labels)
+        (train, train_y), (val, val_y) = labelled_proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
+        proxy_labels = {"proxy_train_labels": train_y, "proxy_val_labels": val_y}
+        records["class_names"] = list(read_class_names(o.base, classes))
+    else:
+        images, labels = load_dataset(o.data, "train", size, c, holdout=o.holdout), None
+        data_sha256 = fingerprint(images)
+        train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
+    gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, images, data_sha256, labels)
+    records["data"] = {"source": o.data, "holdout": o.holdout, "sha256": data_sha256}
     return compress(
         model, sched_cfg, plan, train, val, o.out, candidates=tuple(map(Candidate.parse, o.candidates)),
         memory=Memory(o.memory_path), seed=o.seed, nested=o.nested, gaussian=gaussian, log=log,
-        command=command, records=records, options={"prune": o.to_dict()},
+        command=command, records=records, options={"prune": o.to_dict()}, **proxy_labels,
     )  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.conditioning import Cond, model_inputs
 from stepadapt.devices import device_of
 from stepadapt.schedule import make_scheduler, noised_target, snr_db
 
@@ -31,24 +32,28 @@ def loss_profile(
     points: int = 40,
     seed: int = 0,
     log: bool = False,
+    cond: Cond | None = None,
 ) -> np.ndarray:
     """The model's denoising loss at ``points`` timesteps, interpolated to all T.
 
     The same images and noise are used at every timestep, so differences
     between timesteps are not sampling noise. ``log`` interpolates log-loss: the
-    loss spans three decades over the schedule.
+    loss spans three decades over the schedule. ``cond``: the images' condition (class labels
+    row-aligned with ``data``), which a conditional model is asked with: its loss is the
+    conditional one.
     """
     sched = make_scheduler("ddpm", scheduler_cfg)
     T = sched.config.num_train_timesteps
     g = torch.Generator().manual_seed(seed)
     data = data.to(device_of(model))  # the model's device; the noise is drawn on the CPU, as always
     noise = torch.randn(data.shape, generator=g).to(data.device)
+    extra = {k: v.to(data.device) for k, v in model_inputs(cond or {}).items()}
     ts = np.unique(np.linspace(0, T - 1, points).round().astype(int))
     losses = []
     model.eval()
     for t in ts:
         tt = torch.full((len(data),), int(t), dtype=torch.long, device=data.device)
-        out = model(sched.add_noise(data, noise, tt), tt).sample
+        out = model(sched.add_noise(data, noise, tt), tt, **extra).sample
         losses.append(torch.mean((out - noised_target(sched, data, noise, tt)) ** 2).item())
     losses = np.asarray(losses)
     if log:

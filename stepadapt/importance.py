@@ -5,6 +5,10 @@ The proxy is deterministic: first-order Taylor scores from the denoising loss
 candidate structure is judged by its untrained denoising loss on held-out data
 at those timesteps. Tried candidates are remembered in a JSON memory bank, so a
 re-run with the same base, group and budget skips the search.
+
+A class-conditional base is scored on its conditional loss: the proxy images' labels travel
+beside them, a share of them dropped to the null class as in training (so the channels the
+unconditional branch of guidance needs count too).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
+from stepadapt.conditioning import CLASS_LABELS, DEFAULT_LABEL_DROPOUT, conditioning_of, drop_labels, take
+from stepadapt.data import DEFAULT_HOLDOUT, FASHION_NAMES, load_labelled
 from stepadapt.devices import device_of
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import read_json, write_json
@@ -33,21 +39,65 @@ from stepadapt.train import denoising_loss
 
 @dataclass(frozen=True)
 class ProxyBatch:
-    """Fixed images, timesteps and noise: the same evaluation for every candidate."""
+    """Fixed images, timesteps and noise (and the images' condition): the same evaluation for every
+    candidate."""
 
     x0: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def draw(cls, data: torch.Tensor, lo: int, hi: int, seed: int) -> ProxyBatch:
+    def draw(
+        cls,
+        data: torch.Tensor,
+        lo: int,
+        hi: int,
+        seed: int,
+        labels: torch.Tensor | None = None,
+        null_label: int | None = None,
+    ) -> ProxyBatch:
+        """``labels``: the images' classes; with a ``null_label``, a share
+        ``DEFAULT_LABEL_DROPOUT`` of them is dropped to it (drawn after the timesteps and the
+        noise, so those are what an unlabelled batch of the same seed draws)."""
         g = torch.Generator().manual_seed(seed)
         t = torch.randint(lo, hi, (len(data),), generator=g)
-        return cls(data, t, torch.randn(data.shape, generator=g))
+        noise = torch.randn(data.shape, generator=g)
+        if labels is None:
+            return cls(data, t, noise)
+        if labels.shape != (len(data),):
+            raise StepadaptError(f"{tuple(labels.shape)} labels for {len(data)} proxy images")
+        if null_label is not None:
+            labels = drop_labels(labels, DEFAULT_LABEL_DROPOUT, null_label, g)
+        return cls(data, t, noise, {CLASS_LABELS: labels})
 
     def to(self, device: torch.device) -> ProxyBatch:
         """Drawn on the CPU (the same batch on any machine), evaluated where the model lives."""
-        return ProxyBatch(self.x0.to(device), self.t.to(device), self.noise.to(device))
+        cond = {k: v.to(device) for k, v in self.cond.items()}
+        return ProxyBatch(self.x0.to(device), self.t.to(device), self.noise.to(device), cond)
+
+
+def null_label(model: torch.nn.Module) -> int | None:
+    """The label a class-conditional model's proxy batches drop to; None for other models."""
+    cond = conditioning_of(model.config)
+    return cond.null_label if cond.classes else None
+
+
+def labelled_proxy_sets(
+    source: str, n: int, size: int, channels: int, seed: int = 0, holdout: float = DEFAULT_HOLDOUT
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`stepadapt.data.proxy_sets` with each set's labels beside its images, row for row:
+    the same two disjoint sets, for a class-conditional base."""
+    if source in FASHION_NAMES:
+        return (
+            load_labelled(source, "train", size, channels, limit=n, seed=seed),
+            load_labelled(source, "test", size, channels, limit=n, seed=seed),
+        )
+    x, y = load_labelled(source, "train", size, channels, limit=2 * n, seed=seed, holdout=holdout)
+    if len(x) < 2:
+        raise StepadaptError(f"{source} needs at least 2 training images for the proxy sets")
+    half = len(x) // 2
+    return (x[:half], y[:half]), (x[half:], y[half:])
 
 
 def group_gradients(
@@ -61,7 +111,9 @@ def group_gradients(
     n = len(batch.x0)
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
-        loss = denoising_loss(model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl])
+        loss = denoising_loss(
+            model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl], cond=take(batch.cond, sl)
+        )
         (loss * (len(batch.x0[sl]) / n)).backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -74,30 +126,35 @@ def diff_pruning_timesteps(
     data: torch.Tensor,
     threshold: float = 0.1,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> int:
     """Diff-Pruning's rule: keep the low-noise steps until the loss falls below
     ``threshold`` x its peak; returns the end of that [0, t_end) range."""
-    prof = loss_profile(model, scheduler_cfg, data[:32], points=20, seed=seed)
+    cond = {CLASS_LABELS: labels[:32]} if labels is not None else None
+    prof = loss_profile(model, scheduler_cfg, data[:32], points=20, seed=seed, cond=cond)
     below = (prof < threshold * prof.max()).nonzero()[0]
     return int(below[0]) if len(below) and below[0] > 0 else len(prof)
 
 
-GradientBatch = Callable[[UNet2DModel, dict, torch.Tensor, int, int, int], ProxyBatch]
+# (base, scheduler config, proxy images, lo, hi, seed, labels=None) -> the batch its gradients come from
+GradientBatch = Callable[..., ProxyBatch]
 
 
 def _group_batch(
-    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int
-) -> ProxyBatch:
+    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int,
+    labels: torch.Tensor | None = None,
+) -> ProxyBatch:  # fmt: skip
     """Taylor's: the loss at the group's own timesteps, so a channel counts where the expert works."""
-    return ProxyBatch.draw(proxy, lo, hi, seed)
+    return ProxyBatch.draw(proxy, lo, hi, seed, labels, null_label(base))
 
 
 def _diff_pruning_batch(
-    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int
-) -> ProxyBatch:
+    base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int,
+    labels: torch.Tensor | None = None,
+) -> ProxyBatch:  # fmt: skip
     """Diff-Pruning's: its low-noise steps (``diff_pruning_timesteps``), whatever the group."""
-    t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy, seed=seed)
-    return ProxyBatch.draw(proxy, 0, t_end, seed)
+    t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy, seed=seed, labels=labels)
+    return ProxyBatch.draw(proxy, 0, t_end, seed, labels, null_label(base))
 
 
 @dataclass(frozen=True)
@@ -145,9 +202,10 @@ def proxy_loss(model: UNet2DModel, scheduler_cfg: dict, batch: ProxyBatch, chunk
     total, n = 0.0, len(batch.x0)
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
-        total += denoising_loss(model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl]).item() * len(
-            batch.x0[sl]
+        loss = denoising_loss(
+            model, sched, batch.x0[sl], batch.t[sl], batch.noise[sl], cond=take(batch.cond, sl)
         )
+        total += loss.item() * len(batch.x0[sl])
     return total / n
 
 
@@ -252,12 +310,19 @@ def search_group(
     seed: int = 0,
     tol: float = 0.02,
     log=None,
+    train_labels: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
 ) -> SearchResult:
-    """Prune ``base`` to ``target_macs`` with each candidate; keep the lowest proxy loss."""
+    """Prune ``base`` to ``target_macs`` with each candidate; keep the lowest proxy loss.
+    ``train_labels``/``val_labels``: the proxy images' classes, for a class-conditional base."""
     memory = memory or Memory(None)
     fp = base_fingerprint(base)
-    proxy_fp = tensor_fingerprint({"train": proxy_train, "val": proxy_val})
-    val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1)
+    _check_proxy_labels(base, train_labels, val_labels)
+    proxies = {"train": proxy_train, "val": proxy_val}
+    if train_labels is not None:  # unlabelled searches keep the keys they always had
+        proxies.update(train_labels=train_labels, val_labels=val_labels)
+    proxy_fp = tensor_fingerprint(proxies)
+    val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1, val_labels, null_label(base))
     grads_cache: dict[str, dict] = {}
     tried: list[Tried] = []
     best: tuple[float, PruneResult, str] | None = None
@@ -276,7 +341,9 @@ def search_group(
             grads = None
             if kind.needs_gradients:  # once per kind: the candidates differ in scope, not in gradients
                 if kind.name not in grads_cache:
-                    batch = kind.gradient_batch(base, scheduler_cfg, proxy_train, lo, hi, seed)
+                    batch = kind.gradient_batch(
+                        base, scheduler_cfg, proxy_train, lo, hi, seed, labels=train_labels
+                    )
                     grads_cache[kind.name] = group_gradients(base, scheduler_cfg, batch)
                 grads = grads_cache[kind.name]
             res = prune_to_macs(
@@ -297,3 +364,27 @@ def search_group(
             best = (rank, res, t)
     assert best is not None
     return SearchResult(best[1], best[2].candidate, best[2].proxy_loss, tried)
+
+
+def check_labels(labels: torch.Tensor, classes: int, what: str = "labels") -> None:
+    """One line where data labels fall outside a model's classes 0..classes-1 (the null label is
+    the model's own, never a data label)."""
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+        raise StepadaptError(
+            f"{what} span {int(labels.min())}..{int(labels.max())}; the base knows 0..{classes - 1}"
+        )
+
+
+def _check_proxy_labels(base: torch.nn.Module, train: torch.Tensor | None, val: torch.Tensor | None) -> None:
+    """A class-conditional base needs both proxy sets' labels (in its range); another base none."""
+    cond = conditioning_of(base.config)
+    if (train is None) != (val is None):
+        raise StepadaptError("give labels for both proxy sets or for neither")
+    if train is None:
+        if cond.classes:
+            raise StepadaptError("this base is class-conditional: its proxy images need their labels")
+        return
+    if not cond.classes:
+        raise StepadaptError("proxy labels given, but this base is not class-conditional")
+    for labels in (train, val):
+        check_labels(labels, cond.classes, "proxy labels")

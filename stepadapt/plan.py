@@ -21,7 +21,9 @@ from stepadapt.kinds import DEFAULT, GAUSSIAN, KINDS, kind_of
 from stepadapt.solvers import Solver
 
 PLAN_FORMAT = "stepadapt-plan"
-PLAN_VERSION = 3  # 3: the Gaussian choice is typed and names its fit; 2: groups have a kind
+# 4: the Gaussian choice names its kind, form and rank, or why there is none; 3: the Gaussian choice is
+# typed and names its fit; 2: groups have a kind
+PLAN_VERSION = 4
 MIN_RATIO = 0.05
 
 
@@ -39,28 +41,51 @@ class Group:
 
 @dataclass
 class GaussianChoice:
-    """How the Gaussian expert's interval was chosen, and the one fit every later stage uses: analyze
-    fits it to the training images, judges where it starts on held-out ones, and saves it beside the
-    plan (``weights``, relative to the plan's directory) so prune builds the bundle from that fit."""
+    """Which Gaussian expert, where, and why; and the one fit every later stage uses: analyze fits
+    it to the training images, judges where it starts on held-out ones, and saves it beside the
+    plan (``weights``, relative to the plan's directory) so prune builds the bundle from that fit.
 
-    rule: str  # "auto": from where its eps error is within ``tolerance`` of the base's; "given"
+    ``rule`` "none" says why there is no Gaussian expert (``why``): a text-conditional base, or
+    none that pays for these images."""
+
+    rule: str  # "auto": from where its eps error is within ``tolerance`` of the base's; "given"; "none"
     start: int | None  # its first timestep (T: auto found none, and the plan has no Gaussian group)
     tolerance: float | None = None
     tolerance_from: int | None = None  # auto: where the tolerance held (the budget may start it later)
     eps_mse: dict[str, list[float]] = field(default_factory=dict)  # per t: [base, Gaussian] on held-out
     data: str = ""  # the data as given
-    data_sha256: str = ""  # data.fingerprint of its training part, which the fit saw
+    data_sha256: str = ""  # data.fingerprint of its training part (and labels), which the fit saw
     weights: str | None = None
     weights_sha256: str | None = None
+    kind: str = GAUSSIAN.name  # the expert kind: gaussian or class-gaussian
+    rank: int | None = None  # directions with their own variance; None: the full covariance
+    classes: int = 0  # class-gaussian: one Gaussian per class, and the pooled one for the null class
+    explained: float | None = None  # the training variance its rank keeps (the least of any class's)
+    # auto on unconditional data: the eps error of each form on held-out images at timestep "t"
+    compared: dict[str, float] = field(default_factory=dict)
+    why: str = ""  # how its kind, form and rank were chosen; or, rule "none", why there is none
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GaussianChoice:
         if "from" in d:  # plan version 2 kept the start as "from" and no fit
             d = {**{k: v for k, v in d.items() if k != "from"}, "start": d["from"]}
         try:
-            return cls(**d)
+            choice = cls(**d)
         except TypeError as e:
             raise StepadaptError(f"malformed plan: gaussian: {e}") from None
+        if choice.rule != "none" and choice.kind not in KINDS:
+            raise StepadaptError(f"malformed plan: gaussian: unknown kind {choice.kind!r}")
+        return choice
+
+    def describe(self) -> str:
+        """One line: kind, form and rank (what the table beside the plan shows)."""
+        if self.rule == "none":
+            return f"no Gaussian expert: {self.why}"
+        form = "full covariance" if self.rank is None else f"rank {self.rank}"
+        if self.explained is not None and self.rank is not None:
+            form += f" ({self.explained:.0%} of the variance)"
+        per = f", one per class of {self.classes} and one pooled for the null class" if self.classes else ""
+        return f"{kind_of(self.kind).label} expert, {form}{per}" + (f": {self.why}" if self.why else "")
 
 
 @dataclass
@@ -99,7 +124,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise StepadaptError(f"not a stepadapt plan (format {d.get('format')!r})")
-        if d.get("version") not in (1, 2, PLAN_VERSION):
+        if d.get("version") not in (1, 2, 3, PLAN_VERSION):
             raise StepadaptError(f"unsupported plan version {d.get('version')}")
         kinds = {g.get("kind", DEFAULT) for g in d.get("groups", []) if isinstance(g, dict)}
         if not kinds <= KINDS.keys():
@@ -113,6 +138,12 @@ class Plan:
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed plan: {e}") from None
         check_coverage(plan.boundaries, plan.num_train_timesteps)
+        fixed = {g.kind for g in plan.groups if not kind_of(g.kind).sized_by_budget}
+        if plan.gaussian is not None and fixed and fixed != {plan.gaussian.kind}:
+            raise StepadaptError(
+                f"malformed plan: its Gaussian group is a {', '.join(sorted(fixed))} expert, its fit a "
+                f"{plan.gaussian.kind} one"
+            )
         return plan
 
     def save(self, path: str | os.PathLike) -> None:
@@ -254,6 +285,7 @@ def make_plan(
     scheduler_cfg: dict | None = None,
     gaussian_from: int | None = None,
     gaussian_macs: int = 0,
+    gaussian_kind: str = GAUSSIAN.name,
 ) -> Plan:
     """Group the timesteps and give each group its MAC budget.
 
@@ -261,8 +293,8 @@ def make_plan(
     target mean MACs per visited step as a fraction of the base.
 
     ``gaussian_from``: the closed-form Gaussian denoiser (``gaussian_macs`` per
-    image) takes [gaussian_from, T) as the last group; the other ``groups - 1``
-    groups partition [0, gaussian_from) and share what is left of the budget.
+    image, of ``gaussian_kind``) takes [gaussian_from, T) as the last group; the other
+    ``groups - 1`` groups partition [0, gaussian_from) and share what is left of the budget.
     """
     T = len(difficulty)
     visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
@@ -285,7 +317,9 @@ def make_plan(
         b = partition(partition_kind, groups, difficulty, snr_db, span)
     kinds = [DEFAULT] * (len(b) - 1)
     if gaussian_from is not None:
-        kinds[-1] = GAUSSIAN.name
+        if kind_of(gaussian_kind).sized_by_budget:
+            raise StepadaptError(f"{gaussian_kind!r} is not a closed-form expert kind")
+        kinds[-1] = gaussian_kind
     shares, diffs = [], []
     for lo, hi in zip(b, b[1:], strict=False):
         shares.append(float(np.mean((visits >= lo) & (visits < hi))))

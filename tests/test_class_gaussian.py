@@ -1,6 +1,7 @@
 """The class-conditional Gaussian expert: one low-rank Gaussian per class, the pooled one for the
 null class, each row denoised under its own label's, stored, loaded and exported like any expert."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +193,63 @@ def test_onnx_export_takes_class_labels_and_matches_pytorch(tmp_path):
     )
     ref = den(probe, t, labels)
     assert (onnx_den(probe, t, {"class_labels": labels}) - ref).abs().max() <= 1e-4
+
+
+def _labelled_npz(path, n: int = 240, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    patterns = rng.integers(30, 220, (classes, 8, 8))
+    images = np.clip(patterns[y] + rng.normal(0, 25, (n, 8, 8)), 0, 255).astype(np.uint8)
+    np.savez(path, images=images, labels=y.astype(np.int64))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_analyze_and_prune_a_class_conditional_base(tmp_path, monkeypatch):
+    """The class-conditional chain's compression half: Taylor importance and candidate judging on
+    the conditional loss (labelled proxy batches, some dropped to the null class), the bundle's
+    Gaussian the per-class fit kept beside the plan, class names in the manifest; a plan for
+    another class count is refused in one line."""
+    from safetensors.torch import load_file
+
+    import stepadapt.importance as imp
+    from stepadapt.analyze import AnalyzeOptions, analyze
+    from stepadapt.bundle import Bundle
+    from stepadapt.compress import PruneOptions, prune
+    from stepadapt.importance import labelled_proxy_sets
+    from stepadapt.models import save_base
+
+    data = _labelled_npz(tmp_path / "d.npz")
+    base = save_base(
+        build_unet("tiny", sample_size=8, classes=3), tmp_path / "base", class_names=("x", "y", "z")
+    )
+    common = {"base": base, "data": data, "device": "cpu"}
+    plan = analyze(
+        AnalyzeOptions(out=tmp_path / "plan.json", groups=3, proxy_size=8, gaussian="700", **common)
+    ).plan
+    batches = []
+    real = imp.group_gradients
+    monkeypatch.setattr(
+        imp, "group_gradients", lambda m, s, b, chunk=64: batches.append(b) or real(m, s, b, chunk)
+    )
+    manifest = prune(PruneOptions(out=tmp_path / "b", plan=tmp_path / "plan.json", proxy_size=8,
+                                  candidates=("taylor/local",), **common))  # fmt: skip
+    assert manifest.class_names == ["x", "y", "z"] and manifest.conditioning.classes == 3
+    (train, train_y), _ = labelled_proxy_sets(data, 8, 8, 1)
+    assert batches and all(torch.equal(b.x0, train) for b in batches)
+    for b in batches:  # the proxy's own labels, a share dropped to the null class (3) as in training
+        y = b.cond["class_labels"]
+        assert torch.equal(y[y != 3], train_y[y != 3])
+    b = Bundle.load(tmp_path / "b")
+    top = b.experts[-1]
+    assert top.kind == "class-gaussian" and top.lo == 700 and not b.manifest.can_jump
+    den = b.load_expert(top.name)
+    assert torch.equal(den.means, load_file(str(tmp_path / plan.gaussian.weights))["means"])
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([100, 800, 900, 999]), torch.tensor([0, 1, 2, 3])
+    out = b.router()(x, t, {"class_labels": y})
+    assert torch.allclose(out[1:], den(x[1:], t[1:], y[1:]))
+    five = save_base(build_unet("tiny", sample_size=8, classes=5), tmp_path / "five")
+    with pytest.raises(StepadaptError, match="the plan's Gaussian knows 3 classes, the base 5") as e:
+        prune(PruneOptions(out=tmp_path / "b5", plan=tmp_path / "plan.json", proxy_size=8,
+                           candidates=("magnitude/local",), **{**common, "base": five}))  # fmt: skip
+    assert "\n" not in str(e.value)

@@ -125,8 +125,10 @@ def test_the_gaussian_expert_is_fitted_to_the_training_split_of_a_folder_only(tm
     data = str(tmp_path / "d")
     train, test = load_dataset(data, "train", 8, 1), load_dataset(data, "test", 8, 1)
     assert len(train) >= 64 and len(test) > 0 and (test == 1).all() and (train < 0).all()
-    den, data_sha256 = fit_gaussian_for("auto", build_unet("tiny", sample_size=8), DEFAULT_SCHEDULER, data)
-    assert den is not None and data_sha256 == fingerprint(train)
+    fit = fit_gaussian_for("auto", build_unet("tiny", sample_size=8), DEFAULT_SCHEDULER, data)
+    den = fit.gaussian
+    assert den is not None and fit.data_sha256 == fingerprint(train)
+    assert fit.full is not None and den.low_rank  # both forms, for analyze to measure at the cut-off
     assert torch.allclose(den.tensors()["mean"], train.reshape(len(train), -1).mean(0), atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from stepadapt import StepadaptError
 from stepadapt.difficulty import normalise, snr_profile
@@ -142,3 +143,150 @@ def test_gaussian_expert_is_only_offered_where_it_is_cheap():
     assert macs_for((1, 32, 32)) == 2 * 1024**2
     assert affordable((1, 32, 32), 95_000_000) is None
     assert "0.25" in affordable((3, 64, 64), 1_000_000_000)
+
+
+# --- which Gaussian, and why: analyze on unconditional, class- and text-conditional bases ------------
+
+
+def _labelled_npz(path, n: int = 240, classes: int = 3, seed: int = 0, size: int = 8):
+    """``classes`` kinds of 8 x 8 images (each its own pattern plus noise) and their labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    patterns = rng.integers(30, 220, (classes, size, size))
+    images = np.clip(patterns[y] + rng.normal(0, 25, (n, size, size)), 0, 255).astype(np.uint8)
+    np.savez(path, images=images, labels=y.astype(np.int64))
+    return str(path)
+
+
+def _base(tmp_path, classes: int = 0):
+    from stepadapt.models import build_unet, save_base
+
+    names = tuple("abcdefgh"[:classes])
+    return save_base(build_unet("tiny", sample_size=8, classes=classes), tmp_path / "base", class_names=names)
+
+
+def test_a_plan_names_its_gaussian_and_old_plans_still_load(tmp_path):
+    from stepadapt.plan import GaussianChoice
+
+    plan = make_plan(D, SNR, 1_000_000, groups=3, budget=0.5, scheduler_cfg=DEFAULT_SCHEDULER,
+                     gaussian_from=700, gaussian_macs=20_000, gaussian_kind="class-gaussian")  # fmt: skip
+    plan.gaussian = GaussianChoice("given", 700, kind="class-gaussian", rank=12, classes=10, explained=0.91,
+                                   why="one Gaussian per class")  # fmt: skip
+    plan.save(tmp_path / "p.json")
+    again = Plan.load(tmp_path / "p.json")
+    assert again.gaussian == plan.gaussian and again.groups[-1].kind == "class-gaussian"
+    assert (
+        "class Gaussian expert, rank 12 (91% of the variance), one per class of 10"
+        in again.gaussian.describe()
+    )
+    d = plan.to_dict()
+    old = {**d, "version": 3, "gaussian": {"rule": "given", "start": 700}}  # before kinds and ranks
+    old["groups"] = [{**g, "kind": "gaussian" if g["kind"] != "unet" else "unet"} for g in d["groups"]]
+    assert Plan.from_dict(old).gaussian.kind == "gaussian" and Plan.from_dict(old).gaussian.rank is None
+    with pytest.raises(
+        StepadaptError, match="its Gaussian group is a class-gaussian expert, its fit a gaussian"
+    ):
+        Plan.from_dict({**d, "gaussian": {**d["gaussian"], "kind": "gaussian"}})
+    none = GaussianChoice("none", None, why="the base is text-conditional")
+    assert none.describe() == "no Gaussian expert: the base is text-conditional"
+
+
+def test_analyze_fits_a_gaussian_per_class_and_judges_it_with_held_out_labels(tmp_path, monkeypatch):
+    """Class-conditional base: the loss profile and the cut-off get the held-out images' labels,
+    the fit is one Gaussian per class on the labelled training split, and the plan says so."""
+    from safetensors.torch import load_file
+
+    import stepadapt.analyze as analyze_module
+    from stepadapt.analyze import AnalyzeOptions, analyze
+    from stepadapt.data import fingerprint, load_labelled
+
+    data, base = _labelled_npz(tmp_path / "d.npz"), _base(tmp_path, classes=3)
+    seen = {}
+    real = analyze_module.gaussian_cutoff
+
+    def cutoff(model, gaussian, sched, held_out, **kw):
+        seen.update(judged=held_out, labels=kw["labels"], kind=type(gaussian).__name__)
+        return real(model, gaussian, sched, held_out, **kw)
+
+    monkeypatch.setattr(analyze_module, "gaussian_cutoff", cutoff)
+    opts = AnalyzeOptions(
+        out=tmp_path / "plan.json", base=base, data=data, groups=3, proxy_size=16, device="cpu"
+    )
+    plan = analyze(opts).plan
+    choice = plan.gaussian
+    assert (choice.kind, choice.classes, choice.rule) == ("class-gaussian", 3, "auto")
+    assert plan.groups[-1].kind == "class-gaussian" and plan.groups[-1].lo == choice.start
+    assert 1 <= choice.rank < 64 and 0.9 <= choice.explained <= 1 and "per class" in choice.why
+    x_test, y_test = load_labelled(data, "test", 8, 1, limit=16, seed=0)
+    assert seen["kind"] == "ClassGaussianDenoiser"
+    assert torch.equal(seen["judged"], x_test) and torch.equal(seen["labels"], y_test)
+    assert choice.data_sha256 == fingerprint(*load_labelled(data, "train", 8, 1))
+    fit = load_file(str(tmp_path / choice.weights))
+    assert fit["means"].shape == (4, 64) and fit["bases"].shape == (4, 64, choice.rank)
+    assert Plan.load(tmp_path / "plan.json").gaussian == choice
+    assert analyze(opts.replace(gaussian_rank="5", gaussian="700")).plan.gaussian.rank == 5
+    with pytest.raises(
+        StepadaptError, match="--gaussian-rank full: a class-conditional base's Gaussians are"
+    ):
+        analyze(opts.replace(gaussian_rank="full", gaussian="700"))
+    np.savez(tmp_path / "bad.npz", images=np.zeros((40, 8, 8), np.uint8), labels=np.arange(40) % 5)
+    with pytest.raises(StepadaptError, match=r"held-out labels span \d..4; the base knows 0..2") as e:
+        analyze(opts.replace(data=str(tmp_path / "bad.npz")))
+    assert "\n" not in str(e.value)
+
+
+def test_a_text_conditional_base_gets_no_gaussian_and_the_plan_says_why(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from stepadapt.analyze import AnalyzeOptions, analyze
+    from stepadapt.models import save_base
+
+    text = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=2,
+        norm_num_groups=8,
+    )  # fmt: skip
+    base = save_base(text, tmp_path / "text")
+    np.savez(
+        tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (120, 8, 8), dtype=np.uint8)
+    )
+    opts = AnalyzeOptions(out=tmp_path / "p.json", base=base, data=str(tmp_path / "d.npz"), groups=3,
+                          proxy_size=8, device="cpu")  # fmt: skip
+    result = analyze(opts)
+    assert result.plan.gaussian.rule == "none" and "text-conditional" in result.plan.gaussian.why
+    assert all(g.kind == "unet" for g in result.plan.groups) and "text-conditional" in result.note
+    assert Plan.load(tmp_path / "p.json").gaussian.rule == "none"
+    with pytest.raises(
+        StepadaptError, match=r"^Gaussian expert \(--gaussian 700\): the base is text-conditional"
+    ):
+        analyze(opts.replace(gaussian="700"))
+
+
+def test_unconditional_auto_keeps_the_low_rank_form_only_where_it_measures_as_good(tmp_path, monkeypatch):
+    """Both forms fitted (the full one is affordable here), compared at the cut-off on held-out images:
+    the plan keeps the low-rank one when its eps error is within the tolerance, else the full one,
+    and records both errors."""
+    from safetensors.torch import load_file
+
+    import stepadapt.analyze as analyze_module
+    from stepadapt.analyze import AnalyzeOptions, analyze
+
+    data, base = _labelled_npz(tmp_path / "d.npz", n=400), _base(tmp_path)
+    opts = AnalyzeOptions(
+        out=tmp_path / "plan.json", base=base, data=data, groups=3, proxy_size=16, device="cpu"
+    )
+    choice = analyze(opts).plan.gaussian
+    assert choice.kind == "gaussian" and set(choice.compared) == {"t", "full", "low_rank"}
+    ratio = choice.compared["low_rank"] / choice.compared["full"]
+    assert (choice.rank is not None) == (ratio <= 1.05)
+    assert choice.compared["t"] == choice.tolerance_from
+    monkeypatch.setattr(analyze_module, "LOW_RANK_TOLERANCE", 0.5)  # no low-rank form is that good
+    strict = analyze(opts.replace(gaussian="700")).plan.gaussian  # a given start: compared there
+    assert strict.rank is None and strict.why.startswith("full covariance: the rank-")
+    assert strict.compared["t"] == 700
+    assert "remainder" not in load_file(str(tmp_path / strict.weights))
+    forced = analyze(opts.replace(gaussian_rank="7", gaussian="700")).plan.gaussian
+    assert forced.rank == 7 and not forced.compared  # a given rank is not second-guessed
+    with pytest.raises(StepadaptError, match="--gaussian-rank must be auto, full or a rank"):
+        AnalyzeOptions(gaussian_rank="0")
