@@ -107,13 +107,13 @@ def measure_damage(
     n: int = 64,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
-    labels: torch.Tensor | None = None,
+    data_labels: torch.Tensor | None = None,
     train_labels: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
 ) -> list[list[Option]]:
     """Per group: the unpruned base (no damage) and each size below 1, pruned, recovered and swapped in.
-    ``labels``, ``train_labels``, ``val_labels``: the classes of ``data`` and the proxy sets, for a
-    class-conditional base."""
+    ``data_labels``, ``train_labels``, ``val_labels``: the classes of ``data`` and of the proxy sets,
+    for a class-conditional base."""
     if any(not 0 < s < 1 for s in sizes):
         raise StepadaptError(f"sizes are fractions of the base's MACs in (0, 1), got {list(sizes)}")
     base_macs = count_macs(base)[0]
@@ -142,7 +142,7 @@ def measure_damage(
             with tempfile.TemporaryDirectory() as tmp:
                 recovered, _ = train(
                     found.model, data, scheduler_cfg, cfg, tmp, progress=False, teacher=base,
-                    device=device_of(base), labels=labels,
+                    device=device_of(base), labels=data_labels,
                 )  # fmt: skip
             damage = swap_damage(recovered, base, lo, hi, scheduler_cfg, reference, sample_steps, seed, cond)
             row.append(Option(ratio, damage))

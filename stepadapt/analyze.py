@@ -242,7 +242,7 @@ def _damage_plan(
     gaussian: torch.nn.Module | GaussianFit | None, gaussian_from: int | None, tolerance: float,
     labels: torch.Tensor | None = None, **options,
 ) -> tuple[Plan, dict[str, np.ndarray]]:  # fmt: skip
-    """``options``: measure_damage's (for a class-conditional base, ``labels`` of ``data`` and
+    """``options``: measure_damage's (for a class-conditional base, ``data_labels`` and
     ``train_labels``/``val_labels`` of the proxy sets among them); ``labels``: the proxy's."""
     from stepadapt.allocate import Option, choose, measure_damage
 
@@ -480,7 +480,7 @@ def _proxies(o: AnalyzeOptions, cond: Conditioning, size: int, c: int, log: Call
     if cond.classes:
         (pt, pt_y), (pv, pv_y) = labelled_proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
         data, data_y = load_labelled(o.data, "train", size, c, seed=o.seed, holdout=o.holdout)
-        damage.update(labels=data_y, train_labels=pt_y, val_labels=pv_y)
+        damage.update(data_labels=data_y, train_labels=pt_y, val_labels=pv_y)
     else:
         (pt, pv), data = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout), None
         data = load_dataset(o.data, "train", size, c, seed=o.seed, holdout=o.holdout)

@@ -76,3 +76,49 @@ def test_damage_plan_measures_each_size_and_meets_the_budget(tiny, squares):
     assert all(r in [o[0] for o in row] for r, row in zip(sizes, plan.damage, strict=True))
     with pytest.raises(StepadaptError, match="budget"):
         analyze_base(tiny, DEFAULT_SCHEDULER, x, measure="damage", budget=None, damage={})
+
+
+@pytest.mark.slow
+def test_damage_of_a_class_conditional_base_is_measured_with_its_labels(monkeypatch):
+    """The proxy sets, the recovery and the compared images all carry labels: recovery trains on
+    the data's labels, the reference and the swapped-in trajectories are sampled for the same
+    labels (cycling through the classes), and the search gets the proxy sets' labels."""
+    import torch
+
+    import stepadapt.allocate as allocate
+    from stepadapt.analyze import analyze_base
+    from stepadapt.models import build_unet
+    from stepadapt.schedule import DEFAULT_SCHEDULER
+
+    base = build_unet("tiny", sample_size=8, classes=3).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 1, 8, 8, generator=g) * 2 - 1, torch.arange(24) % 3
+    seen = {"sampled": [], "trained": [], "searched": []}
+    real_sample, real_train, real_search = allocate.sample_images, allocate.train, allocate.search_group
+
+    def sample(*a, cond=None, **k):
+        seen["sampled"].append(cond)
+        return real_sample(*a, cond=cond, **k)
+
+    monkeypatch.setattr(allocate, "sample_images", sample)
+    monkeypatch.setattr(
+        allocate,
+        "train",
+        lambda *a, labels=None, **k: seen["trained"].append(labels) or real_train(*a, labels=labels, **k),
+    )
+    monkeypatch.setattr(
+        allocate, "search_group", lambda *a, **k: seen["searched"].append(k) or real_search(*a, **k)
+    )
+    plan, _ = analyze_base(
+        base, DEFAULT_SCHEDULER, x[:8], measure="damage", boundaries=[0, 500, 1000], budget=0.8, labels=y[:8],
+        damage={"data": x, "data_labels": y, "proxy_train": x[:8], "proxy_val": x[8:16],
+                "train_labels": y[:8], "val_labels": y[8:16], "sizes": [0.5], "recover_iterations": 1,
+                "batch_size": 4, "sample_steps": 2, "n": 4},
+    )  # fmt: skip
+    assert plan.allocation == "damage"
+    assert all(torch.equal(c["class_labels"], torch.tensor([0, 1, 2, 0])) for c in seen["sampled"])
+    assert seen["trained"] and all(torch.equal(t, y) for t in seen["trained"])
+    assert all(
+        torch.equal(k["train_labels"], y[:8]) and torch.equal(k["val_labels"], y[8:16])
+        for k in seen["searched"]
+    )
