@@ -13,7 +13,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from stepadapt import StepadaptError
-from stepadapt.kinds import DEFAULT, KINDS
+from stepadapt.conditioning import conditioning_of
+from stepadapt.kinds import CLASS_GAUSSIAN, DEFAULT, KINDS
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -79,9 +80,12 @@ def validate_manifest(d: dict[str, Any]) -> None:
             _fail(key, "a JSON object or null", record)
         if not isinstance(record.get("sha256"), str) or not SHA256.match(record["sha256"]):
             _fail(f"{key}.sha256", "a sha256 hex digest", record.get("sha256"))
+    classes = conditioning_of(d["base_config"]).classes
     names = d.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         _fail("class_names", "a list of strings or null", names)
+    if names is not None and classes and len(names) != classes:
+        _fail("class_names", f"{classes} names (the base's classes)", names)
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
@@ -91,6 +95,9 @@ def validate_manifest(d: dict[str, Any]) -> None:
         kind = KINDS.get(e.get("kind", DEFAULT))
         if kind is None:
             _fail(f"{f}kind", f"one of {', '.join(KINDS)}", e.get("kind"))
+        if kind is CLASS_GAUSSIAN and not classes:
+            others = ", ".join(k for k in KINDS if k != CLASS_GAUSSIAN.name)
+            _fail(f"{f}kind", f"one of {others} (the base has no classes)", kind.name)
         ts = e.get("timesteps")
         if not (isinstance(ts, list) and len(ts) == 2 and all(map(_integer, ts)) and 0 <= ts[0] < ts[1] <= T):
             _fail(f"{f}timesteps", f"two integers 0 <= lo < hi <= {T}", ts)

@@ -253,3 +253,24 @@ def test_analyze_and_prune_a_class_conditional_base(tmp_path, monkeypatch):
         prune(PruneOptions(out=tmp_path / "b5", plan=tmp_path / "plan.json", proxy_size=8,
                            candidates=("magnitude/local",), **{**common, "base": five}))  # fmt: skip
     assert "\n" not in str(e.value)
+
+
+def test_a_manifest_refuses_a_class_gaussian_without_classes_and_class_names_of_another_count():
+    import copy
+    import json
+    from pathlib import Path
+
+    from stepadapt.schema import validate_manifest
+
+    shipped = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-experts"
+    m = json.loads((shipped / "manifest.json").read_text())
+    bad = copy.deepcopy(m)
+    bad["experts"][-1]["kind"] = "class-gaussian"
+    with pytest.raises(
+        StepadaptError, match=r"experts\[2\]\.kind must be one of unet, gaussian \(the base has no"
+    ):
+        validate_manifest(bad)
+    bad = copy.deepcopy(m)
+    bad["base_config"]["num_class_embeds"], bad["class_names"] = 4, ["a", "b"]
+    with pytest.raises(StepadaptError, match=r"class_names must be 3 names \(the base's classes\)"):
+        validate_manifest(bad)
