@@ -410,6 +410,8 @@ def fit_gaussian_for(
             return fit
         except StepadaptError as e:
             why_not = str(e)
+    if rank != "auto":  # a form or rank the user gave that cannot be had is said, not skipped
+        raise StepadaptError(f"Gaussian expert (--gaussian-rank {rank}): {why_not}")
     return _none(choice, why_not)
 
 
@@ -440,8 +442,7 @@ def _fit(
     if cond.classes:
         if rank == "full":
             raise StepadaptError(
-                "--gaussian-rank full: a class-conditional base's Gaussians are low-rank (one basis per "
-                "class); give a rank or auto"
+                "a class-conditional base's Gaussians are low-rank (one basis per class): give a rank or auto"
             )
         g = fit_class_gaussian(train, labels, cond.classes, scheduler_cfg, rank=given, rank_cap=cap)
         return GaussianFit(g, why=f"one Gaussian per class and one pooled for the null class; {how}")

@@ -167,6 +167,15 @@ class GaussianDenoiser(torch.nn.Module):
         return macs_for(self.sample_shape, self.rank if self.low_rank else None)
 
     @property
+    def explained(self) -> float:
+        """The share of the training variance its own directions keep (1 for the full form)."""
+        if self.remainder is None:
+            return 1.0
+        kept = float(self.eigenvalues.double().sum())
+        total = kept + float(self.remainder.double()) * (self.basis.shape[0] - self.rank)
+        return kept / total if total > 0 else 1.0
+
+    @property
     def params(self) -> int:
         return sum(v.numel() for v in self.buffers())
 
@@ -324,6 +333,13 @@ class ClassGaussianDenoiser(torch.nn.Module):
     def macs(self) -> int:
         """Per row: one class's low-rank Gaussian (the gather moves memory, it multiplies nothing)."""
         return macs_for(self.sample_shape, self.rank)
+
+    @property
+    def explained(self) -> float:
+        """The least share of its training variance any class's (or the pooled) Gaussian keeps."""
+        kept = self.eigenvalues.double().sum(1)
+        total = kept + self.remainders.double() * (self.bases.shape[1] - self.rank)
+        return float(torch.where(total > 0, kept / total.clamp(min=1e-300), torch.ones_like(total)).min())
 
     @property
     def params(self) -> int:
@@ -572,6 +588,17 @@ def fit_low_rank(
     ).eval()  # fmt: skip
 
 
+def low_rank_of(
+    full: GaussianDenoiser, explained: float = DEFAULT_EXPLAINED, rank_cap: int | None = None
+) -> GaussianDenoiser:
+    """``full``'s low-rank form at the rank that keeps ``explained`` of its variance (at most
+    ``rank_cap``): the same as :func:`fit_low_rank` on its images, from the eigenpairs at hand."""
+    d = full.basis.shape[0]
+    lam = full.eigenvalues.double().sort(descending=True).values
+    sp = Spectrum(full.mean, lam, full.basis, float(lam.sum()), count=d + 1)
+    return full.truncated(_rank(None, [sp], explained, rank_cap, d))
+
+
 def _rank(rank: int | None, spectra: list[Spectrum], explained: float, cap: int | None, d: int) -> int:
     """One rank for all ``spectra``: the given one, else the highest any needs to keep ``explained``;
     at most ``cap`` and what the smallest image set can show. A given rank beyond that is an error."""
@@ -579,7 +606,7 @@ def _rank(rank: int | None, spectra: list[Spectrum], explained: float, cap: int 
     if rank is not None:
         if not 1 <= rank <= can:
             raise StepadaptError(
-                f"--gaussian-rank {rank} is out of reach: {d}-pixel images, "
+                f"rank {rank} is out of reach: {d}-pixel images, "
                 f"{min(sp.count for sp in spectra)} images in the smallest set and the MAC limit "
                 f"allow 1..{can}"
             )

@@ -112,7 +112,7 @@ def test_rank_from_explained_variance_is_one_for_all_classes_and_bad_labels_are_
         ((x, y + 1, 3), "labels span 1..3; the model knows 0..2"),
         ((x, y[:-1], 3), "2999 labels for 3000 images"),
         ((x[:4], torch.tensor([0, 0, 0, 1]), 2), "class 1 has 1 training images"),
-        ((x[:6], torch.tensor([0, 0, 0, 1, 1, 1]), 2), "--gaussian-rank 5 is out of reach"),
+        ((x[:6], torch.tensor([0, 0, 0, 1, 1, 1]), 2), "rank 5 is out of reach"),
     ]
     for (data, labels, classes), msg in cases:
         with pytest.raises(StepadaptError, match=msg) as e:

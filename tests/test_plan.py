@@ -226,7 +226,7 @@ def test_analyze_fits_a_gaussian_per_class_and_judges_it_with_held_out_labels(tm
     assert Plan.load(tmp_path / "plan.json").gaussian == choice
     assert analyze(opts.replace(gaussian_rank="5", gaussian="700")).plan.gaussian.rank == 5
     with pytest.raises(
-        StepadaptError, match="--gaussian-rank full: a class-conditional base's Gaussians are"
+        StepadaptError, match=r"\(--gaussian-rank full\): a class-conditional base's Gaussians are low-rank"
     ):
         analyze(opts.replace(gaussian_rank="full", gaussian="700"))
     np.savez(tmp_path / "bad.npz", images=np.zeros((40, 8, 8), np.uint8), labels=np.arange(40) % 5)
