@@ -55,6 +55,15 @@ class BuildContext:
     # The candidate search a pruned kind is built by (stepadapt.importance.search_group), injected
     # by the caller so that kinds stay below the pruning machinery.
     search: Callable[..., Any] | None = None
+    # a class-conditional base: the proxy images' labels, row for row
+    proxy_train_labels: torch.Tensor | None = None
+    proxy_val_labels: torch.Tensor | None = None
+
+    def proxy_labels(self) -> dict[str, torch.Tensor]:
+        """The search's label arguments, where there are labels (none: the call it always was)."""
+        if self.proxy_train_labels is None and self.proxy_val_labels is None:
+            return {}
+        return {"train_labels": self.proxy_train_labels, "val_labels": self.proxy_val_labels}
 
 
 @dataclass
@@ -160,7 +169,7 @@ class UNetKind(ExpertKind):
         parent, parent_history, parent_name = ctx.parent or (ctx.base, [], None)
         res = ctx.search(
             parent, ctx.scheduler_cfg, group.lo, group.hi, target_macs, ctx.proxy_train, ctx.proxy_val,
-            candidates=ctx.candidates, memory=ctx.memory, seed=ctx.seed, log=ctx.log,
+            candidates=ctx.candidates, memory=ctx.memory, seed=ctx.seed, log=ctx.log, **ctx.proxy_labels(),
         )  # fmt: skip
         history = parent_history + res.best.history
         importance = res.best_label if res.best.history else ("unpruned" if not history else "parent's")
