@@ -324,7 +324,7 @@ def training_data(options: FinetuneOptions, bundle: Bundle) -> tuple[torch.Tenso
         x, y = load_labelled(o.data, "train", size, c, **part)
     else:
         x = load_dataset(o.data, "train", size, c, **part)
-    if record and o.limit is None and fingerprint(x) != record.get("sha256"):
+    if record and o.limit is None and fingerprint(x, y) != record.get("sha256"):
         msg = f"fine-tuning on other images than {bundle.path} was pruned with ({record.get('source')})"
         warnings.warn(Notice(msg), stacklevel=2)
     return x, y

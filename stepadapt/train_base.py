@@ -63,6 +63,11 @@ class TrainBaseOptions(Options):
         "Start from this base's weights (same config) instead of from scratch; a class-conditional "
         "model learns its class embedding from zero, so it starts as the unconditional base.",
     )
+    class_lr_scale: float | None = option(
+        None,
+        "The class embedding's learning rate over --lr (default: 30 with --init and --conditional, "
+        "where a zero embedding on a trained base barely moves at the base's rate; else 1).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,7 +102,12 @@ class TrainBaseOptions(Options):
             seed=self.seed, checkpoint_every=self.checkpoint_every, sample_every=self.sample_every,
             timestep_sampler=self.timestep_sampler, precision=self.precision,
             label_dropout=self.label_dropout,
+            class_lr_scale=self.class_lr_scale or self.default_class_lr_scale,
         )  # fmt: skip
+
+    @property
+    def default_class_lr_scale(self) -> float:
+        return 30.0 if self.init is not None and self.conditional else 1.0
 
 
 def sample_grid(model: UNet2DModel, scheduler_cfg: dict, path: Path, n: int = 16, steps: int = 50) -> Path:

@@ -238,3 +238,61 @@ def test_a_recorded_base_that_is_not_here_is_said_not_replaced(tmp_path, tiny_bu
     save_bundle(tmp_path / "b", replace(b.manifest, base=record), [e.draft() for e in b.experts], b.models())
     with pytest.raises(StepadaptError, match="which is not here: pass --teacher"):
         finetune(FinetuneOptions(bundle=tmp_path / "b", iterations=2, device="cpu"))
+
+
+def _labelled_npz(path: Path, n: int, classes: int = 3, seed: int = 0) -> Path:
+    """Images whose class decides their brightness and where a bar lies: classes a model can learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 60, (n, 32, 32)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 4 + 9 * c : 10 + 9 * c, :] = 120 + 60 * c
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+@pytest.mark.slow
+def test_the_class_conditional_chain_serves_what_it_samples(tmp_path):
+    """train-base --conditional -> analyze -> prune -> finetune -> export -> serve -> generate with
+    labels and guidance: every stage takes the labels, the bundle has a per-class Gaussian on its noisy
+    end, and the endpoint's images are the in-process sampler's for the same labels and seed, in both
+    repository layouts."""
+    from stepadapt.export.stage import ExportOptions, export
+    from stepadapt.serving.client import GenerateRequest, generate
+    from stepadapt.serving.repository import RepositoryOptions, write_repository
+    from stepadapt.serving.server import TritonServer
+
+    from stepadapt.conditioning import guided, labels_cond
+    from stepadapt.sampling import max_pixel_diff, sample_images
+    from stepadapt.train_base import train_base
+
+    data = str(_labelled_npz(tmp_path / "d.npz", 1200))
+    trained = TrainBaseOptions(out=tmp_path / "run", data=data, conditional=True, iterations=6, batch_size=16,
+                               checkpoint_every=100, sample_every=100, device="cpu")  # fmt: skip
+    _, base = train_base(trained)
+    common = {"base": base, "data": data, "device": "cpu"}
+    analyze(AnalyzeOptions(out=tmp_path / "plan.json", groups=3, budget=0.5, proxy_size=8, gaussian="700",
+                           gaussian_rank="8", **common))  # fmt: skip
+    prune(PruneOptions(out=tmp_path / "b", plan=tmp_path / "plan.json", proxy_size=8,
+                       candidates=("taylor/local",), **common))  # fmt: skip
+    finetune(FinetuneOptions(bundle=tmp_path / "b", data=data, iterations=4, batch_size=8, device="cpu"))
+    export(ExportOptions(bundle=tmp_path / "b"))
+    b = Bundle.load(tmp_path / "b")
+    m = b.manifest
+    assert m.conditioning.classes == 3 and m.class_names == ["0", "1", "2"]
+    assert m.experts[-1].kind == "class-gaussian" and m.experts[-1].onnx["inputs"].get("class_labels")
+    assert any(e.training for e in b.experts if b.is_pruned(e.name))
+    labels = [0, 2, 1, 2]
+    want = sample_images(guided(b.router(), 3), m.scheduler, m.sample_shape, 4, steps=6, seed=3,
+                         sampler="unipc", cond=labels_cond(labels, 2.0))  # fmt: skip
+    other = sample_images(guided(b.router(), 3), m.scheduler, m.sample_shape, 4, steps=6, seed=3,
+                          sampler="unipc", cond=labels_cond([1, 1, 1, 1], 2.0))  # fmt: skip
+    assert max_pixel_diff(want, other) > 2  # the labels decide the images
+    req = GenerateRequest(
+        num_images=4, seed=3, steps=6, sampler="unipc", class_labels=labels, guidance_scale=2.0
+    )
+    for layout in ("fused", "bls"):
+        repo = write_repository(b, tmp_path / f"repo-{layout}", RepositoryOptions(layout=layout, instances=1))
+        with TritonServer(repo, log_path=tmp_path / f"{layout}.log") as server:
+            got = generate(server.http_url, req)
+        assert max_pixel_diff(got, want) <= 2, layout

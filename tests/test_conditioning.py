@@ -225,3 +225,17 @@ def test_a_conditional_base_from_init_starts_as_the_unconditional_one(tmp_path):
             torch.testing.assert_close(model(x, t, class_labels=torch.tensor(labels)).sample, want)
     with pytest.raises(StepadaptError, match="does not fit config"):
         initial_model(TrainBaseOptions(init=DEFAULT_BASE, config="ddpm-cifar10"), 1, 32, 0)
+
+
+def test_the_class_embedding_can_learn_at_its_own_rate():
+    """class_lr_scale puts the class embedding in its own optimizer group at lr x scale; at 1 there
+    is one group, as before."""
+    from stepadapt.train import TrainConfig, _param_groups
+
+    model = build_unet("tiny", classes=3)
+    one = _param_groups(model, TrainConfig(lr=1e-3))
+    assert len(one) == 1 and len(one[0]["params"]) == len(list(model.parameters()))
+    two = _param_groups(model, TrainConfig(lr=1e-3, class_lr_scale=30.0))
+    assert two[1]["lr"] == pytest.approx(0.03) and two[1]["params"] == [model.class_embedding.weight]
+    with pytest.raises(StepadaptError, match="LR scale must be positive"):
+        TrainConfig(class_lr_scale=0.0).validate()
