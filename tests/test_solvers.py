@@ -237,7 +237,7 @@ def test_a_jump_spends_every_step_below_the_cut_and_lands_nearer_the_exact_answe
             left = run.timesteps[run.i :]
             assert len(left) == 8 and float(left.max()) < 580 and run.i > 0
         exact = gaussian.transport(x, run._alpha_bar(0), 1.0)
-        errors.append(float((sample(lambda y, t: gaussian(y, t), run) - exact).abs().max()))
+        errors.append(float((sample(lambda y, t, cond: gaussian(y, t), run) - exact).abs().max()))
     assert errors[1] < 0.75 * errors[0], errors
 
 
