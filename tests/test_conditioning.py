@@ -20,7 +20,7 @@ from stepadapt.conditioning import (
     sampling_condition,
 )
 from stepadapt.models import build_unet
-from stepadapt.sampling import Router, module_denoiser, sample_images, sample_together
+from stepadapt.sampling import Router, max_pixel_diff, module_denoiser, sample_images, sample_together
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
 
 
@@ -127,10 +127,11 @@ def test_requests_with_other_labels_batch_together_and_get_their_solo_images(con
     a = labels_cond([0, 1], 3.0)
     b = labels_cond([2], 1.0)
     together = sample_together(den, sched, shape, [(2, 7, a), (1, 8, b)], steps=3)
-    assert np.array_equal(together[0], sample_images(den, sched, shape, 2, steps=3, seed=7, cond=a))
-    assert np.array_equal(together[1], sample_images(den, sched, shape, 1, steps=3, seed=8, cond=b))
+    # within rounding: a convolution's arithmetic may depend on how many rows share the call
+    assert max_pixel_diff(together[0], sample_images(den, sched, shape, 2, steps=3, seed=7, cond=a)) <= 2
+    assert max_pixel_diff(together[1], sample_images(den, sched, shape, 1, steps=3, seed=8, cond=b)) <= 2
     other = sample_images(den, sched, shape, 2, steps=3, seed=7, cond=labels_cond([2, 2], 3.0))
-    assert not np.array_equal(together[0], other)  # the labels decide the images
+    assert max_pixel_diff(together[0], other) > 2  # the labels decide the images
 
 
 def test_a_batch_without_a_scale_counts_as_scale_one():
