@@ -303,6 +303,64 @@ def table(data: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ship(out: Path, arm: str) -> Path:
+    """A trained arm into the package (fp16 weights, no checkpoints) with its card: how it was made and
+    what it scored."""
+    from stepadapt.bundle import Bundle
+
+    dest = ROOT / "stepadapt" / "weights" / "fashion-tiny-cond-experts"
+    name, _, seed = arm.rpartition("-s")
+    a = next(x for x in ARMS if x.name == name)
+    analyze_, prune_, finetune_ = stages(a, out, int(seed), 0, 0, 1)
+    paths = [str(analyze_.options.out), str(prune_.options.out), str(finetune_.options.bundle)]
+    made = [c for c in read_json(out / "commands.json") if any(p + " " in c["command"] + " " for p in paths)]
+    b = Bundle.load(out / "arms" / arm).copy_to(dest)
+    b.cast_weights(torch.float16)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    m = b.manifest
+    card = [
+        "# fashion-tiny-cond-experts: the shipped class-conditional expert bundle",
+        "",
+        f"Experts cut from [fashion-tiny-cond](../fashion-tiny-cond/MODEL_CARD.md) at 0.5 x its MACs per "
+        f"step (arm `{name}` of `python -m benchmarks.conditional`: {a.note}), fine-tuned on Fashion-MNIST "
+        f"with its labels (10 % dropped to the null class, distilled from the base on the same labels); "
+        f"float16 safetensors, {size / 1e6:.1f} MB in all.",
+        "",
+        "| expert | kind | timesteps | MACs / base | params |",
+        "|---|---|---|---|---|",
+        *[f"| {e.name} | {e.kind} | [{e.lo}, {e.hi}) | {e.macs / m.base_macs:.3f} | {e.params / 1e6:.3f} M |"
+          for e in b.experts],
+        "",
+        f"Made by `python -m benchmarks.conditional --only {arm} --threads 1`, then `--ship {arm}`, on "
+        f"{platform.node()} ({os.cpu_count()} CPU cores, no GPU, shared with other work); its stages:",
+        "",
+        *[f"- `{c['command']}` ({c['seconds'] / 60:.1f} min)" for c in made],
+        "",
+        *_scored(name, int(seed)),
+        "",
+        "Every arm, both seeds: [docs/results.md](../../../docs/results.md#conditional-generation-issue-24).",
+    ]  # fmt: skip
+    (dest / "MODEL_CARD.md").write_text("\n".join(card) + "\n")
+    return dest
+
+
+def _scored(name: str, seed: int) -> list[str]:
+    """What the arm scored beside the base at the same settings (UniPC, n images, this seed)."""
+    scores = read_json(SCORES)
+    lines = ["| setting | experts: KID, accuracy, MACs / image | base: KID, accuracy, MACs / image |",
+             "|---|---|---|"]  # fmt: skip
+    for g in GUIDANCE:
+        for steps in ARM_STEPS:
+            r, b = scores.get(f"{name}|{seed}|{steps}|g{g:g}"), scores.get(f"base|{seed}|{steps}|g{g:g}")
+            if r and b:
+                lines.append(
+                    f"| UniPC x {steps}, guidance {g:g}, n = {r['n']} | {r['kid']:.4f} ± {r['kid_std']:.4f}, "
+                    f"{100 * r['accuracy']:.1f} %, {r['macs_per_image']:.2f} | {b['kid']:.4f} ± "
+                    f"{b['kid_std']:.4f}, {100 * b['accuracy']:.1f} %, {b['macs_per_image']:.0f} |"
+                )
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/experiment-cond"))
@@ -312,12 +370,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated jobs: base-s0, cond-default-0.5-s1, ...")
     ap.add_argument("--report", action="store_true", help="print the table and redraw the plot")
+    ap.add_argument("--ship", default=None, help="copy a trained arm (cond-default-0.5-s0) into the package")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ship:
+        print(f"shipped -> {ship(args.out, args.ship)}")
+        return
     if args.report:
         scores = read_json(SCORES) if SCORES.exists() else {}
         print(table(rows(scores)))
