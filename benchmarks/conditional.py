@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.experiment import AUTO, OFF, Arm, arm_stages, locked, run_stage
+from benchmarks.experiment import AUTO, OFF, Arm, arm_stages, locked, train_arm
 from stepadapt.io import read_json, write_json
-from stepadapt.train import CHECKPOINT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "stepadapt" / "weights" / "fashion-tiny-cond"
@@ -162,22 +160,8 @@ class Run:
 
     def train(self, a: Arm, seed: int) -> Path:
         args = self.args
-        analyze_, prune_, finetune_ = stages(
-            a, self.out, seed, args.iterations, args.batch_size, args.threads
-        )
-        plan, pruned, arm = analyze_.options.out, prune_.options.out, finetune_.options.bundle
-        run_stage(analyze_, self.log, self.log_path, plan)
-        run_stage(prune_, self.log, self.log_path, pruned / "manifest.json")
-        done = arm / "finetune.done"
-        resume = any(arm.glob(f"finetune/*/{CHECKPOINT_NAME}"))
-        if not done.exists() and not resume:
-            shutil.rmtree(arm, ignore_errors=True)
-            shutil.copytree(pruned, arm)
-        if resume:
-            finetune_ = dataclasses.replace(finetune_, parts=(*finetune_.parts, {"resume": True}))
-        run_stage(finetune_, self.log, self.log_path, done)
-        done.touch()
-        return arm
+        stages_ = stages(a, self.out, seed, args.iterations, args.batch_size, args.threads)
+        return train_arm(stages_, self.log, self.log_path)[0]
 
     def arm_job(self, a: Arm, seed: int) -> None:
         from stepadapt.evaluate import load_target

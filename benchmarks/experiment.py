@@ -194,6 +194,25 @@ def arm_stages(
     )  # fmt: skip
 
 
+def train_arm(stages: tuple[Stage, Stage, Stage], log: list[dict], log_path: Path) -> tuple[Path, float]:
+    """Analyze, prune and fine-tune (each stage skipped where its output is there, a killed fine-tune
+    resumed from its checkpoints); the trained bundle and its fine-tuning seconds."""
+    analyze_, prune_, finetune_ = stages
+    plan, pruned, arm = analyze_.options.out, prune_.options.out, finetune_.options.bundle
+    run_stage(analyze_, log, log_path, plan)
+    run_stage(prune_, log, log_path, pruned / "manifest.json")
+    done = arm / "finetune.done"
+    resume = any(arm.glob(f"finetune/*/{CHECKPOINT_NAME}"))  # a killed fine-tune goes on from there
+    if not done.exists() and not resume:
+        shutil.rmtree(arm, ignore_errors=True)
+        shutil.copytree(pruned, arm)
+    if resume:
+        finetune_ = dataclasses.replace(finetune_, parts=(*finetune_.parts, {"resume": True}))
+    seconds = run_stage(finetune_, log, log_path, done)
+    done.touch()
+    return arm, seconds
+
+
 def logged_options(entry: dict) -> Options:
     """The options of a stage logged in commands.json: run ``analyze(logged_options(entry))`` (or prune,
     finetune) to make the same thing again. Entries from before the experiment ran in process have none."""
@@ -748,22 +767,8 @@ class Run:
         and pruned bundles shared between arms by their keys); the trained bundle and its fine-tuning
         seconds."""
         args = self.args
-        analyze_, prune_, finetune_ = arm_stages(
-            a, self.out, seed, args.iterations, args.batch_size, args.threads
-        )
-        plan, pruned, arm = analyze_.options.out, prune_.options.out, finetune_.options.bundle
-        run_stage(analyze_, self.log, self.log_path, plan)
-        run_stage(prune_, self.log, self.log_path, pruned / "manifest.json")
-        done = arm / "finetune.done"
-        resume = any(arm.glob(f"finetune/*/{CHECKPOINT_NAME}"))  # a killed fine-tune goes on from there
-        if not done.exists() and not resume:
-            shutil.rmtree(arm, ignore_errors=True)
-            shutil.copytree(pruned, arm)
-        if resume:
-            finetune_ = dataclasses.replace(finetune_, parts=(*finetune_.parts, {"resume": True}))
-        seconds = run_stage(finetune_, self.log, self.log_path, done)
-        done.touch()
-        return arm, seconds
+        stages = arm_stages(a, self.out, seed, args.iterations, args.batch_size, args.threads)
+        return train_arm(stages, self.log, self.log_path)
 
     def arm_job(self, a: Arm, seed: int) -> None:
         from stepadapt.bundle import Bundle

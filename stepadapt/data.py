@@ -48,40 +48,38 @@ NPZ_TEST_KEYS = ("test", "x_test", "validation", "x_val")
 NPZ_LABEL_KEYS = {"train": ("labels", "train_labels", "y_train"), "test": ("test_labels", "y_test", "y_val")}
 
 
-def read_idx_images(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX3 ubyte file (optionally gzipped) into uint8 N x H x W."""
-    path = Path(path)
+def _read_idx(path: Path, magic: int, dims: int, what: str) -> tuple[bytes, tuple[int, ...]]:
+    """An IDX file's bytes (optionally gzipped) and its ``dims`` sizes, checked against its magic
+    number and its length."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise StepadaptError(f"cannot read IDX file {path}: {e}") from None
-    if len(raw) < 16:
-        raise StepadaptError(f"{path} is too short to be an IDX image file")
-    magic, n, h, w = struct.unpack(">IIII", raw[:16])
-    if magic != 2051:
-        raise StepadaptError(f"{path} is not an IDX image file (magic {magic}, expected 2051)")
-    if len(raw) != 16 + n * h * w:
-        raise StepadaptError(f"{path} is truncated: {len(raw) - 16} bytes for {n}x{h}x{w} images")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+    head = 4 + 4 * dims
+    if len(raw) < head:
+        raise StepadaptError(f"{path} is too short to be an IDX {what} file")
+    found, *sizes = struct.unpack(f">{1 + dims}I", raw[:head])
+    if found != magic:
+        raise StepadaptError(f"{path} is not an IDX {what} file (magic {found}, expected {magic})")
+    if len(raw) != head + int(np.prod(sizes)):
+        raise StepadaptError(
+            f"{path} is truncated: {len(raw) - head} bytes for {'x'.join(map(str, sizes))} {what}s"
+        )
+    return raw[head:], tuple(sizes)
+
+
+def read_idx_images(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX3 ubyte file (optionally gzipped) into uint8 N x H x W."""
+    raw, shape = _read_idx(Path(path), 2051, 3, "image")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX1 ubyte label file (optionally gzipped) into uint8 N."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise StepadaptError(f"cannot read IDX file {path}: {e}") from None
-    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != 2049:
-        raise StepadaptError(f"{path} is not an IDX label file (magic 2049)")
-    n = struct.unpack(">I", raw[4:8])[0]
-    if len(raw) != 8 + n:
-        raise StepadaptError(f"{path} is truncated: {len(raw) - 8} bytes for {n} labels")
-    return np.frombuffer(raw, dtype=np.uint8, offset=8)
+    raw, _ = _read_idx(Path(path), 2049, 1, "label")
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def _to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
