@@ -320,10 +320,8 @@ def make_plan(
         if kind_of(gaussian_kind).sized_by_budget:
             raise StepadaptError(f"{gaussian_kind!r} is not a closed-form expert kind")
         kinds[-1] = gaussian_kind
-    shares, diffs = [], []
-    for lo, hi in zip(b, b[1:], strict=False):
-        shares.append(float(np.mean((visits >= lo) & (visits < hi))))
-        diffs.append(float(difficulty[lo:hi].mean()))
+    shares = [float(np.mean((visits >= lo) & (visits < hi))) for lo, hi in zip(b, b[1:], strict=False)]
+    diffs = [float(difficulty[lo:hi].mean()) for lo, hi in zip(b, b[1:], strict=False)]
     fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if not kind_of(k).sized_by_budget}
     if budget is None:  # the TDC rule ranks the U-Net groups among themselves
         unet = [i for i in range(len(kinds)) if i not in fixed]
