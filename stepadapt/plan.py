@@ -84,7 +84,7 @@ class GaussianChoice:
         form = "full covariance" if self.rank is None else f"rank {self.rank}"
         if self.explained is not None and self.rank is not None:
             form += f" ({self.explained:.0%} of the variance)"
-        per = f", one per class of {self.classes} and one pooled for the null class" if self.classes else ""
+        per = f", {self.classes} classes" if self.classes else ""
         return f"{kind_of(self.kind).label} expert, {form}{per}" + (f": {self.why}" if self.why else "")
 
 

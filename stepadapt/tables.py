@@ -36,8 +36,10 @@ def gaussian_lines(plan: Plan) -> list[str]:
     choice = plan.gaussian
     if choice is None:
         return []
+    if choice.rule == "none":
+        return [choice.describe()]
     group = next((g for g in plan.groups if not kind_of(g.kind).sized_by_budget), None)
-    lines = []
+    lines = [choice.describe()] if group is not None else []
     if choice.rule == "auto":
         if group is None:
             return [f"no Gaussian expert: its eps error is never within {choice.tolerance} x the base's"]
