@@ -176,7 +176,7 @@ def test_a_plan_names_its_gaussian_and_old_plans_still_load(tmp_path):
     again = Plan.load(tmp_path / "p.json")
     assert again.gaussian == plan.gaussian and again.groups[-1].kind == "class-gaussian"
     assert (
-        "class Gaussian expert, rank 12 (91% of the variance), one per class of 10"
+        "class Gaussian expert, rank 12 (91% of the variance), 10 classes: one Gaussian per class"
         in again.gaussian.describe()
     )
     d = plan.to_dict()
