@@ -172,6 +172,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes a file of its own, 0600
     return sha256_file(path)
 
 
