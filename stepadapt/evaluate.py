@@ -87,7 +87,7 @@ def features(
     """Inception features of uint8 N x H x W x C images, in batches."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise StepadaptError(f"expected uint8 N x H x W x C images, got {images.dtype} {images.shape}")
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: the endpoint's arrays are read-only
     out = []
     with torch.no_grad():
         bar = progress_bar(
