@@ -574,6 +574,8 @@ def run_bench(
         raise StepadaptError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {SECTIONS}")
     check_backends((*s.backends, *s.trajectory_backends))
     bundle = Bundle.load(bundle_path)
+    if not bundle.manifest.conditioning.unconditional:
+        raise StepadaptError(f"{bundle_path} is conditional: bench times unconditional bundles only so far")
     work = Path(work)
     torch.set_num_threads(s.threads)
     arms = prepare_arms(bundle, work, Path(base) if base else None, log=log)

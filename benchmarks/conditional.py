@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.experiment import AUTO, OFF, Arm, arm_stages, locked, train_arm
-from stepadapt.io import read_json, write_json
+from stepadapt.io import atomic_path, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "stepadapt" / "weights" / "fashion-tiny-cond"
@@ -239,8 +239,6 @@ def plot(data: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stepadapt.io import atomic_path
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     colours = {"base": "black", "cond-default-0.5": "tab:red", "cond-uniform-0.5": "tab:blue",
                "cond-nogauss-0.5": "tab:olive"}  # fmt: skip
@@ -324,7 +322,8 @@ def ship(out: Path, arm: str) -> Path:
         "",
         "Every arm, both seeds: [docs/results.md](../../../docs/results.md#conditional-generation-issue-24).",
     ]  # fmt: skip
-    (dest / "MODEL_CARD.md").write_text("\n".join(card) + "\n")
+    with atomic_path(dest / "MODEL_CARD.md") as tmp:
+        tmp.write_text("\n".join(card) + "\n")
     return dest
 
 

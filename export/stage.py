@@ -117,6 +117,10 @@ def export(
     bundle's engines and ``trt`` records as they were (the new ONNX files stay, they passed).
     """
     bundle = Bundle.load(options.bundle)
+    if options.trt and not bundle.manifest.conditioning.unconditional:
+        raise StepadaptError(
+            "TensorRT engines of conditional experts are not built yet: serve the ONNX exports"
+        )
     if options.trt and (engine_builder is None or engine_parity is None):
         from stepadapt.export.tensorrt import require
 

@@ -91,8 +91,12 @@ class Conditioning:
                     f"class label {int(bad[0])} is out of range: this model knows 0..{self.classes - 1} "
                     f"(and {self.null_label} for no label)"
                 )
-        elif self.classes and GUIDANCE in cond:
-            raise StepadaptError("guidance needs class labels: this model is class-conditional")
+        elif GUIDANCE in cond:
+            raise StepadaptError(
+                "guidance needs class labels: this model is class-conditional"
+                if self.classes
+                else "guidance is for class-conditional models so far; this one takes no labels"
+            )
         for key in (TEXT, NEGATIVE_TEXT):
             if key in cond:
                 if not self.text_dim:
@@ -145,8 +149,9 @@ def cat(conds: Sequence[Cond]) -> dict[str, torch.Tensor]:
 
 
 def _ones(cond: Cond) -> torch.Tensor:
-    n = next(iter(cond.values())).shape[0] if cond else 0
-    return torch.ones(n, dtype=torch.float32)
+    if not cond:  # a batch with nothing to count its rows by cannot sit beside guided ones
+        raise StepadaptError("batches stacked together carry different conditions")
+    return torch.ones(next(iter(cond.values())).shape[0], dtype=torch.float32)
 
 
 def repeat(cond: Cond, n: int) -> dict[str, torch.Tensor]:
@@ -224,6 +229,8 @@ def sampling_condition(
     """The condition of ``n`` images to sample: ``labels`` cycled over them (every class in turn
     where none are given) at ``guidance_scale``; None for an unconditional model, which refuses
     labels and guidance in one line."""
+    if conditioning.text_dim:
+        raise StepadaptError("sampling a text-conditioned model needs its text encoder: not supported yet")
     if not conditioning.classes:
         if labels:
             raise StepadaptError("class labels given, but this model is not class-conditional")

@@ -438,9 +438,16 @@ def class_scoring(
     holdout: float,
     classifier: str | os.PathLike | None,
 ) -> ByClass | None:
+    if conditioning.text_dim:
+        raise StepadaptError("evaluating a text-conditioned model needs its text encoder: not supported yet")
     if not conditioning.classes:
+        if guidance_scale != 1.0 or classifier is not None:
+            raise StepadaptError("--guidance-scale and --classifier are for class-conditional models")
         return None
     from stepadapt.data import FASHION_NAMES, load_labels, subset
+
+    if n < 2 * conditioning.classes:
+        raise StepadaptError(f"--n {n} leaves fewer than 2 images per class of {conditioning.classes}")
 
     labels = balanced_labels(n, conditioning.classes)
     real_labels = load_labels(data, "test", holdout)
@@ -452,10 +459,17 @@ def class_scoring(
 
         path = str(classifier or DEFAULT_CLASSIFIER)
         net = load_classifier(path)
+        if len(net.config.classes) != conditioning.classes:
+            raise StepadaptError(
+                f"classifier {path} knows {len(net.config.classes)} classes, the model "
+                f"{conditioning.classes}: pass --classifier trained on this data"
+            )
     else:
         warnings.warn(Notice(f"no classifier for {data}: class accuracy is not scored (--classifier)"),
                       stacklevel=2)  # fmt: skip
-    return ByClass(labels, labels_cond(labels, guidance_scale), real_labels, net, path)
+    cond = labels_cond(labels, guidance_scale)
+    conditioning.check(cond, n)  # a scale that is not finite is said before any image is made
+    return ByClass(labels, cond, real_labels, net, path)
 
 
 def kid_per_class(

@@ -80,7 +80,15 @@ def validate_manifest(d: dict[str, Any]) -> None:
             _fail(key, "a JSON object or null", record)
         if not isinstance(record.get("sha256"), str) or not SHA256.match(record["sha256"]):
             _fail(f"{key}.sha256", "a sha256 hex digest", record.get("sha256"))
-    classes = conditioning_of(d["base_config"]).classes
+    cfg = d["base_config"]
+    n = cfg.get("num_class_embeds")
+    if n is not None and not (_integer(n) and n >= 2):
+        _fail("base_config.num_class_embeds", "null or an integer >= 2 (the classes and the null class)", n)
+    cross = cfg.get("cross_attention_dim")
+    widths = cross if isinstance(cross, list) and cross else [cross]
+    if cross is not None and not all(_integer(w) and w > 0 for w in widths):
+        _fail("base_config.cross_attention_dim", "null, a positive integer or a list of them", cross)
+    classes = conditioning_of(cfg).classes
     names = d.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         _fail("class_names", "a list of strings or null", names)

@@ -63,7 +63,8 @@ def test_unknown_expert_kind_is_refused(bundle_dir, tmp_path):
     m["experts"][3]["kind"] = "oracle"
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(
-        StepadaptError, match=r"experts\[3\]\.kind must be one of unet, gaussian, class-gaussian, got 'oracle'"
+        StepadaptError,
+        match=r"experts\[3\]\.kind must be one of unet, gaussian, class-gaussian, got 'oracle'",
     ):
         Bundle.load(d)
 

@@ -3,6 +3,8 @@ conditional and unconditional rows into one call, labelled data and label dropou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -240,3 +242,34 @@ def test_the_class_embedding_can_learn_at_its_own_rate():
     assert two[1]["lr"] == pytest.approx(0.03) and two[1]["params"] == [model.class_embedding.weight]
     with pytest.raises(StepadaptError, match="LR scale must be positive"):
         TrainConfig(class_lr_scale=0.0).validate()
+
+
+def test_a_text_model_unconditional_guidance_and_bad_manifests_are_one_line_errors(tmp_path):
+    """What cannot run yet is said before any work: sampling a text-conditioned model (it needs its
+    text encoder), guidance for a model without labels, a manifest whose conditioning is not numbers."""
+    import json
+
+    from stepadapt.bundle import Bundle
+    from stepadapt.evaluate import class_scoring
+
+    with pytest.raises(StepadaptError, match="needs its text encoder"):
+        sampling_condition(Conditioning(text_dim=24), 2, None)
+    with pytest.raises(StepadaptError, match="text encoder"):
+        class_scoring(Conditioning(text_dim=24), 20, 1.0, "fashion-mnist", 20, 0, 0.1, None)
+    with pytest.raises(StepadaptError, match="for class-conditional models"):
+        class_scoring(Conditioning(), 20, 3.0, "fashion-mnist", 20, 0, 0.1, None)
+    with pytest.raises(StepadaptError, match="fewer than 2 images per class"):
+        class_scoring(Conditioning(classes=10), 15, 3.0, "fashion-mnist", 15, 0, 0.1, None)
+    with pytest.raises(StepadaptError, match="finite"):
+        class_scoring(Conditioning(classes=10), 20, float("inf"), "fashion-mnist", 20, 0, 0.1, None)
+    with pytest.raises(StepadaptError, match="takes no labels"):
+        Conditioning().check({GUIDANCE: torch.tensor([2.0])}, 1)
+    shipped = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-cond-experts"
+    for bad in ("x", 1, [3]):
+        d = tmp_path / f"b{bad!s}"
+        Bundle.load(shipped).copy_to(d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["base_config"]["num_class_embeds"] = bad
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(StepadaptError, match="num_class_embeds must be null or an integer >= 2"):
+            Bundle.load(d)
