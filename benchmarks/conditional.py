@@ -254,6 +254,7 @@ def plot(data: list[dict], path: Path) -> Path:
         ax.set_xlabel("MACs per image (base evaluations)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")  # the arms that fail sit an order of magnitude above the rest
     axes[0].legend(fontsize=7)
     fig.suptitle("fashion-tiny-cond: experts vs the base at fewer steps (UniPC, n = 500, 50 per class)")
     fig.tight_layout()
