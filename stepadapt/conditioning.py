@@ -144,7 +144,7 @@ def cat(conds: Sequence[Cond]) -> dict[str, torch.Tensor]:
         raise StepadaptError("batches stacked together carry different conditions")
     out = {k: torch.cat([c[k] for c in conds]) for k in sorted(keys)}
     if any(GUIDANCE in c for c in conds):
-        out[GUIDANCE] = torch.cat([c.get(GUIDANCE, _ones(c)) for c in conds])
+        out[GUIDANCE] = torch.cat([c[GUIDANCE] if GUIDANCE in c else _ones(c) for c in conds])
     return out
 
 
@@ -154,9 +154,9 @@ def _ones(cond: Cond) -> torch.Tensor:
     return torch.ones(next(iter(cond.values())).shape[0], dtype=torch.float32)
 
 
-def repeat(cond: Cond, n: int) -> dict[str, torch.Tensor]:
-    """A one-row condition for ``n`` rows."""
-    return {k: v.expand(n, *v.shape[1:]).clone() for k, v in cond.items()}
+def balanced_labels(n: int, classes: int) -> torch.Tensor:
+    """Labels 0, 1, ..., classes-1, 0, 1, ...: every class alike (50 each of 500 for ten classes)."""
+    return torch.arange(n) % classes
 
 
 def labels_cond(labels: Sequence[int] | torch.Tensor, guidance_scale: float | None = None) -> dict:
@@ -238,6 +238,6 @@ def sampling_condition(
             raise StepadaptError("guidance needs a class-conditional model; this one is unconditional")
         return None
     base = torch.as_tensor(labels if labels else range(conditioning.classes), dtype=torch.long)
-    cond = labels_cond(base[torch.arange(n) % len(base)], guidance_scale)
+    cond = labels_cond(base[balanced_labels(n, len(base))], guidance_scale)
     conditioning.check(cond, n)
     return cond

@@ -30,7 +30,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from stepadapt import Notice, StepadaptError
-from stepadapt.conditioning import Cond, Conditioning, conditioning_of, for_model, labels_cond
+from stepadapt.conditioning import (
+    Cond,
+    Conditioning,
+    balanced_labels,
+    conditioning_of,
+    for_model,
+    labels_cond,
+)
 from stepadapt.data import DEFAULT_HOLDOUT, held_out, load_dataset
 from stepadapt.io import atomic_path
 from stepadapt.plan import visited_timesteps
@@ -239,11 +246,6 @@ def generate(
         return sample_images(
             denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump, cond=cond
         )
-
-
-def balanced_labels(n: int, classes: int) -> torch.Tensor:
-    """Labels 0, 1, ..., classes-1, 0, 1, ...: every class alike (50 each of 500 for ten classes)."""
-    return torch.arange(n) % classes
 
 
 @dataclass

@@ -113,12 +113,12 @@ class TrainBaseOptions(Options):
 def sample_grid(model: UNet2DModel, scheduler_cfg: dict, path: Path, n: int = 16, steps: int = 50) -> Path:
     """A grid of ``n`` images from seed 0 (50 DDIM steps): how training is going, by eye. A
     class-conditional model draws its classes in turn (label i mod classes), unguided."""
-    from stepadapt.conditioning import conditioning_of, labels_cond
+    from stepadapt.conditioning import balanced_labels, conditioning_of, labels_cond
     from stepadapt.sampling import module_denoiser, sample_images, save_grid
 
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     classes = conditioning_of(model.config).classes
-    cond = labels_cond(torch.arange(n) % classes) if classes else None
+    cond = labels_cond(balanced_labels(n, classes)) if classes else None
     return save_grid(
         sample_images(module_denoiser(model), scheduler_cfg, shape, n, steps=steps, cond=cond), path
     )
