@@ -191,6 +191,13 @@ def unconditional(cond: Cond, null_label: int) -> dict[str, torch.Tensor]:
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
+def model_rows(cond: Cond, n: int) -> int:
+    """Rows a model call costs for ``n`` images under ``guided``: two for a row guided at a scale
+    other than 1 (its unconditional twin rides in the same call), one otherwise."""
+    scale = cond.get(GUIDANCE)
+    return n + (0 if scale is None else int((scale != 1).sum()))
+
+
 def guided(denoiser: Denoiser, null_label: int) -> Denoiser:
     """Classifier-free guidance around ``denoiser``: ``out_u + s * (out_c - out_u)`` per row, with
     ``s`` the row's ``guidance_scale``. The conditional and unconditional rows of all guided rows go

@@ -352,15 +352,36 @@ def _solver(sampler: Solver | str, eta: float | None) -> Solver:
     return solver if eta is None else solver.with_(eta=float(eta))
 
 
-def step_together(denoiser: Denoiser, runs: Sequence[Trajectory]) -> None:
-    """One model evaluation for each of ``runs`` (unfinished), as **one** denoiser call: their rows
-    are stacked (the Router splits them by expert), then each run takes its own step."""
+def request_trajectory(
+    solver: Solver | str,
+    scheduler_cfg: dict,
+    shape: Sequence[int],
+    n: int,
+    seed: int,
+    steps: int,
+    *,
+    jump: Jump | None = None,
+    cond: Cond | None = None,
+) -> Trajectory:
+    """The trajectory of one request of ``n`` images from ``seed``: what ``sample_images`` runs for
+    it (one chunk), so whoever batches requests gives each the images it gets alone."""
+    x, g = initial_noise(n, shape, seed)
+    return Trajectory(solver, scheduler_cfg, x, steps, generator=[g] * n, seed=seed, jump=jump, cond=cond)
+
+
+def evaluate_together(denoiser: Denoiser, runs: Sequence[Trajectory]) -> list[torch.Tensor]:
+    """The model's output for the current evaluation of each of ``runs``, as **one** denoiser call:
+    their rows are stacked (the Router splits them by expert) and the output split back."""
     inputs = [r.model_input() for r in runs]
     x, t, cond = (torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs]),
                   cat_conds([i[2] for i in inputs]))  # fmt: skip
-    out = denoiser(x, t, cond)
-    for r, part in zip(runs, out.split([i[0].shape[0] for i in inputs]), strict=True):
-        r.advance(part)
+    return list(denoiser(x, t, cond).split([i[0].shape[0] for i in inputs]))
+
+
+def step_together(denoiser: Denoiser, runs: Sequence[Trajectory]) -> None:
+    """One model evaluation for each of ``runs`` (unfinished) in one call; each takes its own step."""
+    for r, out in zip(runs, evaluate_together(denoiser, runs), strict=True):
+        r.advance(out)
 
 
 def sample_together(
@@ -384,21 +405,12 @@ def sample_together(
     (cancelled, out of time): they get ``None`` and cost nothing from then on.
     """
     solver = _solver(sampler, eta)
-    runs: list[Trajectory | None] = []
-    for n, seed, *cond in requests:
-        x, g = initial_noise(n, shape, seed)
-        runs.append(
-            Trajectory(
-                solver,
-                scheduler_cfg,
-                x,
-                steps,
-                generator=[g] * n,
-                seed=seed,
-                jump=jump,
-                cond=cond[0] if cond else None,
-            )  # fmt: skip
+    runs: list[Trajectory | None] = [
+        request_trajectory(
+            solver, scheduler_cfg, shape, n, seed, steps, jump=jump, cond=cond[0] if cond else None
         )
+        for n, seed, *cond in requests
+    ]
     while True:
         if stopped is not None:
             runs = [None if f else r for r, f in zip(runs, stopped(), strict=True)]
