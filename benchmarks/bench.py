@@ -1,6 +1,6 @@
 """Latency/FLOP benchmark of a bundle: what its MACs become in time, per backend and through Triton.
 
-Four sections, each measured in one run with the arms interleaved:
+Five sections, each measured in one run with the arms interleaved:
 
 * ``flops``: MACs and params per expert; MACs per image along the sampler's
   trajectory beside the base, the uniform model of equal mean MACs, the TDC
@@ -12,6 +12,8 @@ Four sections, each measured in one run with the arms interleaved:
 * ``serving``: concurrent clients against a real Triton server, per repository
   layout: images/s, p50 / p99, router overhead per step, and the in-process
   onnxruntime throughput at the same batch as the ceiling.
+* ``load``: open-loop Poisson arrivals against the base alone, the lockstep
+  layout, the step engine and the step engine keeping an SLO (``benchmarks/load.py``).
 
 The three arms are bundles of their own (base and uniform as one-expert
 bundles in the work directory), so every backend and the endpoint run them the
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from diffusers import UNet2DModel
+from stepadapt.benchmarks.load import LoadSettings, load_section
 from stepadapt.export.onnx import OnnxDenoiser, export_bundle
 from stepadapt.export.runtime import session, timestep_feed
 from stepadapt.serving.client import Endpoint, GenerateRequest
@@ -60,7 +63,7 @@ CPU_BACKENDS = ("torch", "onnxruntime-t1", "onnxruntime-t2", "onnxruntime-basic-
 GPU_BACKENDS = ("torch-cuda", "torch-cuda-bf16", "onnxruntime-cuda")
 FORMAT = "stepadapt-bench"
 VERSION = 1
-SECTIONS = ("flops", "latency", "trajectory", "serving")
+SECTIONS = ("flops", "latency", "trajectory", "serving", "load")
 ARMS = ("base", "uniform", "experts")
 WARMUP_STEPS = 5
 # Published trajectory-mean compute of the same base architecture (CIFAR-10, ddpm-cifar10).
@@ -98,6 +101,7 @@ class BenchSettings:
     sampler: str = "ddim"  # the solver spec every timed trajectory and request uses
     threads: int = 1  # onnxruntime threads per session on the server (and the in-process reference)
     instances: int = field(default_factory=lambda: os.cpu_count() or 1)  # router / expert instances
+    load: LoadSettings = field(default_factory=LoadSettings)
     seed: int = 0
 
     @classmethod
@@ -106,7 +110,7 @@ class BenchSettings:
             quick=True, batches=(1, 8), backends=("torch", "onnxruntime-t1"), repeats=3, warmup=1,
             steps=(10,), trajectory_repeats=1, overhead_repeats=3, trajectory_backends=("onnxruntime-t1",),
             endpoint_arms=("experts",), layouts=("fused",), concurrency=(1, 4), requests=8,
-            serving_steps=10,
+            serving_steps=10, load=LoadSettings.quick_run(),
         )  # fmt: skip
 
 
@@ -555,6 +559,8 @@ def _steps_total(arms: dict[str, Bundle], s: BenchSettings) -> int:
         n += (len(s.endpoint_arms) - 1) * len(s.steps) * s.trajectory_repeats
         n += len(s.layouts) * len(s.steps) * s.overhead_repeats
         n += len(s.layouts) * len(s.concurrency)
+    if "load" in s.sections:
+        n += len(s.load.multipliers) * len(s.load.arms)
     return n
 
 
@@ -598,6 +604,9 @@ def run_bench(
             report["trajectory"] = trajectory_section(arms, s, pool, bar)
         if "serving" in s.sections:
             report["serving"] = serving_section(arms, s, pool, work, bar)
+        if "load" in s.sections:
+            report["load"] = load_section(arms, s.load, work, s.threads, s.instances, log=log,
+                                          tick=lambda: bar.update(1))  # fmt: skip
     return report
 
 
@@ -643,7 +652,7 @@ def check_report(report: dict[str, Any]) -> list[str]:
             if not np.isfinite(value) or (value < 0 and "overhead" not in path):
                 problems.append(f"{path} = {value}")
             if value == 0 and any(w in path for w in ("_ms", "_s", "macs", "per_s", "ratio")) \
-                    and "overhead" not in path:  # fmt: skip
+                    and "overhead" not in path and "goodput" not in path:  # fmt: skip
                 problems.append(f"{path} is zero")
 
     for section in SECTIONS:

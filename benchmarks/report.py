@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stepadapt.benchmarks import load as load_report
+
 from stepadapt.io import atomic_path
 from stepadapt.kinds import kind_of
 
@@ -149,6 +151,8 @@ def targets(r: dict) -> list[tuple[str, str, bool | None]]:
                 f"{c8['images_per_s']:.2f} vs {ceil['images_per_s']:.2f} ({share:.2f} ×)",
                 share >= CEILING_SHARE,
             ))  # fmt: skip
+    if r.get("load"):
+        out += load_report.targets(r["load"])
     return out
 
 
@@ -261,6 +265,8 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
         out += _table([*heads, "95% interval"], rows)
         if "serving" in images:
             out += [f"![serving]({images['serving']})", ""]
+    if r.get("load"):
+        out += load_report.render(r["load"], images.get("load"))
     t = targets(r)
     if t:
         out += ["### Targets", ""]
@@ -306,6 +312,10 @@ def plot(r: dict, out_dir: Path) -> dict[str, str]:
         ax.set_xticks(r["settings"]["concurrency"], [str(c) for c in r["settings"]["concurrency"]])
         ax.legend(fontsize=8)
         files["serving"] = _save(fig, out_dir / f"bench-{r['name']}-serving.png")
+        plt.close(fig)
+    if r.get("load"):
+        fig = load_report.plot(r["load"], r["name"])
+        files["load"] = _save(fig, out_dir / f"bench-{r['name']}-load.png")
         plt.close(fig)
     return files
 

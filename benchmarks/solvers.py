@@ -104,6 +104,14 @@ def frontier(rows: list[dict], budgets=BUDGETS) -> dict[str, float | None]:
     return out
 
 
+def scored_rows() -> list[dict]:
+    """This experiment's rows as last reported (KID per target, solver and steps; the shipped
+    experts and their base): what the load benchmark prices served configurations with."""
+    return [
+        r for r in read_json(RESULTS / "experiment.json")["rows"] if r.get("source") == "benchmarks.solvers"
+    ]
+
+
 def report(seeds: list[int], n: int) -> dict:
     tg = targets()
     scorer = Scorer("fashion-mnist", n, STORE)

@@ -8,6 +8,8 @@ router's request, and the router looks for the mark between steps. The
 server's own stop is one more mark (``shutdown``) so that requests in flight
 end within a step instead of holding the exit for minutes.
 
+``Watch`` is the one look a model takes at a request between its steps.
+
 Files, not sockets: both sides are separate stub processes with no channel of
 their own, a ``stat`` is microseconds, and nothing is left running if either dies.
 Numpy-free and torch-free: the front imports it.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -57,3 +60,41 @@ def clear(name: str) -> None:
 def marked(name: str) -> bool:
     p = _path(name)
     return p is not None and p.exists()
+
+
+CHECK_EVERY = 0.05  # seconds between looks at one request (each may ask Triton over IPC)
+
+
+class Stopped(Exception):
+    """A request given up on between steps; ``code`` is the Triton status it ends with."""
+
+    def __init__(self, code: str, msg: str):
+        super().__init__(msg)
+        self.code = code
+
+
+class Watch:
+    """Whether one request should stop now, and why: cancelled by its client (``cancelled()``, or a
+    mark under its id), past the server's time limit, or the server stopping. Asked before every
+    step, looked up at most every CHECK_EVERY seconds so a fast step does not pay for it."""
+
+    def __init__(self, request_id: str, max_seconds: float, cancelled, start: float | None = None):
+        self.cancelled = cancelled
+        self.id = request_id
+        self.max_seconds = max_seconds
+        self.deadline = (time.monotonic() if start is None else start) + max_seconds
+        self.stopped: Stopped | None = None
+        self._next = 0.0
+
+    def check(self) -> Stopped | None:
+        now = time.monotonic()
+        if self.stopped is None and now >= self._next:
+            self._next = now + CHECK_EVERY
+            if marked(SHUTDOWN):
+                self.stopped = Stopped("UNAVAILABLE", "the server is shutting down")
+            elif self.cancelled() or marked(self.id):
+                self.stopped = Stopped("CANCELLED", "cancelled by the client")
+            elif now > self.deadline:
+                limit = f"{self.max_seconds:g}"
+                self.stopped = Stopped("UNAVAILABLE", f"the request ran past the server's limit of {limit} s")
+        return self.stopped

@@ -33,6 +33,36 @@ class GenerateRequest:
     # for an unconditional image) and the classifier-free guidance scale (None: 1, no guidance).
     class_labels: Sequence[int] | None = None
     guidance_scale: float | None = None
+    # Which served bundle (``stepadapt serve NAME=DIR ...``); None: the server's default (the first).
+    budget: str | None = None
+
+
+@dataclass
+class Generated:
+    """The endpoint's answer: the images and what served them (an SLO may have served them with
+    fewer steps or a smaller bundle than asked: ``degraded``)."""
+
+    images: np.ndarray
+    bundle: str
+    steps: int
+    sampler: str
+    degraded: bool
+
+
+OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded")
+
+
+def _text(a: np.ndarray) -> str:
+    v = a.reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _generated(res) -> Generated:
+    return Generated(
+        images=res.as_numpy("images"), bundle=_text(res.as_numpy("served_bundle")),
+        steps=int(res.as_numpy("served_steps").reshape(-1)[0]), sampler=_text(res.as_numpy("served_sampler")),
+        degraded=bool(res.as_numpy("degraded").reshape(-1)[0]),
+    )  # fmt: skip
 
 
 INT32 = np.iinfo(np.int32)
@@ -63,6 +93,11 @@ def _inputs(mod, req: GenerateRequest) -> list:
         ("jump", None if req.jump is None else np.array([req.jump], dtype=np.bool_), "BOOL"),
         ("class_labels", _labels(req.class_labels), "INT32"),
         ("guidance_scale", None if scale is None else np.array([scale], dtype=np.float32), "FP32"),
+        (
+            "budget",
+            None if req.budget is None else np.array([req.budget.encode()], dtype=np.object_),
+            "BYTES",
+        ),
     ]
     out = []
     for name, arr, dtype in values:
@@ -106,9 +141,13 @@ class Endpoint:
 
     def generate(self, req: GenerateRequest) -> np.ndarray:
         """Images (uint8, N x H x W x C)."""
+        return self.infer(req).images
+
+    def infer(self, req: GenerateRequest) -> Generated:
+        """The images and what served them."""
         from tritonclient.utils import InferenceServerException
 
-        inputs, outputs = _inputs(self.mod, req), [self.mod.InferRequestedOutput("images")]
+        inputs, outputs = _inputs(self.mod, req), [self.mod.InferRequestedOutput(n) for n in OUTPUTS]
         try:
             if self.protocol == "grpc":
                 res = self._grpc(inputs, outputs)
@@ -125,7 +164,25 @@ class Endpoint:
                     "server works on to its time limit; gRPC cancels)"
                 ) from None
             raise StepadaptError(f"cannot reach Triton at {self.url}: {_message(e)}") from None
-        return res.as_numpy("images")
+        return _generated(res)
+
+    def submit(self, req: GenerateRequest, done: Callable[[Generated | StepadaptError], None]) -> None:
+        """Send ``req`` without waiting (gRPC): ``done`` gets the answer or the refusal, on another
+        thread. What open-loop load needs: arrivals do not wait for answers."""
+        if self.protocol != "grpc":
+            raise StepadaptError("submit needs a gRPC endpoint (protocol='grpc')")
+        inputs, outputs = _inputs(self.mod, req), [self.mod.InferRequestedOutput(n) for n in OUTPUTS]
+
+        def callback(result, error) -> None:
+            if error is not None:
+                done(_refused(error))
+            else:
+                try:
+                    done(_generated(result))
+                except Exception as e:  # noqa: BLE001 - a malformed answer is the caller's to see
+                    done(StepadaptError(f"unreadable answer: {e}"))
+
+        self.client.async_infer("generate", inputs, callback=callback, outputs=outputs)
 
     def _grpc(self, inputs: list, outputs: list):
         """One call that the server is told to drop if we stop waiting (timeout, Ctrl-C)."""

@@ -151,9 +151,9 @@ class DemoOptions(Options):
     def serve_options(self, http_port: int, grpc_port: int) -> ServeOptions:
         """One copy of the router: the demo sends one request."""
         return ServeOptions(
-            bundle=self.served, http_port=http_port, grpc_port=grpc_port, instances=1,
+            bundles=(str(self.served),), http_port=http_port, grpc_port=grpc_port, instances=1,
             max_images=max(self.n, RepositoryOptions.max_batch), device=self.onnx_device,
-            log=self.out / "triton.log",
+            log=self.out / "triton.log", metrics_port=0,
         )  # fmt: skip
 
 

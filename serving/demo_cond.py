@@ -92,7 +92,8 @@ def _request(
     from stepadapt.serving.client import generate as call
 
     options = ServeOptions(
-        bundle=served, http_port=ports[0], grpc_port=ports[1], instances=1, max_images=len(labels),
+        bundles=(str(served),), http_port=ports[0], grpc_port=ports[1], instances=1, max_images=len(labels),
+        metrics_port=0,
         device=device, log=out / "triton-cond.log",
     )  # fmt: skip
     with start(options, log=log) as server:

@@ -27,3 +27,9 @@ def unrelay(message: str) -> tuple[str, str]:
     """(code, message) of a relayed error; anything else is Triton's and ours: INTERNAL, as it is."""
     code, sep, msg = message.partition(": ")
     return (code, msg) if sep and code in CODES else ("INTERNAL", message)
+
+
+def internal(e: Exception, relayed: bool = False):
+    """Our failure: a short line for the client, the details in the server log."""
+    pb_utils.Logger.log_error(f"generate: {type(e).__name__}: {e}")
+    return error(f"internal error ({type(e).__name__}); see the server log", "INTERNAL", relayed)

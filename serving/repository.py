@@ -1,12 +1,17 @@
 """Exported bundle -> Triton model repository, in one of two layouts.
 
 ``fused`` (default): the experts run inside the router's process, so a step
-costs no hop; concurrent requests are stepped together as one batch.
+costs no hop; the router's step engine steps every request in flight together
+(``scheduling="step"``; ``"lockstep"``: the requests that arrive together run as
+one batch to the end, the layout before the engine, kept to measure against).
 ```
 generate/        front.py: the endpoint; hands each request to router (numpy only)
-router/          router.py + manifest.json + <expert>.onnx; dynamic batching over requests
+router/          router.py + bundles/<name>/{manifest.json, <expert>.onnx}; the step engine
 generate_stream/ router.py, decoupled (one message per step), experts in process
 ```
+A fused repository may serve several bundles of one base (``bundles.json`` names them, the
+default first); a request's ``budget`` picks one, and an SLO (``RepositoryOptions.slo``) lets
+the engine serve a request with a cheaper one, or fewer steps, when it would miss it.
 ``bls``: each expert is its own Triton model and every step is a BLS call to
 it; the layout for a full Triton with GPU backends (TensorRT, onnxruntime).
 ```
@@ -18,12 +23,15 @@ generate/, generate_stream/           router.py + manifest.json, BLS per step
 Router overhead per layout is measured by ``stepadapt bench`` (docs/benchmarks.md).
 
 The endpoints' inputs are the same in both layouts and for every bundle: ``seed``,
-``num_images``, ``steps``, ``sampler``, ``eta``, ``jump``, and for a class-conditional
+``num_images``, ``steps``, ``sampler``, ``eta``, ``jump``, ``budget`` (a served bundle's
+name), and for a class-conditional
 bundle ``class_labels`` (INT32 [N], one per image) and ``guidance_scale`` (FP32 [1], 1 =
 no guidance by default); all optional in the configs, so an unconditional request is
 unchanged and labels sent to an unconditional bundle get the router's own 400
 (``stepadapt.serving.condition``), not Triton's "unexpected input". An expert that
 takes labels (its ONNX export's ``class_labels``) declares one more input, INT64 per row.
+Beside ``images`` every answer says what served it: ``served_bundle``, ``served_steps``,
+``served_sampler`` and ``degraded`` (the SLO gave it less than it asked for).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +51,7 @@ from stepadapt.serving.condition import CLASS_LABELS, GUIDANCE, takes_labels
 
 import stepadapt
 from stepadapt import Notice, StepadaptError
+from stepadapt.admission import Slo
 from stepadapt.bundle import Bundle, ExpertSpec
 from stepadapt.conditioning import Conditioning
 from stepadapt.io import atomic_dir
@@ -66,6 +76,7 @@ def copy_library(model_dir: Path) -> None:
 
 
 LAYOUTS = ("fused", "bls")
+SCHEDULING = ("step", "lockstep")
 ROUTER = "router"  # the fused layout's model that runs the sampling loop behind the endpoints
 
 
@@ -83,6 +94,9 @@ class RepositoryOptions:
     queue_timeout_s: float = 60.0  # a request still waiting after this is refused
     max_seconds: float = 600.0  # a request still running after this is stopped with an error
     device: str = "auto"  # onnxruntime's: CUDA where onnxruntime-gpu is installed, else CPU
+    scheduling: str = "step"  # fused: the step engine, or lockstep batches (the layout before it)
+    max_rows: int | None = None  # step engine: model rows per expert call (None: max_batch)
+    slo: Slo | None = None  # step engine: the latency objective it keeps
 
 
 def _params(d: dict[str, str]) -> str:
@@ -185,6 +199,7 @@ def _router_inputs(ragged: bool = False) -> str:
             ("eta", "TYPE_FP32"),
             ("jump", "TYPE_BOOL"),
             (GUIDANCE, "TYPE_FP32"),
+            ("budget", "TYPE_STRING"),
         )  # fmt: skip
     ]
     extra = " allow_ragged_batch: true" if ragged else ""
@@ -192,12 +207,30 @@ def _router_inputs(ragged: bool = False) -> str:
     return ",\n".join([*scalars, labels])
 
 
+def _outputs(shape: tuple, batched: bool = False) -> str:
+    """The endpoints' outputs: the images and what served them (for a lockstep router, per request
+    of its batch)."""
+    c, h, w = shape
+    one = "[ 1 ]"
+    return ",\n".join([
+        f'  {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }}',
+        f'  {{ name: "served_bundle" data_type: TYPE_STRING dims: {one} }}',
+        f'  {{ name: "served_steps" data_type: TYPE_INT32 dims: {one} }}',
+        f'  {{ name: "served_sampler" data_type: TYPE_STRING dims: {one} }}',
+        f'  {{ name: "degraded" data_type: TYPE_BOOL dims: {one} }}',
+    ])  # fmt: skip
+
+
 def front_config(shape: tuple, o: RepositoryOptions, conditioning: Conditioning | None = None) -> str:
     """The fused layout's endpoint: the same inputs and outputs as the bls router. For a
     class-conditional bundle it fills in the condition a request leaves out (front.py says why)."""
-    c, h, w = shape
-    params = {"target": ROUTER}
-    if conditioning is not None and conditioning.classes:
+    lockstep = o.scheduling == "lockstep"
+    params = {
+        "target": ROUTER,
+        "target_batched": str(int(lockstep)),
+        "target_decoupled": str(int(not lockstep)),
+    }
+    if lockstep and conditioning is not None and conditioning.classes:
         params["fill"] = json.dumps({CLASS_LABELS: [], GUIDANCE: [1.0]})
     return f"""name: "generate"
 backend: "python"
@@ -205,7 +238,9 @@ max_batch_size: 0
 input [
 {_router_inputs()}
 ]
-output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
+output [
+{_outputs(shape)}
+]
 {queue_policy(o)}
 instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
 {_params(params)}
@@ -213,9 +248,8 @@ instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
 
 
 def batched_router_config(shape: tuple, o: RepositoryOptions) -> str:
-    """The fused layout's router. Requests carry a batch axis of 1 so Triton's dynamic batcher can
-    hand several to one call."""
-    c, h, w = shape
+    """The fused layout's lockstep router. Requests carry a batch axis of 1 so Triton's dynamic
+    batcher can hand several to one call."""
     params = {
         "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
         "max_seconds": str(o.max_seconds), "device": o.device,
@@ -226,15 +260,42 @@ max_batch_size: {o.max_requests}
 input [
 {_router_inputs(ragged=True)}
 ]
-output [ {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }} ]
+output [
+{_outputs(shape, batched=True)}
+]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
 instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
 {_params(params)}
 """
 
 
+def step_router_config(shape: tuple, o: RepositoryOptions) -> str:
+    """The fused layout's router with the step engine: decoupled, so ``execute`` hands a request to
+    the engine and returns, and the engine answers it when it finishes. One instance: one engine
+    steps everything (more instances would split the requests between engines)."""
+    params = {
+        "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
+        "max_seconds": str(o.max_seconds), "device": o.device, "scheduling": "step",
+        "max_rows": str(o.max_rows or o.max_batch),
+    }  # fmt: skip
+    if o.slo is not None:
+        params["slo"] = o.slo.to_json()
+    return f"""name: "{ROUTER}"
+backend: "python"
+max_batch_size: 0
+input [
+{_router_inputs()}
+]
+output [
+{_outputs(shape)}
+]
+model_transaction_policy {{ decoupled: true }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{_params(params)}
+"""
+
+
 def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool) -> str:
-    c, h, w = shape
     stream_out = (
         """  { name: "step" data_type: TYPE_INT32 dims: [ 1 ] },
   { name: "timestep" data_type: TYPE_INT32 dims: [ 1 ] },
@@ -254,7 +315,7 @@ input [
 {_router_inputs()}
 ]
 output [
-{stream_out}  {{ name: "images" data_type: TYPE_UINT8 dims: [ -1, {h}, {w}, {c} ] }}
+{stream_out}{_outputs(shape)}
 ]
 {policy}{queue_policy(o)}
 instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
@@ -279,20 +340,47 @@ def _usable_engine(bundle: Bundle, e: ExpertSpec, o: RepositoryOptions) -> Path 
     return bundle.verify_file(e.trt["path"], e.trt["sha256"], f"TensorRT plan of expert {e.name}")
 
 
-def write_repository(
-    bundle: Bundle, path: str | os.PathLike, options: RepositoryOptions | None = None
-) -> Path:
-    """Write the model repository for an exported bundle (atomically)."""
-    o = options or RepositoryOptions()
-    if o.layout not in LAYOUTS:
-        raise StepadaptError(f"unknown repository layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
+def served_names(bundles: Bundle | Mapping[str, Bundle]) -> dict[str, Bundle]:
+    """Bundles by the name a request's ``budget`` gives: a single bundle is named by its directory."""
+    if isinstance(bundles, Bundle):
+        return {Path(bundles.path).resolve().name: bundles}
+    return dict(bundles)
+
+
+def _check_together(bundles: dict[str, Bundle], o: RepositoryOptions) -> None:
+    """Bundles served side by side must be one base's: the same images, schedule and condition."""
+    if not bundles:
+        raise StepadaptError("nothing to serve: name at least one bundle")
+    if len(bundles) > 1 and (o.layout != "fused" or o.scheduling != "step"):
+        raise StepadaptError("several bundles are served by the fused layout's step engine only")
+    if o.slo is not None and (o.layout != "fused" or o.scheduling != "step"):
+        raise StepadaptError("an SLO is kept by the fused layout's step engine only (--scheduling step)")
+    if o.scheduling not in SCHEDULING:
+        raise StepadaptError(f"unknown scheduling {o.scheduling!r}; choose one of {', '.join(SCHEDULING)}")
+    for name in bundles:
+        if not name or "/" in name or name.startswith("."):
+            raise StepadaptError(f"a served bundle's name must be a plain word, got {name!r}")
+    (first, a), *rest = bundles.items()
+    for name, b in rest:
+        for what, x, y in (
+            ("sample shape", a.manifest.sample_shape, b.manifest.sample_shape),
+            ("noise schedule", a.manifest.scheduler, b.manifest.scheduler),
+            ("conditioning", a.manifest.conditioning.describe(), b.manifest.conditioning.describe()),
+        ):
+            if json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True):
+                raise StepadaptError(
+                    f"{name} and {first} differ in {what}: serve bundles of one base together"
+                )
+
+
+def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None]:
+    """What a router needs of a bundle: its manifest, its experts' ONNX files (verified), and the
+    Gaussian's tensors for the analytic jump where it has one."""
     if bundle.manifest.conditioning.text_dim:
         raise StepadaptError(
             "this bundle is conditioned on text embeddings, which the endpoint does not take yet "
             "(it takes class labels)"
         )
-    shape = tuple(bundle.manifest.sample_shape)
-    path = Path(path)
     onnx = {}
     for e in bundle.experts:
         if not e.onnx:
@@ -300,24 +388,44 @@ def write_repository(
                 f"expert {e.name} has no ONNX file: run 'stepadapt export {bundle.path}' first"
             )
         onnx[e.name] = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
-    manifest = json.dumps(bundle.manifest.to_dict())
     top = bundle.experts[-1]
     jump = (
         bundle.verify_file(top.weights, top.sha256, f"weights of expert {top.name}")
         if bundle.manifest.can_jump
         else None
-    )  # what the router needs for the analytic jump
+    )
+    return json.dumps(bundle.manifest.to_dict()), onnx, jump
+
+
+def write_repository(
+    bundles: Bundle | Mapping[str, Bundle], path: str | os.PathLike, options: RepositoryOptions | None = None
+) -> Path:
+    """Write the model repository for exported bundles (atomically): one, or several of one base by
+    the names requests ask for them by (the first the default)."""
+    o = options or RepositoryOptions()
+    if o.layout not in LAYOUTS:
+        raise StepadaptError(f"unknown repository layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    served = served_names(bundles)
+    _check_together(served, o)
+    files = {name: _bundle_files(b) for name, b in served.items()}
+    bundle = next(iter(served.values()))
+    shape = tuple(bundle.manifest.sample_shape)
+    path = Path(path)
 
     def router(d: Path, config: str, local: bool) -> None:
         (d / "1").mkdir(parents=True)
         (d / "config.pbtxt").write_text(config)
         shutil.copy(MODELS_SRC / "router.py", d / "1" / "model.py")
         copy_library(d)
-        (d / "1" / "manifest.json").write_text(manifest)
-        if jump is not None:
-            shutil.copy(jump, d / "1" / "jump.safetensors")
-        for name, src in onnx.items() if local else ():
-            shutil.copy(src, d / "1" / f"{name}.onnx")
+        (d / "1" / "bundles.json").write_text(json.dumps(list(files)))
+        for name, (manifest, onnx, jump) in files.items():
+            b = d / "1" / "bundles" / name
+            b.mkdir(parents=True)
+            (b / "manifest.json").write_text(manifest)
+            if jump is not None:
+                shutil.copy(jump, b / "jump.safetensors")
+            for expert, src in onnx.items() if local else ():
+                shutil.copy(src, b / f"{expert}.onnx")
 
     with atomic_dir(path) as tmp:
         if o.layout == "fused":
@@ -326,9 +434,15 @@ def write_repository(
             (tmp / "generate" / "config.pbtxt").write_text(front)
             shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
             copy_library(tmp / "generate")
-            router(tmp / ROUTER, batched_router_config(shape, o), local=True)
+            engine = o.scheduling == "step"
+            router(
+                tmp / ROUTER,
+                step_router_config(shape, o) if engine else batched_router_config(shape, o),
+                True,
+            )
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
+        onnx = files[next(iter(files))][1]
         for e in bundle.experts:
             onnx_path = onnx[e.name]
             d = tmp / f"expert_{e.name}"

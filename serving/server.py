@@ -126,10 +126,12 @@ class TritonServer:
         verbose: int = 0,
         binary: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
+        metrics_port: int | None = None,
     ):
         """``binary``: an installed full Triton's ``tritonserver`` (its ``../backends`` beside it: the
         NGC container's layout, with onnxruntime and TensorRT); default the pytriton wheel's.
-        ``env``: overrides of the server's environment."""
+        ``env``: overrides of the server's environment. ``metrics_port``: Prometheus metrics on
+        ``host`` (Triton's and stepadapt's, ``/metrics``); None: no metrics."""
         self.repository = Path(repository)
         self.binary = Path(binary) if binary is not None else None
         self.env_overrides = dict(env or {})
@@ -139,6 +141,7 @@ class TritonServer:
         self.work = Path(tempfile.mkdtemp(prefix="stepadapt-triton-"))
         self.log_path = Path(log_path) if log_path else self.work / "tritonserver.log"
         self.model_config_name = model_config_name
+        self.metrics_port = metrics_port
         self.verbose = verbose
         self.proc: subprocess.Popen | None = None
 
@@ -149,6 +152,10 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     @property
     def signals(self) -> Path:
@@ -168,7 +175,15 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false",
+            *(
+                [
+                    "--allow-metrics=true",
+                    f"--metrics-address={self.host}",
+                    f"--metrics-port={self.metrics_port}",
+                ]
+                if self.metrics_port
+                else ["--allow-metrics=false"]
+            ),
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=false",
             f"--log-verbose={self.verbose}",

@@ -2,8 +2,9 @@
 
 At admission the engine replays its own future from the costs it measured (``Engine.finish_times``)
 with the newcomer in it. A request that would miss its deadline at the configuration it asked for is
-served at the best one that makes it (``degrade``: fewer steps and/or a smaller bundle of the same
-base, tried most expensive first) or refused at once (``reject``); none is queued past its deadline.
+served cheaper (``degrade``: a smaller bundle of the same base, and fewer steps where that is not
+enough) or refused at once (``reject``); none is queued past its deadline, and a degrade that
+finds nothing in time refuses too.
 An offer is also refused if it would push a request already admitted past a deadline that request
 was predicted to meet: the ones inside were promised first.
 """
@@ -21,7 +22,7 @@ from stepadapt.solvers import Setting
 
 POLICIES = ("degrade", "reject")
 PER = ("image", "request")
-STEP_FRACTIONS = (1.0, 0.75, 0.5, 0.34, 0.25)  # of the asked steps, for degrade's ladder
+STEP_FACTOR = 0.75  # degrade's step counts: the asked one, then each 3/4 of the last, down to min_steps
 
 
 @dataclass(frozen=True)
@@ -77,61 +78,72 @@ class Decision:
     why: str = ""
 
 
-def ladder(asked: Offer, smaller: Sequence[str], slo: Slo) -> list[Offer]:
-    """The offers degrade may try, the asked one first: the asked bundle and every smaller one, each
-    at the asked steps and at fewer (``STEP_FRACTIONS``, not below ``slo.min_steps``)."""
-    s = asked.setting
-    steps = sorted(
-        {max(min(s.steps, slo.min_steps), math.ceil(s.steps * f)) for f in STEP_FRACTIONS}, reverse=True
-    )
-    out = [asked]
-    for model in [asked.model, *smaller]:
-        for n in steps:
-            offer = Offer(model, Setting(s.sampler, n, s.jump))
-            if offer not in out:
-                out.append(offer)
+def step_ladder(steps: int, min_steps: int) -> list[int]:
+    """The step counts degrade may give a request that asked for ``steps``: that, then each about
+    3/4 of the last, down to ``min_steps`` (never above what it asked)."""
+    out = [int(steps)]
+    while out[-1] > min_steps:
+        out.append(max(min_steps, min(out[-1] - 1, math.ceil(out[-1] * STEP_FACTOR))))
     return out
 
 
 def decide(
     engine: Engine,
-    offers: Sequence[Offer],
+    asked: Offer,
+    smaller: Sequence[str],
     job_for: Callable[[Offer], Job],
     deadline: float,
     now: float,
     slo: Slo,
 ) -> Decision:
-    """The first offer that makes ``deadline`` and breaks no promise, trying them most expensive
-    first (by their predicted seconds alone); ``reject`` tries only the first (the asked one). An
-    offer whose job cannot be made (a step count its solver refuses) is passed over."""
-    asked = offers[0]
+    """The asked offer if it makes ``deadline`` and breaks no promise; else (``degrade``) the offer
+    that does with the most steps -- of equal steps the larger bundle -- among the asked bundle and
+    the ``smaller`` ones (dearest first), each at the most steps of its :func:`step_ladder` that
+    fit (found by bisection: more steps never finish sooner); else refused. Steps before size:
+    experts of a smaller bundle at the same steps lose little (docs/results.md), fewer steps lose
+    more. An offer whose job cannot be made (a step count its solver refuses) does not fit."""
     before = engine.finish_times()
     promised = [
         j for j in engine.jobs if j.deadline is not None and now + slo.margin * before[j.key] <= j.deadline
     ]
-    jobs = []
-    for offer in offers if slo.policy == "degrade" else offers[:1]:
+    fastest = [math.inf]
+
+    def fits(offer: Offer) -> Job | None:
         try:
             job = job_for(offer)
         except StepadaptError:
-            if offer is asked:
+            if offer == asked:
                 raise
-            continue
-        jobs.append((engine.finish_times([job], alone=True)[job.key], offer, job))
-    jobs.sort(key=lambda x: -x[0])  # stable: equal costs keep the ladder's order (more steps first)
-    jobs.sort(key=lambda x: x[1] is not asked)  # the asked offer first whatever its cost
-    best = None
-    for _, offer, job in jobs:
+            return None
         after = engine.finish_times([job])
-        t = after[job.key]
-        best = t if best is None else min(best, t)
-        if now + slo.margin * t <= deadline and all(
-            now + slo.margin * after[j.key] <= j.deadline for j in promised
-        ):
-            return Decision(job, offer, t, offer is not asked)
-    allowed = deadline - now
+        fastest[0] = min(fastest[0], after[job.key])
+        ok = now + slo.margin * after[job.key] <= deadline
+        ok = ok and all(now + slo.margin * after[j.key] <= j.deadline for j in promised)
+        return job if ok else None
+
+    job = fits(asked)
+    if job is not None:
+        return Decision(job, asked, engine.finish_times([job])[job.key], False)
+    found = []
+    for model in [asked.model, *smaller] if slo.policy == "degrade" else ():
+        ladder = step_ladder(asked.setting.steps, min(slo.min_steps, asked.setting.steps))
+        rungs = [Offer(model, Setting(asked.setting.sampler, n, asked.setting.jump)) for n in ladder]
+        lo, hi, best = 0, len(rungs) - 1, None  # the first rung (most steps) that fits
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            job = fits(rungs[mid]) if rungs[mid] != asked else None
+            if job is not None:
+                best, hi = (rungs[mid], job), mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            found.append(best)
+    if found:  # most steps; of equal steps the larger bundle (found first)
+        offer, job = max(found, key=lambda f: f[0].setting.steps)
+        return Decision(job, offer, engine.finish_times([job])[job.key], True)
     why = (
         f"the server is too busy to finish this request within its {slo.ms:g} ms SLO"
-        f" ({allowed:.2f} s left; the fastest way would take about {slo.margin * (best or 0):.2f} s)"
+        f" ({max(deadline - now, 0):.2f} s left; the fastest way tried would take about "
+        f"{slo.margin * fastest[0]:.2f} s)"
     )
-    return Decision(None, asked, best or 0.0, False, why)
+    return Decision(None, asked, fastest[0], False, why)

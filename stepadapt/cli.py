@@ -478,7 +478,11 @@ def export(opts: ExportOptions) -> None:
 @app.command()
 @command(ServeOptions, _fail)
 def serve(opts: ServeOptions) -> None:
-    """Write the Triton model repository for BUNDLE and run tritonserver until Ctrl-C / SIGTERM.
+    """Write the Triton model repository for BUNDLES and run tritonserver until Ctrl-C / SIGTERM.
+
+    Several bundles of one base (e.g. base=runs/base experts=runs/experts) are served side by side:
+    a request's budget picks one. With --slo-ms the server predicts when each request would finish
+    and serves one that would miss it cheaper (degrade) or refuses it at once (reject).
 
     Stopping takes a few seconds even with requests in flight: they end with an error.
     """
@@ -500,6 +504,14 @@ def serve(opts: ServeOptions) -> None:
         "/v2/models/generate_stream/generate_stream)"
     )
     out.print(f"gRPC  {server.grpc_url}")
+    if server.metrics_url:
+        out.print(f"metrics  {server.metrics_url}")
+    names = list(opts.served())
+    if len(names) > 1:
+        out.print(f"budgets  {', '.join(names)} (the first is the default)")
+    if opts.slo() is not None:
+        slo = opts.slo()
+        out.print(f"SLO  {slo.ms:g} ms per {slo.per}, {slo.policy} what would miss it")
     out.print(f"try:  stepadapt generate --url {server.http_url} --n 16 --out grid.png")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (`&`)
@@ -523,8 +535,9 @@ def bench(
         bool, typer.Option("--quick", help="A small run (CI): batches 1 and 8, 10 steps, few requests.")
     ] = False,
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: flops, latency, trajectory, serving.")
-    ] = "flops,latency,trajectory,serving",
+        str,
+        typer.Option(help="Comma-separated: flops, latency, trajectory, serving, load (open-loop arrivals)."),
+    ] = "flops,latency,trajectory,serving,load",
     base: Annotated[
         Path | None, typer.Option(help="Base model dir for the base arm (default: the architecture, fresh).")
     ] = None,
@@ -550,7 +563,8 @@ def bench(
     ] = "ddim",
 ) -> None:
     """Latency/FLOP benchmark: MACs per expert and per image, latency per step per backend beside the
-    MAC ratio, time per image in process and through the endpoint, and serving under concurrency.
+    MAC ratio, time per image in process and through the endpoint, serving under concurrency, and
+    open-loop load (Poisson arrivals: the base alone, lockstep, the step engine, the engine with an SLO).
 
     Writes RESULTS/bench-<bundle name>.json (machine, versions, commit, settings, raw samples). With
     --docs, renders every report in RESULTS into that page with PNG plots.
@@ -618,20 +632,25 @@ def generate(
     guidance_scale: Annotated[
         float | None, typer.Option(help="Class-conditional bundles: classifier-free guidance (1 = none).")
     ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Which served bundle (serve NAME=DIR ...); default: the server's first."),
+    ] = None,
 ) -> None:
-    """Ask a running endpoint for images and save them as a grid."""
+    """Ask a running endpoint for images and save them as a grid; says what served them (a server
+    with an SLO may have given fewer steps or a smaller bundle than asked)."""
     from stepadapt.progress import progress
     from stepadapt.sampling import save_grid, save_npz
-    from stepadapt.serving.client import GenerateRequest, generate_stream
-    from stepadapt.serving.client import generate as call
+    from stepadapt.serving.client import Endpoint, GenerateRequest, generate_stream
 
     try:
         labels = _parse_ints(class_labels, "--class-labels")
         req = GenerateRequest(
             num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta, jump=jump,
             class_labels=[labels[i % len(labels)] for i in range(n)] if labels else None,
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance_scale, budget=budget,
         )  # fmt: skip
+        served = None
         if stream:
             with progress(total=None, unit="eval") as bar:
 
@@ -641,12 +660,17 @@ def generate(
 
                 images = generate_stream(url, req, on_step)
         else:
-            images = call(url, req, protocol="grpc" if grpc else "http")
+            with Endpoint(url, "grpc" if grpc else "http") as endpoint:
+                served = endpoint.infer(req)
+            images = served.images
         save_grid(images, out_path)
         save_npz(images, out_path.with_suffix(".npz"))
     except StepadaptError as e:
         _fail(e)
     out.print(f"{len(images)} images -> {out_path}")
+    if served is not None:
+        how = " (degraded by the server's SLO)" if served.degraded else ""
+        out.print(f"served by {served.bundle}: {served.sampler} x{served.steps}{how}")
 
 
 @app.command()

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -27,6 +28,7 @@ from stepadapt.conditioning import Cond, model_rows
 from stepadapt.sampling import Denoiser, Router, Trajectory, evaluate_together, timestep_batch
 
 CostKey = tuple[str, int]  # (model, expert index)
+OVERHEAD: CostKey = ("", -1)  # a step's cost beyond its calls (grouping, looking at requests), by jobs
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class Engine:
         self.costs = costs or StepCosts()
         self.clock = clock
         self.jobs: list[Job] = []
+        self._last_end: float | None = None  # when the previous step ended, while jobs remained
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -195,32 +198,50 @@ class Engine:
 
     def step(self) -> list[tuple[Job, Exception | None]]:
         """One evaluation of every job; returns the jobs that left: finished (``None``) or failed
-        (their error: one request's NaN or bad shape fails it alone, its call-mates step on)."""
+        (their error: one request's NaN or bad shape fails it alone, its call-mates step on).
+
+        What the step costs beyond its calls -- and whatever the caller did since the last step,
+        e.g. admitting requests -- is measured too (``OVERHEAD``, by the number of jobs): on a small
+        model it is a good part of a step."""
+        start = self.clock()
+        jobs = len(self.jobs)
+        between = start - self._last_end if self._last_end is not None else 0.0
         left: list[tuple[Job, Exception | None]] = []
+        in_calls = 0.0
         for call in self.calls():
-            left += self._run(call)
-        failed = {id(j) for j, _ in left}
-        left += [(j, None) for j in self.jobs if j.run.done and id(j) not in failed]
+            failed, seconds = self._run(call)
+            left += failed
+            in_calls += seconds
+        failed_ids = {id(j) for j, _ in left}
+        left += [(j, None) for j in self.jobs if j.run.done and id(j) not in failed_ids]
         gone = {id(j) for j, _ in left}
         self.jobs = [j for j in self.jobs if id(j) not in gone]
+        end = self.clock()
+        if jobs:
+            self.costs.observe(OVERHEAD, jobs, max(end - start - in_calls, 0.0) + between)
+        self._last_end = end if self.jobs else None
         return left
 
-    def _run(self, call: Call) -> list[tuple[Job, Exception]]:
+    def _run(self, call: Call) -> tuple[list[tuple[Job, Exception]], float]:
+        """One call and its jobs' scheduler steps, timed together (what a step of these rows costs);
+        returns the jobs that failed and the seconds it took."""
         start = self.clock()
         try:
             outs = evaluate_together(self.models[call.model].denoiser, [j.run for j in call.jobs])
         except Exception as e:  # noqa: BLE001 - find the culprit: each job alone
             if len(call.jobs) == 1:
-                return [(call.jobs[0], e)]
-            return [f for j in call.jobs for f in self._run(Call(call.model, call.expert, (j,)))]
-        self.costs.observe((call.model, call.expert), call.rows, self.clock() - start)
+                return [(call.jobs[0], e)], self.clock() - start
+            alone = [self._run(Call(call.model, call.expert, (j,))) for j in call.jobs]
+            return [f for failed, _ in alone for f in failed], self.clock() - start
         failed = []
         for job, out in zip(call.jobs, outs, strict=True):
             try:
                 job.run.advance(out)
             except StepadaptError as e:
                 failed.append((job, e))
-        return failed
+        seconds = self.clock() - start
+        self.costs.observe((call.model, call.expert), call.rows, seconds)
+        return failed, seconds
 
     def finish_times(self, extra: Sequence[Job] = (), *, alone: bool = False) -> dict[Hashable, float]:
         """Seconds from now until each job is done (with ``extra`` as if admitted now; ``alone``: the
@@ -232,6 +253,7 @@ class Engine:
         elapsed = 0.0
         for r in range(max(map(len, ahead), default=0)):
             entries = [(j.model, a[r], j.rows) for j, a in zip(jobs, ahead, strict=True) if r < len(a)]
+            elapsed += self.costs.predict(OVERHEAD, len(entries))
             for model, expert, idx in batches(entries, self.max_rows):
                 elapsed += self.costs.predict((model, expert), sum(entries[i][2] for i in idx))
             for j, a in zip(jobs, ahead, strict=True):
@@ -242,19 +264,24 @@ class Engine:
     def calibrate(
         self,
         shape: Sequence[int],
+        scheduler_cfg: dict,
         cond: Callable[[str, int], Cond] | None = None,
         rows: Sequence[int] = (1, 4),
+        solver: str = "unipc",
     ) -> None:
-        """Time every expert of every model at ``rows`` (after one untimed warm-up call each), so
-        the first predictions are measured ones. ``cond(model, n)``: the condition of ``n`` rows
-        (a class-conditional model's experts need labels)."""
+        """Time every expert of every model at ``rows``, with a ``solver`` step after each call as a
+        real step has (after one untimed warm-up), so the first predictions are measured ones.
+        ``cond(model, n)``: the condition of ``n`` rows (a class-conditional model's experts need
+        labels)."""
         for name, served in self.models.items():
             b = served.router.boundaries
-            for e, (lo, hi) in enumerate(zip(b, b[1:], strict=False)):
+            for e, (lo, hi) in enumerate(pairwise(b)):
                 for n in rows:
                     x, t = torch.zeros(n, *shape), timestep_batch((lo + hi) // 2, n)
                     c = cond(name, n) if cond else {}
-                    served.router(x, t, c)
-                    start = self.clock()
-                    served.router(x, t, c)
-                    self.costs.observe((name, e), n, self.clock() - start)
+                    for timed in (False, True):
+                        run = Trajectory(solver, scheduler_cfg, x, 4)
+                        start = self.clock()
+                        run.advance(served.router(x, t, c))
+                        if timed:
+                            self.costs.observe((name, e), n, self.clock() - start)

@@ -41,6 +41,15 @@ def test_quick_bench_report_is_complete_and_sound(quick):
     assert all(lv["requests"] >= lv["concurrency"] for lv in report["serving"]["layouts"]["fused"]["levels"])
     experts = [t for t in report["flops"]["trajectory"] if t["arm"] == "experts"]
     assert all(0 < t["mac_ratio"] < 1 for t in experts)  # the shipped bundle is pruned
+    load = report["load"]
+    assert {(x["arm"], x["multiplier"]) for x in load["levels"]} == {
+        (a, m)
+        for a in ("base", "lockstep", "engine", "degrade")
+        for m in report["settings"]["load"]["multipliers"]
+    }
+    assert all(x["sent"] >= 1 and 0 <= x["slo_attainment"] <= 1 for x in load["levels"])
+    assert set(load["capacity_images_per_s"]) == {"base", "lockstep", "engine"}
+    assert set(load["slo_ms"]) == {"base", "lockstep", "engine", "degrade"}
 
 
 @pytest.mark.slow
@@ -48,7 +57,8 @@ def test_quick_bench_renders_the_page_and_plots(quick):
     d, report = quick
     page = (d / "docs" / "benchmarks.md").read_text()
     assert "## fashion-tiny-experts" in page and report["command"] in page
-    for kind in ("latency", "serving"):
+    assert "### Load (open loop)" in page
+    for kind in ("latency", "serving", "load"):
         png = d / "docs" / "images" / f"bench-fashion-tiny-experts-{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"images/{png.name}" in page

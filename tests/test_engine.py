@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stepadapt import StepadaptError
-from stepadapt.admission import Offer, Slo, decide, ladder
+from stepadapt.admission import Offer, Slo, decide, step_ladder
 from stepadapt.conditioning import guided, labels_cond
 from stepadapt.engine import Engine, Job, Served, StepCosts, batches
 from stepadapt.sampling import Router, request_trajectory, sample_images, to_uint8
@@ -174,25 +174,35 @@ def test_finish_times_replay_the_engine_with_its_costs():
     assert engine.finish_times([b], alone=True)["b"] == pytest.approx(5 * 0.005)
 
 
-def test_slo_degrade_picks_the_best_offer_that_makes_it_and_reject_refuses():
+def test_the_step_ladder_goes_down_by_quarters_to_the_floor():
+    assert step_ladder(20, 4) == [20, 15, 12, 9, 7, 6, 5, 4]
+    assert step_ladder(4, 4) == [4] and step_ladder(5, 4) == [5, 4]
+
+
+def test_slo_degrade_keeps_the_most_steps_it_can_and_reject_refuses():
     engine = fake_clock_engine()
     asked = Offer("big", Setting("ddim", 20))
     slo = Slo(ms=150, margin=1.0)
-    offers = ladder(asked, ["small"], slo)
-    assert offers[0] == asked and Offer("small", Setting("ddim", 5)) in offers
 
     def job_for(offer):
         return job("new", 1, 0, offer.setting.sampler, offer.setting.steps, model=offer.model)
 
-    d = decide(engine, offers, job_for, deadline=0.15, now=0.0, slo=slo)  # 20 x 0.01 = 0.2 s: too slow
+    d = decide(engine, asked, ["small"], job_for, deadline=0.15, now=0.0, slo=slo)  # 20 x 0.01 s: too slow
     assert d.degraded and d.job is not None
-    assert d.offer == Offer("big", Setting("ddim", 15)) and d.predicted == pytest.approx(0.15)
-    d = decide(engine, offers, job_for, deadline=0.045, now=0.0, slo=slo)
-    assert d.offer == Offer("small", Setting("ddim", 15))  # the dearest that fits: 0.0375 s
-    refused = decide(engine, offers, job_for, deadline=0.001, now=0.0, slo=slo)
-    assert refused.job is None and "too busy" in refused.why
-    strict = decide(engine, offers, job_for, deadline=0.15, now=0.0, slo=slo.replace(policy="reject"))
+    # small at the asked 20 steps (0.05 s) before big at 15 (0.15 s): steps before size
+    assert d.offer == Offer("small", Setting("ddim", 20)) and d.predicted == pytest.approx(0.05)
+    d = decide(engine, asked, ["small"], job_for, deadline=0.045, now=0.0, slo=slo)
+    assert d.offer == Offer("small", Setting("ddim", 15))  # 0.0375 s, not big at 4 steps (0.04 s)
+    d = decide(engine, asked, [], job_for, deadline=0.045, now=0.0, slo=slo)
+    assert d.offer == Offer("big", Setting("ddim", 4))  # no smaller bundle: fewer steps
+    refused = decide(engine, asked, ["small"], job_for, deadline=0.001, now=0.0, slo=slo)
+    assert refused.job is None and "too busy" in refused.why and "0.01 s" in refused.why
+    strict = decide(
+        engine, asked, ["small"], job_for, deadline=0.15, now=0.0, slo=slo.replace(policy="reject")
+    )
     assert strict.job is None and strict.offer == asked
+    fine = decide(engine, asked, ["small"], job_for, deadline=0.5, now=0.0, slo=slo)
+    assert not fine.degraded and fine.offer == asked
 
 
 def test_slo_keeps_its_promises_to_requests_already_admitted():
@@ -202,8 +212,8 @@ def test_slo_keeps_its_promises_to_requests_already_admitted():
     engine.admit(first)
     slo = Slo(ms=1000, margin=1.0)
     asked = Offer("big", Setting("ddim", 10))
-    d = decide(engine, ladder(asked, ["small"], slo), lambda o: job("n", 1, 1, o.setting.sampler,
-               o.setting.steps, model=o.model), deadline=10.0, now=0.0, slo=slo)  # fmt: skip
+    d = decide(engine, asked, ["small"], lambda o: job("n", 1, 1, o.setting.sampler, o.setting.steps,
+               model=o.model), deadline=10.0, now=0.0, slo=slo)  # fmt: skip
     # the asked offer fits its own deadline, but would make "first" take 0.2 s: a smaller one is given
     assert d.degraded and engine.finish_times([d.job])["first"] <= 0.12
 
@@ -223,6 +233,6 @@ def test_slo_options_round_trip_and_refuse_nonsense():
 
 def test_calibration_times_every_expert_of_every_model():
     engine = Engine({"a": served(), "b": served()})
-    engine.calibrate(SHAPE, rows=(1, 2))
+    engine.calibrate(SHAPE, DEFAULT_SCHEDULER, rows=(1, 2))
     assert all(engine.costs.known((m, e)) for m in "ab" for e in range(3))
     assert not engine.costs.known(("a", 3))

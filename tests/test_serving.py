@@ -221,7 +221,7 @@ def test_bounded_load_run(served):
 
 
 @pytest.mark.parametrize("layout, broken, named", [
-    ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "router/1/g1.onnx", "g1.onnx"),
+    ("bls", "expert_g1/1/model.onnx", "expert_g1"), ("fused", "router/1/bundles/bundle/g1.onnx", "g1.onnx"),
 ])  # fmt: skip
 @pytest.mark.slow
 def test_failed_model_load_reports_tritons_message(exported, tmp_path, layout, broken, named):
@@ -236,9 +236,18 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
     bls = write_repository(exported, tmp_path / "b", RepositoryOptions(layout="bls"))
     names = {e.name for e in exported.experts}
     assert {p.name for p in fused.iterdir()} == {"generate", "router", "generate_stream"}
-    assert {p.name for p in (fused / "router" / "1").glob("*.onnx")} == {f"{n}.onnx" for n in names}
-    assert "max_batch_size: 16" in (fused / "router" / "config.pbtxt").read_text()
-    assert "fill" not in (fused / "generate" / "config.pbtxt").read_text()  # unconditional: nothing to fill
+    served = fused / "router" / "1" / "bundles" / exported.path.name
+    assert {p.name for p in served.glob("*.onnx")} == {f"{n}.onnx" for n in names}
+    assert json.loads((fused / "router" / "1" / "bundles.json").read_text()) == [exported.path.name]
+    router = (fused / "router" / "config.pbtxt").read_text()
+    assert "decoupled: true" in router and "count: 1" in router and '"step"' in router  # the step engine
+    lockstep = write_repository(
+        exported, tmp_path / "l", RepositoryOptions(layout="fused", scheduling="lockstep")
+    )
+    assert "max_batch_size: 16" in (lockstep / "router" / "config.pbtxt").read_text()
+    assert (
+        "fill" not in (lockstep / "generate" / "config.pbtxt").read_text()
+    )  # unconditional: nothing to fill
     assert {p.name for p in bls.iterdir()} == {"generate", "generate_stream"} | {f"expert_{n}" for n in names}
     with pytest.raises(StepadaptError, match="unknown repository layout"):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
@@ -247,10 +256,12 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", [None, "dpm++2m-sde"])  # multi-step and stochastic
 def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path, sampler):
-    """The fused router steps concurrent requests together (its log counts them) and each still
+    """The lockstep router steps concurrent requests together (its log counts them) and each still
     gets what the in-process sampler gives it alone: multi-step and stochastic solvers included,
     since each request owns its scheduler and its noise."""
-    options = RepositoryOptions(layout="fused", instances=1, queue_delay_us=200_000, front_instances=4)
+    options = RepositoryOptions(
+        layout="fused", instances=1, queue_delay_us=200_000, front_instances=4, scheduling="lockstep"
+    )
     repo = write_repository(exported, tmp_path / "repo", options)
     reqs = [
         GenerateRequest(num_images=n, steps=STEPS, seed=s, sampler=sampler)
@@ -420,7 +431,7 @@ def test_an_unexpected_failure_is_one_line_and_the_server_keeps_serving(exported
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(front_instances=1, instances=1))
-    for f in (repo / "router" / "1").glob("*.onnx"):
+    for f in (repo / "router" / "1").rglob("*.onnx"):
         onnx.save(model, f)
     with TritonServer(repo, log_path=tmp_path / "log") as server:
         status, text = _infer_json(server, {"num_images": ("INT32", 1), "steps": ("INT32", 2)})
@@ -600,17 +611,27 @@ def test_interrupted_start_leaves_nothing_running(exported, tmp_path, monkeypatc
 def test_serve_options_round_trip_to_json_and_refuse_bad_values_in_one_line():
     from stepadapt.serving.stage import ServeOptions
 
-    o = ServeOptions(bundle="b", layout="bls", http_port=9000, grpc_port=9001, max_images=8, log="x.log")
+    o = ServeOptions(bundles=("b",), layout="bls", http_port=9000, grpc_port=9001, max_images=8, log="x.log")
     assert o.bundle == Path("b") and ServeOptions.from_json(o.to_json()) == o
     assert o.repo_path == Path("b/triton") and o.log_path == Path("x.log")
-    assert ServeOptions(bundle=Path("b")).log_path == Path("b/triton.log")
+    assert ServeOptions(bundles=("b",)).log_path == Path("b/triton.log")
+    two = ServeOptions(bundles=("base=runs/b", "runs/experts"), slo_ms=800, slo_policy="reject")
+    assert two.served() == {"base": Path("runs/b"), "experts": Path("runs/experts")}
+    assert two.bundle == Path("runs/b") and two.slo().policy == "reject" and two.slo().seconds(2) == 1.6
     r = o.repository_options()
     assert (r.layout, r.max_batch, r.instances, r.queue_timeout_s) == ("bls", 8, 2, 60.0)
     bad = [
         ({"layout": "ensemble"}, "unknown repository layout 'ensemble'; choose one of fused, bls"),
         ({"http_port": 0}, "--http-port must be a port in 1..65535"),
         ({"grpc_port": 70000}, "--grpc-port must be a port in 1..65535"),
-        ({"http_port": 8001}, "--http-port and --grpc-port must differ"),
+        ({"http_port": 8001}, "--http-port, --grpc-port and --metrics-port must differ"),
+        ({"metrics_port": 8000}, "--http-port, --grpc-port and --metrics-port must differ"),
+        ({"scheduling": "fifo"}, "--scheduling must be one of step, lockstep"),
+        ({"slo_ms": -5}, "the SLO must be a positive number of milliseconds"),
+        ({"slo_ms": 5, "slo_policy": "drop"}, "--slo-policy must be one of degrade, reject"),
+        ({"slo_ms": 5, "slo_per": "batch"}, "per image or per request"),
+        ({"bundles": ("a=x", "a=y")}, "two bundles are named 'a'"),
+        ({"bundles": ()}, "name at least one bundle"),
         ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
         ({"instances": 0}, "--instances must be at least 1"),
         ({"max_queue": -1}, "--max-queue must be 0 or more"),
@@ -618,10 +639,10 @@ def test_serve_options_round_trip_to_json_and_refuse_bad_values_in_one_line():
     ]
     for change, msg in bad:
         with pytest.raises(StepadaptError, match=msg) as e:
-            ServeOptions(bundle=Path("b"), **change)
+            ServeOptions(**{"bundles": ("b",), **change})
         assert "\n" not in str(e.value)
     with pytest.raises(StepadaptError, match="unknown option"):
-        ServeOptions.from_dict({"bundle": "b", "layot": "fused"})
+        ServeOptions.from_dict({"bundles": ["b"], "layot": "fused"})
 
 
 def test_serve_refuses_a_device_onnxruntime_lacks_before_anything_loads(tmp_path, monkeypatch):
@@ -630,7 +651,7 @@ def test_serve_refuses_a_device_onnxruntime_lacks_before_anything_loads(tmp_path
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(StepadaptError, match="no CUDA provider"):
-        start(ServeOptions(bundle=tmp_path / "no-bundle", device="cuda"))  # said before the bundle
+        start(ServeOptions(bundles=(str(tmp_path / "no-bundle"),), device="cuda"))  # said before the bundle
 
 
 @pytest.mark.slow
@@ -644,7 +665,7 @@ def test_the_serve_stage_serves_an_exported_bundle(exported, tmp_path):
     shutil.copytree(exported.path, d, ignore=shutil.ignore_patterns("triton*"))
     http, grpc = free_port(), free_port()
     said = []
-    options = ServeOptions(bundle=d, http_port=http, grpc_port=grpc, instances=1)
+    options = ServeOptions(bundles=(str(d),), http_port=http, grpc_port=grpc, instances=1, metrics_port=0)
     server = start(options, log=said.append)
     try:
         assert server.ready() and server.http_url == f"127.0.0.1:{http}"

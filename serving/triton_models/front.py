@@ -1,10 +1,10 @@
-"""Triton python-backend model: the ``generate`` endpoint in front of the batched router.
+"""Triton python-backend model: the ``generate`` endpoint in front of the router.
 
-Clients send one request of scalars; Triton's dynamic batcher only batches
-models whose tensors carry a batch axis. So this thin model (numpy only, many
-instances, no torch) adds that axis and hands each request to ``router``,
-where concurrent requests are stepped together as one batch. One hop per
-request instead of one per step.
+Clients send one request of scalars over HTTP or gRPC; HTTP cannot call a decoupled model, and
+the fused layout's router is one (its step engine answers each request when it finishes, while
+others run on). So this thin model (numpy only, many instances, no torch) hands each request to
+``router`` and relays its answer: one hop per request instead of one per step. For a lockstep
+router (``serve --scheduling lockstep``) it adds the batch axis Triton's dynamic batcher needs.
 
 Triton does not cancel the request made here when the client cancels this one,
 so while it waits the front looks at its own request and, on cancellation,
@@ -34,20 +34,35 @@ import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
 from stepadapt.serving.replies import error, unrelay
 
-SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale")
+SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale", "budget")
 PER_IMAGE = ("class_labels",)  # one value per image: any length, checked by the router
 TYPES = {"class_labels": np.int32, "guidance_scale": np.float32}  # of the inputs ``fill`` may name
 POLL = 0.05  # seconds between looks at the client's cancellation while the router works
+OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded")
 
 
-def _relay(resp):
-    """The router's answer as this endpoint's: its images without the batch axis, or its error with
-    the code it was sent with (``stepadapt.serving.replies``)."""
+def _relay(resp, batched):
+    """The router's answer as this endpoint's: its outputs (without the batch axis of a lockstep
+    router), or its error with the code it was sent with (``stepadapt.serving.replies``)."""
     if resp.has_error():
         code, msg = unrelay(resp.error().message())
         return error(msg, code)
-    images = pb_utils.get_output_tensor_by_name(resp, "images").as_numpy()
-    return pb_utils.InferenceResponse([pb_utils.Tensor("images", np.ascontiguousarray(images[0]))])
+    outs = []
+    for name in OUTPUTS:
+        t = pb_utils.get_output_tensor_by_name(resp, name)
+        if t is not None:
+            a = t.as_numpy()
+            outs.append(pb_utils.Tensor(name, np.ascontiguousarray(a[0] if batched else a)))
+    return pb_utils.InferenceResponse(outs)
+
+
+def _answer(responses):
+    """The one answer of a decoupled router (its final message; an empty final flag is skipped)."""
+    answer = None
+    for r in responses:
+        if answer is None and (r.has_error() or pb_utils.get_output_tensor_by_name(r, "images") is not None):
+            answer = r
+    return answer
 
 
 class TritonPythonModel:
@@ -55,6 +70,8 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.target = params.get("target", "router")
+        self.batched = params.get("target_batched", "1") == "1"  # lockstep: a batch axis of 1
+        self.decoupled = params.get("target_decoupled", "0") == "1"  # the step engine
         fill = json.loads(params.get("fill", "{}"))  # input -> its value where a request has none
         self.fill = {k: np.asarray(v, dtype=TYPES[k]).reshape(1, -1) for k, v in fill.items()}
 
@@ -65,8 +82,8 @@ class TritonPythonModel:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def _inputs(self, request):
-        """The request's inputs with the router's batch axis of 1 (its ``class_labels`` ragged: the
-        router batches requests of different image counts)."""
+        """The request's inputs, with a lockstep router's batch axis of 1 (its ``class_labels``
+        ragged: that router batches requests of different image counts)."""
         inputs = []
         for name in (*SCALARS, *PER_IMAGE):
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -77,7 +94,7 @@ class TritonPythonModel:
             a = t.as_numpy().reshape(-1)
             if name in SCALARS and a.size != 1:
                 raise ValueError(f"input {name} must hold exactly one value, got {a.size}")
-            inputs.append(pb_utils.Tensor(name, a.reshape(1, -1)))
+            inputs.append(pb_utils.Tensor(name, a.reshape(1, -1) if self.batched else a))
         return inputs
 
     async def _one(self, request):
@@ -86,11 +103,14 @@ class TritonPythonModel:
         except ValueError as e:
             return error(str(e))
         rid = cancel.new_id()
-        call = asyncio.ensure_future(
-            pb_utils.InferenceRequest(
-                model_name=self.target, requested_output_names=["images"], inputs=inputs, request_id=rid
-            ).async_exec()
+        req = pb_utils.InferenceRequest(
+            model_name=self.target, requested_output_names=list(OUTPUTS), inputs=inputs, request_id=rid
         )
+        if self.decoupled:  # its responses arrive through a blocking iterator: drained off the loop
+            loop = asyncio.get_running_loop()
+            call = asyncio.ensure_future(self._decoupled(loop, req))
+        else:
+            call = asyncio.ensure_future(req.async_exec())
         try:
             marked = False
             while not call.done():
@@ -98,6 +118,14 @@ class TritonPythonModel:
                 if not marked and not call.done() and request.is_cancelled():
                     cancel.mark(rid)
                     marked = True
-            return _relay(call.result())
+            resp = call.result()
+            if resp is None:
+                return error("the router ended the request without an answer", "INTERNAL")
+            return _relay(resp, self.batched)
         finally:
             cancel.clear(rid)
+
+    @staticmethod
+    async def _decoupled(loop, req):
+        responses = await req.async_exec(decoupled=True)
+        return await loop.run_in_executor(None, _answer, responses)

@@ -1,0 +1,204 @@
+"""The fused layout's router under load: a thread that runs the step engine (``stepadapt.engine``).
+
+``execute`` (the router is decoupled) only hands each request to :class:`StepLoop` and returns;
+the loop, at every step boundary, admits what arrived (the SLO decides at what offer, or refuses),
+looks at every request (cancelled, out of time, the server stopping), runs one engine step (one
+call per expert for the rows of all requests at that expert's timesteps) and answers the requests
+that finished, each with its images and what served it. A request that arrives mid-flight waits
+at most one step, not a whole batch.
+
+Imported only inside Triton's python backend.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from itertools import pairwise
+
+import triton_python_backend_utils as pb_utils
+from stepadapt.serving.cancel import Watch
+from stepadapt.serving.metrics import Metrics
+from stepadapt.serving.replies import error, internal
+from stepadapt.serving.served import pick, served_outputs
+
+from stepadapt import StepadaptError
+from stepadapt.admission import Offer, decide
+from stepadapt.engine import Engine, Job, Served
+from stepadapt.sampling import to_uint8
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class Arrival:
+    request: object
+    sender: object
+    at: float
+
+
+@dataclass
+class Live:
+    """A request inside the engine: whom to answer, what watches it, what it runs at."""
+
+    sender: object
+    watch: Watch
+    offer: Offer
+    degraded: bool
+
+
+class StepLoop:
+    def __init__(self, bundles, *, max_rows, max_seconds, slo=None, conditions=None):
+        self.bundles = bundles
+        self.engine = Engine(
+            {n: Served(b.denoiser, b.router) for n, b in bundles.items()},
+            max_rows=max_rows,
+            clock=time.monotonic,
+        )
+        self.max_seconds = max_seconds
+        self.slo = slo
+        self.metrics = Metrics()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.live: dict[str, Live] = {}
+        self._stop = threading.Event()
+        self._count = 0
+        if slo is not None:
+            first = next(iter(bundles.values()))
+            self.engine.calibrate(first.shape, first.scheduler, conditions)
+        self.order = self._by_cost()
+        self.thread = threading.Thread(target=self._run, name="stepadapt-engine", daemon=True)
+        self.thread.start()
+
+    def _by_cost(self):
+        """Bundle names, dearest per evaluation first (the measured costs over the timestep axis)."""
+
+        def cost(name):
+            b = self.bundles[name].router.boundaries
+            return sum(
+                self.engine.costs.predict((name, e), 1) * (hi - lo) for e, (lo, hi) in enumerate(pairwise(b))
+            )
+
+        return sorted(self.bundles, key=cost, reverse=True)
+
+    def submit(self, request):
+        self.inbox.put(Arrival(request, request.get_response_sender(), time.monotonic()))
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._arrivals(block=not self.live)
+                self._look()
+                self.metrics.queue(len(self.live) + self.inbox.qsize())
+                if self.live:
+                    self._step()
+                self.metrics.flush(force=not self.live)
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one request's failure
+                pb_utils.Logger.log_error(f"stepadapt engine: {type(e).__name__}: {e}")
+        for key in list(self.live):
+            self._end(key, error("the server is shutting down", "UNAVAILABLE", True), "cancelled")
+
+    def _arrivals(self, block):
+        try:
+            first = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        arrivals = [first]
+        while True:
+            try:
+                arrivals.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for a in arrivals:
+            self._admit(a)
+
+    def _admit(self, a):
+        name = next(iter(self.bundles))  # a bad request counts against the default bundle
+        try:
+            bundle = pick(self.bundles, a.request)
+            name = bundle.name
+            ask = bundle.ask(a.request)
+        except StepadaptError as e:
+            self._send(a.sender, error(str(e), relayed=True))
+            self.metrics.request(name, "invalid")
+            return
+        except Exception as e:  # noqa: BLE001
+            self._send(a.sender, internal(e, True))
+            self.metrics.request(name, "failed")
+            return
+        self._count += 1
+        key = f"{self._count}"
+        asked = Offer(bundle.name, ask.setting)
+
+        def job_for(offer):
+            return Job(key, offer.model, self.bundles[offer.model].trajectory(ask, offer.setting), deadline)
+
+        now = time.monotonic()
+        try:
+            if self.slo is None:
+                deadline = None
+                job, offer, degraded = job_for(asked), asked, False
+            else:
+                deadline = a.at + self.slo.seconds(ask.n)
+                smaller = self.order[self.order.index(bundle.name) + 1 :]
+                d = decide(self.engine, asked, smaller, job_for, deadline, now, self.slo)
+                if d.job is None:
+                    self._send(a.sender, error(d.why, "UNAVAILABLE", True))
+                    self.metrics.request(bundle.name, "rejected")
+                    return
+                job, offer, degraded = d.job, d.offer, d.degraded
+            self.engine.admit(job)
+        except StepadaptError as e:
+            self._send(a.sender, error(str(e), relayed=True))
+            self.metrics.request(bundle.name, "invalid")
+            return
+        sender = a.sender
+        watch = Watch(a.request.request_id(), self.max_seconds, sender.is_cancelled, start=a.at)
+        self.live[key] = Live(sender, watch, offer, degraded)
+        if degraded:
+            self.metrics.degraded(bundle.name)
+        said = f"asked {asked}, runs at {offer} (SLO)" if degraded else f"runs at {offer}"
+        pb_utils.Logger.log_info(f"request {key}: {said}; {len(self.live)} in flight")
+
+    def _look(self):
+        for key, live in list(self.live.items()):
+            stopped = live.watch.check()
+            if stopped is not None:
+                self.engine.drop(key)
+                outcome = "cancelled" if stopped.code == "CANCELLED" else "failed"
+                self._end(key, error(str(stopped), stopped.code, True), outcome)
+
+    def _step(self):
+        start = time.monotonic()
+        for job in self.engine.jobs:
+            self.metrics.evaluations(job.model, 1)
+        left = self.engine.step()
+        self.metrics.step(time.monotonic() - start)
+        for job, err in left:
+            live = self.live[job.key]
+            if err is None:
+                images = pb_utils.Tensor("images", to_uint8(job.run.x))
+                outs = [images, *served_outputs(live.offer.model, live.offer.setting, live.degraded)]
+                self._end(job.key, pb_utils.InferenceResponse(outs), "served")
+            elif isinstance(err, StepadaptError):
+                self._end(job.key, error(str(err), "INTERNAL", True), "failed")
+            else:
+                self._end(job.key, internal(err, True), "failed")
+
+    def _end(self, key, response, outcome):
+        live = self.live.pop(key)
+        self.metrics.request(live.offer.model, outcome)
+        self._send(live.sender, response)
+
+    @staticmethod
+    def _send(sender, response):
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception as e:  # noqa: BLE001 - the caller went away; nobody is left to tell
+            pb_utils.Logger.log_warn(f"router: answer not delivered: {e}")
