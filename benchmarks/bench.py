@@ -625,7 +625,27 @@ def _skipped() -> dict[str, str]:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write the report; the sections it did not measure are kept from the report already there
+    (``--sections load`` adds one section to a full run), each with the run that measured it in
+    ``section_runs``."""
     path = Path(out_dir) / f"bench-{report['name']}.json"
+    run = {k: report.get(k) for k in ("command", "commit", "created", "machine")}
+    runs = {sec: run for sec in SECTIONS if sec in report}
+    if path.is_file():
+        from stepadapt.io import read_json
+
+        old = read_json(path, "bench report")
+        kept = [sec for sec in SECTIONS if sec in old and sec not in report]
+        if kept and old.get("bundle") == report.get("bundle"):
+            previous = {k: old.get(k) for k in ("command", "commit", "created", "machine")}
+            for sec in kept:
+                report[sec] = old[sec]
+                runs[sec] = old.get("section_runs", {}).get(sec, previous)
+            # The page's header stays the main run's; the sections measured now name their own run.
+            for k in ("command", "commit", "created", "machine", "versions", "weights"):
+                report[k] = old.get(k, report.get(k))
+            report["settings"] = {**old.get("settings", {}), "load": report["settings"].get("load")}
+    report["section_runs"] = {sec: runs[sec] for sec in SECTIONS if sec in runs}
     write_json(path, report)
     return path
 

@@ -7,9 +7,8 @@ measured in turn at every rate, so the machine's noise falls on every arm alike:
 
 * ``base``: the base alone, the step engine, no SLO: what the endpoint did without experts;
 * ``lockstep``: the experts, the fused layout before the step engine (requests that arrive
-  together run together to the end; one arriving meanwhile waits), two router instances;
-* ``engine``: the experts, the step engine (requests join and leave at every step), one router
-  whose sessions take both cores' threads;
+  together run together to the end; one arriving meanwhile waits);
+* ``engine``: the experts, the step engine (requests join and leave at every step);
 * ``degrade``: base and experts side by side, every request asking for the base, the step engine
   keeping an SLO by serving what would miss it with the experts and/or fewer steps.
 
@@ -45,6 +44,7 @@ from stepadapt.solvers import Solver
 ARMS = ("base", "lockstep", "engine", "degrade")
 REFERENCE = {"base": "base", "degrade": "base", "lockstep": "lockstep", "engine": "lockstep"}
 ASKED = {"base": "base", "degrade": "base", "lockstep": "experts", "engine": "experts"}
+# Every arm: one router (lockstep) or engine (step) per core, as `stepadapt serve --instances` does.
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,11 @@ class LoadSettings:
 def _options(
     arm: str, threads: int, cores: int, s: LoadSettings, slo: Slo | None = None
 ) -> RepositoryOptions:
-    """Each arm gets the machine's cores: two lockstep routers of ``threads`` each, or one engine
-    whose sessions take them all."""
+    """Every arm gets the machine's cores alike: a router (lockstep) or an engine (step) per core,
+    ``threads`` onnxruntime threads each."""
     common = dict(front_instances=s.front_instances, max_queue=4 * s.front_instances, queue_timeout_s=120.0)
-    if arm == "lockstep":
-        return RepositoryOptions(scheduling="lockstep", instances=cores, threads=threads, **common)
-    return RepositoryOptions(scheduling="step", threads=threads * cores, slo=slo, **common)
+    scheduling = "lockstep" if arm == "lockstep" else "step"
+    return RepositoryOptions(scheduling=scheduling, instances=cores, threads=threads, slo=slo, **common)
 
 
 def _request(arm: str, s: LoadSettings, seed: int) -> GenerateRequest:
@@ -198,10 +197,10 @@ def kid_table(bundle: Bundle, sampler: str) -> Callable[[str, int], float | None
         rows = solvers.scored_rows() if same else []
     except Exception:  # noqa: BLE001 - no experiment results here: no KID column
         rows = []
-    family = Solver.parse(sampler).family.name
+    family = Solver.parse(sampler).name
     table: dict[str, dict[int, float]] = {}
     for r in rows:
-        if not r.get("jump") and Solver.parse(r["solver"]).family.name == family and r.get("kid") is not None:
+        if not r.get("jump") and Solver.parse(r["solver"]).name == family and r.get("kid") is not None:
             table.setdefault(r["target"], {})[int(r["steps"])] = r["kid"]
 
     def kid(name: str, steps: int) -> float | None:

@@ -267,6 +267,10 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
             out += [f"![serving]({images['serving']})", ""]
     if r.get("load"):
         out += load_report.render(r["load"], images.get("load"))
+        run = r.get("section_runs", {}).get("load")
+        if run and run.get("command") != r.get("command"):
+            out += [f"Load section measured apart: `{run['command']}`, commit `{run.get('commit')}`, "
+                    f"{run.get('created')}.", ""]  # fmt: skip
     t = targets(r)
     if t:
         out += ["### Targets", ""]

@@ -18,7 +18,8 @@ FLUSH_EVERY = 0.5  # seconds: each update is an IPC to Triton, so they are kept 
 class Metrics:
     """Updates are gathered here and sent at most every FLUSH_EVERY seconds (``flush``)."""
 
-    def __init__(self):
+    def __init__(self, model):
+        self.model = model  # every figure carries its engine's model name: engines are separate models
         self._metrics = {}
         self._counts = Counter()
         self._steps = []
@@ -43,7 +44,9 @@ class Metrics:
         key = (family, tuple(sorted(labels.items())))
         if key not in self._metrics:
             extra = {"buckets": STEP_BUCKETS} if family == "step" else {}
-            self._metrics[key] = self._families[family].Metric(labels=labels, **extra)
+            self._metrics[key] = self._families[family].Metric(
+                labels={**labels, "model": self.model}, **extra
+            )
         return self._metrics[key]
 
     def _do(self, family, method, value, **labels):

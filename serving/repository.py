@@ -97,6 +97,7 @@ class RepositoryOptions:
     scheduling: str = "step"  # fused: the step engine, or lockstep batches (the layout before it)
     max_rows: int | None = None  # step engine: model rows per expert call (None: max_batch)
     slo: Slo | None = None  # step engine: the latency objective it keeps
+    step_rows: int | None = None  # step engine: rows per step, most urgent first (None: every request)
 
 
 def _params(d: dict[str, str]) -> str:
@@ -226,7 +227,7 @@ def front_config(shape: tuple, o: RepositoryOptions, conditioning: Conditioning 
     class-conditional bundle it fills in the condition a request leaves out (front.py says why)."""
     lockstep = o.scheduling == "lockstep"
     params = {
-        "target": ROUTER,
+        "targets": json.dumps([ROUTER] if lockstep else engines(o)),
         "target_batched": str(int(lockstep)),
         "target_decoupled": str(int(not lockstep)),
     }
@@ -269,10 +270,19 @@ instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
 """
 
 
-def step_router_config(shape: tuple, o: RepositoryOptions) -> str:
-    """The fused layout's router with the step engine: decoupled, so ``execute`` hands a request to
-    the engine and returns, and the engine answers it when it finishes. One instance: one engine
-    steps everything (more instances would split the requests between engines)."""
+def engines(o: RepositoryOptions) -> list[str]:
+    """The step engines' model names: ``instances`` of them (``router``, ``router_1``, ...).
+
+    Models, not instances of one model: ``execute`` of a decoupled model returns at once, so Triton
+    finds its first instance free every time and never uses a second (measured: 128 of 128
+    requests to instance 0). The front spreads requests over these models instead; on a CPU,
+    where a step's Python runs on one core, two engines use the cores that one cannot."""
+    return [ROUTER] + [f"{ROUTER}_{i}" for i in range(1, o.instances)]
+
+
+def step_router_config(shape: tuple, o: RepositoryOptions, name: str = ROUTER) -> str:
+    """A step-engine router of the fused layout: decoupled, so ``execute`` hands a request to the
+    engine and returns, and the engine answers it when it finishes."""
     params = {
         "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
         "max_seconds": str(o.max_seconds), "device": o.device, "scheduling": "step",
@@ -280,7 +290,9 @@ def step_router_config(shape: tuple, o: RepositoryOptions) -> str:
     }  # fmt: skip
     if o.slo is not None:
         params["slo"] = o.slo.to_json()
-    return f"""name: "{ROUTER}"
+    if o.step_rows is not None:
+        params["step_rows"] = str(o.step_rows)
+    return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
 input [
@@ -434,12 +446,11 @@ def write_repository(
             (tmp / "generate" / "config.pbtxt").write_text(front)
             shutil.copy(MODELS_SRC / "front.py", tmp / "generate" / "1" / "model.py")
             copy_library(tmp / "generate")
-            engine = o.scheduling == "step"
-            router(
-                tmp / ROUTER,
-                step_router_config(shape, o) if engine else batched_router_config(shape, o),
-                True,
-            )
+            if o.scheduling == "step":
+                for name in engines(o):
+                    router(tmp / name, step_router_config(shape, o, name), True)
+            else:
+                router(tmp / ROUTER, batched_router_config(shape, o), True)
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
         onnx = files[next(iter(files))][1]

@@ -131,6 +131,11 @@ class ServedBundle:
                 for e in manifest["experts"]
             ]
         self.router = Router(bounds, experts)
+        # MACs of one evaluation, averaged over the timestep axis: which bundle is the cheaper one
+        T = bounds[-1] - bounds[0]
+        self.macs = (
+            sum(e.get("macs", 0) * (e["timesteps"][1] - e["timesteps"][0]) for e in manifest["experts"]) / T
+        )
         self.conditioning = conditioning_of(manifest["base_config"])
         c = self.conditioning
         self.denoiser = guided(self.router, c.null_label) if c.classes else self.router
@@ -168,8 +173,10 @@ class ServedBundle:
         validate_setting(setting, self.scheduler, self.jump_cut)
 
     def trajectory(self, ask: Ask, setting: Setting) -> Trajectory:
-        """The request's trajectory at ``setting`` (its own, or the one admission gave it)."""
-        self.check(setting, ask.n)
+        """The request's trajectory at ``setting`` (its own, checked by ``ask``; or one admission
+        offers it, checked here)."""
+        if setting != ask.setting:
+            self.check(setting, ask.n)
         return request_trajectory(
             setting.sampler, self.scheduler, self.shape, ask.n, ask.seed, setting.steps,
             jump=self.jump() if setting.jump else None, cond=ask.cond,

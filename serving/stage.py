@@ -85,6 +85,11 @@ class ServeOptions(Options):
         None, "Latency objective in milliseconds (per image, or per request: --slo-per); none: no SLO."
     )
     slo_per: str = option("image", "What --slo-ms is for: image or request.")
+    step_rows: int | None = option(
+        None,
+        "Step engine: rows run per step, the most urgent requests first (earliest deadline); none: "
+        "every request in flight at every step.",
+    )
     slo_policy: str = option(
         "degrade",
         "A request that would miss the SLO: degrade (served with fewer steps and/or a smaller bundle) "
@@ -103,6 +108,8 @@ class ServeOptions(Options):
                 f"--slo-policy must be one of {', '.join(POLICIES)}, got {self.slo_policy!r}"
             )
         self.slo()  # its own checks, in its own words
+        if self.step_rows is not None and (not _whole(self.step_rows) or self.step_rows < 1):
+            raise StepadaptError(f"--step-rows must be at least 1, got {self.step_rows!r}")
         if not _whole(self.metrics_port) or not 0 <= self.metrics_port <= 65535:
             raise StepadaptError(
                 f"--metrics-port must be a port in 1..65535 (0: none), got {self.metrics_port!r}"
@@ -136,7 +143,7 @@ class ServeOptions(Options):
         return RepositoryOptions(
             threads=self.threads, instances=self.instances, max_batch=self.max_images, layout=self.layout,
             max_queue=self.max_queue, queue_timeout_s=self.queue_timeout, max_seconds=self.max_seconds,
-            device=self.device, scheduling=self.scheduling, slo=self.slo(),
+            device=self.device, scheduling=self.scheduling, slo=self.slo(), step_rows=self.step_rows,
         )  # fmt: skip
 
     def served(self) -> dict[str, Path]:

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from itertools import pairwise
 
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving.cancel import Watch
@@ -30,13 +29,27 @@ from stepadapt.engine import Engine, Job, Served
 from stepadapt.sampling import to_uint8
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+LOG_EVERY = 10.0
 
 
 @dataclass
 class Arrival:
     request: object
+    id: str
     sender: object
     at: float
+
+
+@dataclass
+class Busy:
+    """One busy stretch of the engine, said in one log line when it ends (or every LOG_EVERY s):
+    cheap enough to keep on, and it shows requests sharing steps."""
+
+    since: float = 0.0
+    admitted: int = 0
+    steps: int = 0
+    most: int = 0
+    rows: int = 0
 
 
 @dataclass
@@ -50,16 +63,17 @@ class Live:
 
 
 class StepLoop:
-    def __init__(self, bundles, *, max_rows, max_seconds, slo=None, conditions=None):
+    def __init__(self, name, bundles, *, max_rows, max_seconds, slo=None, conditions=None, step_rows=None):
         self.bundles = bundles
         self.engine = Engine(
             {n: Served(b.denoiser, b.router) for n, b in bundles.items()},
-            max_rows=max_rows,
-            clock=time.monotonic,
-        )
+            max_rows=max_rows, step_rows=step_rows, clock=time.monotonic,
+        )  # fmt: skip
         self.max_seconds = max_seconds
         self.slo = slo
-        self.metrics = Metrics()
+        self.name = name
+        self.metrics = Metrics(name)
+        self._busy = Busy()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
         self._stop = threading.Event()
@@ -72,18 +86,13 @@ class StepLoop:
         self.thread.start()
 
     def _by_cost(self):
-        """Bundle names, dearest per evaluation first (the measured costs over the timestep axis)."""
-
-        def cost(name):
-            b = self.bundles[name].router.boundaries
-            return sum(
-                self.engine.costs.predict((name, e), 1) * (hi - lo) for e, (lo, hi) in enumerate(pairwise(b))
-            )
-
-        return sorted(self.bundles, key=cost, reverse=True)
+        """Bundle names, the most MACs per evaluation first (over the timestep axis): degrade's
+        order. MACs, not timings: a few calibration calls on a busy machine can misorder them."""
+        return sorted(self.bundles, key=lambda n: -self.bundles[n].macs)
 
     def submit(self, request):
-        self.inbox.put(Arrival(request, request.get_response_sender(), time.monotonic()))
+        at = time.monotonic()
+        self.inbox.put(Arrival(request, request.request_id(), request.get_response_sender(), at))
 
     def stop(self):
         self._stop.set()
@@ -99,6 +108,7 @@ class StepLoop:
                 if self.live:
                     self._step()
                 self.metrics.flush(force=not self.live)
+                self._said()
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one request's failure
                 pb_utils.Logger.log_error(f"stepadapt engine: {type(e).__name__}: {e}")
         for key in list(self.live):
@@ -159,12 +169,15 @@ class StepLoop:
             self.metrics.request(bundle.name, "invalid")
             return
         sender = a.sender
-        watch = Watch(a.request.request_id(), self.max_seconds, sender.is_cancelled, start=a.at)
+        watch = Watch(a.id, self.max_seconds, sender.is_cancelled, start=a.at)
         self.live[key] = Live(sender, watch, offer, degraded)
+        if not self._busy.since:
+            self._busy.since = now
+        self._busy.admitted += 1
+        self._busy.most = max(self._busy.most, len(self.live))
         if degraded:
             self.metrics.degraded(bundle.name)
-        said = f"asked {asked}, runs at {offer} (SLO)" if degraded else f"runs at {offer}"
-        pb_utils.Logger.log_info(f"request {key}: {said}; {len(self.live)} in flight")
+            pb_utils.Logger.log_info(f"{self.name}: request {key} asked {asked}, runs at {offer} (SLO)")
 
     def _look(self):
         for key, live in list(self.live.items()):
@@ -178,6 +191,8 @@ class StepLoop:
         start = time.monotonic()
         for job in self.engine.jobs:
             self.metrics.evaluations(job.model, 1)
+        self._busy.steps += 1
+        self._busy.rows += sum(j.rows for j in self.engine.jobs)
         left = self.engine.step()
         self.metrics.step(time.monotonic() - start)
         for job, err in left:
@@ -190,6 +205,16 @@ class StepLoop:
                 self._end(job.key, error(str(err), "INTERNAL", True), "failed")
             else:
                 self._end(job.key, internal(err, True), "failed")
+
+    def _said(self):
+        b = self._busy
+        if b.since and (not self.live or time.monotonic() - b.since > LOG_EVERY):
+            pb_utils.Logger.log_info(
+                f"{self.name}: {b.admitted} requests in {time.monotonic() - b.since:.2f} s, "
+                f"at most {b.most} in flight, {b.steps} steps of {b.rows / max(b.steps, 1):.1f} rows "
+                "on average"
+            )
+            self._busy = Busy(since=time.monotonic() if self.live else 0.0)
 
     def _end(self, key, response, outcome):
         live = self.live.pop(key)

@@ -6,7 +6,10 @@ served cheaper (``degrade``: a smaller bundle of the same base, and fewer steps 
 enough) or refused at once (``reject``); none is queued past its deadline, and a degrade that
 finds nothing in time refuses too.
 An offer is also refused if it would push a request already admitted past a deadline that request
-was predicted to meet: the ones inside were promised first.
+was predicted to meet: the ones inside were promised first. A newcomer is admitted with more
+headroom (``margin``) than an admitted request must keep (``keep``): the difference is what the
+requests arriving after it may take; were the two equal, every admitted request would sit at the
+edge of its promise and the next arrival would be refused.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ class Slo(Options):
         "degrade: a request that would miss it is served cheaper (fewer steps, a smaller bundle); "
         "reject: it is refused at once (503).",
     )
-    margin: float = option(1.2, "Predicted seconds are stretched by this before they are trusted.")
+    margin: float = option(
+        1.5,
+        "A request is admitted only as its predicted seconds times this fit its time: the headroom "
+        "that requests arriving after it may take (the prediction assumes nobody else comes).",
+    )
+    keep: float = option(
+        1.1, "A request already admitted keeps its predicted seconds times this within its time."
+    )
     min_steps: int = option(4, "degrade never goes below this many steps.")
 
     def __post_init__(self) -> None:
@@ -47,8 +57,8 @@ class Slo(Options):
             raise StepadaptError(f"the SLO is per {' or per '.join(PER)}, not {self.per!r}")
         if self.policy not in POLICIES:
             raise StepadaptError(f"unknown SLO policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if not self.margin >= 1:
-            raise StepadaptError(f"the SLO margin must be at least 1, got {self.margin!r}")
+        if not self.margin >= self.keep >= 1:
+            raise StepadaptError(f"the SLO needs margin >= keep >= 1, got {self.margin!r} and {self.keep!r}")
 
     def seconds(self, images: int) -> float:
         """The time a request of ``images`` images has."""
@@ -104,7 +114,7 @@ def decide(
     more. An offer whose job cannot be made (a step count its solver refuses) does not fit."""
     before = engine.finish_times()
     promised = [
-        j for j in engine.jobs if j.deadline is not None and now + slo.margin * before[j.key] <= j.deadline
+        j for j in engine.jobs if j.deadline is not None and now + slo.keep * before[j.key] <= j.deadline
     ]
     fastest = [math.inf]
 
@@ -118,7 +128,7 @@ def decide(
         after = engine.finish_times([job])
         fastest[0] = min(fastest[0], after[job.key])
         ok = now + slo.margin * after[job.key] <= deadline
-        ok = ok and all(now + slo.margin * after[j.key] <= j.deadline for j in promised)
+        ok = ok and all(now + slo.keep * after[j.key] <= j.deadline for j in promised)
         return job if ok else None
 
     job = fits(asked)

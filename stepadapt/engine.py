@@ -15,6 +15,7 @@ what an SLO policy needs before it admits a request (``stepadapt.admission``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -51,6 +52,12 @@ class Job:
     run: Trajectory
     deadline: float | None = None
     _experts: list[int] | None = field(default=None, repr=False)
+    _seq: int = field(default=0, repr=False)  # admission order, set by the engine (0: not yet: last)
+
+    @property
+    def urgency(self) -> tuple[float, int]:
+        """Earliest deadline first; without one, after every deadline, in admission order."""
+        return (math.inf if self.deadline is None else self.deadline, self._seq or math.inf)
 
     @property
     def rows(self) -> int:
@@ -150,22 +157,30 @@ def _linear(obs: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 class Engine:
     """The requests being sampled, stepped together. No threads and no clock of its own beyond
-    ``clock`` (for timing calls): the caller admits, drops and steps, between steps."""
+    ``clock`` (for timing calls): the caller admits, drops and steps, between steps.
+
+    ``step_rows``: None steps every job at every step (processor sharing: each newcomer slows all);
+    a number steps only the most urgent jobs (earliest deadline first) up to that many rows, the
+    rest waiting their turn -- at a step's granularity, EDF, which meets deadlines best where a
+    row costs the same in any batch (a CPU); a job is never split, the first always runs."""
 
     def __init__(
         self,
         models: Mapping[str, Served],
         *,
         max_rows: int = 64,
+        step_rows: int | None = None,
         costs: StepCosts | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if not models:
             raise StepadaptError("an engine needs at least one model")
-        if max_rows < 1:
-            raise StepadaptError(f"max_rows must be at least 1, got {max_rows}")
+        if max_rows < 1 or (step_rows is not None and step_rows < 1):
+            raise StepadaptError(f"max_rows and step_rows must be at least 1, got {max_rows}, {step_rows}")
         self.models = dict(models)
         self.max_rows = int(max_rows)
+        self.step_rows = step_rows
+        self._admitted = 0
         self.costs = costs or StepCosts()
         self.clock = clock
         self.jobs: list[Job] = []
@@ -180,6 +195,8 @@ class Engine:
         if any(j.key == job.key for j in self.jobs):
             raise StepadaptError(f"a request {job.key!r} is already running")
         job.experts_ahead(self.models[job.model].router)  # an uncovered timestep is said now, not mid-run
+        self._admitted += 1
+        job._seq = self._admitted
         self.jobs.append(job)
 
     def drop(self, key: Hashable) -> Job | None:
@@ -189,10 +206,22 @@ class Engine:
                 return self.jobs.pop(i)
         return None
 
+    def _turn(self, jobs: Sequence[Job], rows: Callable[[Job], int]) -> list[Job]:
+        """The jobs a step runs: all, or the most urgent up to ``step_rows`` rows (at least one)."""
+        if self.step_rows is None:
+            return list(jobs)
+        out, total = [], 0
+        for j in sorted(jobs, key=lambda j: j.urgency):
+            if out and total + rows(j) > self.step_rows:
+                break
+            out.append(j)
+            total += rows(j)
+        return out
+
     def calls(self) -> list[Call]:
-        """The calls the next step makes: one per (model, expert) of the jobs' current timesteps,
+        """The calls the next step makes: one per (model, expert) of its jobs' current timesteps,
         split where they pass ``max_rows``."""
-        active = [j for j in self.jobs if not j.run.done]
+        active = self._turn([j for j in self.jobs if not j.run.done], lambda j: j.rows)
         entries = [(j.model, self.models[j.model].router.index(j.run.t), j.rows) for j in active]
         return [Call(m, e, tuple(active[i] for i in idx)) for m, e, idx in batches(entries, self.max_rows)]
 
@@ -204,11 +233,12 @@ class Engine:
         e.g. admitting requests -- is measured too (``OVERHEAD``, by the number of jobs): on a small
         model it is a good part of a step."""
         start = self.clock()
-        jobs = len(self.jobs)
+        calls = self.calls()
+        jobs = sum(len(c.jobs) for c in calls)
         between = start - self._last_end if self._last_end is not None else 0.0
         left: list[tuple[Job, Exception | None]] = []
         in_calls = 0.0
-        for call in self.calls():
+        for call in calls:
             failed, seconds = self._run(call)
             left += failed
             in_calls += seconds
@@ -244,21 +274,27 @@ class Engine:
         return failed, seconds
 
     def finish_times(self, extra: Sequence[Job] = (), *, alone: bool = False) -> dict[Hashable, float]:
-        """Seconds from now until each job is done (with ``extra`` as if admitted now; ``alone``: the
-        extras only), if no other request came: the engine's own steps replayed with the measured
-        costs, calls batched as :meth:`calls` batches them."""
+        """Seconds from now until each job is done (with ``extra`` as if admitted now, after those
+        already here; ``alone``: the extras only), if no other request came: the engine's own steps
+        replayed with the measured costs, turns taken and calls batched as :meth:`calls` does."""
         jobs = [*([] if alone else self.jobs), *extra]
-        ahead = [j.experts_ahead(self.models[j.model].router) for j in jobs]
-        done = {j.key: 0.0 for j, a in zip(jobs, ahead, strict=True) if not a}
+        ahead = {id(j): j.experts_ahead(self.models[j.model].router) for j in jobs}
+        rows = {id(j): j.rows for j in jobs}
+        at = {id(j): 0 for j in jobs}
+        done = {j.key: 0.0 for j in jobs if not ahead[id(j)]}
+        left = [j for j in jobs if ahead[id(j)]]
         elapsed = 0.0
-        for r in range(max(map(len, ahead), default=0)):
-            entries = [(j.model, a[r], j.rows) for j, a in zip(jobs, ahead, strict=True) if r < len(a)]
+        while left:
+            turn = self._turn(left, lambda j: rows[id(j)])
+            entries = [(j.model, ahead[id(j)][at[id(j)]], rows[id(j)]) for j in turn]
             elapsed += self.costs.predict(OVERHEAD, len(entries))
             for model, expert, idx in batches(entries, self.max_rows):
                 elapsed += self.costs.predict((model, expert), sum(entries[i][2] for i in idx))
-            for j, a in zip(jobs, ahead, strict=True):
-                if len(a) == r + 1:
+            for j in turn:
+                at[id(j)] += 1
+                if at[id(j)] == len(ahead[id(j)]):
                     done[j.key] = elapsed
+            left = [j for j in left if at[id(j)] < len(ahead[id(j)])]
         return done
 
     def calibrate(

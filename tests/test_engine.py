@@ -182,7 +182,7 @@ def test_the_step_ladder_goes_down_by_quarters_to_the_floor():
 def test_slo_degrade_keeps_the_most_steps_it_can_and_reject_refuses():
     engine = fake_clock_engine()
     asked = Offer("big", Setting("ddim", 20))
-    slo = Slo(ms=150, margin=1.0)
+    slo = Slo(ms=150, margin=1.0, keep=1.0)
 
     def job_for(offer):
         return job("new", 1, 0, offer.setting.sampler, offer.setting.steps, model=offer.model)
@@ -210,7 +210,7 @@ def test_slo_keeps_its_promises_to_requests_already_admitted():
     first = job("first", 1, 0, "ddim", 10, model="big")
     first.deadline = 0.12  # predicted 0.10 alone
     engine.admit(first)
-    slo = Slo(ms=1000, margin=1.0)
+    slo = Slo(ms=1000, margin=1.0, keep=1.0)
     asked = Offer("big", Setting("ddim", 10))
     d = decide(engine, asked, ["small"], lambda o: job("n", 1, 1, o.setting.sampler, o.setting.steps,
                model=o.model), deadline=10.0, now=0.0, slo=slo)  # fmt: skip
@@ -236,3 +236,28 @@ def test_calibration_times_every_expert_of_every_model():
     engine.calibrate(SHAPE, DEFAULT_SCHEDULER, rows=(1, 2))
     assert all(engine.costs.known((m, e)) for m in "ab" for e in range(3))
     assert not engine.costs.known(("a", 3))
+
+
+def test_urgent_first_steps_run_the_earliest_deadline_alone_and_predict_it():
+    """step_rows=1: each step runs only the most urgent job (earliest deadline, then admission order);
+    the replayed finish times say so, and every job still gets its solo images."""
+    calls = []
+    engine = Engine({"m": served(calls)}, step_rows=1)
+    for expert in range(3):
+        engine.costs.observe(("m", expert), 1, 0.01)
+    late, soon, plain = (
+        job("late", 1, 1, "ddim", 4),
+        job("soon", 1, 2, "unipc", 3),
+        job("plain", 1, 3, "ddim", 2),
+    )
+    late.deadline, soon.deadline = 10.0, 1.0
+    for j in (plain, late, soon):
+        engine.admit(j)
+    predicted = engine.finish_times()
+    assert predicted["soon"] == pytest.approx(0.03) and predicted["late"] == pytest.approx(0.07)
+    assert predicted["plain"] == pytest.approx(0.09)  # no deadline: after every one that has one
+    order = []
+    while len(engine):
+        order += [j.key for j, err in engine.step() if err is None]
+    assert order == ["soon", "late", "plain"] and all(rows == 1 for _, rows in calls)
+    assert np.array_equal(to_uint8(soon.run.x), alone(1, 2, "unipc", 3))

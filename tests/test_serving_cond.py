@@ -3,6 +3,7 @@ guidance scale through both layouts and the stream, against the in-process guide
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -135,8 +136,11 @@ def test_concurrent_requests_with_their_own_labels_and_scales_keep_their_images(
         got = list(pool.map(lambda r: generate(server.http_url, r), reqs))
     for (n, seed, labels, scale), images in zip(asks, got, strict=True):
         assert _close(images, in_process(n, seed, labels, scale)), (n, seed, labels, scale)
-    if layout == "fused":  # the step engine had them in flight together
-        in_flight = re.findall(r"(\d+) in flight", server.log_path.read_text())
+    if layout == "fused":  # the step engine had them in flight together (said once it is idle again)
+        deadline = time.monotonic() + 10
+        while not (in_flight := re.findall(r"at most (\d+) in flight", server.log_path.read_text())):
+            assert time.monotonic() < deadline, "the engine never said its busy stretch"
+            time.sleep(0.1)
         assert max(int(n) for n in in_flight) >= 2
 
 

@@ -57,6 +57,19 @@ def _metrics(server, wait_for):
         time.sleep(0.1)
 
 
+def _figures(text, name):
+    """``{labels: value}`` of one metric in Prometheus text (labels as a frozenset of pairs)."""
+    out = {}
+    for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        out[frozenset(re.findall(r'(\w+)="([^"]*)"', labels))] = float(value)
+    return out
+
+
+def _total(text, name, **labels):
+    """The sum of one metric over the series whose labels include ``labels`` (over every engine)."""
+    return sum(v for k, v in _figures(text, name).items() if set(labels.items()) <= k)
+
+
 def _serve(bundles, tmp_path, name, **options):
     o = RepositoryOptions(front_instances=6, max_batch=8, **options)
     repo = write_repository(bundles, tmp_path / name, o)
@@ -67,7 +80,7 @@ def test_requests_joining_mid_flight_get_their_solo_images_and_leave_when_done(e
     """A long request runs; others join while it is mid-flight (other solvers, step counts, image
     counts) and leave before it ends; one more is cancelled mid-flight. Each gets what the
     in-process sampler gives it alone, and the cancelled one stops costing within a step."""
-    long = GenerateRequest(num_images=1, steps=300, seed=1, sampler="ddim")
+    long = GenerateRequest(num_images=1, steps=1000, seed=1, sampler="ddim")
     joiners = [
         GenerateRequest(num_images=2, steps=8, seed=2, sampler="unipc"),
         GenerateRequest(num_images=1, steps=12, seed=3, sampler="dpm++2m"),
@@ -95,9 +108,9 @@ def test_requests_joining_mid_flight_get_their_solo_images_and_leave_when_done(e
             t.start()
         for t in threads:
             t.join()
-        log = (tmp_path / "repo.log").read_text()
+    log = (tmp_path / "repo.log").read_text()  # the engine says its busy stretch when it ends
     assert isinstance(done["cancelled"][0], StepadaptError) and "cancelled" in str(done["cancelled"][0])
-    assert done["long"][0].bundle == "experts" and done["long"][0].steps == 300
+    assert done["long"][0].bundle == "experts" and done["long"][0].steps == 1000
     assert max_pixel_diff(done["long"][0].images, alone(exported, long)) <= 2
     for k, req in enumerate(joiners):
         got, at = done[k]
@@ -105,7 +118,7 @@ def test_requests_joining_mid_flight_get_their_solo_images_and_leave_when_done(e
         assert (got.steps, got.sampler, got.degraded) == (req.steps, req.sampler, False)
         assert max_pixel_diff(got.images, alone(exported, req)) <= 2
         assert at < done["long"][1]  # it joined mid-flight and left before the long one ended
-    in_flight = [int(n) for n in re.findall(r"(\d+) in flight", log)]
+    in_flight = [int(n) for n in re.findall(r"at most (\d+) in flight", log)]
     assert max(in_flight) >= 3  # they did run together
 
 
@@ -129,13 +142,15 @@ def test_a_budget_picks_the_bundle_and_bad_budgets_are_one_line_400s(exported, t
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=60)
         assert e.value.code == 400 and "budget" in e.value.read().decode()
-        metrics = _metrics(server, r'stepadapt_evaluations_total\{bundle="twin"\} 4')
-    served = re.findall(r'stepadapt_requests_total\{bundle="(\w+)",outcome="(\w+)"\} (\d+)', metrics)
-    counts = {(b, o): int(n) for b, o, n in served}
-    assert counts[("experts", "served")] == 1 and counts[("twin", "served")] == 1
-    assert counts[("experts", "invalid")] == 1  # the unknown budget, counted against the default
-    assert re.search(r"stepadapt_step_seconds_count\S* [1-9]", metrics)
-    assert re.search(r'stepadapt_evaluations_total\{bundle="twin"\} 4', metrics)
+        metrics = _metrics(server, r'stepadapt_evaluations_total\{[^}]*bundle="twin"[^}]*\} 4')
+    requests = "stepadapt_requests_total"
+    assert _total(metrics, requests, bundle="experts", outcome="served") == 1
+    assert _total(metrics, requests, bundle="twin", outcome="served") == 1
+    assert (
+        _total(metrics, requests, bundle="experts", outcome="invalid") == 1
+    )  # unknown budget: the default's
+    assert _total(metrics, "stepadapt_step_seconds_count") >= 8
+    assert _total(metrics, "stepadapt_evaluations_total", bundle="twin") == 4
 
 
 def test_the_slo_degrades_what_would_miss_it_or_refuses_it(exported, twin, tmp_path):
@@ -156,9 +171,8 @@ def test_the_slo_degrades_what_would_miss_it_or_refuses_it(exported, twin, tmp_p
             )
             small = endpoint.infer(short)
             assert not small.degraded and small.steps == 4
-        assert re.search(
-            r'stepadapt_degraded_total\{bundle="experts"\} 1', _metrics(server, "degraded_total")
-        )
+        metrics = _metrics(server, "stepadapt_degraded_total")
+        assert _total(metrics, "stepadapt_degraded_total", bundle="experts") == 1
     with _serve(exported, tmp_path, "reject", slo=slo.replace(policy="reject")) as server:
         with Endpoint(server.http_url) as endpoint:
             t0 = time.monotonic()

@@ -3,7 +3,9 @@
 Clients send one request of scalars over HTTP or gRPC; HTTP cannot call a decoupled model, and
 the fused layout's router is one (its step engine answers each request when it finishes, while
 others run on). So this thin model (numpy only, many instances, no torch) hands each request to
-``router`` and relays its answer: one hop per request instead of one per step. For a lockstep
+a router and relays its answer: one hop per request instead of one per step. With several step
+engines (``router``, ``router_1``, ...: ``repository.engines`` says why models, not instances)
+each request goes to one at random. For a lockstep
 router (``serve --scheduling lockstep``) it adds the batch axis Triton's dynamic batcher needs.
 
 Triton does not cancel the request made here when the client cancels this one,
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 import asyncio
 import json
+import random
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -69,7 +72,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.target = params.get("target", "router")
+        self.targets = json.loads(params.get("targets", '["router"]'))  # step engines: one per request
         self.batched = params.get("target_batched", "1") == "1"  # lockstep: a batch axis of 1
         self.decoupled = params.get("target_decoupled", "0") == "1"  # the step engine
         fill = json.loads(params.get("fill", "{}"))  # input -> its value where a request has none
@@ -104,7 +107,10 @@ class TritonPythonModel:
             return error(str(e))
         rid = cancel.new_id()
         req = pb_utils.InferenceRequest(
-            model_name=self.target, requested_output_names=list(OUTPUTS), inputs=inputs, request_id=rid
+            model_name=random.choice(self.targets),
+            requested_output_names=list(OUTPUTS),
+            inputs=inputs,
+            request_id=rid,
         )
         if self.decoupled:  # its responses arrive through a blocking iterator: drained off the loop
             loop = asyncio.get_running_loop()

@@ -67,7 +67,8 @@ class TritonPythonModel:
 
             slo = Slo.from_json(params["slo"]) if params.get("slo") else None
             self.loop = StepLoop(
-                self.bundles, max_rows=int(params.get("max_rows", self.max_images)),
+                cfg["name"], self.bundles, max_rows=int(params.get("max_rows", self.max_images)),
+                step_rows=int(params["step_rows"]) if params.get("step_rows") else None,
                 max_seconds=self.max_seconds, slo=slo, conditions=self._null_condition,
             )  # fmt: skip
 
