@@ -293,8 +293,9 @@ def _ms(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
-def render(load: dict, image: str | None) -> list[str]:
-    """The load section of a bench report, as markdown lines."""
+def render(load: dict, image: str | None, run: dict | None = None, report: dict | None = None) -> list[str]:
+    """The load section of a bench report, as markdown lines; ``run``: the run that measured it,
+    said where it is not the report's own (``bench --sections load`` beside an earlier full run)."""
     cap, slo, alone = load["capacity_images_per_s"], load["slo_ms"], load["unloaded_ms"]
     out = ["### Load (open loop)", ""]
     out += [
@@ -328,6 +329,13 @@ def render(load: dict, image: str | None) -> list[str]:
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
     if image:
         out += [f"![load]({image})", ""]
+    if run and report and run.get("command") != report.get("command"):
+        m = run["machine"]
+        out += [
+            f"Measured apart from the sections above: `{run['command']}`, commit `{run.get('commit')}`, "
+            f"{run.get('created')}, {m['cpu']} ({m['cores']} cores).",
+            "",
+        ]
     return out
 
 

@@ -266,11 +266,7 @@ def _section(r: dict, images: dict[str, str]) -> list[str]:
         if "serving" in images:
             out += [f"![serving]({images['serving']})", ""]
     if r.get("load"):
-        out += load_report.render(r["load"], images.get("load"))
-        run = r.get("section_runs", {}).get("load")
-        if run and run.get("command") != r.get("command"):
-            out += [f"Load section measured apart: `{run['command']}`, commit `{run.get('commit')}`, "
-                    f"{run.get('created')}.", ""]  # fmt: skip
+        out += load_report.render(r["load"], images.get("load"), r.get("section_runs", {}).get("load"), r)
     t = targets(r)
     if t:
         out += ["### Targets", ""]

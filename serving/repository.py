@@ -248,26 +248,52 @@ instance_group [ {{ kind: KIND_CPU count: {o.front_instances} }} ]
 """
 
 
+def _router_model(
+    name: str,
+    shape: tuple,
+    params: dict[str, str],
+    count: int,
+    *,
+    batch: int = 0,
+    policy: str = "",
+    stream: bool = False,
+) -> str:
+    """A router model's config: the endpoints' inputs and outputs (with a batch axis and ragged
+    labels where ``batch``: Triton's dynamic batcher then hands it several requests at once), the
+    stream's per-step outputs where ``stream``, ``policy`` lines (decoupled, queueing)."""
+    stream_out = (
+        """  { name: "step" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "timestep" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "expert" data_type: TYPE_STRING dims: [ 1 ] },
+"""
+        if stream
+        else ""
+    )
+    return f"""name: "{name}"
+backend: "python"
+max_batch_size: {batch}
+input [
+{_router_inputs(ragged=batch > 0)}
+]
+output [
+{stream_out}{_outputs(shape, batched=batch > 0)}
+]
+{policy}instance_group [ {{ kind: KIND_CPU count: {count} }} ]
+{_params(params)}
+"""
+
+
+def _local(o: RepositoryOptions) -> dict[str, str]:
+    """A router's parameters with its experts in process (the fused layout)."""
+    return {"max_images": str(o.max_batch), "max_seconds": str(o.max_seconds), "experts": "local",
+            "threads": str(o.threads), "device": o.device}  # fmt: skip
+
+
 def batched_router_config(shape: tuple, o: RepositoryOptions) -> str:
     """The fused layout's lockstep router. Requests carry a batch axis of 1 so Triton's dynamic
     batcher can hand several to one call."""
-    params = {
-        "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
-        "max_seconds": str(o.max_seconds), "device": o.device,
-    }  # fmt: skip
-    return f"""name: "{ROUTER}"
-backend: "python"
-max_batch_size: {o.max_requests}
-input [
-{_router_inputs(ragged=True)}
-]
-output [
-{_outputs(shape, batched=True)}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
-instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
-{_params(params)}
-"""
+    policy = f"dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}\n"
+    return _router_model(ROUTER, shape, _local(o), o.instances, batch=o.max_requests, policy=policy)
 
 
 def engines(o: RepositoryOptions) -> list[str]:
@@ -283,56 +309,23 @@ def engines(o: RepositoryOptions) -> list[str]:
 def step_router_config(shape: tuple, o: RepositoryOptions, name: str = ROUTER) -> str:
     """A step-engine router of the fused layout: decoupled, so ``execute`` hands a request to the
     engine and returns, and the engine answers it when it finishes."""
-    params = {
-        "max_images": str(o.max_batch), "experts": "local", "threads": str(o.threads),
-        "max_seconds": str(o.max_seconds), "device": o.device, "scheduling": "step",
-        "max_rows": str(o.max_rows or o.max_batch),
-    }  # fmt: skip
+    params = {**_local(o), "scheduling": "step", "max_rows": str(o.max_rows or o.max_batch)}
     if o.slo is not None:
         params["slo"] = o.slo.to_json()
     if o.step_rows is not None:
         params["step_rows"] = str(o.step_rows)
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [
-{_router_inputs()}
-]
-output [
-{_outputs(shape)}
-]
-model_transaction_policy {{ decoupled: true }}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params(params)}
-"""
+    return _router_model(name, shape, params, 1, policy="model_transaction_policy { decoupled: true }\n")
 
 
 def router_config(name: str, shape: tuple, o: RepositoryOptions, decoupled: bool) -> str:
-    stream_out = (
-        """  { name: "step" data_type: TYPE_INT32 dims: [ 1 ] },
-  { name: "timestep" data_type: TYPE_INT32 dims: [ 1 ] },
-  { name: "expert" data_type: TYPE_STRING dims: [ 1 ] },
-"""
-        if decoupled
-        else ""
+    """The bls layout's routers and ``generate_stream`` (one request at a time each)."""
+    params = (
+        _local(o)
+        if o.layout == "fused"
+        else {"max_images": str(o.max_batch), "max_seconds": str(o.max_seconds)}
     )
-    policy = "model_transaction_policy { decoupled: true }\n" if decoupled else ""
-    params = {"max_images": str(o.max_batch), "max_seconds": str(o.max_seconds)}
-    if o.layout == "fused":
-        params.update(experts="local", threads=str(o.threads), device=o.device)
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [
-{_router_inputs()}
-]
-output [
-{stream_out}{_outputs(shape)}
-]
-{policy}{queue_policy(o)}
-instance_group [ {{ kind: KIND_CPU count: {o.router_instances} }} ]
-{_params(params)}
-"""
+    policy = ("model_transaction_policy { decoupled: true }\n" if decoupled else "") + queue_policy(o) + "\n"
+    return _router_model(name, shape, params, o.router_instances, policy=policy, stream=decoupled)
 
 
 def _usable_engine(bundle: Bundle, e: ExpertSpec, o: RepositoryOptions) -> Path | None:

@@ -83,6 +83,21 @@ def tiny_bundle(tmp_path_factory):
     return make_bundle(build_unet("tiny", seed=0), tmp_path_factory.mktemp("b") / "bundle", gaussian=True)
 
 
+def exported_copy(tiny_bundle, tmp_path_factory, name: str):
+    """A copy of the tiny bundle named ``name`` (a served bundle's default budget), exported to ONNX."""
+    import shutil
+
+    from stepadapt.export.onnx import export_bundle
+
+    from stepadapt.bundle import Bundle
+
+    d = tmp_path_factory.mktemp("exported") / name
+    shutil.copytree(tiny_bundle, d)
+    b = Bundle.load(d)
+    export_bundle(b, batches=(2,))
+    return b
+
+
 def pytest_collection_modifyitems(items):
     """Every test on a served endpoint starts (or shares) a real tritonserver: slow, whichever of
     them runs first pays for the start."""

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stepadapt.export.onnx import export_bundle, onnx_router
+from conftest import exported_copy
+from stepadapt.export.onnx import onnx_router
 from stepadapt.serving.client import Endpoint, GenerateRequest, generate, generate_stream
 from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer
@@ -25,11 +26,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def exported(tiny_bundle, tmp_path_factory):
-    d = tmp_path_factory.mktemp("s") / "bundle"
-    shutil.copytree(tiny_bundle, d)
-    b = Bundle.load(d)
-    export_bundle(b, batches=(2,))
-    return b
+    return exported_copy(tiny_bundle, tmp_path_factory, "bundle")
 
 
 @pytest.fixture(scope="module", params=["fused", "bls"])

@@ -9,7 +9,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from stepadapt.export.onnx import export_bundle, onnx_router
+from conftest import exported_copy
+from stepadapt.export.onnx import onnx_router
 from stepadapt.serving.client import Endpoint, GenerateRequest
 from stepadapt.serving.repository import RepositoryOptions, write_repository
 from stepadapt.serving.server import TritonServer, free_port
@@ -24,11 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def exported(tiny_bundle, tmp_path_factory):
-    d = tmp_path_factory.mktemp("load") / "experts"
-    shutil.copytree(tiny_bundle, d)
-    b = Bundle.load(d)
-    export_bundle(b, batches=(2,))
-    return b
+    return exported_copy(tiny_bundle, tmp_path_factory, "experts")
 
 
 @pytest.fixture(scope="module")
