@@ -605,8 +605,10 @@ def run_bench(
         if "serving" in s.sections:
             report["serving"] = serving_section(arms, s, pool, work, bar)
         if "load" in s.sections:
-            report["load"] = load_section(arms, s.load, work, s.threads, s.instances, log=log,
-                                          tick=lambda: bar.update(1))  # fmt: skip
+            report["load"] = load_section(
+                arms, s.load, work, s.threads, s.instances, log=log, tick=lambda: bar.update(1),
+                quality_of=Path(bundle_path),
+            )  # fmt: skip
     return report
 
 

@@ -162,17 +162,13 @@ def _pct(xs: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(xs), q, method="higher")) * 1e3 if xs else None
 
 
-def level(
-    outcomes: list[dict[str, Any]], slo_s: float, wall: float, kid: Callable[[str, int], float | None]
-) -> dict:
+def level(outcomes: list[dict[str, Any]], slo_s: float, wall: float, kids: dict) -> dict:
     """One arm at one rate: latency percentiles of what was served, SLO attainment over everything
-    sent (refused and failed requests miss), goodput, the mix served and its KID."""
+    sent (refused and failed requests miss), goodput, the mix served and its KID (``kid_table``)."""
     served = [o for o in outcomes if o["ok"]]
     lat = [o["latency_s"] for o in served]
     met = sum(o["latency_s"] <= slo_s for o in served)
     mix = Counter(f"{o['bundle']} x{o['steps']}" for o in served)
-    kids = [kid(o["bundle"], o["steps"]) for o in served]
-    known = [k for k in kids if k is not None]
     return {
         "sent": len(outcomes), "served": len(served),
         "degraded": sum(bool(o.get("degraded")) for o in served),
@@ -180,41 +176,51 @@ def level(
         "failed": sum(not o["ok"] and "SLO" not in o.get("error", "") for o in outcomes),
         "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99),
         "slo_attainment": met / max(len(outcomes), 1), "goodput_images_per_s": met / max(wall, 1e-9),
-        "mix": dict(mix), "kid": statistics.fmean(known) if known and len(known) == len(kids) else None,
+        "mix": dict(mix), "kid": served_kid(mix, kids),
         "errors": sorted({o["error"] for o in outcomes if not o["ok"]})[:3],
     }  # fmt: skip
 
 
-def kid_table(bundle: Bundle, sampler: str) -> Callable[[str, int], float | None]:
-    """KID of (served bundle, steps) from the solver experiment's rows, where that experiment measured
-    this bundle (the shipped experts; the base beside them): the solver family of ``sampler``, its
-    options aside (the base's rows used thresholding), at the nearest measured step count at or below
-    the one served (never flattering). None elsewhere."""
+def kid_table(bundle_path: str | Path, sampler: str) -> dict[str, dict[str, float]]:
+    """KID by served bundle and measured step count, from the solver experiment's rows where that
+    experiment measured this bundle (the shipped experts; the base beside them) with the solver
+    family of ``sampler`` (options aside: the base's rows used thresholding). Empty elsewhere."""
     from stepadapt.benchmarks import solvers
 
     try:
-        same = Path(bundle.path).resolve().name == solvers.BUNDLE.resolve().name
+        same = Path(bundle_path).resolve() == solvers.BUNDLE.resolve()
         rows = solvers.scored_rows() if same else []
     except Exception:  # noqa: BLE001 - no experiment results here: no KID column
         rows = []
     family = Solver.parse(sampler).name
-    table: dict[str, dict[int, float]] = {}
+    table: dict[str, dict[str, float]] = {}
     for r in rows:
         if not r.get("jump") and Solver.parse(r["solver"]).name == family and r.get("kid") is not None:
-            table.setdefault(r["target"], {})[int(r["steps"])] = r["kid"]
+            table.setdefault(r["target"], {})[str(int(r["steps"]))] = r["kid"]
+    return table
 
-    def kid(name: str, steps: int) -> float | None:
-        measured = table.get(name, {})
-        below = [n for n in measured if n <= steps]
-        return measured[max(below)] if below else None
 
-    return kid
+def served_kid(mix: dict[str, int], table: dict[str, dict[str, float]]) -> float | None:
+    """The mean KID of what was served (``"bundle xSTEPS": count``), each at the nearest measured step
+    count at or below its own (never flattering); None where any of it was not measured."""
+    total, n = 0.0, 0
+    for key, count in mix.items():
+        name, steps = key.rsplit(" x", 1)
+        below = [int(k) for k in table.get(name, {}) if int(k) <= int(steps)]
+        if not below:
+            return None
+        total += count * table[name][str(max(below))]
+        n += count
+    return total / n if n else None
 
 
 def load_section(
     arms: dict[str, Bundle], s: LoadSettings, work: Path, threads: int, cores: int,
     log: Callable[[str], None] = print, tick: Callable[[], None] = lambda: None,
+    quality_of: Path | None = None,
 ) -> dict:  # fmt: skip
+    """Every arm at every rate; ``quality_of``: the bundle the arms were made from (whose solver
+    experiment scores, where there are some, price what was served)."""
     servers: dict[str, TritonServer] = {}
     make = {arm: (lambda k, arm=arm: _request(arm, s, k)) for arm in s.arms}
 
@@ -238,7 +244,7 @@ def load_section(
         log(f"load: unloaded {alone}, capacity {cap} images/s")
         if "degrade" in s.arms:
             start("degrade", Slo(ms=slo["degrade"] * 1e3, per="image", policy="degrade"))
-        kid = kid_table(arms["experts"], s.sampler)
+        kids = kid_table(quality_of, s.sampler) if quality_of else {}
         levels = []
         for i, m in enumerate(s.multipliers):
             for arm in s.arms:  # interleaved: every arm at this rate before the next rate
@@ -246,7 +252,7 @@ def load_section(
                 outcomes, wall = open_loop(servers[arm].grpc_url, rate, s.seconds, s.max_requests, make[arm],
                                            seed=s.seed + 1000 * i)  # fmt: skip
                 levels.append({"arm": arm, "multiplier": m, "rate": rate, "seconds": wall,
-                               **level(outcomes, slo[arm], wall, kid)})  # fmt: skip
+                               **level(outcomes, slo[arm], wall, kids)})  # fmt: skip
                 tick()
     finally:
         for server in servers.values():
@@ -255,6 +261,7 @@ def load_section(
         "steps": s.steps, "sampler": s.sampler, "arms": list(s.arms),
         "unloaded_ms": {k: v * 1e3 for k, v in alone.items()},
         "slo_ms": {k: v * 1e3 for k, v in slo.items()}, "capacity_images_per_s": cap, "levels": levels,
+        "kid_table": kids,
         "settings": asdict(s),
     }  # fmt: skip
 

@@ -57,6 +57,28 @@ def clear(name: str) -> None:
         p.unlink(missing_ok=True)
 
 
+_MODEL = re.compile(r"[A-Za-z0-9_]+")
+
+
+def set_load(model: str, requests: int) -> None:
+    """Say how many requests engine ``model`` holds (the front sends the next one to the least
+    loaded: join the shortest queue). A rename, so a reader never sees half a number."""
+    if _MODEL.fullmatch(model):
+        d = signal_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".load-{model}.{os.getpid()}"
+        tmp.write_text(str(int(requests)))
+        os.replace(tmp, d / f"load-{model}")
+
+
+def load(model: str) -> int:
+    """What ``set_load`` last said for ``model`` (0 before it said anything)."""
+    try:
+        return int((signal_dir() / f"load-{model}").read_text()) if _MODEL.fullmatch(model) else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def marked(name: str) -> bool:
     p = _path(name)
     return p is not None and p.exists()

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import triton_python_backend_utils as pb_utils
+from stepadapt.serving import cancel
 from stepadapt.serving.cancel import Watch
 from stepadapt.serving.metrics import Metrics
 from stepadapt.serving.replies import error, internal
@@ -77,6 +78,7 @@ class StepLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
         self._stop = threading.Event()
+        self._held = -1
         self._count = 0
         if slo is not None:
             first = next(iter(bundles.values()))
@@ -109,6 +111,10 @@ class StepLoop:
                     self._step()
                 self.metrics.flush(force=not self.live)
                 self._said()
+                held = len(self.live) + self.inbox.qsize()
+                if held != self._held:  # for the front's choice of engine
+                    cancel.set_load(self.name, held)
+                    self._held = held
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one request's failure
                 pb_utils.Logger.log_error(f"stepadapt engine: {type(e).__name__}: {e}")
         for key in list(self.live):

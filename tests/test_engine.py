@@ -261,3 +261,17 @@ def test_urgent_first_steps_run_the_earliest_deadline_alone_and_predict_it():
         order += [j.key for j, err in engine.step() if err is None]
     assert order == ["soon", "late", "plain"] and all(rows == 1 for _, rows in calls)
     assert np.array_equal(to_uint8(soon.run.x), alone(1, 2, "unipc", 3))
+
+
+def test_engines_say_their_load_where_the_front_reads_it(tmp_path, monkeypatch):
+    """The fronts send each request to the engine that holds the fewest (join the shortest queue)."""
+    from stepadapt.serving import cancel
+
+    monkeypatch.setenv(cancel.ENV, str(tmp_path))
+    assert cancel.load("router_1") == 0  # nothing said yet
+    cancel.set_load("router_1", 7)
+    cancel.set_load("router", 2)
+    cancel.set_load("router_1", 3)
+    assert (cancel.load("router"), cancel.load("router_1")) == (2, 3)
+    cancel.set_load("../evil", 1)  # only model names name a file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load-router", "load-router_1"]

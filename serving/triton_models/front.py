@@ -5,7 +5,8 @@ the fused layout's router is one (its step engine answers each request when it f
 others run on). So this thin model (numpy only, many instances, no torch) hands each request to
 a router and relays its answer: one hop per request instead of one per step. With several step
 engines (``router``, ``router_1``, ...: ``repository.engines`` says why models, not instances)
-each request goes to one at random. For a lockstep
+each request goes to the one that holds the fewest (``cancel.load``: join the shortest queue;
+at random, two engines on two cores were measured unevenly loaded). For a lockstep
 router (``serve --scheduling lockstep``) it adds the batch axis Triton's dynamic batcher needs.
 
 Triton does not cancel the request made here when the client cancels this one,
@@ -130,6 +131,14 @@ class TritonPythonModel:
             return _relay(resp, self.batched)
         finally:
             cancel.clear(rid)
+
+    def _target(self):
+        """The least loaded engine (what each last said it holds), ties at random."""
+        if len(self.targets) == 1:
+            return self.targets[0]
+        loads = {t: cancel.load(t) for t in self.targets}
+        least = min(loads.values())
+        return random.choice([t for t, n in loads.items() if n == least])
 
     @staticmethod
     async def _decoupled(loop, req):
