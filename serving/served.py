@@ -216,11 +216,18 @@ def pick(bundles, request):
     return bundles[name]
 
 
-def served_outputs(name, setting, degraded):
-    """The outputs that say what served a request (beside its images)."""
-    return [
+def served_response(images, name, setting, degraded, batched=False):
+    """The answer to a served request: ``images`` and what served them, as output tensors (a batch
+    axis of 1 for a lockstep router). Output tensors, not response parameters: Triton 2.51's python
+    backend sends none of a response's parameters (measured: the HTTP answer has no
+    ``parameters``), so a header would not reach the client."""
+    outs = [
+        pb_utils.Tensor("images", images),
         pb_utils.Tensor("served_bundle", np.array([name.encode()], dtype=np.object_)),
         pb_utils.Tensor("served_steps", np.array([setting.steps], dtype=np.int32)),
         pb_utils.Tensor("served_sampler", np.array([setting.sampler.encode()], dtype=np.object_)),
         pb_utils.Tensor("degraded", np.array([bool(degraded)], dtype=np.bool_)),
     ]
+    if batched:
+        outs = [pb_utils.Tensor(o.name(), o.as_numpy()[None]) for o in outs]
+    return pb_utils.InferenceResponse(outs)

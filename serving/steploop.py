@@ -22,7 +22,7 @@ from stepadapt.serving import cancel
 from stepadapt.serving.cancel import Watch
 from stepadapt.serving.metrics import Metrics
 from stepadapt.serving.replies import error, internal
-from stepadapt.serving.served import pick, served_outputs
+from stepadapt.serving.served import pick, served_response
 
 from stepadapt import StepadaptError
 from stepadapt.admission import Offer, decide
@@ -204,9 +204,10 @@ class StepLoop:
         for job, err in left:
             live = self.live[job.key]
             if err is None:
-                images = pb_utils.Tensor("images", to_uint8(job.run.x))
-                outs = [images, *served_outputs(live.offer.model, live.offer.setting, live.degraded)]
-                self._end(job.key, pb_utils.InferenceResponse(outs), "served")
+                answer = served_response(
+                    to_uint8(job.run.x), live.offer.model, live.offer.setting, live.degraded
+                )
+                self._end(job.key, answer, "served")
             elif isinstance(err, StepadaptError):
                 self._end(job.key, error(str(err), "INTERNAL", True), "failed")
             else:

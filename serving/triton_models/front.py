@@ -57,7 +57,15 @@ def _relay(resp, batched):
         if t is not None:
             a = t.as_numpy()
             outs.append(pb_utils.Tensor(name, np.ascontiguousarray(a[0] if batched else a)))
-    return pb_utils.InferenceResponse(outs)
+    try:  # the router's response parameters (what served it), where this backend has them
+        params = json.loads(resp.parameters() or "{}")
+        return (
+            pb_utils.InferenceResponse(outs, parameters=params)
+            if params
+            else pb_utils.InferenceResponse(outs)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return pb_utils.InferenceResponse(outs)
 
 
 def _answer(responses):

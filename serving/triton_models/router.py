@@ -41,7 +41,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving.cancel import Stopped, Watch
 from stepadapt.serving.replies import error, internal
-from stepadapt.serving.served import load_bundles, pick, served_outputs
+from stepadapt.serving.served import load_bundles, pick, served_response
 
 import stepadapt
 from stepadapt import StepadaptError
@@ -134,10 +134,7 @@ class TritonPythonModel:
             if im is None:
                 responses[i] = error(str(watch.stopped), watch.stopped.code, self.batched)
             else:
-                outs = [pb_utils.Tensor("images", im), *served_outputs(bundle.name, setting, False)]
-                if self.batched:
-                    outs = [pb_utils.Tensor(o.name(), o.as_numpy()[None]) for o in outs]
-                responses[i] = pb_utils.InferenceResponse(outs)
+                responses[i] = served_response(im, bundle.name, setting, False, self.batched)
 
     def _chunks(self, members):
         """Consecutive runs of requests whose images together fit one batch."""
@@ -178,8 +175,7 @@ class TritonPythonModel:
                 sampler=a.setting.sampler, seed=a.seed, batch=self.max_images, callback=progress,
                 jump=bundle.jump() if a.setting.jump else None, cond=a.cond,
             )  # fmt: skip
-            outs = [pb_utils.Tensor("images", images), *served_outputs(bundle.name, a.setting, False)]
-            last = pb_utils.InferenceResponse(outs)
+            last = served_response(images, bundle.name, a.setting, False)
         except Stopped as e:
             last = error(str(e), e.code)
         except StepadaptError as e:
