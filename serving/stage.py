@@ -32,6 +32,7 @@ class ServeOptions(Options):
         "first is the default.",
         argument=True,
         repeat=True,
+        metavar="BUNDLE",
     )
     repo: Path | None = option(None, "Where to write the model repository (default BUNDLE/triton).")
     host: str = option("127.0.0.1", "Address to bind; 127.0.0.1 keeps it local.")

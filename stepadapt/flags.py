@@ -73,7 +73,8 @@ def parameters(cls: type[Options], skip: tuple[str, ...] = ()) -> list[inspect.P
         repeat = bool(meta.get("repeat"))
         decls = list(meta.get("flags", ())) or ([meta["flag"]] if "flag" in meta else [])
         kind = typer.Argument if meta.get("argument") else typer.Option
-        info = kind(*decls, help=meta.get("help", ""), show_default=meta.get("show_default", True))
+        extra = {"metavar": meta["metavar"]} if "metavar" in meta else {}
+        info = kind(*decls, help=meta.get("help", ""), show_default=meta.get("show_default", True), **extra)
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
