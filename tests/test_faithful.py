@@ -144,6 +144,6 @@ def test_a_cosine_v_prediction_model_goes_through_the_whole_chain(own_model, tmp
     with TritonServer(repo, log_path=tmp_path / "log") as server:
         served = generate(server.http_url, GenerateRequest(num_images=2, steps=6, sampler="ddpm", seed=4))
     assert np.abs(served.astype(int) - alone.astype(int)).max() <= 2
-    assert json.loads((repo / "router" / "1" / "manifest.json").read_text())["scheduler"][
+    assert json.loads((repo / "router" / "1" / "bundles" / "b4" / "manifest.json").read_text())["scheduler"][
         "prediction_type"
     ] == ("v_prediction")
