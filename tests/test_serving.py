@@ -224,8 +224,12 @@ def test_bounded_load_run(served):
 def test_failed_model_load_reports_tritons_message(exported, tmp_path, layout, broken, named):
     repo = write_repository(exported, tmp_path / "repo", RepositoryOptions(layout=layout, front_instances=1))
     (repo / broken).write_bytes(b"not an onnx file")
-    with pytest.raises(StepadaptError, match=named):
-        TritonServer(repo, log_path=tmp_path / "log").start(timeout=120)
+    server = TritonServer(repo, log_path=tmp_path / "log")
+    try:
+        with pytest.raises(StepadaptError, match=named):
+            server.start(timeout=120)
+    finally:  # a start that should have failed and did not must not outlive the test
+        server.stop()
 
 
 def test_layouts_hold_the_models_they_promise(exported, tmp_path):
