@@ -106,12 +106,12 @@ class StepLoop:
             try:
                 self._arrivals(block=not self.live)
                 self._look()
-                self.metrics.queue(len(self.live) + self.inbox.qsize())
                 if self.live:
                     self._step()
+                held = len(self.live) + self.inbox.qsize()
+                self.metrics.queue(held)
                 self.metrics.flush(force=not self.live)
                 self._said()
-                held = len(self.live) + self.inbox.qsize()
                 if held != self._held:  # for the front's choice of engine
                     cancel.set_load(self.name, held)
                     self._held = held
@@ -195,12 +195,14 @@ class StepLoop:
 
     def _step(self):
         start = time.monotonic()
-        for job in self.engine.jobs:
-            self.metrics.evaluations(job.model, 1)
-        self._busy.steps += 1
-        self._busy.rows += sum(j.rows for j in self.engine.jobs)
+        before = [(j, j.run.evaluations) for j in self.engine.jobs]
         left = self.engine.step()
         self.metrics.step(time.monotonic() - start)
+        stepped = [j for j, n in before if j.run.evaluations > n]  # all, or the urgent few (step_rows)
+        for job in stepped:
+            self.metrics.evaluations(job.model, 1)
+        self._busy.steps += 1
+        self._busy.rows += sum(j.rows for j in stepped)
         for job, err in left:
             live = self.live[job.key]
             if err is None:

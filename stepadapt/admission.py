@@ -118,7 +118,8 @@ def decide(
     ]
     fastest = [math.inf]
 
-    def fits(offer: Offer) -> Job | None:
+    def fits(offer: Offer) -> tuple[Job, float] | None:
+        """The offer's job and its predicted seconds, where it fits."""
         try:
             job = job_for(offer)
         except StepadaptError:
@@ -129,11 +130,11 @@ def decide(
         fastest[0] = min(fastest[0], after[job.key])
         ok = now + slo.margin * after[job.key] <= deadline
         ok = ok and all(now + slo.keep * after[j.key] <= j.deadline for j in promised)
-        return job if ok else None
+        return (job, after[job.key]) if ok else None
 
-    job = fits(asked)
-    if job is not None:
-        return Decision(job, asked, engine.finish_times([job])[job.key], False)
+    fit = fits(asked)
+    if fit is not None:
+        return Decision(fit[0], asked, fit[1], False)
     found = []
     for model in [asked.model, *smaller] if slo.policy == "degrade" else ():
         ladder = step_ladder(asked.setting.steps, min(slo.min_steps, asked.setting.steps))
@@ -141,16 +142,16 @@ def decide(
         lo, hi, best = 0, len(rungs) - 1, None  # the first rung (most steps) that fits
         while lo <= hi:
             mid = (lo + hi) // 2
-            job = fits(rungs[mid]) if rungs[mid] != asked else None
-            if job is not None:
-                best, hi = (rungs[mid], job), mid - 1
+            fit = fits(rungs[mid]) if rungs[mid] != asked else None
+            if fit is not None:
+                best, hi = (rungs[mid], *fit), mid - 1
             else:
                 lo = mid + 1
         if best is not None:
             found.append(best)
     if found:  # most steps; of equal steps the larger bundle (found first)
-        offer, job = max(found, key=lambda f: f[0].setting.steps)
-        return Decision(job, offer, engine.finish_times([job])[job.key], True)
+        offer, job, seconds = max(found, key=lambda f: f[0].setting.steps)
+        return Decision(job, offer, seconds, True)
     why = (
         f"the server is too busy to finish this request within its {slo.ms:g} ms SLO"
         f" ({max(deadline - now, 0):.2f} s left; the fastest way tried would take about "

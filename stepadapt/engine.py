@@ -273,11 +273,11 @@ class Engine:
         self.costs.observe((call.model, call.expert), call.rows, seconds)
         return failed, seconds
 
-    def finish_times(self, extra: Sequence[Job] = (), *, alone: bool = False) -> dict[Hashable, float]:
+    def finish_times(self, extra: Sequence[Job] = ()) -> dict[Hashable, float]:
         """Seconds from now until each job is done (with ``extra`` as if admitted now, after those
-        already here; ``alone``: the extras only), if no other request came: the engine's own steps
+        already here), if no other request came: the engine's own steps
         replayed with the measured costs, turns taken and calls batched as :meth:`calls` does."""
-        jobs = [*([] if alone else self.jobs), *extra]
+        jobs = [*self.jobs, *extra]
         ahead = {id(j): j.experts_ahead(self.models[j.model].router) for j in jobs}
         rows = {id(j): j.rows for j in jobs}
         at = {id(j): 0 for j in jobs}

@@ -171,7 +171,8 @@ def test_finish_times_replay_the_engine_with_its_costs():
     t = engine.finish_times([b])
     assert t["b"] == pytest.approx(5 * (0.01 + 0.005))  # five steps beside a
     assert t["a"] == pytest.approx(10 * 0.01 + 5 * 0.005)
-    assert engine.finish_times([b], alone=True)["b"] == pytest.approx(5 * 0.005)
+    idle = Engine(engine.models, costs=engine.costs)  # b alone: the same costs, nobody else
+    assert idle.finish_times([b])["b"] == pytest.approx(5 * 0.005)
 
 
 def test_the_step_ladder_goes_down_by_quarters_to_the_floor():
