@@ -19,15 +19,12 @@ import torch
 from diffusers import UNet2DModel
 
 from stepadapt import Notice, StepadaptError
-from stepadapt.conditioning import CLASS_LABELS, TEXT, Cond, Conditioning, conditioning_of
+from stepadapt.conditioning import Cond, Conditioning, Labels, conditioning_of, rows_cond
 from stepadapt.data import (
     DEFAULT_HOLDOUT,
     HOLDOUT_HELP,
     fingerprint,
     held_out,
-    load_dataset,
-    load_labelled,
-    proxy_sets,
 )
 from stepadapt.devices import DEVICE_HELP, resolve_device
 from stepadapt.difficulty import MEASURES, loss_profile, normalise, snr_profile
@@ -47,13 +44,14 @@ from stepadapt.gaussian import (
     low_rank_of,
     max_rank,
 )
-from stepadapt.importance import check_labels, labelled_proxy_sets
 from stepadapt.kinds import GAUSSIAN, kind_of_model
 from stepadapt.models import DEFAULT_BASE, load_base
 from stepadapt.options import Options, option
+from stepadapt.pipeline import surround_of
 from stepadapt.plan import GaussianChoice, Plan, make_plan, visited_timesteps
 from stepadapt.plots import plot_plan
 from stepadapt.prune import count_macs
+from stepadapt.space import DataSpace
 
 
 @dataclass
@@ -153,17 +151,14 @@ def analyze_base(
     return plan, profiles
 
 
-def _proxy_cond(cond: Conditioning, labels: torch.Tensor | None, n: int) -> Cond | None:
-    """The proxy images' condition: their labels (a class-conditional base, which must have them);
-    for a text-conditional base, whose proxy images have no captions, the empty text (zeros, the
-    unconditional branch guidance uses), so its loss profile is the unconditional one."""
-    if cond.classes:
-        if labels is None:
-            raise StepadaptError("this base is class-conditional: analyze needs labelled data")
-        return {CLASS_LABELS: labels}
-    if labels is not None:
-        raise StepadaptError("labels given, but this base is not class-conditional")
-    return {TEXT: torch.zeros(n, 1, cond.text_dim)} if cond.text_dim else None
+def _proxy_cond(cond: Conditioning, labels: Labels | None, n: int) -> Cond | None:
+    """The proxy images' condition: their labels or captions (a conditional base must have them; a
+    bare text U-Net's rows carry the empty text), so its loss profile is the conditional one."""
+    if labels is None and not cond.unconditional:
+        raise StepadaptError(f"this base is conditioned on {cond.describe()}: analyze needs them")
+    if labels is not None and cond.unconditional:
+        raise StepadaptError("labels given, but this base is unconditional")
+    return rows_cond(labels) if labels is not None else None
 
 
 def _place_gaussian(
@@ -375,6 +370,7 @@ def fit_gaussian_for(
     *,
     rank: str = "auto",
     labels: torch.Tensor | None = None,
+    space: DataSpace | None = None,
 ) -> GaussianFit:
     """The Gaussian expert fitted to ``data``'s training part (with its labels, for a
     class-conditional base) and the fingerprint of what it saw; or none and why not: ``off``, a
@@ -403,7 +399,7 @@ def fit_gaussian_for(
     )
     if why_not is None:
         if train is None:  # loaded here only where a fit can pay (it may be a large dataset)
-            train, labels = _training_part(data, holdout, shape, cond)
+            train, labels = (space or DataSpace.of(dict(model.config))).rows(data, "train", holdout=holdout)
         try:
             fit = _fit(train, labels, cond, scheduler_cfg, rank, shape, base_macs)
             fit.data_sha256 = fingerprint(train, labels) if cond.classes else fingerprint(train)
@@ -419,17 +415,6 @@ def _none(choice: str, why: str) -> GaussianFit:
     if choice != "auto":
         raise StepadaptError(f"Gaussian expert (--gaussian {choice}): {why}")
     return GaussianFit(None, why=why)
-
-
-def _training_part(
-    data: str, holdout: float, shape: tuple[int, int, int], cond: Conditioning
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    c, size = shape[0], shape[1]
-    if cond.classes:
-        images, labels = load_labelled(data, "train", size, c, holdout=holdout)
-        check_labels(labels, cond.classes, f"{data}'s training labels")
-        return images, labels
-    return load_dataset(data, "train", size, c, holdout=holdout), None
 
 
 def _fit(
@@ -467,24 +452,16 @@ def save_gaussian(
     choice.weights, choice.weights_sha256 = path.name, written["sha256"]
 
 
-def _proxies(o: AnalyzeOptions, cond: Conditioning, size: int, c: int, log: Callable | None) -> tuple:
+def _proxies(o: AnalyzeOptions, space: DataSpace, log: Callable | None) -> tuple:
     """The held-out proxy (and its labels), and damage's training data and proxy sets (and theirs)."""
-    kw = {"limit": o.proxy_size, "seed": o.seed, "holdout": o.holdout}
-    if cond.classes:
-        proxy, labels = load_labelled(o.data, "test", size, c, **kw)
-        check_labels(labels, cond.classes, f"{o.data}'s held-out labels")
-    else:
-        proxy, labels = load_dataset(o.data, "test", size, c, **kw), None
+    proxy, labels = space.rows(o.data, "test", o.proxy_size, o.seed, o.holdout)
     if o.measure != "damage":
         return proxy, labels, None
     damage: dict[str, Any] = {"sizes": list(o.sizes), "recover_iterations": o.recover_iterations, "log": log}
-    if cond.classes:
-        (pt, pt_y), (pv, pv_y) = labelled_proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
-        data, data_y = load_labelled(o.data, "train", size, c, seed=o.seed, holdout=o.holdout)
+    (pt, pt_y), (pv, pv_y) = space.proxy_sets(o.data, o.proxy_size, o.seed, o.holdout)
+    data, data_y = space.rows(o.data, "train", seed=o.seed, holdout=o.holdout)
+    if data_y is not None:
         damage.update(data_labels=data_y, train_labels=pt_y, val_labels=pv_y)
-    else:
-        (pt, pv), data = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout), None
-        data = load_dataset(o.data, "train", size, c, seed=o.seed, holdout=o.holdout)
     damage.update(data=data, proxy_train=pt, proxy_val=pv)
     return proxy, labels, damage
 
@@ -499,13 +476,12 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
     dev = resolve_device(o.device)  # a bad --device is said before anything loads
     model, sched_cfg = load_base(o.base)
     model = model.to(dev)
-    cond = conditioning_of(model.config)
-    c, size = model.config.in_channels, model.config.sample_size
+    space = DataSpace.of(dict(model.config), surround_of(o.base))
     if not held_out(o.data, o.holdout):
         msg = f"{o.data} has no held-out part: the loss profile and Gaussian cut-off see training images"
         warnings.warn(Notice(msg), stacklevel=2)
-    proxy, labels, damage = _proxies(o, cond, size, c, log)
-    fit = fit_gaussian_for(o.gaussian, model, sched_cfg, o.data, o.holdout, rank=o.gaussian_rank)
+    proxy, labels, damage = _proxies(o, space, log)
+    fit = fit_gaussian_for(o.gaussian, model, sched_cfg, o.data, o.holdout, rank=o.gaussian_rank, space=space)
     plan, profiles = analyze_base(
         model, sched_cfg, proxy, measure=o.measure, groups=o.groups, partition=o.partition,
         boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,

@@ -33,6 +33,8 @@ from stepadapt.conditioning import Conditioning, conditioning_of
 from stepadapt.gaussian import GaussianJump
 from stepadapt.io import atomic_dir, read_json, save_safetensors, sha256_file, write_json
 from stepadapt.kinds import DEFAULT, Stored, kind_of
+from stepadapt.pipeline import BUNDLE_DIR as SURROUND_DIR
+from stepadapt.pipeline import Surround, copy_surround
 from stepadapt.plan import check_coverage, visited_timesteps
 from stepadapt.prune import History
 from stepadapt.sampling import Denoiser, Router, module_denoiser, steps_for_jump
@@ -105,6 +107,9 @@ class Manifest:
     data: dict[str, Any] | None = None
     # A class-conditional bundle's class names (index order), copied from its base's classes.json.
     class_names: list[str] | None = None
+    # A pipeline base's surround (VAE, text encoder, tokenizer), copied under pipeline/:
+    # {part: {file name: sha256}} (stepadapt.pipeline), so the bundle alone is a whole pipeline.
+    pipeline: dict[str, dict[str, str]] | None = None
 
     @property
     def conditioning(self) -> Conditioning:
@@ -264,14 +269,16 @@ def merge_identical(drafts: list[ExpertDraft], models: dict[str, Stored]) -> lis
 
 
 def save_bundle(
-    path: str | os.PathLike, manifest: Manifest, drafts: list[ExpertDraft], models: dict[str, Stored]
-) -> Manifest:
+    path: str | os.PathLike, manifest: Manifest, drafts: list[ExpertDraft], models: dict[str, Stored],
+    surround: str | os.PathLike | None = None,
+) -> Manifest:  # fmt: skip
     """Write a whole bundle atomically (a crash leaves the previous one, or none); returns
     ``manifest`` with its experts: ``drafts`` with the files their kinds wrote.
 
     Neighbouring experts that are the same network (typically two groups that
     both got the whole base) are written once, as one expert over both
-    intervals: one copy of the weights, one model to serve.
+    intervals: one copy of the weights, one model to serve. ``surround``: a pipeline directory (or
+    a bundle's copy of one) whose VAE and text parts the bundle copies.
     """
     drafts = merge_identical([replace(d) for d in drafts], models)
     check_coverage([d.lo for d in drafts] + [drafts[-1].hi], int(manifest.scheduler["num_train_timesteps"]))
@@ -281,7 +288,8 @@ def save_bundle(
             ExpertSpec(**asdict(d), **kind_of(d.kind).write(tmp / "experts", d.name, models[d.name]))
             for d in drafts
         ]
-        manifest = replace(manifest, experts=experts)
+        parts = copy_surround(surround, tmp / SURROUND_DIR) if surround is not None else None
+        manifest = replace(manifest, experts=experts, pipeline=parts or None)
         write_json(tmp / MANIFEST, manifest.to_dict())
     return manifest
 
@@ -318,7 +326,19 @@ class Bundle:
                 for path_field, sha_field in kind_of(e.kind).files:
                     what = f"{path_field} of expert {e.name}"
                     b.verify_file(getattr(e, path_field), getattr(e, sha_field), what)
+            for part, files in (m.pipeline or {}).items():
+                for name, sha in files.items():
+                    b.verify_file(f"{SURROUND_DIR}/{part}/{name}", sha, f"{part} file {name}")
         return b
+
+    @property
+    def surround_dir(self) -> Path | None:
+        """Where this bundle keeps its pipeline's VAE and text parts (None: a bare U-Net's bundle)."""
+        return self.path / SURROUND_DIR if self.manifest.pipeline else None
+
+    def surround(self) -> Surround | None:
+        """The VAE, text encoder and tokenizer this bundle was cut with (verified on load)."""
+        return Surround.load(self.surround_dir) if self.surround_dir is not None else None
 
     def verify_file(self, rel: str, sha: str, what: str) -> Path:
         p = self.path / safe_relative(rel, what)
@@ -368,8 +388,9 @@ class Bundle:
         """This bundle re-saved at ``path`` (experts that are the same network stored once); exports
         are not copied."""
         save_bundle(
-            path, replace(self.manifest, experts=[]), [e.draft() for e in self.experts], self.models()
-        )
+            path, replace(self.manifest, experts=[]), [e.draft() for e in self.experts], self.models(),
+            surround=self.surround_dir,
+        )  # fmt: skip
         return Bundle.load(path)
 
     def router(self, device: str | torch.device = "cpu") -> Router:

@@ -164,13 +164,24 @@ def sample(
         ),
     ] = None,
     guidance_scale: Annotated[
-        float, typer.Option(help="Classifier-free guidance scale (class-conditional models; 1 = none).")
-    ] = 1.0,
+        float | None,
+        typer.Option(help="Classifier-free guidance scale (1 = none; default 1, or 7.5 for text models)."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image pipelines: the prompt of all --n images.")
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image pipelines: what guidance steers away from.")
+    ] = None,
 ) -> None:
-    """Sample images from a base model, or from a bundle's experts with per-step routing."""
+    """Sample images from a base model (a U-Net or a diffusers pipeline directory), or from a
+    bundle's experts with per-step routing. A text-to-image pipeline samples as diffusers'
+    StableDiffusionPipeline does (same seed, same images)."""
+    from stepadapt.api import StepAdaptivePipeline
     from stepadapt.conditioning import conditioning_of, for_model, sampling_condition
     from stepadapt.kinds import UNET
     from stepadapt.models import load_base
+    from stepadapt.pipeline import surround_of
     from stepadapt.plan import visited_timesteps
     from stepadapt.progress import progress
     from stepadapt.sampling import module_denoiser, sample_images, save_grid, save_npz
@@ -188,14 +199,12 @@ def sample(
                 b.manifest.sample_shape,
             )
             rec, conditioning = b.manifest.recommended, b.manifest.conditioning
+            surround = b.surround()
         else:
             model, sched_cfg = load_base(base)
             den, shape = module_denoiser(model.to(resolve_device(device))), UNET.sample_shape(model)
-            conditioning = conditioning_of(model.config)
-        cond = sampling_condition(
-            conditioning, n, _parse_ints(class_labels, "--class-labels"), guidance_scale
-        )
-        den = for_model(den, conditioning)
+            conditioning, surround = conditioning_of(model.config), surround_of(base)
+        labels = _parse_ints(class_labels, "--class-labels")
         setting = resolve_setting(rec, sampler, steps, jump, eta)
         if setting.jump:
             if bundle is None:
@@ -203,10 +212,27 @@ def sample(
             j = b.jump()
         per_chunk = len(visited_timesteps(setting.sampler, setting.steps, sched_cfg))
         with progress(total=per_chunk * -(-n // batch), unit="eval", disable=not sys.stderr.isatty()) as bar:
-            images = sample_images(
-                den, sched_cfg, shape, n, steps=setting.steps, sampler=setting.sampler, seed=seed,
-                batch=batch, callback=lambda i, t, x: bar.update(1), jump=j, cond=cond,
-            )  # fmt: skip
+            if surround is not None:  # a pipeline: its text encoder and VAE around the denoiser
+                pipe = StepAdaptivePipeline(den, sched_cfg, shape, conditioning, surround, rec, j)
+                res = pipe(
+                    prompt, negative_prompt, class_labels=labels, num_inference_steps=setting.steps,
+                    guidance_scale=guidance_scale, num_images_per_prompt=n, sampler=setting.sampler,
+                    generator=torch.Generator().manual_seed(seed), output_type="uint8",
+                    callback=lambda i, t, x: bar.update(1),
+                )  # fmt: skip
+                images = res.images
+                if any(res.truncated):
+                    console.print("[yellow]note:[/] the prompt is longer than the tokenizer's limit: cut")
+            else:
+                if prompt is not None or negative_prompt is not None:
+                    raise StepadaptError("--prompt is for text-to-image pipelines; this model takes no text")
+                scale = 1.0 if guidance_scale is None else guidance_scale
+                cond = sampling_condition(conditioning, n, labels, scale)
+                images = sample_images(
+                    for_model(den, conditioning), sched_cfg, shape, n, steps=setting.steps,
+                    sampler=setting.sampler, seed=seed, batch=batch, callback=lambda i, t, x: bar.update(1),
+                    jump=j, cond=cond,
+                )  # fmt: skip
         save_grid(images, out_path)
         save_npz(images, out_path.with_suffix(".npz"))
     except StepadaptError as e:

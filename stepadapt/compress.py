@@ -35,21 +35,20 @@ from safetensors.torch import load_file
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import ExpertDraft, Manifest, provenance, save_bundle
-from stepadapt.conditioning import conditioning_of
+from stepadapt.conditioning import Labels, conditioning_of
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP
 from stepadapt.importance import (
     DEFAULT_CANDIDATES,
     Candidate,
     Memory,
-    check_labels,
-    labelled_proxy_sets,
     search_group,
 )
 from stepadapt.io import sha256_file
 from stepadapt.kinds import CLASS_GAUSSIAN, GAUSSIAN, BuildContext, Built, kind_of
 from stepadapt.models import DEFAULT_BASE, clean_config, load_base, read_class_names, weights_sha256
 from stepadapt.options import Options, option
+from stepadapt.pipeline import Surround, surround_of
 from stepadapt.plan import Plan, budget_ratios, uniform_plan
 from stepadapt.prune import count_macs
 
@@ -101,14 +100,16 @@ def compress(
     command: str | None = None,
     records: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
-    proxy_train_labels: torch.Tensor | None = None,
-    proxy_val_labels: torch.Tensor | None = None,
+    proxy_train_labels: Labels | None = None,
+    proxy_val_labels: Labels | None = None,
+    surround: Surround | None = None,
 ) -> Manifest:
     """Build every group's expert through its kind and write the bundle. ``gaussian``: the fitted
     closed-form denoiser for the plan's Gaussian groups; ``records``: manifest fields (``base``,
     ``data``, ``class_names``) saying what the bundle came from; ``options``: the stage's options,
     kept in the provenance so the bundle can be made again. ``proxy_train_labels`` and
-    ``proxy_val_labels``: the proxy images' classes, which a class-conditional base needs."""
+    ``proxy_val_labels``: the proxy images' classes or captions, which a conditional base needs;
+    ``surround``: a pipeline base's VAE and text parts, which the bundle copies."""
     base_macs, base_params = count_macs(base)
     ctx = BuildContext(
         base, scheduler_cfg, proxy_train, proxy_val, candidates=candidates, memory=memory, seed=seed,
@@ -149,7 +150,10 @@ def compress(
         ),  # fmt: skip
         **(records or {}),
     )
-    return save_bundle(out, manifest, [drafts[i] for i in range(len(plan.groups))], models)
+    return save_bundle(
+        out, manifest, [drafts[i] for i in range(len(plan.groups))], models,
+        surround=surround.root if surround is not None else None,
+    )  # fmt: skip
 
 
 def _note_drift(plan: Plan, achieved: list[float], log: Callable[[str], None] | None) -> None:
@@ -275,8 +279,9 @@ def prune(
     """The prune stage: one expert per plan group, each built by its kind (a U-Net group by
     candidate search on proxy loss, a Gaussian group from the plan's fit); the bundle records the
     base's weights digest, the data's fingerprint and a class-conditional base's class names."""
-    from stepadapt.data import fingerprint, load_dataset, load_labelled, proxy_sets
+    from stepadapt.data import fingerprint
     from stepadapt.devices import resolve_device
+    from stepadapt.space import DataSpace
 
     o = options
     dev = resolve_device(o.device)  # a bad --device is said before anything loads
@@ -285,25 +290,21 @@ def prune(
     plan = Plan.load(o.plan)
     if o.uniform:
         plan = uniform_plan(plan, sched_cfg)
-    c, size = model.config.in_channels, model.config.sample_size
     classes = conditioning_of(model.config).classes
+    surround = surround_of(o.base)
+    space = DataSpace.of(dict(model.config), surround)
     records: dict[str, Any] = {"base": {"path": str(o.base.resolve()), "sha256": weights_sha256(model)}}
-    proxy_labels: dict[str, torch.Tensor] = {}
-    if classes:  # labelled: the conditional loss scores and judges, and the fit saw the labels too
-        images, labels = load_labelled(o.data, "train", size, c, holdout=o.holdout)
-        check_labels(labels, classes, f"{o.data}'s training labels")
-        data_sha256 = fingerprint(images, labels)
-        (train, train_y), (val, val_y) = labelled_proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
-        proxy_labels = {"proxy_train_labels": train_y, "proxy_val_labels": val_y}
+    # labelled: the conditional loss scores and judges, and the fit saw the labels too
+    images, labels = space.rows(o.data, "train", holdout=o.holdout)
+    data_sha256 = fingerprint(images, labels)
+    (train, train_y), (val, val_y) = space.proxy_sets(o.data, o.proxy_size, o.seed, o.holdout)
+    proxy_labels = {"proxy_train_labels": train_y, "proxy_val_labels": val_y} if train_y is not None else {}
+    if classes:
         records["class_names"] = list(read_class_names(o.base, classes))
-    else:
-        images, labels = load_dataset(o.data, "train", size, c, holdout=o.holdout), None
-        data_sha256 = fingerprint(images)
-        train, val = proxy_sets(o.data, o.proxy_size, size, c, o.seed, o.holdout)
     gaussian = plan_gaussian(plan, o.plan, model, sched_cfg, o.data, images, data_sha256, labels)
     records["data"] = {"source": o.data, "holdout": o.holdout, "sha256": data_sha256}
     return compress(
         model, sched_cfg, plan, train, val, o.out, candidates=tuple(map(Candidate.parse, o.candidates)),
         memory=Memory(o.memory_path), seed=o.seed, nested=o.nested, gaussian=gaussian, log=log,
-        command=command, records=records, options={"prune": o.to_dict()}, **proxy_labels,
+        command=command, records=records, options={"prune": o.to_dict()}, surround=surround, **proxy_labels,
     )  # fmt: skip

@@ -91,11 +91,11 @@ class Conditioning:
                     f"class label {int(bad[0])} is out of range: this model knows 0..{self.classes - 1} "
                     f"(and {self.null_label} for no label)"
                 )
-        elif GUIDANCE in cond:
+        elif GUIDANCE in cond and TEXT not in cond:
             raise StepadaptError(
                 "guidance needs class labels: this model is class-conditional"
                 if self.classes
-                else "guidance is for class-conditional models so far; this one takes no labels"
+                else "guidance needs a conditional model (class labels or text); this one is unconditional"
             )
         for key in (TEXT, NEGATIVE_TEXT):
             if key in cond:
@@ -188,6 +188,66 @@ def unconditional(cond: Cond, null_label: int) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The captions of data rows, for a text-conditioned model: per row an id into ``table``, the
+    text embeddings [K+1, L, E] of the K distinct captions and, last, of the empty prompt -- the
+    text's null class, which training drops a share of rows to (what guidance needs). Rows stay ids
+    (60 000 images of 40 captions are 60 000 ints, not 60 000 embeddings) until a batch needs them."""
+
+    ids: torch.Tensor
+    table: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, text_dim: int) -> Prompts:
+        """``n`` uncaptioned rows: every one the empty text (zeros), for a bare text U-Net whose
+        encoder is not at hand (timing an architecture with random weights)."""
+        return cls(torch.zeros(n, dtype=torch.long), torch.zeros(1, 1, text_dim))
+
+    @property
+    def null(self) -> int:
+        return len(self.table) - 1
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows) -> Prompts:
+        return Prompts(self.ids[rows], self.table)
+
+    def cond(self) -> dict[str, torch.Tensor]:
+        return {TEXT: self.table[self.ids]}
+
+    def dropped(self, p: float, generator: torch.Generator) -> Prompts:
+        return Prompts(drop_labels(self.ids, p, self.null, generator), self.table)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a fingerprint of the rows covers: the ids and what they mean."""
+        return {"prompt_ids": self.ids, "prompt_table": self.table}
+
+
+Labels = torch.Tensor | Prompts  # what data rows are conditioned on: class ids, or captions
+
+
+def rows_cond(labels: Labels | None) -> dict[str, torch.Tensor]:
+    """The model condition of labelled rows: their classes, or their captions' embeddings."""
+    if labels is None:
+        return {}
+    if isinstance(labels, Prompts):
+        return labels.cond()
+    return {CLASS_LABELS: labels}
+
+
+def drop_rows(labels: Labels, p: float, null: int | None, generator: torch.Generator) -> Labels:
+    """:func:`drop_labels` for either kind of rows (captions drop to their own empty prompt)."""
+    if isinstance(labels, Prompts):
+        return labels.dropped(p, generator)
+    return labels if null is None else drop_labels(labels, p, null, generator)
+
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
@@ -225,9 +285,10 @@ def guided(denoiser: Denoiser, null_label: int) -> Denoiser:
 
 
 def for_model(denoiser: Denoiser, conditioning: Conditioning) -> Denoiser:
-    """The denoiser a sampler should call: guided where the model has a null class to guide
-    against (a row without a ``guidance_scale`` is unguided), else as it is."""
-    return guided(denoiser, conditioning.null_label) if conditioning.classes else denoiser
+    """The denoiser a sampler should call: guided where the model has a null condition to guide
+    against (the null class; the negative or empty text), else as it is. A row without a
+    ``guidance_scale`` is unguided."""
+    return denoiser if conditioning.unconditional else guided(denoiser, conditioning.null_label)
 
 
 def sampling_condition(
@@ -237,7 +298,7 @@ def sampling_condition(
     where none are given) at ``guidance_scale``; None for an unconditional model, which refuses
     labels and guidance in one line."""
     if conditioning.text_dim:
-        raise StepadaptError("sampling a text-conditioned model needs its text encoder: not supported yet")
+        raise StepadaptError("a text-conditioned model needs its text encoder: sample it from prompts")
     if not conditioning.classes:
         if labels:
             raise StepadaptError("class labels given, but this model is not class-conditional")

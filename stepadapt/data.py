@@ -237,12 +237,14 @@ def match_channels(x: torch.Tensor, channels: int, source: str) -> torch.Tensor:
 
 
 def _nchw(arr: np.ndarray, what: str) -> np.ndarray:
-    """N x H x W, N x H x W x C or N x C x H x W (C 1 or 3) as N x C x H x W."""
+    """N x H x W, N x H x W x C or N x C x H x W (C 1 or 3) as N x C x H x W; float arrays may
+    have other channel counts as N x C x H x W (a latent model's latents, e.g. 4 x 64 x 64)."""
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
         arr = arr.transpose(0, 3, 1, 2)
-    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+    latents = arr.ndim == 4 and np.issubdtype(arr.dtype, np.floating) and arr.shape[-1] not in (1, 3)
+    if arr.ndim != 4 or (arr.shape[1] not in (1, 3) and not latents):
         raise StepadaptError(f"{what} has shape {arr.shape}; expected N x H x W [x C]")
     return arr
 
@@ -518,4 +520,6 @@ def fingerprint(x: torch.Tensor, labels: torch.Tensor | None = None) -> str:
     of the images they were fitted to, so a later stage can tell the same data from other data."""
     from stepadapt.io import sha256_tensors
 
+    if labels is not None and hasattr(labels, "tensors"):  # captions (conditioning.Prompts)
+        return sha256_tensors({"images": x, **labels.tensors()})
     return sha256_tensors({"images": x} if labels is None else {"images": x, "labels": labels})

@@ -32,7 +32,7 @@ from diffusers import UNet2DModel
 from stepadapt import Notice, StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.bundle import Bundle, ExpertSpec
-from stepadapt.conditioning import DEFAULT_LABEL_DROPOUT
+from stepadapt.conditioning import DEFAULT_LABEL_DROPOUT, Labels
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP, PRECISION_HELP
 from stepadapt.kinds import kind_of
@@ -309,21 +309,18 @@ def teacher_for(options: FinetuneOptions, bundle: Bundle) -> UNet2DModel | None:
     return model
 
 
-def training_data(options: FinetuneOptions, bundle: Bundle) -> tuple[torch.Tensor, torch.Tensor | None]:
+def training_data(options: FinetuneOptions, bundle: Bundle) -> tuple[torch.Tensor, Labels | None]:
     """The training part of ``options.data``, split as the bundle's prune split it (unless told
-    otherwise), with its labels where the bundle is class-conditional; other images than the bundle
-    was pruned with are said in one line."""
-    from stepadapt.data import fingerprint, load_dataset, load_labelled
+    otherwise), as the experts train on it (latents through the bundle's VAE, with their classes or
+    captions where the bundle is conditional); other images than the bundle was pruned with are
+    said in one line."""
+    from stepadapt.data import fingerprint
+    from stepadapt.space import DataSpace
 
     o, record = options, bundle.manifest.data or {}
     holdout = o.holdout if o.holdout is not None else record.get("holdout", DEFAULT_HOLDOUT)
-    c, size = bundle.manifest.sample_shape[0], bundle.manifest.sample_shape[1]
-    part = dict(limit=o.limit, seed=o.seed, holdout=holdout)
-    y = None
-    if bundle.manifest.conditioning.classes:
-        x, y = load_labelled(o.data, "train", size, c, **part)
-    else:
-        x = load_dataset(o.data, "train", size, c, **part)
+    space = DataSpace.of(bundle.manifest.base_config, bundle.surround())
+    x, y = space.rows(o.data, "train", limit=o.limit, seed=o.seed, holdout=holdout)
     if record and o.limit is None and fingerprint(x, y) != record.get("sha256"):
         msg = f"fine-tuning on other images than {bundle.path} was pruned with ({record.get('source')})"
         warnings.warn(Notice(msg), stacklevel=2)

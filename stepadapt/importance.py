@@ -27,8 +27,15 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 
 from stepadapt import StepadaptError
-from stepadapt.conditioning import CLASS_LABELS, DEFAULT_LABEL_DROPOUT, conditioning_of, drop_labels, take
-from stepadapt.data import DEFAULT_HOLDOUT, FASHION_NAMES, load_labelled
+from stepadapt.conditioning import (
+    DEFAULT_LABEL_DROPOUT,
+    Labels,
+    Prompts,
+    conditioning_of,
+    drop_rows,
+    rows_cond,
+    take,
+)
 from stepadapt.devices import device_of
 from stepadapt.difficulty import loss_profile
 from stepadapt.io import read_json, write_json
@@ -54,12 +61,13 @@ class ProxyBatch:
         lo: int,
         hi: int,
         seed: int,
-        labels: torch.Tensor | None = None,
+        labels: Labels | None = None,
         null_label: int | None = None,
     ) -> ProxyBatch:
-        """``labels``: the images' classes; with a ``null_label``, a share
-        ``DEFAULT_LABEL_DROPOUT`` of them is dropped to it (drawn after the timesteps and the
-        noise, so those are what an unlabelled batch of the same seed draws)."""
+        """``labels``: the images' classes or captions; a share ``DEFAULT_LABEL_DROPOUT`` of them is
+        dropped to the null class (with a ``null_label``) or the empty prompt, as training drops
+        them (drawn after the timesteps and the noise, so those are what an unlabelled batch of the
+        same seed draws)."""
         g = torch.Generator().manual_seed(seed)
         t = torch.randint(lo, hi, (len(data),), generator=g)
         noise = torch.randn(data.shape, generator=g)
@@ -67,9 +75,7 @@ class ProxyBatch:
             return cls(data, t, noise)
         if labels.shape != (len(data),):
             raise StepadaptError(f"{tuple(labels.shape)} labels for {len(data)} proxy images")
-        if null_label is not None:
-            labels = drop_labels(labels, DEFAULT_LABEL_DROPOUT, null_label, g)
-        return cls(data, t, noise, {CLASS_LABELS: labels})
+        return cls(data, t, noise, rows_cond(drop_rows(labels, DEFAULT_LABEL_DROPOUT, null_label, g)))
 
     def to(self, device: torch.device) -> ProxyBatch:
         """Drawn on the CPU (the same batch on any machine), evaluated where the model lives."""
@@ -81,23 +87,6 @@ def null_label(model: torch.nn.Module) -> int | None:
     """The label a class-conditional model's proxy batches drop to; None for other models."""
     cond = conditioning_of(model.config)
     return cond.null_label if cond.classes else None
-
-
-def labelled_proxy_sets(
-    source: str, n: int, size: int, channels: int, seed: int = 0, holdout: float = DEFAULT_HOLDOUT
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`stepadapt.data.proxy_sets` with each set's labels beside its images, row for row:
-    the same two disjoint sets, for a class-conditional base."""
-    if source in FASHION_NAMES:
-        return (
-            load_labelled(source, "train", size, channels, limit=n, seed=seed),
-            load_labelled(source, "test", size, channels, limit=n, seed=seed),
-        )
-    x, y = load_labelled(source, "train", size, channels, limit=2 * n, seed=seed, holdout=holdout)
-    if len(x) < 2:
-        raise StepadaptError(f"{source} needs at least 2 training images for the proxy sets")
-    half = len(x) // 2
-    return (x[:half], y[:half]), (x[half:], y[half:])
 
 
 def group_gradients(
@@ -126,11 +115,11 @@ def diff_pruning_timesteps(
     data: torch.Tensor,
     threshold: float = 0.1,
     seed: int = 0,
-    labels: torch.Tensor | None = None,
+    labels: Labels | None = None,
 ) -> int:
     """Diff-Pruning's rule: keep the low-noise steps until the loss falls below
     ``threshold`` x its peak; returns the end of that [0, t_end) range."""
-    cond = {CLASS_LABELS: labels[:32]} if labels is not None else None
+    cond = rows_cond(labels[:32]) if labels is not None else None
     prof = loss_profile(model, scheduler_cfg, data[:32], points=20, seed=seed, cond=cond)
     below = (prof < threshold * prof.max()).nonzero()[0]
     return int(below[0]) if len(below) and below[0] > 0 else len(prof)
@@ -142,7 +131,7 @@ GradientBatch = Callable[..., ProxyBatch]
 
 def _group_batch(
     base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int,
-    labels: torch.Tensor | None = None,
+    labels: Labels | None = None,
 ) -> ProxyBatch:  # fmt: skip
     """Taylor's: the loss at the group's own timesteps, so a channel counts where the expert works."""
     return ProxyBatch.draw(proxy, lo, hi, seed, labels, null_label(base))
@@ -150,7 +139,7 @@ def _group_batch(
 
 def _diff_pruning_batch(
     base: UNet2DModel, scheduler_cfg: dict, proxy: torch.Tensor, lo: int, hi: int, seed: int,
-    labels: torch.Tensor | None = None,
+    labels: Labels | None = None,
 ) -> ProxyBatch:  # fmt: skip
     """Diff-Pruning's: its low-noise steps (``diff_pruning_timesteps``), whatever the group."""
     t_end = diff_pruning_timesteps(base, scheduler_cfg, proxy, seed=seed, labels=labels)
@@ -310,16 +299,19 @@ def search_group(
     seed: int = 0,
     tol: float = 0.02,
     log=None,
-    train_labels: torch.Tensor | None = None,
-    val_labels: torch.Tensor | None = None,
+    train_labels: Labels | None = None,
+    val_labels: Labels | None = None,
 ) -> SearchResult:
     """Prune ``base`` to ``target_macs`` with each candidate; keep the lowest proxy loss.
-    ``train_labels``/``val_labels``: the proxy images' classes, for a class-conditional base."""
+    ``train_labels``/``val_labels``: the proxy images' classes or captions, for a conditional base."""
     memory = memory or Memory(None)
     fp = base_fingerprint(base)
     _check_proxy_labels(base, train_labels, val_labels)
     proxies = {"train": proxy_train, "val": proxy_val}
-    if train_labels is not None:  # unlabelled searches keep the keys they always had
+    if isinstance(train_labels, Prompts):
+        proxies.update({f"train_{k}": v for k, v in train_labels.tensors().items()})
+        proxies.update({f"val_{k}": v for k, v in val_labels.tensors().items()})
+    elif train_labels is not None:  # unlabelled searches keep the keys they always had
         proxies.update(train_labels=train_labels, val_labels=val_labels)
     proxy_fp = tensor_fingerprint(proxies)
     val_batch = ProxyBatch.draw(proxy_val, lo, hi, seed + 1, val_labels, null_label(base))
@@ -366,25 +358,25 @@ def search_group(
     return SearchResult(best[1], best[2].candidate, best[2].proxy_loss, tried)
 
 
-def check_labels(labels: torch.Tensor, classes: int, what: str = "labels") -> None:
-    """One line where data labels fall outside a model's classes 0..classes-1 (the null label is
-    the model's own, never a data label)."""
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
-        raise StepadaptError(
-            f"{what} span {int(labels.min())}..{int(labels.max())}; the base knows 0..{classes - 1}"
-        )
+def _check_proxy_labels(base: torch.nn.Module, train: Labels | None, val: Labels | None) -> None:
+    """A class-conditional base needs both proxy sets' labels (in its range), a text-conditioned one
+    their captions; an unconditional base none."""
+    from stepadapt.space import check_classes
 
-
-def _check_proxy_labels(base: torch.nn.Module, train: torch.Tensor | None, val: torch.Tensor | None) -> None:
-    """A class-conditional base needs both proxy sets' labels (in its range); another base none."""
     cond = conditioning_of(base.config)
     if (train is None) != (val is None):
         raise StepadaptError("give labels for both proxy sets or for neither")
     if train is None:
-        if cond.classes:
-            raise StepadaptError("this base is class-conditional: its proxy images need their labels")
+        if not cond.unconditional:
+            raise StepadaptError(
+                f"this base is conditioned on {cond.describe()}: its proxy images need theirs"
+            )
         return
-    if not cond.classes:
+    if cond.text_dim:
+        if not (isinstance(train, Prompts) and isinstance(val, Prompts)):
+            raise StepadaptError("this base is text-conditioned: its proxy images need captions")
+        return
+    if not cond.classes or isinstance(train, Prompts):
         raise StepadaptError("proxy labels given, but this base is not class-conditional")
     for labels in (train, val):
-        check_labels(labels, cond.classes, "proxy labels")
+        check_classes(labels, cond.classes, "proxy labels")

@@ -17,6 +17,7 @@ from stepadapt.conditioning import conditioning_of
 from stepadapt.kinds import CLASS_GAUSSIAN, DEFAULT, KINDS
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_FILE = re.compile(r"^(?!\.)[A-Za-z0-9_.-]{1,128}$")  # a file name, no directories
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -94,6 +95,7 @@ def validate_manifest(d: dict[str, Any]) -> None:
         _fail("class_names", "a list of strings or null", names)
     if names is not None and classes and len(names) != classes:
         _fail("class_names", f"{classes} names (the base's classes)", names)
+    _pipeline(d.get("pipeline"))
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
@@ -126,6 +128,20 @@ def validate_manifest(d: dict[str, Any]) -> None:
                 _fail(f"{f}{key}", "a string", e[key])
         if e.get("proxy_loss") is not None and not _number(e["proxy_loss"]):
             _fail(f"{f}proxy_loss", "a number or null", e["proxy_loss"])
+
+
+def _pipeline(parts: Any) -> None:
+    """``pipeline``: null, or {part: {file name: sha256}} for the surround parts a bundle copies."""
+    if parts is None:
+        return
+    if not isinstance(parts, dict) or any(p not in ("vae", "text_encoder", "tokenizer") for p in parts):
+        _fail("pipeline", "null or an object of vae, text_encoder, tokenizer", parts)
+    for part, files in parts.items():
+        if not isinstance(files, dict) or not files:
+            _fail(f"pipeline.{part}", "an object of file names and sha256 digests", files)
+        for name, sha in files.items():
+            if not NAME_FILE.match(name) or not isinstance(sha, str) or not SHA256.match(sha):
+                _fail(f"pipeline.{part}.{name}", "a plain file name with a sha256 hex digest", sha)
 
 
 def validate_recommended(r: Any, jump_possible: bool = True) -> None:

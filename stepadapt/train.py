@@ -29,12 +29,14 @@ from diffusers.training_utils import EMAModel
 from stepadapt import StepadaptError
 from stepadapt import distributed as dist
 from stepadapt.conditioning import (
-    CLASS_LABELS,
     DEFAULT_LABEL_DROPOUT,
     Cond,
+    Labels,
+    Prompts,
     conditioning_of,
-    drop_labels,
+    drop_rows,
     model_inputs,
+    rows_cond,
 )
 from stepadapt.devices import autocast, grad_scaler, resolve_precision
 from stepadapt.difficulty import loss_profile
@@ -66,8 +68,9 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction_type: str =
 
 
 def relative_weights(
-    teacher: UNet2DModel, scheduler_cfg: dict[str, Any], data: torch.Tensor, lo: int, hi: int, seed: int
-) -> torch.Tensor:
+    teacher: UNet2DModel, scheduler_cfg: dict[str, Any], data: torch.Tensor, lo: int, hi: int, seed: int,
+    labels: Labels | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Per-timestep weights 1 / (the base's own loss at t), mean 1 over [lo, hi).
 
     A pruned student's eps error matters relative to how well the base itself does there: at the
@@ -77,8 +80,9 @@ def relative_weights(
     base" means; it behaves like x0 weighting at low SNR and like eps weighting at high SNR.
     """
     g = torch.Generator().manual_seed(seed)
-    proxy = data[torch.randperm(len(data), generator=g)[:RELATIVE_PROXY]]
-    ref = loss_profile(teacher, scheduler_cfg, proxy, points=50, seed=seed, log=True)
+    rows = torch.randperm(len(data), generator=g)[:RELATIVE_PROXY]
+    cond = rows_cond(labels[rows]) if labels is not None else None
+    ref = loss_profile(teacher, scheduler_cfg, data[rows], points=50, seed=seed, log=True, cond=cond)
     w = torch.from_numpy(1.0 / ref).float()
     return w / w[lo:hi].mean()
 
@@ -135,6 +139,7 @@ class WeightInputs:
     data: torch.Tensor
     t_hi: int
     teacher: UNet2DModel | None
+    labels: Labels | None = None
 
 
 class LossWeight:
@@ -187,7 +192,9 @@ class RelativeWeight(LossWeight):
     def prepare(cls, run: WeightInputs) -> LossWeight:
         assert run.teacher is not None  # the Trainer refuses a run without one (needs_teacher)
         c = run.cfg
-        return cls(relative_weights(run.teacher, run.scheduler_cfg, run.data, c.t_lo, run.t_hi, c.seed))
+        return cls(
+            relative_weights(run.teacher, run.scheduler_cfg, run.data, c.t_lo, run.t_hi, c.seed, run.labels)
+        )
 
     def apply(self, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return w * self.table[t]
@@ -326,22 +333,32 @@ def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, An
     ]
 
 
-def _check_labels(model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor | None) -> int:
-    """The null label of a class-conditional model given labelled data; -1 for an unconditional one.
-    Labels for a model that takes none, or none for one that needs them, are one-line errors."""
+def _check_labels(model: torch.nn.Module, data: torch.Tensor, labels: Labels | None) -> int | None:
+    """The null label of a class-conditional model given labelled data (None otherwise: captions
+    drop to their own empty prompt). Labels for a model that takes none, or none for one that needs
+    them, are one-line errors."""
+    from stepadapt.space import check_classes
+
     cond = conditioning_of({"_class_name": type(model).__name__, **model.config})
     if labels is None:
         if cond.classes:
             raise StepadaptError("this model is class-conditional: training needs labelled data")
-        return -1
-    if not cond.classes:
-        raise StepadaptError("labels given, but this model is not class-conditional")
+        if cond.text_dim:
+            raise StepadaptError("this model is text-conditioned: training needs captioned data")
+        return None
     if labels.shape != (len(data),):
         raise StepadaptError(f"{tuple(labels.shape)} labels for {len(data)} images")
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < cond.classes:
-        raise StepadaptError(
-            f"labels span {int(labels.min())}..{int(labels.max())}; the model knows 0..{cond.classes - 1}"
-        )
+    if isinstance(labels, Prompts):
+        if not cond.text_dim:
+            raise StepadaptError("captions given, but this model takes no text")
+        if labels.table.shape[-1] != cond.text_dim:
+            raise StepadaptError(
+                f"text embeddings of width {labels.table.shape[-1]}; the model takes {cond.text_dim}"
+            )
+        return None
+    if not cond.classes:
+        raise StepadaptError("labels given, but this model is not class-conditional")
+    check_classes(labels, cond.classes, "labels")
     return cond.null_label
 
 
@@ -384,7 +401,7 @@ class Trainer:
         *,
         device: str | torch.device = "cpu",
         teacher: UNet2DModel | None = None,
-        labels: torch.Tensor | None = None,
+        labels: Labels | None = None,
     ) -> None:
         cfg.validate()
         self.cfg, self.data, self.labels = cfg, data, labels
@@ -435,8 +452,8 @@ class Trainer:
         noise, so an unconditional run draws exactly what it always has)."""
         if self.labels is None:
             return {}
-        y = drop_labels(self.labels[idx], self.cfg.label_dropout, self.null_label, self.generator)
-        return {CLASS_LABELS: y.to(self.device)}
+        y = drop_rows(self.labels[idx], self.cfg.label_dropout, self.null_label, self.generator)
+        return {k: v.to(self.device) for k, v in rows_cond(y).items()}
 
     def _interval_end(self) -> int:
         T = self.scheduler.config.num_train_timesteps
@@ -455,7 +472,9 @@ class Trainer:
         if kind.needs_teacher and self.teacher is None:
             raise StepadaptError(f"{kind.name} loss weights {kind.teacher_use}: give the base (teacher)")
         return kind.prepare(
-            WeightInputs(self.cfg, self.scheduler, scheduler_cfg, self.data, self.t_hi, self.teacher)
+            WeightInputs(
+                self.cfg, self.scheduler, scheduler_cfg, self.data, self.t_hi, self.teacher, self.labels
+            )
         )
 
     def _wrap(self, model: UNet2DModel) -> torch.nn.Module:
@@ -688,7 +707,7 @@ def train(
     on_sample: Callable[[int, UNet2DModel], None] | None = None,
     device: str | torch.device = "cpu",
     teacher: UNet2DModel | None = None,
-    labels: torch.Tensor | None = None,
+    labels: Labels | None = None,
 ) -> tuple[UNet2DModel, TrainResult]:
     """Train ``model`` in place; returns the EMA copy and a summary.
 
@@ -696,7 +715,8 @@ def train(
     at the end (sample grids); checkpoints land in ``out_dir/checkpoint.pt``.
     Under ``torchrun`` the model is wrapped in DDP, each process draws
     ``batch_size / world`` images with its own generator, and only rank 0 writes. ``labels``: the
-    images' classes, for a class-conditional model (dropped to the null class at ``label_dropout``).
+    images' classes or captions, for a conditional model (dropped to the null class or the empty
+    prompt at ``label_dropout``).
     """
     trainer = Trainer(model, data, scheduler_cfg, cfg, out_dir, device=device, teacher=teacher, labels=labels)
     if resume:

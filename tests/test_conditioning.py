@@ -245,8 +245,8 @@ def test_the_class_embedding_can_learn_at_its_own_rate():
 
 
 def test_a_text_model_unconditional_guidance_and_bad_manifests_are_one_line_errors(tmp_path):
-    """What cannot run yet is said before any work: sampling a text-conditioned model (it needs its
-    text encoder), guidance for a model without labels, a manifest whose conditioning is not numbers."""
+    """What cannot run is said before any work: sampling a text-conditioned model without its text
+    encoder (a bare U-Net, not a pipeline), guidance for a model without labels, a manifest whose conditioning is not numbers."""
     import json
 
     from stepadapt.bundle import Bundle
@@ -262,7 +262,7 @@ def test_a_text_model_unconditional_guidance_and_bad_manifests_are_one_line_erro
         class_scoring(Conditioning(classes=10), 15, 3.0, "fashion-mnist", 15, 0, 0.1, None)
     with pytest.raises(StepadaptError, match="finite"):
         class_scoring(Conditioning(classes=10), 20, float("inf"), "fashion-mnist", 20, 0, 0.1, None)
-    with pytest.raises(StepadaptError, match="takes no labels"):
+    with pytest.raises(StepadaptError, match="this one is unconditional"):
         Conditioning().check({GUIDANCE: torch.tensor([2.0])}, 1)
     shipped = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-cond-experts"
     for bad in ("x", 1, [3]):

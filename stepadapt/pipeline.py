@@ -1,0 +1,162 @@
+"""A diffusers pipeline directory as a base: the U-Net and what surrounds it.
+
+A Stable Diffusion pipeline directory (``model_index.json``; ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) is a base like any U-Net directory: only its U-Net is split into
+experts. The rest -- the VAE that maps latents to images and the tokenizer and text encoder that map
+prompts to embeddings -- is the *surround*. A bundle keeps a copy of it (each file with its sha256)
+so that a bundle alone is a complete pipeline: it samples, exports and serves without its base.
+
+Weights load from safetensors only; a part that ships only pickled weights (``*.bin``, ``*.ckpt``,
+``*.pt``) is refused in one line rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepadapt import StepadaptError
+from stepadapt.io import atomic_dir, read_json, sha256_file
+from stepadapt.latents import LatentCodec
+from stepadapt.text import TextEncoder
+
+MODEL_INDEX = "model_index.json"
+SURROUND = ("vae", "text_encoder", "tokenizer")  # the parts a bundle copies beside its experts
+PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+BUNDLE_DIR = "pipeline"  # where a bundle keeps its copy of the surround
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_INDEX).is_file()
+
+
+def _part_dir(root: Path, part: str) -> Path | None:
+    d = root / part
+    return d if d.is_dir() else None
+
+
+def _refuse_pickles(d: Path, what: str) -> None:
+    safe = list(d.glob("*.safetensors"))
+    pickled = [p for p in d.iterdir() if p.suffix in PICKLES]
+    if pickled and not safe:
+        raise StepadaptError(
+            f"{what} in {d} has only pickled weights ({pickled[0].name}); convert them to safetensors "
+            "(pickles are never loaded)"
+        )
+
+
+def _load(part: str, d: Path) -> Any:
+    """One surround part from its directory (diffusers' / transformers' own loaders)."""
+    try:
+        if part == "tokenizer":
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(d)
+        _refuse_pickles(d, part)
+        if part == "vae":
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.from_pretrained(d, use_safetensors=True, low_cpu_mem_usage=False).eval()
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(d, use_safetensors=True).eval()
+    except StepadaptError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepadaptError(f"cannot load the {part} from {d}: {msg}") from None
+
+
+@dataclass
+class Surround:
+    """The VAE, text encoder and tokenizer of a latent text-to-image pipeline (either may be absent:
+    a latent unconditional pipeline has no text parts, a pixel text model no VAE)."""
+
+    root: Path
+    vae: torch.nn.Module | None = None
+    text_model: torch.nn.Module | None = None
+    tokenizer: Any = None
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> Surround:
+        """The surround of a pipeline directory or of a bundle's ``pipeline/`` copy."""
+        root = Path(root)
+        parts = {p: _load(p, d) for p in SURROUND if (d := _part_dir(root, p)) is not None}
+        if ("text_encoder" in parts) != ("tokenizer" in parts):
+            raise StepadaptError(f"{root} has a text encoder without a tokenizer or the other way round")
+        return cls(root, parts.get("vae"), parts.get("text_encoder"), parts.get("tokenizer"))
+
+    @property
+    def latent(self) -> LatentCodec | None:
+        return LatentCodec(self.vae) if self.vae is not None else None
+
+    @property
+    def text(self) -> TextEncoder | None:
+        return TextEncoder(self.tokenizer, self.text_model) if self.text_model is not None else None
+
+    def check_unet(self, unet_config: dict) -> None:
+        """One line where the parts do not fit the U-Net: latent channels, text width."""
+        if self.vae is not None and self.vae.config.latent_channels != unet_config.get("in_channels"):
+            raise StepadaptError(
+                f"the VAE makes {self.vae.config.latent_channels}-channel latents; the U-Net takes "
+                f"{unet_config.get('in_channels')} channels"
+            )
+        cross = unet_config.get("cross_attention_dim")
+        if isinstance(cross, (list, tuple)):
+            cross = cross[0]
+        if self.text_model is not None and cross != self.text_model.config.hidden_size:
+            raise StepadaptError(
+                f"the text encoder's width is {self.text_model.config.hidden_size}; the U-Net "
+                f"cross-attends over {cross}"
+            )
+
+
+def surround_of(path: str | os.PathLike | None) -> Surround | None:
+    """A base's surround: a pipeline directory's, None for a bare U-Net directory."""
+    if path is None or not is_pipeline(path):
+        return None
+    read_json(Path(path) / MODEL_INDEX, "pipeline index")
+    return Surround.load(path)
+
+
+def copy_surround(src: str | os.PathLike, dst: Path) -> dict[str, dict[str, str]]:
+    """Copy ``src``'s surround parts into ``dst`` (inside a bundle being written); returns
+    ``{part: {file: sha256}}`` for the manifest, so a loaded bundle can verify every byte."""
+    src = Path(src)
+    record: dict[str, dict[str, str]] = {}
+    for part in SURROUND:
+        d = _part_dir(src, part)
+        if d is None:
+            continue
+        _refuse_pickles(d, part)
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix not in PICKLES)
+        (dst / part).mkdir(parents=True, exist_ok=True)
+        record[part] = {}
+        for f in files:
+            shutil.copyfile(f, dst / part / f.name)
+            record[part][f.name] = sha256_file(dst / part / f.name)
+    return record
+
+
+def write_pipeline(
+    path: str | os.PathLike, unet: torch.nn.Module, scheduler_cfg: dict, surround: Surround
+) -> Path:
+    """A diffusers pipeline directory of ``unet`` and ``surround`` (what StableDiffusionPipeline
+    loads), written atomically: how a base trained here becomes a pipeline."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from stepadapt.schedule import from_model_config
+
+    pipe = StableDiffusionPipeline(
+        vae=surround.vae, text_encoder=surround.text_model, tokenizer=surround.tokenizer, unet=unet,
+        scheduler=from_model_config(DDPMScheduler, scheduler_cfg), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    with atomic_dir(Path(path)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(path)

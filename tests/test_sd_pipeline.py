@@ -1,0 +1,116 @@
+"""Stable Diffusion pipeline directories as bases: loading, faithful sampling against diffusers'
+StableDiffusionPipeline, and StepAdaptivePipeline's call."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+from typer.testing import CliRunner
+
+from stepadapt import StepadaptError
+from stepadapt.api import StepAdaptivePipeline
+from stepadapt.cli import app
+from stepadapt.pipeline import Surround, surround_of
+from tiny_sd import MAX_LENGTH, write_tiny_pipeline
+
+PROMPT = "a photo of an ankle boot"
+NEGATIVE = "a bag"
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+def _reference(pipe_dir, scheduler_cls, steps: int, n: int, guidance: float, negative: str | None):
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, use_safetensors=True, safety_checker=None)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        PROMPT, negative_prompt=negative, guidance_scale=guidance, num_inference_steps=steps,
+        num_images_per_prompt=n, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images  # fmt: skip
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler_cls", "guidance", "negative"),
+    [("ddim", DDIMScheduler, 7.5, NEGATIVE), ("unipc", UniPCMultistepScheduler, 3.0, None)],
+)
+def test_sample_base_equals_stable_diffusion_pipeline(
+    pipe_dir, tmp_path, sampler, scheduler_cls, guidance, negative
+):
+    """`stepadapt sample --base PIPE --prompt ...` gives the pipeline's images for the same seed,
+    prompt, negative prompt and guidance (within 1/255), with DDIM and a multistep solver."""
+    want = _reference(pipe_dir, scheduler_cls, 6, 2, guidance, negative)
+    out = tmp_path / "s.png"
+    args = ["sample", "--base", str(pipe_dir), "--prompt", PROMPT, "--guidance-scale", str(guidance),
+            "--steps", "6", "--seed", "0", "--n", "2", "--sampler", sampler, "--out", str(out)]  # fmt: skip
+    if negative:
+        args += ["--negative-prompt", negative]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    got = np.load(out.with_suffix(".npz"))["images"]
+    assert got.shape == want.shape == (2, 32, 32, 1)
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+    assert got.std() > 0  # not a blank image that would equal anything blank
+
+
+def test_guidance_and_negative_prompt_change_the_images(pipe_dir):
+    pipe = StepAdaptivePipeline.from_base(pipe_dir)
+    kw = dict(num_inference_steps=4, output_type="uint8")
+
+    def run(**more):
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(1), **kw, **more).images
+
+    plain, guided, negative = (
+        run(guidance_scale=1.0),
+        run(guidance_scale=5.0),
+        run(guidance_scale=5.0, negative_prompt=NEGATIVE),
+    )
+    assert not np.array_equal(plain, guided)
+    assert not np.array_equal(guided, negative)
+    again = run(guidance_scale=5.0, negative_prompt=NEGATIVE)
+    assert np.array_equal(negative, again)
+
+
+def test_pipeline_call_returns_pil_images_and_says_truncation(pipe_dir):
+    pipe = StepAdaptivePipeline.from_pretrained(pipe_dir)
+    long = " ".join(["a photo of a coat"] * MAX_LENGTH)
+    out = pipe(
+        [PROMPT, long],
+        num_inference_steps=3,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(out.images) == 4 and out.images[0].size == (32, 32) and out.images[0].mode == "L"
+    assert out.truncated == (False, True)
+
+
+def test_text_pipeline_refuses_what_it_cannot_take(pipe_dir):
+    pipe = StepAdaptivePipeline.from_base(pipe_dir)
+    with pytest.raises(StepadaptError, match="give a prompt"):
+        pipe(num_inference_steps=2)
+    with pytest.raises(StepadaptError, match="conditioned on text"):
+        pipe(PROMPT, class_labels=[1], num_inference_steps=2)
+    with pytest.raises(StepadaptError, match="finite"):
+        pipe(PROMPT, guidance_scale=float("nan"), num_inference_steps=2)
+
+
+def test_surround_loads_and_refuses_pickles(pipe_dir, tmp_path):
+    s = surround_of(pipe_dir)
+    assert s is not None and s.vae is not None and s.text is not None
+    assert s.latent.factor == 4 and s.text.max_length == MAX_LENGTH
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pipe_dir, bad)
+    (bad / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (bad / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(StepadaptError, match="pickled weights"):
+        Surround.load(bad)
+    json.loads((pipe_dir / "model_index.json").read_text())  # the index stays plain JSON
