@@ -27,6 +27,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ),
+    # A latent text-to-image U-Net for 4 x 8 x 8 latents (a VAE's of 32 x 32 images): cross-attention
+    # over the text on the two finer levels; `cross_attention_dim` follows the text encoder.
+    "tiny-t2i": dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,  # UNet2DConditionModel reads it as the number of heads
+        norm_num_groups=8,
+    ),
     # The google/ddpm-cifar10-32 architecture (35.7M params, 6.06 GMACs).
     "ddpm-cifar10": dict(
         sample_size=32,
@@ -61,10 +75,12 @@ def build_unet(
     seed: int = 0,
     sample_size: int | None = None,
     classes: int = 0,
-) -> UNet2DModel:
+    text_dim: int | None = None,
+) -> UNet2DModel | UNet2DConditionModel:
     """A freshly initialised U-Net of a named config (seeded, so runs are repeatable); channels and
     size follow the data when given. ``classes`` > 0: class-conditional, with one more embedding for
-    the null class that guidance needs (see :mod:`stepadapt.conditioning`)."""
+    the null class that guidance needs (see :mod:`stepadapt.conditioning`). A config with
+    cross-attention is a ``UNet2DConditionModel`` over text of width ``text_dim`` (its own else)."""
     if name not in CONFIGS:
         raise StepadaptError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
     cfg = dict(CONFIGS[name])
@@ -77,9 +93,14 @@ def build_unet(
         cfg["sample_size"] = sample_size
     if classes:
         cfg["num_class_embeds"] = int(classes) + 1
+    cls = UNet2DConditionModel if "cross_attention_dim" in cfg else UNet2DModel
+    if text_dim is not None:
+        if cls is UNet2DModel:
+            raise StepadaptError(f"config {name} has no cross-attention: it cannot take text")
+        cfg["cross_attention_dim"] = int(text_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(**cfg)
+        return cls(**cfg)
 
 
 def save_base(

@@ -50,8 +50,17 @@ def _refuse_pickles(d: Path, what: str) -> None:
         )
 
 
+def _quiet_transformers() -> None:
+    """transformers' per-load progress bars and notes (torchvision missing, ...) are not ours to show."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _load(part: str, d: Path) -> Any:
     """One surround part from its directory (diffusers' / transformers' own loaders)."""
+    _quiet_transformers()
     try:
         if part == "tokenizer":
             from transformers import CLIPTokenizer
@@ -148,9 +157,13 @@ def write_pipeline(
 ) -> Path:
     """A diffusers pipeline directory of ``unet`` and ``surround`` (what StableDiffusionPipeline
     loads), written atomically: how a base trained here becomes a pipeline."""
+    _quiet_transformers()
     from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from stepadapt.schedule import from_model_config
+
+    diffusers_logging.disable_progress_bar()
 
     pipe = StableDiffusionPipeline(
         vae=surround.vae, text_encoder=surround.text_model, tokenizer=surround.tokenizer, unet=unet,

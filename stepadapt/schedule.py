@@ -23,6 +23,17 @@ DEFAULT_SCHEDULER = {
     "prediction_type": "epsilon",
     "clip_sample": True,
 }
+# Stable Diffusion's schedule, for latent models: latents are not clipped to [-1, 1] (no clip_sample).
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}

@@ -63,6 +63,12 @@ class TrainBaseOptions(Options):
         "Start from this base's weights (same config) instead of from scratch; a class-conditional "
         "model learns its class embedding from zero, so it starts as the unconditional base.",
     )
+    surround: Path | None = option(
+        None,
+        "A directory with vae/ (and text_encoder/ + tokenizer/): train a latent U-Net on the VAE's "
+        "latents of the data (conditioned on its captions where there is a text encoder); OUT/model "
+        "is then a diffusers pipeline directory. Use with --config tiny-t2i.",
+    )
     class_lr_scale: float | None = option(
         None,
         "The class embedding's learning rate over --lr (default: 30 with --init and --conditional, "
@@ -77,6 +83,13 @@ class TrainBaseOptions(Options):
             raise StepadaptError(f"unknown config {self.config!r}; choose one of {', '.join(CONFIGS)}")
         if self.channels not in (None, 1, 3):
             raise StepadaptError(f"--channels must be 1 or 3, got {self.channels}")
+        text = "cross_attention_dim" in CONFIGS[self.config]
+        if text and self.surround is None:
+            raise StepadaptError(
+                f"config {self.config} is a text-to-image U-Net: give --surround (VAE, text encoder)"
+            )
+        if self.surround is not None and (self.conditional or self.init is not None):
+            raise StepadaptError("--surround trains a latent model from scratch: no --conditional or --init")
 
     def side(self) -> int:
         """The image side to train at: --size, else the data's own, else the config's (with a note
@@ -165,6 +178,8 @@ def train_base(
     dist.init_from_env()
     side = o.side()
     part = dict(limit=o.limit, seed=o.seed, holdout=o.holdout)
+    if o.surround is not None:
+        return _train_latent(o, side, part, dev, say)
     y, names = None, ()
     if o.conditional:
         x, y = load_labelled(o.data, "train", side, o.channels, **part)
@@ -186,3 +201,63 @@ def train_base(
     if dist.is_main():
         save_base(ema.cpu(), o.out / "model", DEFAULT_SCHEDULER, class_names=names)
     return res, o.out / "model"
+
+
+def _train_latent(o: TrainBaseOptions, side: int, part: dict, dev, say: Callable[[str], None]) -> tuple:
+    """train-base for a latent model: the U-Net on the surround's VAE latents of the data (captioned
+    rows for a text encoder), Stable Diffusion's schedule, and OUT/model a pipeline directory."""
+    from stepadapt.captions import load_captions
+    from stepadapt.models import build_unet
+    from stepadapt.pipeline import Surround, write_pipeline
+    from stepadapt.schedule import SD_SCHEDULER
+    from stepadapt.space import DataSpace
+    from stepadapt.train import train
+
+    surround = Surround.load(o.surround)
+    if surround.vae is None:
+        raise StepadaptError(f"--surround {o.surround} has no vae/: a latent model needs one")
+    latent = surround.latent
+    if side % latent.factor:
+        raise StepadaptError(
+            f"images of side {side} do not divide into the VAE's {latent.factor}-pixel latents"
+        )
+    text_dim = surround.text_model.config.hidden_size if surround.text is not None else None
+    model = build_unet(o.config, in_channels=surround.vae.config.latent_channels, seed=o.seed,
+                       sample_size=side // latent.factor, text_dim=text_dim)  # fmt: skip
+    x, y = DataSpace.of(dict(model.config), surround).rows(o.data, "train", **part)
+    say(
+        f"data: {o.data} -> latents {tuple(x.shape)}"
+        + (f", {len(y.table) - 1} distinct captions" if y is not None else "")
+    )
+    prompts = list(dict.fromkeys(load_captions(o.data, "train", o.holdout)))[:16] if text_dim else None
+
+    def on_sample(step: int, ema: torch.nn.Module) -> None:
+        path = latent_grid(ema, surround, SD_SCHEDULER, o.out / "samples" / f"step_{step:06d}.png", prompts)
+        say(f"step {step}: samples -> {path}")
+
+    ema, res = train(model, x, SD_SCHEDULER, o.train_config(), o.out, resume=o.resume, on_sample=on_sample,
+                     device=dev, labels=y)  # fmt: skip
+    if dist.is_main():
+        write_pipeline(o.out / "model", ema.cpu(), SD_SCHEDULER, surround)
+    return res, o.out / "model"
+
+
+def latent_grid(
+    model: torch.nn.Module,
+    surround,
+    scheduler_cfg: dict,
+    path: Path,
+    prompts: list[str] | None,
+    steps: int = 20,
+) -> Path:
+    """A grid of a latent model's images from seed 0 (DDIM, guidance 3 for text): one per prompt."""
+    from stepadapt.api import StepAdaptivePipeline
+    from stepadapt.conditioning import conditioning_of
+    from stepadapt.kinds import UNET
+    from stepadapt.sampling import module_denoiser, save_grid
+
+    pipe = StepAdaptivePipeline(module_denoiser(model), scheduler_cfg, UNET.sample_shape(model),
+                                conditioning_of(model.config), surround)  # fmt: skip
+    kw = dict(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="uint8")
+    out = pipe(prompts, guidance_scale=3.0, **kw) if prompts else pipe(num_images_per_prompt=16, **kw)
+    return save_grid(out.images, path)
