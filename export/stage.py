@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from stepadapt.export import MAX_BATCH
 from stepadapt.export.onnx import FP32_ATOL, OPSET, ExportReport, export_bundle
+from stepadapt.export.surround import export_surround
 
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
@@ -126,6 +127,7 @@ def export(
 
         require()
     reports = export_bundle(bundle, opset=options.opset, atol=options.atol, log=log)
+    export_surround(bundle, options.opset, options.atol, log)  # a pipeline's text encoder and VAE decoder
     if not options.trt:
         return ExportResult(reports)
     if engine_builder is None or engine_parity is None:

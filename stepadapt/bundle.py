@@ -110,6 +110,9 @@ class Manifest:
     # A pipeline base's surround (VAE, text encoder, tokenizer), copied under pipeline/:
     # {part: {file name: sha256}} (stepadapt.pipeline), so the bundle alone is a whole pipeline.
     pipeline: dict[str, dict[str, str]] | None = None
+    # Their ONNX exports (stepadapt.export.surround): {"text_encoder" | "vae_decoder": {path, sha256,
+    # max_abs_err, opset, inputs, outputs}}, what a server runs beside the experts.
+    surround_onnx: dict[str, dict[str, Any]] | None = None
 
     @property
     def conditioning(self) -> Conditioning:
@@ -433,6 +436,21 @@ class Bundle:
             current.recommended = self.manifest.recommended = recommended
 
         self._update(change)
+
+    def set_surround_onnx(self, records: dict[str, dict[str, Any]]) -> None:
+        """Record the text encoder's and VAE decoder's ONNX exports, under the manifest's lock."""
+
+        def change(current: Manifest) -> None:
+            current.surround_onnx = self.manifest.surround_onnx = {**(current.surround_onnx or {}), **records}
+
+        self._update(change)
+
+    def surround_onnx(self, part: str) -> Path:
+        """The verified ONNX file of a surround part (``text_encoder``, ``vae_decoder``)."""
+        r = (self.manifest.surround_onnx or {}).get(part)
+        if r is None:
+            raise StepadaptError(f"bundle {self.path} has no ONNX {part}: run 'stepadapt export {self.path}'")
+        return self.verify_file(r["path"], r["sha256"], f"ONNX {part}")
 
     def _update(self, change) -> None:
         import fcntl

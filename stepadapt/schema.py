@@ -96,6 +96,16 @@ def validate_manifest(d: dict[str, Any]) -> None:
     if names is not None and classes and len(names) != classes:
         _fail("class_names", f"{classes} names (the base's classes)", names)
     _pipeline(d.get("pipeline"))
+    onnx_parts = d.get("surround_onnx")
+    if onnx_parts is not None:
+        if not isinstance(onnx_parts, dict) or any(
+            p not in ("text_encoder", "vae_decoder") for p in onnx_parts
+        ):
+            _fail("surround_onnx", "null or an object of text_encoder, vae_decoder", onnx_parts)
+        for part, r in onnx_parts.items():
+            if not isinstance(r, dict):
+                _fail(f"surround_onnx.{part}", "a JSON object", r)
+            _file(r, "path", "sha256", f"surround_onnx.{part}.")
     for i, e in enumerate(d["experts"]):
         f = f"experts[{i}]."
         if not isinstance(e, dict):
