@@ -55,7 +55,7 @@ class TrainTextOptions(Options):
         "'fashion-mnist' (captioned from its labels), or an image folder with metadata.jsonl or .txt "
         "captions.",
     )
-    iterations: int = option(1500, "Optimizer steps (a resumed run may ask for more than it started with).")
+    iterations: int = option(2000, "Optimizer steps (a resumed run may ask for more than it started with).")
     batch_size: int = option(128, "Image-caption pairs per step (the contrastive loss's candidates).")
     lr: float = option(1e-3, f"Learning rate (Adam; linear warm-up over {WARMUP} steps, then constant).")
     vocab_size: int = option(256, "Tokenizer vocabulary, special tokens and the ASCII alphabet included.")

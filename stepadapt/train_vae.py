@@ -52,7 +52,7 @@ class TrainVaeOptions(Options):
     data: str = option("fashion-mnist", "'fashion-mnist', an image folder, or an .npz file.")
     size: int = option(32, "Image side the autoencoder is trained at.")
     channels: int | None = option(None, "Image channels (1 or 3); default: the data's own.")
-    iterations: int = option(8000, "Optimizer steps (a resumed run may ask for more than it started with).")
+    iterations: int = option(3500, "Optimizer steps (a resumed run may ask for more than it started with).")
     batch_size: int = option(32, "Images per step.")
     lr: float = option(1e-3, f"Learning rate (Adam; linear warm-up over {WARMUP} steps, then constant).")
     kl_weight: float = option(
