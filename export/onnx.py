@@ -6,6 +6,9 @@ condition the expert takes: ``class_labels`` [B] int64, ``encoder_hidden_states`
 float32 (see :mod:`stepadapt.conditioning`); output ``eps``; the batch axis is dynamic so
 Triton can batch steps of concurrent requests. The TorchScript-based exporter is used (``dynamo=False``): it
 handles diffusers' U-Net without extra dependencies and its graphs pass parity.
+
+A model over protobuf's 2 GiB (Stable Diffusion 1.5's fp32 U-Net is 3.4 GB) keeps its weights in one external
+data file beside the graph, ``<name>.onnx.data``, which onnxruntime finds by the graph's path.
 """
 
 from __future__ import annotations
@@ -61,26 +64,62 @@ def input_types(cond: Conditioning) -> dict[str, str]:
     return types
 
 
+def external_data_path(path: Path) -> Path:
+    """Where the weights of an ONNX file over 2 GiB live (see :func:`export_model`)."""
+    return path.with_name(path.name + ".data")
+
+
+def _gather_external_data(exported: Path, path: Path) -> None:
+    """The exporter writes a model over 2 GiB as one file per tensor beside the graph; gather them
+    into :func:`external_data_path` (page-aligned, one tensor in memory at a time) so that an export
+    stays two files to move, checksum and serve."""
+    from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
+
+    proto = onnx.load(str(exported), load_external_data=False)
+    data = external_data_path(path)
+    with open(data, "wb") as sink:
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(exported.parent))
+                sink.write(b"\0" * (-sink.tell() % 4096))
+                set_external_data(tensor, data.name, offset=sink.tell(), length=len(tensor.raw_data))
+                sink.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+    onnx.save_model(proto, str(path))
+
+
 def export_model(model: Expert, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Write ``model`` as ONNX to ``path`` (the caller makes the write atomic)."""
+    """Write ``model`` as ONNX to ``path`` (the caller makes the write atomic); a model over 2 GiB
+    with its weights in :func:`external_data_path` of it."""
+    path = Path(path)
     x, t = torch.randn(2, *sample_shape(model)), torch.tensor([1.0, 2.5])
     extra = conditioning(model).examples(2, torch.Generator().manual_seed(0))
     axes = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"}}
     axes.update({k: {0: "batch", 1: "tokens"} if k == TEXT else {0: "batch"} for k in extra})
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
-        torch.onnx.export(
-            as_eps(model.eval()),
-            (x, t, *extra.values()),
-            str(path),
-            input_names=["sample", "timestep", *extra],
-            output_names=["eps"],
-            dynamic_axes=axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    scratch = Path(tempfile.mkdtemp(prefix=".export.", dir=path.parent))  # a large model's tensor files
+    try:
+        exported = scratch / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
+            torch.onnx.export(
+                as_eps(model.eval()),
+                (x, t, *extra.values()),
+                str(exported),
+                input_names=["sample", "timestep", *extra],
+                output_names=["eps"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+        external_data_path(path).unlink(missing_ok=True)
+        if len(list(scratch.iterdir())) > 1:
+            _gather_external_data(exported, path)
+        else:
+            os.replace(exported, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(path))
-    return Path(path)
+    return path
 
 
 class OnnxDenoiser:
@@ -158,14 +197,16 @@ def export_bundle(
         stage = Path(tempfile.mkdtemp(prefix=".onnx.", dir=bundle.path))
     except OSError as e:
         raise StepadaptError(f"cannot write into bundle {bundle.path}: {e.strerror}") from None
-    reports, model_of = [], {}
+    reports, inputs_of = [], {}
     try:
         for e in bundle.experts:
             t0 = time.perf_counter()
-            model = model_of[e.name] = bundle.load_expert(e.name)
+            model = bundle.load_expert(e.name)
+            inputs_of[e.name] = input_types(conditioning(model))  # not the model: SD 1.5's are GBs each
             path = export_model(model, stage / f"{e.name}.onnx", opset)
             # On CPU: the 1e-4 bound is about the export, not about a GPU's TF32 arithmetic.
             err = parity(model, OnnxDenoiser(path, threads=1, device="cpu"), e.lo, e.hi, batches)
+            del model
             if not np.isfinite(err) or err > atol:
                 raise StepadaptError(
                     f"expert {e.name}: ONNX parity failed (max abs error {err:.2e} > {atol:.0e})"
@@ -176,6 +217,13 @@ def export_bundle(
         out_dir.mkdir(exist_ok=True)
         changes = {}
         for r in reports:
+            data = external_data_path(stage / r.path.name)
+            if data.is_file():
+                os.replace(data, external_data_path(r.path))
+                external = {"path": f"onnx/{data.name}", "sha256": sha256_file(external_data_path(r.path))}
+            else:
+                external_data_path(r.path).unlink(missing_ok=True)
+                external = None
             os.replace(stage / r.path.name, r.path)
             changes[r.name] = {
                 "onnx": {
@@ -184,8 +232,9 @@ def export_bundle(
                     "opset": opset,
                     "precision": "fp32",
                     "max_abs_err": r.max_abs_err,
-                    "inputs": input_types(conditioning(model_of[r.name])),
+                    "inputs": inputs_of[r.name],
                     "outputs": {"eps": "float32[B,C,H,W]"},
+                    **({"external_data": external} if external else {}),
                 }
             }
         bundle.update_experts(changes)

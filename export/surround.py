@@ -24,6 +24,7 @@ from stepadapt.export.runtime import session
 from stepadapt import StepadaptError
 from stepadapt.bundle import Bundle
 from stepadapt.io import sha256_file
+from stepadapt.pipeline import Surround
 
 # What each export takes and gives, as the manifest records it.
 IO = {
@@ -54,10 +55,9 @@ class _Decoder(torch.nn.Module):
 
 
 def _specs(
-    bundle: Bundle,
+    bundle: Bundle, s: Surround | None
 ) -> dict[str, tuple[torch.nn.Module, str, str, Callable[[int, torch.Generator], torch.Tensor]]]:
     """part -> (module, input name, output name, random input of a batch)."""
-    s = bundle.surround()
     if s is None:
         return {}
     out = {}
@@ -93,7 +93,8 @@ def export_surround(
 ) -> dict[str, dict]:
     """Export a pipeline bundle's text encoder and VAE decoder (nothing for a bare U-Net's bundle);
     returns the manifest records written."""
-    specs = _specs(bundle)
+    surround = bundle.surround()
+    specs = _specs(bundle, surround)
     if not specs:
         return {}
     try:
@@ -115,6 +116,8 @@ def export_surround(
             if not np.isfinite(worst) or worst > atol:
                 raise StepadaptError(f"{part}: ONNX parity failed (max abs error {worst:.2e} > {atol:.0e})")
             records[part] = {"path": f"onnx/{part}.onnx", "max_abs_err": worst, "opset": opset, **IO[part]}
+            if part == "vae_decoder":  # what the server divides latents by before decoding
+                records[part]["scaling_factor"] = float(surround.vae.config.scaling_factor)
             if log:
                 log(f"  {part}: onnx ok, max abs err {worst:.2e}")
         (bundle.path / "onnx").mkdir(exist_ok=True)

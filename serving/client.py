@@ -35,6 +35,10 @@ class GenerateRequest:
     guidance_scale: float | None = None
     # Which served bundle (``stepadapt serve NAME=DIR ...``); None: the server's default (the first).
     budget: str | None = None
+    # A text-to-image bundle: the prompt of every image, and what guidance steers away from
+    # (guidance_scale None: Stable Diffusion's 7.5).
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -47,9 +51,10 @@ class Generated:
     steps: int
     sampler: str
     degraded: bool
+    truncated: bool = False  # the prompt was longer than the tokenizer's limit and was cut
 
 
-OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded")
+OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded", "prompt_truncated")
 
 
 def _text(a: np.ndarray) -> str:
@@ -62,7 +67,17 @@ def _generated(res) -> Generated:
         images=res.as_numpy("images"), bundle=_text(res.as_numpy("served_bundle")),
         steps=int(res.as_numpy("served_steps").reshape(-1)[0]), sampler=_text(res.as_numpy("served_sampler")),
         degraded=bool(res.as_numpy("degraded").reshape(-1)[0]),
+        truncated=_flag(res, "prompt_truncated"),
     )  # fmt: skip
+
+
+def _flag(res, name: str) -> bool:
+    a = res.as_numpy(name)
+    return bool(a is not None and a.reshape(-1)[0])
+
+
+def _bytes(text: str | None) -> np.ndarray | None:
+    return None if text is None else np.array([text.encode()], dtype=np.object_)
 
 
 INT32 = np.iinfo(np.int32)
@@ -93,11 +108,9 @@ def _inputs(mod, req: GenerateRequest) -> list:
         ("jump", None if req.jump is None else np.array([req.jump], dtype=np.bool_), "BOOL"),
         ("class_labels", _labels(req.class_labels), "INT32"),
         ("guidance_scale", None if scale is None else np.array([scale], dtype=np.float32), "FP32"),
-        (
-            "budget",
-            None if req.budget is None else np.array([req.budget.encode()], dtype=np.object_),
-            "BYTES",
-        ),
+        ("budget", _bytes(req.budget), "BYTES"),
+        ("prompt", _bytes(req.prompt), "BYTES"),
+        ("negative_prompt", _bytes(req.negative_prompt), "BYTES"),
     ]
     out = []
     for name, arr, dtype in values:

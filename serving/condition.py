@@ -1,5 +1,6 @@
-"""The endpoint's condition inputs: what a request's ``class_labels`` and ``guidance_scale`` mean
-for the served bundle, checked before the request joins a batch.
+"""The endpoint's condition inputs: what a request's ``class_labels``, ``prompt``,
+``negative_prompt`` and ``guidance_scale`` mean for the served bundle, checked before the request
+joins a batch.
 
 A request's condition is checked alone, so a bad one is its own 400 and never fails the requests
 it would have been stepped with. The checked condition is the sampler's own
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 
 from stepadapt import StepadaptError
+from stepadapt.api import SD_GUIDANCE
 from stepadapt.conditioning import CLASS_LABELS, GUIDANCE, Cond, Conditioning, labels_cond
+from stepadapt.text import TextEncoder
 
-__all__ = ["CLASS_LABELS", "GUIDANCE", "request_condition", "takes_labels"]
+__all__ = ["CLASS_LABELS", "GUIDANCE", "prompt_condition", "request_condition", "takes_labels"]
 
 
 def takes_labels(onnx_record: dict | None) -> bool:
@@ -43,6 +46,8 @@ def request_condition(
     unconditional bundle takes neither input, so a client that believes it talks to another
     bundle hears so instead of getting images that ignored its labels.
     """
+    if conditioning.text_dim:
+        raise StepadaptError("this bundle is text-conditioned: send a prompt")
     if not conditioning.classes:
         for name, given in ((CLASS_LABELS, labels), (GUIDANCE, guidance_scale)):
             if given is not None:
@@ -62,3 +67,27 @@ def request_condition(
     cond = labels_cond(torch.from_numpy(labels.astype(np.int64)), scale)
     conditioning.check(cond, n)  # labels out of range, in the library's words
     return cond
+
+
+def prompt_condition(
+    text: TextEncoder | None,
+    n: int,
+    prompt: str | None,
+    negative_prompt: str | None,
+    guidance_scale: float | None,
+    labels: np.ndarray | None = None,
+) -> tuple[Cond, bool]:
+    """The condition of a request for ``n`` images of one prompt, and whether the prompt (or its
+    negative) was cut to the tokenizer's limit, as diffusers cuts it. The text encoder runs once
+    for the request, not once per image; guidance defaults to Stable Diffusion's 7.5."""
+    if text is None:
+        raise StepadaptError("prompt given, but this bundle is not text-conditioned")
+    if labels is not None and np.size(labels):
+        raise StepadaptError(f"{CLASS_LABELS} given, but this bundle is conditioned on text")
+    if prompt is None:
+        raise StepadaptError("this bundle is text-conditioned: send a prompt")
+    scale = SD_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    if not math.isfinite(scale):
+        raise StepadaptError(f"guidance_scale must be a finite number, got {scale}")
+    cond, truncated = text.condition([prompt], None if negative_prompt is None else [negative_prompt], scale)
+    return {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in cond.items()}, bool(truncated[0])

@@ -201,6 +201,8 @@ def _router_inputs(ragged: bool = False) -> str:
             ("jump", "TYPE_BOOL"),
             (GUIDANCE, "TYPE_FP32"),
             ("budget", "TYPE_STRING"),
+            ("prompt", "TYPE_STRING"),
+            ("negative_prompt", "TYPE_STRING"),
         )  # fmt: skip
     ]
     extra = " allow_ragged_batch: true" if ragged else ""
@@ -219,6 +221,7 @@ def _outputs(shape: tuple, batched: bool = False) -> str:
         f'  {{ name: "served_steps" data_type: TYPE_INT32 dims: {one} }}',
         f'  {{ name: "served_sampler" data_type: TYPE_STRING dims: {one} }}',
         f'  {{ name: "degraded" data_type: TYPE_BOOL dims: {one} }}',
+        f'  {{ name: "prompt_truncated" data_type: TYPE_BOOL dims: {one} }}',
     ])  # fmt: skip
 
 
@@ -360,6 +363,11 @@ def _check_together(bundles: dict[str, Bundle], o: RepositoryOptions) -> None:
         raise StepadaptError("several bundles are served by the fused layout's step engine only")
     if o.slo is not None and (o.layout != "fused" or o.scheduling != "step"):
         raise StepadaptError("an SLO is kept by the fused layout's step engine only (--scheduling step)")
+    if o.layout == "bls" and any(b.manifest.conditioning.text_dim for b in bundles.values()):
+        raise StepadaptError(
+            "text bundles are served by the fused layout (text encoder, experts and VAE in one process); "
+            "the bls layout does not route encoder_hidden_states to its experts yet"
+        )
     if o.scheduling not in SCHEDULING:
         raise StepadaptError(f"unknown scheduling {o.scheduling!r}; choose one of {', '.join(SCHEDULING)}")
     for name in bundles:
@@ -378,14 +386,37 @@ def _check_together(bundles: dict[str, Bundle], o: RepositoryOptions) -> None:
                 )
 
 
-def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None]:
-    """What a router needs of a bundle: its manifest, its experts' ONNX files (verified), and the
-    Gaussian's tensors for the analytic jump where it has one."""
-    if bundle.manifest.conditioning.text_dim:
-        raise StepadaptError(
-            "this bundle is conditioned on text embeddings, which the endpoint does not take yet "
-            "(it takes class labels)"
+def _surround_files(bundle: Bundle) -> dict[str, Path]:
+    """A pipeline bundle's tokenizer files and its text encoder's and VAE decoder's ONNX exports
+    (verified), by where a router keeps them; none for a bare U-Net's bundle."""
+    m = bundle.manifest
+    if not m.pipeline:
+        if m.conditioning.text_dim:
+            raise StepadaptError(
+                "this bundle is conditioned on text but has no text encoder (its base was a bare U-Net, "
+                "not a pipeline directory): the endpoint cannot turn prompts into embeddings"
+            )
+        return {}
+    files = {f"{p}.onnx": bundle.surround_onnx(p) for p in ("text_encoder", "vae_decoder") if p in _parts(m)}
+    for name, sha in (m.pipeline.get("tokenizer") or {}).items():
+        files[f"tokenizer/{name}"] = bundle.verify_file(
+            f"pipeline/tokenizer/{name}", sha, f"tokenizer file {name}"
         )
+    return files
+
+
+def _parts(m) -> tuple[str, ...]:
+    """The ONNX parts a pipeline bundle's server needs: the text encoder where it has text, the VAE
+    decoder where it has a VAE."""
+    return tuple(
+        p for p, part in (("text_encoder", "text_encoder"), ("vae_decoder", "vae")) if part in m.pipeline
+    )
+
+
+def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None, dict[str, Path]]:
+    """What a router needs of a bundle: its manifest, its experts' ONNX files (verified), the
+    Gaussian's tensors for the analytic jump where it has one, and a pipeline's surround files."""
+    surround = _surround_files(bundle)
     onnx = {}
     for e in bundle.experts:
         if not e.onnx:
@@ -399,7 +430,7 @@ def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None]:
         if bundle.manifest.can_jump
         else None
     )
-    return json.dumps(bundle.manifest.to_dict()), onnx, jump
+    return json.dumps(bundle.manifest.to_dict()), onnx, jump, surround
 
 
 def write_repository(
@@ -414,7 +445,7 @@ def write_repository(
     _check_together(served, o)
     files = {name: _bundle_files(b) for name, b in served.items()}
     bundle = next(iter(served.values()))
-    shape = tuple(bundle.manifest.sample_shape)
+    shape = bundle.image_shape  # what the endpoints answer: pixels, also of a latent bundle
     path = Path(path)
 
     def router(d: Path, config: str, local: bool) -> None:
@@ -423,12 +454,15 @@ def write_repository(
         shutil.copy(MODELS_SRC / "router.py", d / "1" / "model.py")
         copy_library(d)
         (d / "1" / "bundles.json").write_text(json.dumps(list(files)))
-        for name, (manifest, onnx, jump) in files.items():
+        for name, (manifest, onnx, jump, surround) in files.items():
             b = d / "1" / "bundles" / name
             b.mkdir(parents=True)
             (b / "manifest.json").write_text(manifest)
             if jump is not None:
                 shutil.copy(jump, b / "jump.safetensors")
+            for rel, src in surround.items():  # the text encoder and VAE run in the router's process
+                (b / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, b / rel)
             for expert, src in onnx.items() if local else ():
                 shutil.copy(src, b / f"{expert}.onnx")
 
@@ -446,7 +480,7 @@ def write_repository(
                 router(tmp / ROUTER, batched_router_config(shape, o), True)
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
-        onnx = files[next(iter(files))][1]
+        onnx, sample = files[next(iter(files))][1], tuple(bundle.manifest.sample_shape)
         for e in bundle.experts:
             onnx_path = onnx[e.name]
             d = tmp / f"expert_{e.name}"
@@ -454,11 +488,11 @@ def write_repository(
             (d / "configs").mkdir()
             null = bundle.manifest.conditioning.null_label if takes_labels(e.onnx) else None
             (d / "config.pbtxt").write_text(
-                expert_config(e.name, shape, e.lo, e.hi, o, _timestep_type(e), null_label=null)
+                expert_config(e.name, sample, e.lo, e.hi, o, _timestep_type(e), null_label=null)
             )
             engine = _usable_engine(bundle, e, o)
             (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, shape, o, bool(engine), _timestep_type(e), null_label=null)
+                expert_gpu_config(e.name, sample, o, bool(engine), _timestep_type(e), null_label=null)
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)

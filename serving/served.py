@@ -19,12 +19,19 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.export.runtime import timestep_type
-from stepadapt.serving.condition import CLASS_LABELS, request_condition, takes_labels
+from stepadapt.serving.condition import CLASS_LABELS, prompt_condition, request_condition, takes_labels
 
 from stepadapt import StepadaptError
-from stepadapt.conditioning import Cond, conditioning_of, guided, take
+from stepadapt.conditioning import Cond, conditioning_of, for_model, take
 from stepadapt.kinds import DEFAULT, kind_of
-from stepadapt.sampling import Router, Trajectory, request_trajectory, validate_request, validate_setting
+from stepadapt.sampling import (
+    Router,
+    Trajectory,
+    images_of,
+    request_trajectory,
+    validate_request,
+    validate_setting,
+)
 from stepadapt.solvers import Setting, Solver, resolve_setting
 
 BUNDLES = "bundles"
@@ -91,12 +98,49 @@ def bls_expert(model_name, dtype, labels, max_rows):
 
 @dataclass(frozen=True)
 class Ask:
-    """What one request asks for: its images (seed, count, condition) and how to sample them."""
+    """What one request asks for: its images (seed, count, condition) and how to sample them;
+    ``truncated``: its prompt was cut to the tokenizer's limit (the answer says so)."""
 
     seed: int
     n: int
     setting: Setting
     cond: Cond
+    truncated: bool = False
+
+
+def _onnx_call(path, threads, device, name_in, dtype):
+    """An onnxruntime session as a function of one tensor (a text encoder, a VAE decoder)."""
+    from stepadapt.export.runtime import session
+
+    sess = session(path, threads, device=device)
+
+    def call(x):
+        return torch.from_numpy(sess.run(None, {name_in: x.detach().cpu().numpy().astype(dtype)})[0])
+
+    return call
+
+
+def load_surround(directory, manifest, params):
+    """A pipeline bundle's tokenizer + text encoder and VAE decoder, in this process (ONNX): the
+    text encoder runs once per request, the decoder once per image. (None, None) for a bare U-Net's."""
+    records = manifest.get("surround_onnx") or {}
+    if not records:
+        return None, None
+    from stepadapt.latents import LatentCodec
+    from stepadapt.text import TextEncoder
+
+    threads, device = int(params.get("threads", "1")), params.get("device", "auto")
+    text = latent = None
+    if "text_encoder" in records:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+        enc = _onnx_call(os.path.join(directory, "text_encoder.onnx"), threads, device, "input_ids", np.int64)
+        text = TextEncoder(tokenizer, enc)
+    if "vae_decoder" in records:
+        dec = _onnx_call(os.path.join(directory, "vae_decoder.onnx"), threads, device, "latents", np.float32)
+        latent = LatentCodec(None, records["vae_decoder"]["scaling_factor"], decoder=dec)
+    return text, latent
 
 
 class ServedBundle:
@@ -137,8 +181,8 @@ class ServedBundle:
             sum(e.get("macs", 0) * (e["timesteps"][1] - e["timesteps"][0]) for e in manifest["experts"]) / T
         )
         self.conditioning = conditioning_of(manifest["base_config"])
-        c = self.conditioning
-        self.denoiser = guided(self.router, c.null_label) if c.classes else self.router
+        self.denoiser = for_model(self.router, self.conditioning)
+        self.text, self.latent = load_surround(directory, manifest, params)
         self.recommended = manifest.get("recommended")
         self.jump_file = os.path.join(directory, "jump.safetensors")
         top = manifest["experts"][-1]
@@ -166,7 +210,29 @@ class ServedBundle:
             None if eta is None or float(eta) == 0.0 else float(eta),
         )  # fmt: skip
         self.check(setting, n)
+        prompt, negative = scalar(request, "prompt", None), scalar(request, "negative_prompt", None)
+        if self.conditioning.text_dim or prompt is not None or negative is not None:
+            cond, cut = prompt_condition(self.text, n, prompt, negative, scale, _labels(request))
+            return Ask(seed, n, setting, cond, cut)
         return Ask(seed, n, setting, request_condition(self.conditioning, n, _labels(request), scale))
+
+    @property
+    def decode(self):
+        """A latent bundle's decoder (latents -> images), None for a pixel one."""
+        return self.latent.decode if self.latent is not None else None
+
+    def images(self, x):
+        """A finished trajectory's uint8 images (decoded by the VAE, once per image, where latent)."""
+        return images_of(x, self.decode)
+
+    def null_condition(self, n):
+        """Rows the experts can run on without a request (calibration): the null class, the empty text."""
+        c = self.conditioning
+        if c.classes:
+            return {"class_labels": torch.full((n,), c.null_label)}
+        if c.text_dim and self.text is not None:
+            return {"encoder_hidden_states": self.text.encode([""]).embeddings.expand(n, -1, -1)}
+        return {}
 
     def check(self, setting, n):
         validate_request(setting.steps, n, self.max_images, int(self.scheduler["num_train_timesteps"]))
@@ -216,7 +282,7 @@ def pick(bundles, request):
     return bundles[name]
 
 
-def served_response(images, name, setting, degraded, batched=False):
+def served_response(images, name, setting, degraded, batched=False, truncated=False):
     """The answer to a served request: ``images`` and what served them, as output tensors (a batch
     axis of 1 for a lockstep router). Output tensors, not response parameters: Triton 2.51's python
     backend sends none of a response's parameters (measured: the HTTP answer has no
@@ -227,6 +293,7 @@ def served_response(images, name, setting, degraded, batched=False):
         pb_utils.Tensor("served_steps", np.array([setting.steps], dtype=np.int32)),
         pb_utils.Tensor("served_sampler", np.array([setting.sampler.encode()], dtype=np.object_)),
         pb_utils.Tensor("degraded", np.array([bool(degraded)], dtype=np.bool_)),
+        pb_utils.Tensor("prompt_truncated", np.array([bool(truncated)], dtype=np.bool_)),
     ]
     if batched:
         outs = [pb_utils.Tensor(o.name(), o.as_numpy()[None]) for o in outs]

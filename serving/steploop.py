@@ -27,7 +27,6 @@ from stepadapt.serving.served import pick, served_response
 from stepadapt import StepadaptError
 from stepadapt.admission import Offer, decide
 from stepadapt.engine import Engine, Job, Served
-from stepadapt.sampling import to_uint8
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 LOG_EVERY = 10.0
@@ -61,6 +60,7 @@ class Live:
     watch: Watch
     offer: Offer
     degraded: bool
+    truncated: bool = False
 
 
 class StepLoop:
@@ -176,7 +176,7 @@ class StepLoop:
             return
         sender = a.sender
         watch = Watch(a.id, self.max_seconds, sender.is_cancelled, start=a.at)
-        self.live[key] = Live(sender, watch, offer, degraded)
+        self.live[key] = Live(sender, watch, offer, degraded, ask.truncated)
         if not self._busy.since:
             self._busy.since = now
         self._busy.admitted += 1
@@ -206,8 +206,9 @@ class StepLoop:
         for job, err in left:
             live = self.live[job.key]
             if err is None:
+                images = self.bundles[live.offer.model].images(job.run.x)
                 answer = served_response(
-                    to_uint8(job.run.x), live.offer.model, live.offer.setting, live.degraded
+                    images, live.offer.model, live.offer.setting, live.degraded, truncated=live.truncated
                 )
                 self._end(job.key, answer, "served")
             elif isinstance(err, StepadaptError):

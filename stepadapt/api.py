@@ -27,7 +27,7 @@ from PIL import Image
 from stepadapt import StepadaptError
 from stepadapt.conditioning import Conditioning, conditioning_of, for_model, labels_cond
 from stepadapt.pipeline import Surround, surround_of
-from stepadapt.sampling import Denoiser, Trajectory, module_denoiser, sample, to_uint8, validate_request
+from stepadapt.sampling import Denoiser, Trajectory, images_of, module_denoiser, sample, validate_request
 from stepadapt.solvers import resolve_setting
 
 SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance scale
@@ -170,7 +170,7 @@ class StepAdaptivePipeline:
                          seed=g.initial_seed(), jump=jump, cond=cond)  # fmt: skip
         x0 = sample(self.denoiser, run, callback=callback)
         latent = self.surround.latent if self.surround is not None else None
-        images = to_uint8(latent.decode(x0) if latent is not None else x0)
+        images = images_of(x0, latent.decode if latent is not None else None)
         return PipelineOutput(_as(images, output_type), truncated, setting.sampler, setting.steps)
 
 

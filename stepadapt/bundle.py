@@ -339,6 +339,16 @@ class Bundle:
         """Where this bundle keeps its pipeline's VAE and text parts (None: a bare U-Net's bundle)."""
         return self.path / SURROUND_DIR if self.manifest.pipeline else None
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C x H x W of the images it makes: its samples', or its VAE's pixels for a latent bundle."""
+        if self.surround_dir is None or not (self.surround_dir / "vae" / "config.json").is_file():
+            return tuple(self.manifest.sample_shape)
+        vae = read_json(self.surround_dir / "vae" / "config.json", "VAE config")
+        f = 2 ** (len(vae["block_out_channels"]) - 1)
+        _, h, w = self.manifest.sample_shape
+        return int(vae.get("in_channels", 3)), h * f, w * f
+
     def surround(self) -> Surround | None:
         """The VAE, text encoder and tokenizer this bundle was cut with (verified on load)."""
         return Surround.load(self.surround_dir) if self.surround_dir is not None else None

@@ -26,6 +26,8 @@ from stepadapt.models import DEFAULT_BASE
 from stepadapt.serving.demo import DemoOptions
 from stepadapt.serving.stage import ServeOptions
 from stepadapt.train_base import TrainBaseOptions
+from stepadapt.train_text import TrainTextOptions
+from stepadapt.train_vae import TrainVaeOptions
 from stepadapt.tune import TUNE_SAMPLERS, TUNE_STEPS
 
 app = typer.Typer(
@@ -132,6 +134,43 @@ def train_classifier(opts: ClassifierOptions) -> None:
         _fail(e)
     acc = "no test part" if res.test_accuracy is None else f"{100 * res.test_accuracy:.2f}%"
     out.print(f"trained {res.iterations} steps in {res.seconds:.0f} s; test accuracy {acc}; -> {path}")
+
+
+@app.command("train-vae")
+@command(TrainVaeOptions, _fail)
+def train_vae(opts: TrainVaeOptions) -> None:
+    """Train the small VAE of a latent text-to-image pipeline (diffusers AutoencoderKL; its
+    scaling_factor measured on the training latents). Writes OUT/vae/, OUT/reconstructions.png and a
+    resumable OUT/checkpoint.pt; give OUT (with a text encoder beside it) to train-base --surround."""
+    from stepadapt.train_vae import train_vae as run
+
+    try:
+        res, path = run(opts, log=console.print)
+    except StepadaptError as e:
+        _fail(e)
+    psnr = "no held-out part" if res.psnr is None else f"held-out PSNR {res.psnr:.1f} dB"
+    out.print(
+        f"trained {res.steps} steps in {res.seconds:.0f} s; latents {res.latent_shape}, {psnr}; -> {path}"
+    )
+
+
+@app.command("train-text-encoder")
+@command(TrainTextOptions, _fail)
+def train_text_encoder(opts: TrainTextOptions) -> None:
+    """Train a BPE tokenizer on the data's captions and a small CLIP text encoder against the
+    images (contrastive, CLIP's loss). Writes OUT/tokenizer/ and OUT/text_encoder/ (safetensors)."""
+    from stepadapt.train_text import train_text_encoder as run
+
+    try:
+        res, path = run(opts, log=console.print)
+    except StepadaptError as e:
+        _fail(e)
+    acc = (
+        "" if res.zero_shot_accuracy is None else f", zero-shot accuracy {100 * res.zero_shot_accuracy:.1f}%"
+    )
+    out.print(
+        f"trained {res.steps} steps in {res.seconds:.0f} s; vocabulary {res.vocab_size}{acc}; -> {path}"
+    )
 
 
 @app.command()
@@ -656,11 +695,16 @@ def generate(
         typer.Option(help="Class-conditional bundles: comma-separated labels, cycled over the --n images."),
     ] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option(help="Class-conditional bundles: classifier-free guidance (1 = none).")
+        float | None,
+        typer.Option(help="Classifier-free guidance (1 = none; default 1, or 7.5 for text bundles)."),
     ] = None,
     budget: Annotated[
         str | None,
         typer.Option(help="Which served bundle (serve NAME=DIR ...); default: the server's first."),
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text-to-image bundles: the prompt.")] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image bundles: what guidance steers away from.")
     ] = None,
 ) -> None:
     """Ask a running endpoint for images and save them as a grid; says what served them (a server
@@ -674,7 +718,7 @@ def generate(
         req = GenerateRequest(
             num_images=n, steps=steps, seed=seed, sampler=sampler, eta=eta, jump=jump,
             class_labels=[labels[i % len(labels)] for i in range(n)] if labels else None,
-            guidance_scale=guidance_scale, budget=budget,
+            guidance_scale=guidance_scale, budget=budget, prompt=prompt, negative_prompt=negative_prompt,
         )  # fmt: skip
         served = None
         if stream:
@@ -697,6 +741,8 @@ def generate(
     if served is not None:
         how = " (degraded by the server's SLO)" if served.degraded else ""
         out.print(f"served by {served.bundle}: {served.sampler} x{served.steps}{how}")
+        if served.truncated:
+            console.print("[yellow]note:[/] the prompt was longer than the tokenizer's limit and was cut")
 
 
 @app.command()

@@ -92,13 +92,19 @@ class Surround:
     tokenizer: Any = None
 
     @classmethod
-    def load(cls, root: str | os.PathLike) -> Surround:
-        """The surround of a pipeline directory or of a bundle's ``pipeline/`` copy."""
-        root = Path(root)
-        parts = {p: _load(p, d) for p in SURROUND if (d := _part_dir(root, p)) is not None}
+    def load(cls, *roots: str | os.PathLike) -> Surround:
+        """The surround of a pipeline directory or of a bundle's ``pipeline/`` copy; given several
+        directories (train-vae's and train-text-encoder's runs), each part from the first that has it."""
+        dirs = [Path(r) for r in roots]
+        for d in dirs:
+            if not d.is_dir():
+                raise StepadaptError(f"surround directory not found: {d}")
+        found = {p: next((x for d in dirs if (x := _part_dir(d, p)) is not None), None) for p in SURROUND}
+        parts = {p: _load(p, d) for p, d in found.items() if d is not None}
         if ("text_encoder" in parts) != ("tokenizer" in parts):
-            raise StepadaptError(f"{root} has a text encoder without a tokenizer or the other way round")
-        return cls(root, parts.get("vae"), parts.get("text_encoder"), parts.get("tokenizer"))
+            where = ", ".join(map(str, dirs))
+            raise StepadaptError(f"{where}: a text encoder without a tokenizer or the other way round")
+        return cls(dirs[0], parts.get("vae"), parts.get("text_encoder"), parts.get("tokenizer"))
 
     @property
     def latent(self) -> LatentCodec | None:

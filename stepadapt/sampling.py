@@ -36,6 +36,7 @@ from stepadapt.solvers import Setting, Solver
 
 __all__ = ["Cond", "Denoiser"]  # re-exported: the denoiser protocol is where sampling meets models
 StepCallback = Callable[[int, float, torch.Tensor], None]
+Decode = Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [-1, 1] (a VAE's decoder)
 
 
 class Router:
@@ -327,11 +328,13 @@ def sample_images(
     callback: StepCallback | None = None,
     jump: Jump | None = None,
     cond: Cond | None = None,
+    decode: Decode | None = None,
 ) -> np.ndarray:
     """``n`` uint8 images (N x H x W x C) in chunks of ``batch``; same seed, same images.
 
     ``sampler`` is a :class:`Solver` or its spec (``"unipc"``, ``"dpm++2m:thresholding"``); ``eta``,
-    where given, overrides the spec's. ``cond``: the ``n`` rows' condition (labels, guidance)."""
+    where given, overrides the spec's. ``cond``: the ``n`` rows' condition (labels, guidance);
+    ``decode``: a latent model's decoder (latents -> images in [-1, 1])."""
     solver = _solver(sampler, eta)
     validate_request(steps, n, 1_000_000, int(scheduler_cfg.get("num_train_timesteps", 1000)))
     x_t, gen = initial_noise(n, shape, seed)
@@ -344,7 +347,12 @@ def sample_images(
             cond=part,
         )  # fmt: skip
         chunks.append(sample(denoiser, run, callback=callback))
-    return to_uint8(torch.cat(chunks))
+    return images_of(torch.cat(chunks), decode)
+
+
+def images_of(x: torch.Tensor, decode: Decode | None = None) -> np.ndarray:
+    """A trajectory's end as uint8 images: decoded first where the model works in latents."""
+    return to_uint8(decode(x) if decode is not None else x)
 
 
 def _solver(sampler: Solver | str, eta: float | None) -> Solver:
@@ -395,6 +403,7 @@ def sample_together(
     eta: float | None = None,
     stopped: Callable[[], Sequence[bool]] | None = None,
     jump: Jump | None = None,
+    decode: Decode | None = None,
 ) -> list[np.ndarray | None]:
     """Several requests ``(n, seed[, cond])`` as one batch: every model evaluation is one call for all.
 
@@ -418,7 +427,7 @@ def sample_together(
         if not active:
             break
         step_together(denoiser, active)
-    return [None if r is None else to_uint8(r.x) for r in runs]
+    return [None if r is None else images_of(r.x, decode) for r in runs]
 
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:

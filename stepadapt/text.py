@@ -9,6 +9,7 @@ a truncated prompt is reported, since the user's words beyond the limit changed 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,22 +73,27 @@ class TextEncoder:
     def condition(
         self, prompts: Sequence[str], negative: Sequence[str] | None, guidance_scale: float
     ) -> tuple[dict[str, torch.Tensor], tuple[bool, ...]]:
-        """The condition of one row per prompt, as the pipeline guides: with a scale above 1 each row
-        carries its negative prompt's embedding (``""`` where none) and the scale; at 1 or below the
-        pipeline does not guide, and neither does this. Returns which prompts were truncated."""
+        """The condition of one row per prompt, as the pipeline guides: above scale 1 each row carries
+        its negative prompt's embedding (``""`` where none) and the scale; at 1 or below the pipeline
+        does not guide, and neither does this (scale 1; the negative text, unused, is zeros). Every
+        row has the same keys, so requests with and without guidance stack into one batch. Returns
+        which prompts (or their negatives) were truncated."""
         if not prompts:
             raise StepadaptError("no prompt given: a text-conditioned model needs one")
-        if not torch.isfinite(torch.tensor(float(guidance_scale))):
-            raise StepadaptError("guidance scale must be a finite number")
+        if not math.isfinite(float(guidance_scale)):
+            raise StepadaptError(f"guidance scale must be a finite number, got {guidance_scale}")
         enc = self.encode(prompts)
-        cond = {TEXT: enc.embeddings}
         truncated = enc.truncated
-        if guidance_scale > 1.0:
+        scale = float(guidance_scale) if guidance_scale > 1.0 else 1.0
+        if scale > 1.0:
             neg = list(negative) if negative else [""] * len(prompts)
             if len(neg) != len(prompts):
                 raise StepadaptError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
             neg_enc = self.encode(neg)
-            cond[NEGATIVE_TEXT] = neg_enc.embeddings
-            cond[GUIDANCE] = torch.full((len(prompts),), float(guidance_scale), dtype=torch.float32)
+            negative_text = neg_enc.embeddings
             truncated = tuple(a or b for a, b in zip(truncated, neg_enc.truncated, strict=True))
+        else:
+            negative_text = torch.zeros_like(enc.embeddings)
+        cond = {TEXT: enc.embeddings, NEGATIVE_TEXT: negative_text,
+                GUIDANCE: torch.full((len(prompts),), scale, dtype=torch.float32)}  # fmt: skip
         return cond, truncated

@@ -63,11 +63,12 @@ class TrainBaseOptions(Options):
         "Start from this base's weights (same config) instead of from scratch; a class-conditional "
         "model learns its class embedding from zero, so it starts as the unconditional base.",
     )
-    surround: Path | None = option(
-        None,
-        "A directory with vae/ (and text_encoder/ + tokenizer/): train a latent U-Net on the VAE's "
-        "latents of the data (conditioned on its captions where there is a text encoder); OUT/model "
-        "is then a diffusers pipeline directory. Use with --config tiny-t2i.",
+    surround: tuple[Path, ...] = option(
+        (),
+        "Directories with vae/ and text_encoder/ + tokenizer/ (train-vae's and train-text-encoder's "
+        "OUT, or one pipeline directory; repeat the flag): train a latent U-Net on the VAE's latents "
+        "of the data, conditioned on its captions; OUT/model is then a diffusers pipeline directory. "
+        "Use with --config tiny-t2i.",
     )
     class_lr_scale: float | None = option(
         None,
@@ -84,11 +85,11 @@ class TrainBaseOptions(Options):
         if self.channels not in (None, 1, 3):
             raise StepadaptError(f"--channels must be 1 or 3, got {self.channels}")
         text = "cross_attention_dim" in CONFIGS[self.config]
-        if text and self.surround is None:
+        if text and not self.surround:
             raise StepadaptError(
                 f"config {self.config} is a text-to-image U-Net: give --surround (VAE, text encoder)"
             )
-        if self.surround is not None and (self.conditional or self.init is not None):
+        if self.surround and (self.conditional or self.init is not None):
             raise StepadaptError("--surround trains a latent model from scratch: no --conditional or --init")
 
     def side(self) -> int:
@@ -178,7 +179,7 @@ def train_base(
     dist.init_from_env()
     side = o.side()
     part = dict(limit=o.limit, seed=o.seed, holdout=o.holdout)
-    if o.surround is not None:
+    if o.surround:
         return _train_latent(o, side, part, dev, say)
     y, names = None, ()
     if o.conditional:
@@ -213,9 +214,11 @@ def _train_latent(o: TrainBaseOptions, side: int, part: dict, dev, say: Callable
     from stepadapt.space import DataSpace
     from stepadapt.train import train
 
-    surround = Surround.load(o.surround)
+    surround = Surround.load(*o.surround)
     if surround.vae is None:
-        raise StepadaptError(f"--surround {o.surround} has no vae/: a latent model needs one")
+        raise StepadaptError(
+            f"--surround {', '.join(map(str, o.surround))} has no vae/: a latent model needs one"
+        )
     latent = surround.latent
     if side % latent.factor:
         raise StepadaptError(

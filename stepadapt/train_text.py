@@ -279,11 +279,13 @@ def count_truncated(tokenizer: CLIPTokenizer, captions: list[str]) -> int:
 def save_text_parts(text: CLIPTextModel, tokenizer: CLIPTokenizer, out: Path) -> None:
     """OUT/tokenizer/ and OUT/text_encoder/ as a Stable Diffusion pipeline's folders hold them."""
     from stepadapt.io import atomic_dir
+    from stepadapt.train_vae import readable_like_config
 
     with atomic_dir(out / "tokenizer") as tmp:
         tokenizer.save_pretrained(tmp)
     with atomic_dir(out / "text_encoder") as tmp:
         text.to("cpu").save_pretrained(tmp)  # transformers 5 writes safetensors only
+        readable_like_config(tmp)
 
 
 @torch.inference_mode()

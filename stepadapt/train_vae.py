@@ -239,6 +239,15 @@ class Checkpointed:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
+def readable_like_config(folder: Path) -> None:
+    """Give every file in a saved model folder the mode its config.json got: safetensors writes its
+    file 0600 (only the owner may read), where open() honours the umask as everything else here does."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(mode)
+
+
 def read_checkpoint(out: Path) -> dict[str, Any]:
     """OUT/checkpoint.pt, loaded without unpickling code; its absence is the error a resume reports."""
     from stepadapt.io import load_torch
@@ -332,6 +341,7 @@ def train_vae(options: TrainVaeOptions, log: Callable[[str], None] | None = None
     score_held_out(vae, o, result, say)
     with atomic_dir(o.out / "vae") as tmp:
         vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        readable_like_config(tmp)
     write_json(o.out / "result.json", {"options": o.to_dict(), "result": result.to_dict()})
     return result, o.out / "vae"
 

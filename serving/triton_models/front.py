@@ -38,11 +38,12 @@ import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
 from stepadapt.serving.replies import error, unrelay
 
-SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale", "budget")
+SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale", "budget", "prompt",
+           "negative_prompt")  # fmt: skip
 PER_IMAGE = ("class_labels",)  # one value per image: any length, checked by the router
 TYPES = {"class_labels": np.int32, "guidance_scale": np.float32}  # of the inputs ``fill`` may name
 POLL = 0.05  # seconds between looks at the client's cancellation while the router works
-OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded")
+OUTPUTS = ("images", "served_bundle", "served_steps", "served_sampler", "degraded", "prompt_truncated")
 
 
 def _relay(resp, batched):
@@ -116,7 +117,7 @@ class TritonPythonModel:
             return error(str(e))
         rid = cancel.new_id()
         req = pb_utils.InferenceRequest(
-            model_name=random.choice(self.targets),
+            model_name=self._target(),
             requested_output_names=list(OUTPUTS),
             inputs=inputs,
             request_id=rid,

@@ -73,9 +73,8 @@ class TritonPythonModel:
             )  # fmt: skip
 
     def _null_condition(self, name, n):
-        """Rows of the null class (what calibration runs a class-conditional bundle's experts on)."""
-        c = self.bundles[name].conditioning
-        return {"class_labels": torch.full((n,), c.null_label)} if c.classes else {}
+        """Rows calibration runs a bundle's experts on: the null class, the empty text, or none."""
+        return self.bundles[name].null_condition(n)
 
     def finalize(self):
         if self.loop is not None:
@@ -118,7 +117,7 @@ class TritonPythonModel:
             images = sample_together(
                 bundle.denoiser, bundle.scheduler, bundle.shape, [(a.n, a.seed, a.cond) for _, a, _ in chunk],
                 steps=setting.steps, sampler=setting.sampler, stopped=stopped,
-                jump=bundle.jump() if setting.jump else None,
+                jump=bundle.jump() if setting.jump else None, decode=bundle.decode,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001
             if len(chunk) > 1:
@@ -130,11 +129,11 @@ class TritonPythonModel:
                 error(str(e), "INTERNAL", self.batched) if ours else internal(e, self.batched)
             )
             return
-        for (i, _, watch), im in zip(chunk, images, strict=True):
+        for (i, ask, watch), im in zip(chunk, images, strict=True):
             if im is None:
                 responses[i] = error(str(watch.stopped), watch.stopped.code, self.batched)
             else:
-                responses[i] = served_response(im, bundle.name, setting, False, self.batched)
+                responses[i] = served_response(im, bundle.name, setting, False, self.batched, ask.truncated)
 
     def _chunks(self, members):
         """Consecutive runs of requests whose images together fit one batch."""
@@ -173,9 +172,9 @@ class TritonPythonModel:
             images = sample_images(
                 bundle.denoiser, bundle.scheduler, bundle.shape, a.n, steps=a.setting.steps,
                 sampler=a.setting.sampler, seed=a.seed, batch=self.max_images, callback=progress,
-                jump=bundle.jump() if a.setting.jump else None, cond=a.cond,
+                jump=bundle.jump() if a.setting.jump else None, cond=a.cond, decode=bundle.decode,
             )  # fmt: skip
-            last = served_response(images, bundle.name, a.setting, False)
+            last = served_response(images, bundle.name, a.setting, False, truncated=a.truncated)
         except Stopped as e:
             last = error(str(e), e.code)
         except StepadaptError as e:
