@@ -74,6 +74,8 @@ def test_vae_run_writes_a_loadable_vae_with_its_scaling_factor(tmp_path):
     assert 0 <= result.classifier_accuracy <= 1 and result.classifier_accuracy_originals >= 0.8
     grid = Image.open(tmp_path / "run" / "reconstructions.png")
     assert grid.size == (2 * (8 * 34 + 2 + 4), 2 * (4 * 34 + 2 + 4))  # 2 x (originals over reconstructions)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert modes["diffusion_pytorch_model.safetensors"] == modes["config.json"], modes  # not 0600
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert TrainVaeOptions.from_dict(saved["options"]) == o
     assert any("classifier accuracy" in line for line in lines)
@@ -133,6 +135,7 @@ def test_text_run_writes_a_loadable_tokenizer_and_encoder(captioned, tmp_path):
     assert tok.eos_token_id not in unseen[1:-1]
 
     model = CLIPTextModel.from_pretrained(path, use_safetensors=True).eval()
+    assert (path / "model.safetensors").stat().st_mode == (path / "config.json").stat().st_mode
     assert model.config.max_position_embeddings == 8 and model.config.vocab_size == len(tok)
     assert model.config.eos_token_id == tok.eos_token_id
     batch = tokenize(tok, ["a square on the top", "a square"])
@@ -171,14 +174,14 @@ def test_text_on_fashion_scores_zero_shot_with_whole_word_prompts(tmp_path):
 @needs_fmnist
 def test_text_encoder_learns_the_classes(tmp_path):
     o = _text("fashion-mnist", tmp_path, hidden=32, max_length=16, limit=4000, eval_limit=1000,
-              iterations=150, batch_size=64, checkpoint_every=1000)  # fmt: skip
+              iterations=150, batch_size=64, checkpoint_every=1000, threads=1)  # fmt: skip
     result, _ = train_text_encoder(o)
     assert result.zero_shot_accuracy > 0.4  # chance is 0.1
 
 
 @needs_fmnist
 def test_vae_learns_to_reconstruct(tmp_path):
-    o = _vae("fashion-mnist", tmp_path, limit=2000, eval_limit=500, iterations=200, batch_size=16,
+    o = _vae("fashion-mnist", tmp_path, limit=2000, eval_limit=500, iterations=200, batch_size=16, threads=1,
              checkpoint_every=1000)  # fmt: skip
     result, _ = train_vae(o)
     # an untrained one: about 6 dB, and the classifier at chance (0.1)
