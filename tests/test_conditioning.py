@@ -246,7 +246,8 @@ def test_the_class_embedding_can_learn_at_its_own_rate():
 
 def test_a_text_model_unconditional_guidance_and_bad_manifests_are_one_line_errors(tmp_path):
     """What cannot run is said before any work: sampling a text-conditioned model without its text
-    encoder (a bare U-Net, not a pipeline), guidance for a model without labels, a manifest whose conditioning is not numbers."""
+    encoder (a bare U-Net, not a pipeline), guidance for an unconditional model, a manifest whose
+    conditioning is not numbers."""
     import json
 
     from stepadapt.bundle import Bundle

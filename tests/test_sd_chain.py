@@ -131,12 +131,17 @@ def test_the_endpoint_answers_prompts_as_the_in_process_sampler(served_text):
     b, server = served_text
     pipe = StepAdaptivePipeline.from_bundle(b.path)
     asks = [("a photo of a bag", 0, 3.0, None), ("an ankle boot", 1, 5.0, "a bag"), ("a dress", 2, 1.0, None)]
-    with Endpoint(server.http_url) as e, ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda a: e.infer(_request(*a)), asks))
+
+    def ask(a):  # a client per thread: one HTTP connection is not shared between threads
+        with Endpoint(server.http_url) as e:
+            return e.infer(_request(*a))
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, asks))
     for (prompt, seed, scale, negative), got in zip(asks, answers, strict=True):
         g = torch.Generator().manual_seed(seed)
-        want = pipe(prompt, negative, num_inference_steps=STEPS, guidance_scale=scale, num_images_per_prompt=2,
-                    generator=g, sampler="ddim", output_type="uint8").images  # fmt: skip
+        kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, sampler="ddim", output_type="uint8")
+        want = pipe(prompt, negative, guidance_scale=scale, generator=g, **kw).images
         assert got.images.shape == (2, 32, 32, 1) and not got.truncated
         assert np.abs(got.images.astype(int) - want.astype(int)).max() <= 2, prompt
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+from tiny_sd import MAX_LENGTH, write_tiny_pipeline
 from typer.testing import CliRunner
 
 from stepadapt import StepadaptError
 from stepadapt.api import StepAdaptivePipeline
 from stepadapt.cli import app
 from stepadapt.pipeline import Surround, surround_of
-from tiny_sd import MAX_LENGTH, write_tiny_pipeline
 
 PROMPT = "a photo of an ankle boot"
 NEGATIVE = "a bag"
