@@ -57,8 +57,9 @@ def sample(path: Path, kind: str, steps: int, n: int, seed: int, guidance: float
     pipe = load(path)
     per = n // 10
     prompts = [class_prompt(c) for c in range(10)]
+    g = torch.Generator().manual_seed(seed)
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=per,
-               generator=torch.Generator().manual_seed(seed), sampler=sampler, output_type="uint8")  # fmt: skip
+               generator=g, sampler=sampler, output_type="uint8")  # fmt: skip
     return out.images, np.repeat(np.arange(10), per)
 
 
