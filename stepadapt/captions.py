@@ -31,7 +31,7 @@ from stepadapt.data import (
     fashion_mnist_labels,
     folder_split,
     load_dataset,
-    subset,
+    paired,
 )
 
 METADATA = "metadata.jsonl"
@@ -125,8 +125,4 @@ def load_captioned(
     """Images and their captions, the same rows :func:`load_dataset` gives (same ``limit``)."""
     source = str(source)
     x = load_dataset(source, split, size, channels, holdout=holdout)
-    texts = load_captions(source, split, holdout)
-    if len(texts) != len(x):
-        raise StepadaptError(f"{source}: {len(texts)} captions for {len(x)} images")
-    keep = subset(len(x), limit, seed)
-    return (x, texts) if keep is None else (x[keep], [texts[i] for i in keep.tolist()])
+    return paired(x, load_captions(source, split, holdout), source, "captions", limit, seed)

@@ -487,11 +487,18 @@ def load_labelled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and their int64 labels, the same rows :func:`load_dataset` gives (same ``limit``)."""
     x = load_dataset(source, split, size, channels, holdout=holdout)
-    y = load_labels(source, split, holdout)
-    if len(y) != len(x):
-        raise StepadaptError(f"{source}: {len(y)} labels for {len(x)} images")
+    return paired(x, load_labels(source, split, holdout), source, "labels", limit, seed)
+
+
+def paired(x: torch.Tensor, rows, source: str, what: str, limit: int | None, seed: int) -> tuple:
+    """Images and what goes with each (labels, captions), checked row for row and cut to the
+    same ``limit`` rows :func:`load_dataset` would keep."""
+    if len(rows) != len(x):
+        raise StepadaptError(f"{source}: {len(rows)} {what} for {len(x)} images")
     keep = subset(len(x), limit, seed)
-    return (x, y) if keep is None else (x[keep], y[keep])
+    if keep is None:
+        return x, rows
+    return x[keep], rows[keep] if isinstance(rows, torch.Tensor) else [rows[i] for i in keep.tolist()]
 
 
 def proxy_sets(

@@ -28,10 +28,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stepadapt import Notice, StepadaptError
-from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
-from stepadapt.devices import DEVICE_HELP
-from stepadapt.options import Options, option
-from stepadapt.train_vae import WARMUP, Checkpointed, at_least, check_run_options, read_checkpoint
+from stepadapt.options import option
+from stepadapt.train_vae import WARMUP, Checkpointed, RunOptions, at_least, read_checkpoint
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Every printable ASCII character is in the vocabulary, alone and ending a word, so a prompt in words
@@ -43,7 +41,7 @@ ENCODE_BATCH = 1000
 
 
 @dataclass(frozen=True)
-class TrainTextOptions(Options):
+class TrainTextOptions(RunOptions):
     """``stepadapt train-text``: captioned images -> OUT/tokenizer/ (CLIPTokenizer) and
     OUT/text_encoder/ (CLIPTextModel, safetensors), trained contrastively against the images."""
 
@@ -63,18 +61,9 @@ class TrainTextOptions(Options):
     layers: int = option(2, "Text encoder transformer layers.")
     heads: int = option(4, "Attention heads (must divide --hidden).")
     max_length: int = option(16, "Tokens per caption, start and end tokens included; longer ones are cut.")
-    limit: int | None = option(None, "Train on a deterministic subset of N captioned images.")
-    eval_limit: int | None = option(None, "Score N held-out images (default: the whole test split).")
-    seed: int = option(0, "Seed for init, batches and augmentation.")
-    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
-    checkpoint_every: int = option(500, "Checkpoint period in steps.")
-    resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
-    threads: int | None = option(None, "CPU threads for torch.")
-    device: str = option("auto", DEVICE_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_run_options(self)
         at_least(self, "batch_size", least=2)  # one pair has nothing to be contrasted with
         at_least(self, "hidden", "layers", "heads")
         at_least(self, "max_length", least=3)  # start, one token, end

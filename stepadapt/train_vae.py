@@ -42,7 +42,26 @@ RESUME_FREE = ("out", "resume", "iterations", "checkpoint_every", "threads", "de
 
 
 @dataclass(frozen=True)
-class TrainVaeOptions(Options):
+class RunOptions(Options):
+    """What every checkpointed trainer of a pipeline part takes beside its own options (train-vae,
+    train-text-encoder), checked in one place."""
+
+    limit: int | None = option(None, "Train on a deterministic subset of N images.")
+    eval_limit: int | None = option(None, "Score N held-out images (default: the whole test split).")
+    seed: int = option(0, "Seed for init, batches and sampling.")
+    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
+    checkpoint_every: int = option(500, "Checkpoint period in steps.")
+    resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
+    threads: int | None = option(None, "CPU threads for torch.")
+    device: str = option("auto", DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_run_options(self)
+
+
+@dataclass(frozen=True)
+class TrainVaeOptions(RunOptions):
     """``stepadapt train-vae``: images -> a diffusers AutoencoderKL (OUT/vae/, safetensors) whose
     config holds the latents' scaling_factor."""
 
@@ -63,18 +82,9 @@ class TrainVaeOptions(Options):
         (16, 32, 64), "Channels of each resolution level; each level after the first halves the side."
     )
     layers_per_block: int = option(1, "Residual blocks per encoder level (the decoder has one more).")
-    limit: int | None = option(None, "Train on a deterministic subset of N images.")
-    eval_limit: int | None = option(None, "Score N held-out images (default: the whole test split).")
-    seed: int = option(0, "Seed for init, batches and the latents' sampling.")
-    holdout: float = option(DEFAULT_HOLDOUT, HOLDOUT_HELP)
-    checkpoint_every: int = option(500, "Checkpoint period in steps.")
-    resume: bool = option(False, "Continue from OUT/checkpoint.pt exactly.")
-    threads: int | None = option(None, "CPU threads for torch.")
-    device: str = option("auto", DEVICE_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_run_options(self)
         if not self.kl_weight >= 0 or math.isinf(self.kl_weight):
             raise StepadaptError(f"--kl-weight must be a finite number >= 0, got {self.kl_weight}")
         if self.channels not in (None, 1, 3):
