@@ -96,13 +96,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ship(src: Path, dst: Path) -> Path:
+    """A pipeline directory stored again in float16 (half the size; it loads back into float32)."""
+    from stepadapt.models import load_base
+    from stepadapt.pipeline import surround_of, write_pipeline
+
+    unet, sched = load_base(src)
+    return write_pipeline(dst, unet, sched, surround_of(src), dtype=torch.float16)
+
+
 def main(argv: list[str] | None = None) -> None:
     from stepadapt.classifier import load_classifier
     from stepadapt.evaluate import InceptionFeatures, real_set
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--experts", type=Path, required=True)
+    p.add_argument("--experts", type=Path)
+    p.add_argument("--ship", type=Path, help="Write --base as a float16 pipeline here, and stop.")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=12, help="The base's steps (the equal-MACs point).")
@@ -111,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/t2i-eval"))
     p.add_argument("--scores", type=Path, default=SCORES)
     args = p.parse_args(argv)
+    if args.ship is not None:
+        print(f"shipped -> {ship(args.base, args.ship)}")
+        return
+    if args.experts is None:
+        p.error("--experts is needed to compare")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scores = read_json(args.scores) if args.scores.is_file() else {}

@@ -150,7 +150,7 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
     if cls is None:
         raise StepadaptError(f"{unet_dir} holds a {cfg['_class_name']}, not one of {', '.join(UNET_CLASSES)}")
     try:
-        model = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False).float()
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepadaptError(f"cannot load model from {unet_dir}: {msg}") from None

@@ -12,6 +12,7 @@ Weights load from safetensors only; a part that ships only pickled weights (``*.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -70,10 +71,11 @@ def _load(part: str, d: Path) -> Any:
         if part == "vae":
             from diffusers import AutoencoderKL
 
-            return AutoencoderKL.from_pretrained(d, use_safetensors=True, low_cpu_mem_usage=False).eval()
+            vae = AutoencoderKL.from_pretrained(d, use_safetensors=True, low_cpu_mem_usage=False)
+            return vae.float().eval()  # weights shipped in fp16 compute in fp32 here, as the U-Net's do
         from transformers import CLIPTextModel
 
-        return CLIPTextModel.from_pretrained(d, use_safetensors=True).eval()
+        return CLIPTextModel.from_pretrained(d, use_safetensors=True).float().eval()
     except StepadaptError:
         raise
     except Exception as e:
@@ -159,10 +161,15 @@ def copy_surround(src: str | os.PathLike, dst: Path) -> dict[str, dict[str, str]
 
 
 def write_pipeline(
-    path: str | os.PathLike, unet: torch.nn.Module, scheduler_cfg: dict, surround: Surround
+    path: str | os.PathLike,
+    unet: torch.nn.Module,
+    scheduler_cfg: dict,
+    surround: Surround,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A diffusers pipeline directory of ``unet`` and ``surround`` (what StableDiffusionPipeline
-    loads), written atomically: how a base trained here becomes a pipeline."""
+    loads), written atomically: how a base trained here becomes a pipeline. ``dtype`` float16
+    stores the weights at half the size (they load back into float32 models)."""
     _quiet_transformers()
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -176,6 +183,11 @@ def write_pipeline(
         scheduler=from_model_config(DDPMScheduler, scheduler_cfg), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
+    if dtype != torch.float32:
+        pipe = copy.deepcopy(pipe).to(dtype)
     with atomic_dir(Path(path)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for extra in ("MODEL_CARD.md", "samples.png"):  # a card written beside an earlier copy stays
+            if (Path(path) / extra).is_file():
+                shutil.copyfile(Path(path) / extra, tmp / extra)
     return Path(path)
