@@ -260,7 +260,7 @@ def test_the_repository_declares_the_condition_inputs(cond_bundle, tmp_path):
         assert "class_labels" not in (bls / "expert_g2" / config).read_text()
     text = replace(cond_bundle.manifest, base_config={**cond_bundle.manifest.base_config,
                                                       "cross_attention_dim": 32})  # fmt: skip
-    with pytest.raises(StepadaptError, match="conditioned on text embeddings"):
+    with pytest.raises(StepadaptError, match="conditioned on text but has no text encoder"):
         write_repository(Bundle(cond_bundle.path, text), tmp_path / "t")
 
 
