@@ -24,28 +24,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.experiment import locked
 from stepadapt.io import read_json, write_json
 
 RESULTS = Path(__file__).parent / "results"
 SCORES = RESULTS / "t2i_scores.json"
 
 
-def arms(base: Path, experts: Path, steps: int, sampler: str) -> list[tuple[str, Path, int, float]]:
+def arms(base: Path, experts: Path | None, steps: int, sampler: str) -> list[tuple[str, Path, int, float]]:
     """(name, path, steps, MACs per image in base evaluations): the base at ``steps`` and at half,
-    the experts at the most steps that cost no more than the base at ``steps``."""
+    the experts (where given) at the most steps that cost no more than the base at ``steps``."""
     from stepadapt.bundle import Bundle
+    from stepadapt.models import load_base
     from stepadapt.plan import visited_timesteps
 
-    m = Bundle.load(experts).manifest
-    sched = m.scheduler
+    sched = load_base(base)[1]
     base_cost = float(len(visited_timesteps(sampler, steps, sched)))
-    fit = max(s for s in range(steps, 4 * steps + 1) if m.macs_per_image(s, sampler) <= base_cost + 1e-9)
     half = steps // 2
-    return [
+    out = [
         ("base", base, steps, base_cost),
         ("base", base, half, float(len(visited_timesteps(sampler, half, sched)))),
-        ("experts", experts, fit, m.macs_per_image(fit, sampler)),
     ]
+    if experts is not None:
+        m = Bundle.load(experts).manifest
+        fit = max(s for s in range(steps, 4 * steps + 1) if m.macs_per_image(s, sampler) <= base_cost + 1e-9)
+        out.append(("experts", experts, fit, m.macs_per_image(fit, sampler)))
+    return out
 
 
 def sample(path: Path, kind: str, steps: int, n: int, seed: int, guidance: float, sampler: str) -> tuple:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--experts", type=Path)
+    p.add_argument("--experts", type=Path, help="The bundle to compare (left out: the base's arms only).")
     p.add_argument("--ship", type=Path, help="Write --base as a float16 pipeline here, and stop.")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seeds", default="0,1")
@@ -124,8 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.ship is not None:
         print(f"shipped -> {ship(args.base, args.ship)}")
         return
-    if args.experts is None:
-        p.error("--experts is needed to compare")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scores = read_json(args.scores) if args.scores.is_file() else {}
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
             key = f"{arm[0]}|{seed}|{arm[2]}|g{args.guidance:g}|{args.sampler}|{args.n}"
             if key not in scores:
                 scores[key] = score_arm(net, classifier, real, arm, args, seed)
-                write_json(args.scores, scores)
+                with locked(args.scores):  # another run (the base's arms) may write beside this one
+                    scores = {**(read_json(args.scores) if args.scores.is_file() else {}), **scores}
+                    write_json(args.scores, scores)
             r = scores[key]
             print(
                 f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, accuracy {100 * r['accuracy']:.1f} %",
