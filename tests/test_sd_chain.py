@@ -161,3 +161,27 @@ def test_a_bad_text_request_is_a_one_line_400_and_the_server_keeps_serving(serve
         long = " ".join(["a photo of a coat"] * 8)
         ok = e.infer(GenerateRequest(num_images=1, steps=2, prompt=long))
     assert ok.images.shape == (1, 32, 32, 1) and ok.truncated
+
+
+def test_a_prompt_that_is_not_utf8_is_a_400(served_text):
+    """Bytes that are not UTF-8, sent raw (KServe v2 binary tensor data), are refused in one line."""
+    import struct
+    import urllib.error
+    import urllib.request
+
+    _, server = served_text
+    payload = b"\xff\xfe\xfa"
+    data = struct.pack("<I", len(payload)) + payload
+    header = json.dumps({"inputs": [
+        {"name": "prompt", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(data)}},
+        {"name": "steps", "datatype": "INT32", "shape": [1], "data": [2]},
+    ]}).encode()  # fmt: skip
+    headers = {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+    url = f"http://{server.http_url}/v2/models/generate/infer"
+    req = urllib.request.Request(url, data=header + data, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "not UTF-8" in e.value.read().decode()
