@@ -78,7 +78,7 @@ def test_experts_pass_onnx_parity_and_are_timed_against_the_base(ran):
             assert lat["latency_ratio"] == 1.0  # the base itself: timed once, as the base
     assert len(r["base"]["latency"]["t1"]) and r["trajectory"]["latency_ratio"]["t1"] > 0
     assert set(r["stages"]) == {"base", "analyze", "prune", "check", "export", "time"}
-    assert all(v["wall_s"] > 0 and v["peak_rss_gb"] > 0 for v in r["stages"].values())
+    assert all(v["wall_s"] >= 0 and v["peak_rss_gb"] > 0 for v in r["stages"].values())
     assert r["machine"]["cpu"] and r["machine"]["cores"]
     assert r["command"].startswith("python -m benchmarks.sd15")
 
