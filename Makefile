@@ -38,7 +38,7 @@ demo: setup
 	$(BIN)/stepadapt demo --out demo-out
 
 test: setup
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 # The edit-test loop: everything but the tests marked slow (tritonserver, subprocess training, whole
 # stages end to end); `make test` and CI run them all.

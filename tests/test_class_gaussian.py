@@ -216,8 +216,8 @@ def test_analyze_and_prune_a_class_conditional_base(tmp_path, monkeypatch):
     from stepadapt.analyze import AnalyzeOptions, analyze
     from stepadapt.bundle import Bundle
     from stepadapt.compress import PruneOptions, prune
-    from stepadapt.importance import labelled_proxy_sets
     from stepadapt.models import save_base
+    from stepadapt.space import DataSpace
 
     data = _labelled_npz(tmp_path / "d.npz")
     base = save_base(
@@ -235,7 +235,9 @@ def test_analyze_and_prune_a_class_conditional_base(tmp_path, monkeypatch):
     manifest = prune(PruneOptions(out=tmp_path / "b", plan=tmp_path / "plan.json", proxy_size=8,
                                   candidates=("taylor/local",), **common))  # fmt: skip
     assert manifest.class_names == ["x", "y", "z"] and manifest.conditioning.classes == 3
-    (train, train_y), _ = labelled_proxy_sets(data, 8, 8, 1)
+    (train, train_y), _ = DataSpace.of(build_unet("tiny", sample_size=8, classes=3).config).proxy_sets(
+        data, 8
+    )
     assert batches and all(torch.equal(b.x0, train) for b in batches)
     for b in batches:  # the proxy's own labels, a share dropped to the null class (3) as in training
         y = b.cond["class_labels"]
