@@ -48,7 +48,7 @@ from stepadapt.kinds import GAUSSIAN, kind_of_model
 from stepadapt.models import DEFAULT_BASE, load_base
 from stepadapt.options import Options, option
 from stepadapt.pipeline import surround_of
-from stepadapt.plan import GaussianChoice, Plan, make_plan, visited_timesteps
+from stepadapt.plan import MIN_RATIO, GaussianChoice, Plan, make_plan, visited_timesteps
 from stepadapt.plots import plot_plan
 from stepadapt.prune import count_macs
 from stepadapt.space import DataSpace
@@ -96,6 +96,7 @@ def analyze_base(
     gaussian_from: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     labels: torch.Tensor | None = None,
+    floor: float = MIN_RATIO,
 ) -> tuple[Plan, dict[str, np.ndarray]]:
     """Returns the plan and every normalised profile (all are plotted, ``measure`` decides).
 
@@ -143,7 +144,7 @@ def analyze_base(
     plan = make_plan(
         profiles[measure], s, base_macs, groups=groups, partition_kind=partition, boundaries=boundaries,
         budget=budget, tdc_k=tdc_k, sampler=sampler, steps=steps, measure=measure,
-        scheduler_cfg=scheduler_cfg, gaussian_from=gaussian_from,
+        scheduler_cfg=scheduler_cfg, gaussian_from=gaussian_from, floor=floor,
         gaussian_macs=placed.macs if placed is not None else 0,
         gaussian_kind=kind_of_model(placed).name if placed is not None else GAUSSIAN.name,
     )  # fmt: skip
@@ -293,6 +294,11 @@ class AnalyzeOptions(Options):
     budget: float = option(0.5, "Target mean MACs per sampling step, as a fraction of the base.")
     tdc: bool = option(False, "Use the TDC rule (i/N + (N-i)/N*k) instead of --budget.", flags=("--tdc",))
     tdc_k: float = option(0.5, "k of the TDC rule.")
+    floor: float = option(
+        MIN_RATIO,
+        "--budget: the smallest MACs share (of the base) any U-Net group gets; a text base decides what "
+        "to draw at the noisy end, which SNR ranks easiest (fashion-tiny-t2i: 0.4).",
+    )
     sampler: str = option(
         "ddim",
         "Solver whose model evaluations define the mean (any of sample's --sampler, e.g. unipc; Heun's "
@@ -487,6 +493,7 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
         boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,
         tdc_k=o.tdc_k, sampler=o.sampler, steps=o.steps, seed=o.seed, damage=damage, gaussian=fit,
         gaussian_from=o.gaussian_start, tolerance=o.gaussian_tolerance, labels=labels,
+        floor=o.floor,
     )  # fmt: skip
     if fit.gaussian is None and o.gaussian != "off":  # the plan says why there is none
         plan.gaussian = GaussianChoice("none", None, why=fit.why)

@@ -78,7 +78,7 @@ def _target(plan: Plan, i: int, achieved: dict[int, float], base_macs: int) -> f
     if plan.allocation == "budget" and len(achieved) > len(plan.fixed_ratios()):
         ratios = budget_ratios(
             [x.difficulty for x in plan.groups], [x.visit_share for x in plan.groups], plan.budget,
-            fixed=achieved, saturate=True,  # no exact solution left: the nearest, and a note
+            fixed=achieved, saturate=True, floor=plan.floor,  # no exact solution left: the nearest
         )  # fmt: skip
     return ratios[i] * base_macs
 

@@ -103,6 +103,7 @@ class Plan:
     profile: list[float] = field(default_factory=list)  # normalised difficulty per t
     damage: list[list[list[float]]] | None = None  # measure "damage": per group, [MACs ratio, damage] tried
     gaussian: GaussianChoice | None = None  # how the Gaussian expert's interval was chosen
+    floor: float = MIN_RATIO  # budget: the smallest share of the base's MACs a U-Net group may get
 
     @property
     def boundaries(self) -> list[int]:
@@ -234,6 +235,7 @@ def budget_ratios(
     budget: float,
     fixed: dict[int, float] | None = None,
     saturate: bool = False,
+    floor: float = MIN_RATIO,
 ) -> list[float]:
     """Ratios proportional to difficulty with a visit-weighted mean of ``budget``.
 
@@ -241,7 +243,8 @@ def budget_ratios(
     rest are solved for, so the staircase of reachable widths in one group is
     paid back by the others. ``saturate``: where the pinned groups leave the
     rest no way to meet the budget, give them the nearest ratios that do
-    (all at the floor, or all at the base) instead of refusing.
+    (all at the floor, or all at the base) instead of refusing. ``floor``: no free group gets less
+    (a text base decides what to draw at the noisy end, which the SNR profile ranks easiest).
     """
     fixed = fixed or {}
     d, w = np.asarray(difficulties), np.asarray(shares)
@@ -249,7 +252,7 @@ def budget_ratios(
     need = budget - sum(w[i] * fixed[i] for i in fixed)
 
     def mean_at(c: float) -> float:
-        return float(sum(w[i] * np.clip(c * d[i], MIN_RATIO, 1.0) for i in free))
+        return float(sum(w[i] * np.clip(c * d[i], floor, 1.0) for i in free))
 
     if not free:
         return [fixed[i] for i in range(len(d))]
@@ -266,7 +269,7 @@ def budget_ratios(
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if mean_at(mid) < need else (lo, mid)
         c = (lo + hi) / 2
-    return [fixed[i] if i in fixed else float(np.clip(c * d[i], MIN_RATIO, 1.0)) for i in range(len(d))]
+    return [fixed[i] if i in fixed else float(np.clip(c * d[i], floor, 1.0)) for i in range(len(d))]
 
 
 def make_plan(
@@ -286,6 +289,7 @@ def make_plan(
     gaussian_from: int | None = None,
     gaussian_macs: int = 0,
     gaussian_kind: str = GAUSSIAN.name,
+    floor: float = MIN_RATIO,
 ) -> Plan:
     """Group the timesteps and give each group its MAC budget.
 
@@ -295,6 +299,7 @@ def make_plan(
     ``gaussian_from``: the closed-form Gaussian denoiser (``gaussian_macs`` per
     image, of ``gaussian_kind``) takes [gaussian_from, T) as the last group; the other
     ``groups - 1`` groups partition [0, gaussian_from) and share what is left of the budget.
+    ``floor``: the smallest ratio the budget gives a U-Net group.
     """
     T = len(difficulty)
     visits = visited_timesteps(sampler, steps, scheduler_cfg or {})
@@ -330,8 +335,10 @@ def make_plan(
     else:
         if not MIN_RATIO <= budget <= 1.0:
             raise StepadaptError(f"budget must be in [{MIN_RATIO}, 1], got {budget}")
+        if not MIN_RATIO <= floor <= budget:
+            raise StepadaptError(f"floor must be in [{MIN_RATIO}, budget {budget}], got {floor}")
         try:
-            ratios, allocation = budget_ratios(diffs, shares, budget, fixed=fixed), "budget"
+            ratios, allocation = budget_ratios(diffs, shares, budget, fixed=fixed, floor=floor), "budget"
         except StepadaptError as e:
             if not fixed:
                 raise
@@ -364,6 +371,7 @@ def make_plan(
         groups=gs,
         budget=budget,
         tdc_k=tdc_k if budget is None else None,
+        floor=floor,
         profile=[round(float(v), 5) for v in difficulty],
     )
 

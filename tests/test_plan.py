@@ -290,3 +290,19 @@ def test_unconditional_auto_keeps_the_low_rank_form_only_where_it_measures_as_go
     assert forced.rank == 7 and not forced.compared  # a given rank is not second-guessed
     with pytest.raises(StepadaptError, match="--gaussian-rank must be auto, full or a rank"):
         AnalyzeOptions(gaussian_rank="0")
+
+
+def test_a_floor_lifts_the_noisy_end_and_the_others_pay_for_it(tmp_path):
+    """--floor: no U-Net group below it, the visit-weighted mean still the budget, the order of the
+    rest kept; it round-trips through plan.json and the pruner's re-solve keeps it."""
+    plain = make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, sampler="unipc", steps=24)
+    floored = make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, sampler="unipc", steps=24, floor=0.4)
+    assert plain.groups[-1].macs_ratio < 0.3 and min(g.macs_ratio for g in floored.groups) >= 0.4 - 1e-4
+    assert floored.mean_ratio() == pytest.approx(0.5, abs=1e-3)
+    assert floored.groups[0].macs_ratio < plain.groups[0].macs_ratio
+    floored.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json").floor == 0.4
+    d, w = [g.difficulty for g in floored.groups], [g.visit_share for g in floored.groups]
+    assert min(budget_ratios(d, w, 0.5, fixed={0: 0.9}, saturate=True, floor=0.4)) >= 0.4
+    with pytest.raises(StepadaptError, match=r"floor must be in \[0.05, budget 0.5\], got 0.6"):
+        make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, floor=0.6)
