@@ -20,16 +20,29 @@ import torch
 
 from stepadapt import StepadaptError
 from stepadapt.api import SD_GUIDANCE
-from stepadapt.conditioning import CLASS_LABELS, GUIDANCE, Cond, Conditioning, labels_cond
+from stepadapt.conditioning import CLASS_LABELS, GUIDANCE, TEXT, Cond, Conditioning, labels_cond
 from stepadapt.text import TextEncoder
 
-__all__ = ["CLASS_LABELS", "GUIDANCE", "prompt_condition", "request_condition", "takes_labels"]
+__all__ = [
+    "CLASS_LABELS",
+    "GUIDANCE",
+    "TEXT",
+    "prompt_condition",
+    "request_condition",
+    "takes_labels",
+    "takes_text",
+]
 
 
 def takes_labels(onnx_record: dict | None) -> bool:
     """Whether an expert's ONNX export takes ``class_labels`` (from the manifest's record of its
     inputs): a class-conditional U-Net does, the closed-form Gaussian beside it does not."""
     return CLASS_LABELS in (onnx_record or {}).get("inputs", {})
+
+
+def takes_text(onnx_record: dict | None) -> bool:
+    """Whether an expert's ONNX export takes the text embedding (``encoder_hidden_states``)."""
+    return TEXT in (onnx_record or {}).get("inputs", {})
 
 
 def request_condition(

@@ -18,7 +18,8 @@ it; the layout for a full Triton with GPU backends (TensorRT, onnxruntime).
 expert_<name>/config.pbtxt            python backend + onnxruntime, KIND_CPU, dynamic batching
 expert_<name>/configs/gpu.pbtxt       full Triton on GPU (--model-config-name gpu)
 expert_<name>/1/{model.py,model.onnx}
-generate/, generate_stream/           router.py + manifest.json, BLS per step
+text_encoder/, vae_decoder/           a pipeline bundle's parts (part.py + model.onnx), batched
+generate/, generate_stream/           router.py + manifest.json (+ tokenizer), BLS per step
 ```
 Router overhead per layout is measured by ``stepadapt bench`` (docs/benchmarks.md).
 
@@ -47,7 +48,7 @@ from pathlib import Path
 import stepadapt.export as export_package
 from stepadapt.export import MAX_BATCH
 from stepadapt.export.runtime import timestep_type
-from stepadapt.serving.condition import CLASS_LABELS, GUIDANCE, takes_labels
+from stepadapt.serving.condition import CLASS_LABELS, GUIDANCE, TEXT, takes_labels, takes_text
 
 import stepadapt
 from stepadapt import Notice, StepadaptError
@@ -121,11 +122,15 @@ def _timestep_type(e: ExpertSpec) -> str:
     return "TYPE_FP32" if timestep_type(e.onnx) == "float32" else "TYPE_INT64"
 
 
-def _labels_input(null_label: int | None, reshape: str = "") -> str:
-    """An expert's ``class_labels`` input (one per row, like ``timestep``), where it takes one."""
-    if null_label is None:
-        return ""
-    return f',\n  {{ name: "{CLASS_LABELS}" data_type: TYPE_INT64 dims: [ 1 ]{reshape} }}'
+def _condition_inputs(null_label: int | None, text_dim: int, reshape: str = "") -> str:
+    """An expert's ``class_labels`` input (one per row, like ``timestep``) where it takes labels,
+    its ``encoder_hidden_states`` (tokens x width per row) where it takes text."""
+    out = ""
+    if null_label is not None:
+        out += f',\n  {{ name: "{CLASS_LABELS}" data_type: TYPE_INT64 dims: [ 1 ]{reshape} }}'
+    if text_dim:
+        out += f',\n  {{ name: "{TEXT}" data_type: TYPE_FP32 dims: [ -1, {text_dim} ] }}'
+    return out
 
 
 def expert_config(
@@ -136,8 +141,10 @@ def expert_config(
     o: RepositoryOptions,
     ttype: str = "TYPE_FP32",
     null_label: int | None = None,
+    text_dim: int = 0,
 ) -> str:
-    """A python-backend expert; ``null_label``: it takes class labels 0..null_label."""
+    """A python-backend expert; ``null_label``: it takes class labels 0..null_label; ``text_dim``:
+    it takes text embeddings that wide."""
     c, h, w = shape
     params = {
         "threads": str(o.threads),
@@ -152,7 +159,7 @@ backend: "python"
 max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
-  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] }}{_labels_input(null_label)}
+  {{ name: "timestep" data_type: {ttype} dims: [ 1 ] }}{_condition_inputs(null_label, text_dim)}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
@@ -168,6 +175,7 @@ def expert_gpu_config(
     tensorrt: bool,
     ttype: str = "TYPE_FP32",
     null_label: int | None = None,
+    text_dim: int = 0,
 ) -> str:
     """For a full Triton build with GPU backends: the same I/O on TensorRT or ONNX Runtime."""
     c, h, w = shape
@@ -179,12 +187,45 @@ max_batch_size: {o.max_batch}
 input [
   {{ name: "sample" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }},
   {{ name: "timestep" data_type: {ttype} dims: [ 1 ] reshape: {{ shape: [ ] }} }}\
-{_labels_input(null_label, " reshape: { shape: [ ] }")}
+{_condition_inputs(null_label, text_dim, " reshape: { shape: [ ] }")}
 ]
 output [ {{ name: "eps" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
 instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 """
+
+
+# The bls layout's pipeline parts: Triton model name -> (input, output) of its ONNX export.
+PARTS = {"text_encoder": ("input_ids", "last_hidden_state"), "vae_decoder": ("latents", "images")}
+
+
+def part_configs(part: str, bundle: Bundle, o: RepositoryOptions) -> tuple[str, str]:
+    """The bls layout's text encoder or VAE decoder as a Triton model of its own: the python backend
+    over its ONNX export (``config.pbtxt``) and onnxruntime's own backend for a full Triton on GPU
+    (``configs/gpu.pbtxt``), dynamically batched, so concurrent requests' calls share a run."""
+    name_in, name_out = PARTS[part]
+    if part == "text_encoder":
+        dims_in, type_in = "[ -1 ]", "TYPE_INT64"
+        dims_out = f"[ -1, {bundle.manifest.conditioning.text_dim} ]"
+    else:
+        dims_in, type_in = "[ " + ", ".join(map(str, bundle.manifest.sample_shape)) + " ]", "TYPE_FP32"
+        dims_out = "[ " + ", ".join(map(str, bundle.image_shape)) + " ]"
+    io = f"""max_batch_size: {o.max_batch}
+input [ {{ name: "{name_in}" data_type: {type_in} dims: {dims_in} }} ]
+output [ {{ name: "{name_out}" data_type: TYPE_FP32 dims: {dims_out} }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {o.queue_delay_us} }}
+"""
+    cpu = f"""name: "{part}"
+backend: "python"
+{io}instance_group [ {{ kind: KIND_CPU count: {o.instances} }} ]
+{_params({"threads": str(o.threads), "device": o.device})}
+"""
+    gpu = f"""name: "{part}"
+platform: "onnxruntime_onnx"
+default_model_filename: "model.onnx"
+{io}instance_group [ {{ kind: KIND_GPU count: 1 }} ]
+"""
+    return cpu, gpu
 
 
 def _router_inputs(ragged: bool = False) -> str:
@@ -363,11 +404,6 @@ def _check_together(bundles: dict[str, Bundle], o: RepositoryOptions) -> None:
         raise StepadaptError("several bundles are served by the fused layout's step engine only")
     if o.slo is not None and (o.layout != "fused" or o.scheduling != "step"):
         raise StepadaptError("an SLO is kept by the fused layout's step engine only (--scheduling step)")
-    if o.layout == "bls" and any(b.manifest.conditioning.text_dim for b in bundles.values()):
-        raise StepadaptError(
-            "text bundles are served by the fused layout (text encoder, experts and VAE in one process); "
-            "the bls layout does not route encoder_hidden_states to its experts yet"
-        )
     if o.scheduling not in SCHEDULING:
         raise StepadaptError(f"unknown scheduling {o.scheduling!r}; choose one of {', '.join(SCHEDULING)}")
     for name in bundles:
@@ -460,9 +496,10 @@ def write_repository(
             (b / "manifest.json").write_text(manifest)
             if jump is not None:
                 shutil.copy(jump, b / "jump.safetensors")
-            for rel, src in surround.items():  # the text encoder and VAE run in the router's process
-                (b / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, b / rel)
+            for rel, src in surround.items():  # fused: the text encoder and VAE run in this process
+                if local or rel.startswith("tokenizer/"):
+                    (b / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, b / rel)
             for expert, src in onnx.items() if local else ():
                 shutil.copy(src, b / f"{expert}.onnx")
 
@@ -487,18 +524,33 @@ def write_repository(
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
             null = bundle.manifest.conditioning.null_label if takes_labels(e.onnx) else None
+            text = bundle.manifest.conditioning.text_dim if takes_text(e.onnx) else 0
+            cond = {"null_label": null, "text_dim": text}
             (d / "config.pbtxt").write_text(
-                expert_config(e.name, sample, e.lo, e.hi, o, _timestep_type(e), null_label=null)
+                expert_config(e.name, sample, e.lo, e.hi, o, _timestep_type(e), **cond)
             )
             engine = _usable_engine(bundle, e, o)
             (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, sample, o, bool(engine), _timestep_type(e), null_label=null)
+                expert_gpu_config(e.name, sample, o, bool(engine), _timestep_type(e), **cond)
             )
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)
             shutil.copy(onnx_path, d / "1" / "model.onnx")
             if engine:
                 shutil.copy(engine, d / "1" / "model.plan")
+        for part in PARTS:  # a pipeline's text encoder and VAE decoder: Triton models of their own
+            src = files[next(iter(files))][3].get(f"{part}.onnx")
+            if src is None:
+                continue
+            d = tmp / part
+            (d / "1").mkdir(parents=True)
+            (d / "configs").mkdir()
+            cpu, gpu = part_configs(part, bundle, o)
+            (d / "config.pbtxt").write_text(cpu)
+            (d / "configs" / "gpu.pbtxt").write_text(gpu)
+            shutil.copy(MODELS_SRC / "part.py", d / "1" / "model.py")
+            copy_library(d)
+            shutil.copy(src, d / "1" / "model.onnx")
         for name, decoupled in (("generate", False), ("generate_stream", True)):
             router(tmp / name, router_config(name, shape, o, decoupled), local=False)
     return path

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.export.runtime import timestep_type
-from stepadapt.serving.condition import CLASS_LABELS, prompt_condition, request_condition, takes_labels
+from stepadapt.serving.condition import (
+    CLASS_LABELS,
+    TEXT,
+    prompt_condition,
+    request_condition,
+    takes_labels,
+    takes_text,
+)
 
 from stepadapt import StepadaptError
 from stepadapt.conditioning import Cond, conditioning_of, for_model, take
@@ -66,10 +73,20 @@ def _timesteps(t, dtype):
     return np.rint(t).astype(np.int64) if dtype == np.int64 else np.asarray(t, dtype=dtype)
 
 
-def bls_expert(model_name, dtype, labels, max_rows):
+def _exec(model_name, inputs, output):
+    """One BLS call's ``output`` (a copy: the response's memory goes with the response)."""
+    req = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=[output], inputs=inputs)
+    resp = req.exec()
+    if resp.has_error():
+        raise StepadaptError(f"{model_name}: {resp.error().message()}")
+    return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, output).as_numpy().copy())
+
+
+def bls_expert(model_name, dtype, labels, max_rows, text=False):
     """A denoiser ``(x, t, cond)`` that is a BLS call to ``model_name``; ``labels``: the expert takes
-    ``class_labels`` (one per row, like ``timestep``). Guidance doubles the rows of a full request,
-    so rows beyond the expert's ``max_batch_size`` (``max_rows``) go in a second call."""
+    ``class_labels`` (one per row, like ``timestep``), ``text``: the text embedding. Guidance doubles
+    the rows of a full request, so rows beyond the expert's ``max_batch_size`` (``max_rows``) go in
+    a second call."""
 
     def one(x, t, cond):
         inputs = [
@@ -79,12 +96,9 @@ def bls_expert(model_name, dtype, labels, max_rows):
         if labels:
             y = cond[CLASS_LABELS].numpy().astype(np.int64).reshape(-1, 1)
             inputs.append(pb_utils.Tensor(CLASS_LABELS, y))
-        req = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=["eps"], inputs=inputs)
-        resp = req.exec()
-        if resp.has_error():
-            raise StepadaptError(f"{model_name}: {resp.error().message()}")
-        # A copy: the response's memory belongs to the response and goes with it.
-        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "eps").as_numpy().copy())
+        if text:
+            inputs.append(pb_utils.Tensor(TEXT, cond[TEXT].numpy().astype(np.float32, copy=False)))
+        return _exec(model_name, inputs, "eps")
 
     def call(x, t, cond=None):
         cond = cond or {}
@@ -120,9 +134,20 @@ def _onnx_call(path, threads, device, name_in, dtype):
     return call
 
 
-def load_surround(directory, manifest, params):
-    """A pipeline bundle's tokenizer + text encoder and VAE decoder, in this process (ONNX): the
-    text encoder runs once per request, the decoder once per image. (None, None) for a bare U-Net's."""
+def _bls_call(model_name, name_in, dtype, name_out):
+    """A pipeline part that is a Triton model of its own (the bls layout) as a function of one tensor."""
+
+    def call(x):
+        x = x.detach().cpu().numpy().astype(dtype)
+        return _exec(model_name, [pb_utils.Tensor(name_in, x)], name_out)
+
+    return call
+
+
+def load_surround(directory, manifest, params, local=True):
+    """A pipeline bundle's tokenizer + text encoder and VAE decoder: the text encoder runs once per
+    request, the decoder once per image, in this process (ONNX) where ``local``, else as BLS calls
+    to the bls layout's ``text_encoder`` and ``vae_decoder`` models. (None, None) for a bare U-Net's."""
     records = manifest.get("surround_onnx") or {}
     if not records:
         return None, None
@@ -135,10 +160,18 @@ def load_surround(directory, manifest, params):
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
-        enc = _onnx_call(os.path.join(directory, "text_encoder.onnx"), threads, device, "input_ids", np.int64)
+        enc = (
+            _onnx_call(os.path.join(directory, "text_encoder.onnx"), threads, device, "input_ids", np.int64)
+            if local
+            else _bls_call("text_encoder", "input_ids", np.int64, "last_hidden_state")
+        )
         text = TextEncoder(tokenizer, enc)
     if "vae_decoder" in records:
-        dec = _onnx_call(os.path.join(directory, "vae_decoder.onnx"), threads, device, "latents", np.float32)
+        dec = (
+            _onnx_call(os.path.join(directory, "vae_decoder.onnx"), threads, device, "latents", np.float32)
+            if local
+            else _bls_call("vae_decoder", "latents", np.float32, "images")
+        )
         latent = LatentCodec(None, records["vae_decoder"]["scaling_factor"], decoder=dec)
     return text, latent
 
@@ -171,6 +204,7 @@ class ServedBundle:
                     np.float32 if timestep_type(e.get("onnx")) == "float32" else np.int64,
                     takes_labels(e.get("onnx")),
                     self.max_images,
+                    takes_text(e.get("onnx")),
                 )
                 for e in manifest["experts"]
             ]
@@ -182,7 +216,7 @@ class ServedBundle:
         )
         self.conditioning = conditioning_of(manifest["base_config"])
         self.denoiser = for_model(self.router, self.conditioning)
-        self.text, self.latent = load_surround(directory, manifest, params)
+        self.text, self.latent = load_surround(directory, manifest, params, local)
         self.recommended = manifest.get("recommended")
         self.jump_file = os.path.join(directory, "jump.safetensors")
         top = manifest["experts"][-1]

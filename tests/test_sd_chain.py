@@ -109,14 +109,20 @@ def test_bundle_samples_as_the_pipeline_api_in_torch_and_onnxruntime(chain, tmp_
     assert np.array_equal(np.load(out.with_suffix(".npz"))["images"], want)
 
 
-@pytest.fixture(scope="module")
-def served_text(chain):
+@pytest.fixture(scope="module", params=["fused", "bls"])
+def served_text(chain, request):
+    """fused: text encoder, experts and VAE decoder in the step engine's process; bls: each a Triton
+    model of its own, the router's steps BLS calls to them."""
     path = chain[2][4]
     b = Bundle.load(path)
-    repo = write_repository(
-        b, path / "triton", RepositoryOptions(max_batch=8, front_instances=4, instances=1)
-    )
-    with TritonServer(repo, log_path=path / "triton.log") as server:
+    o = RepositoryOptions(max_batch=8, front_instances=4, instances=1, layout=request.param)
+    repo = write_repository(b, path / f"triton-{request.param}", o)
+    if request.param == "bls":  # the parts are models of their own; the router keeps the tokenizer
+        assert {"text_encoder", "vae_decoder"} <= {p.name for p in repo.iterdir()}
+        kept = {p.name for p in (repo / "generate" / "1" / "bundles" / b.path.name).iterdir()}
+        assert "tokenizer" in kept and not any(k.endswith(".onnx") for k in kept)
+        assert "encoder_hidden_states" in (repo / "expert_g0" / "config.pbtxt").read_text()
+    with TritonServer(repo, log_path=path / f"triton-{request.param}.log") as server:
         yield b, server
 
 

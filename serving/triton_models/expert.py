@@ -5,7 +5,7 @@ concurrent generations that landed on this expert); they run as one batch.
 A malformed request gets its own error response; the others still run.
 An expert of a class-conditional bundle also takes ``class_labels`` (INT64, one
 per row, the null label included: the router's guided rows); the Gaussian beside
-it takes none.
+it takes none. An expert of a text bundle takes ``encoder_hidden_states`` (tokens x width per row).
 """
 
 import sys
@@ -32,11 +32,12 @@ class TritonPythonModel:
         self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
         self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
         self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
-        self.labels = "class_labels" in {i.name for i in self.session.get_inputs()}
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.labels, self.text = "class_labels" in inputs, "encoder_hidden_states" in inputs
         null = params.get("null_label")  # the repository writes it beside a labels input
         self.null_label = None if null is None else int(null)
 
-    def _check(self, x, t, y):
+    def _check(self, x, t, y, e):
         if x.shape[1:] != self.shape:
             return f"sample must be [B, {', '.join(map(str, self.shape))}], got {list(x.shape)}"
         if t.size != x.shape[0]:
@@ -45,6 +46,10 @@ class TritonPythonModel:
             return "sample contains NaN or infinite values"
         if t.size and (t.min() < self.lo or t.max() >= self.hi):
             return f"timestep outside this expert's interval [{self.lo}, {self.hi})"
+        if e is not None and (e.ndim != 3 or len(e) != x.shape[0] or not np.isfinite(e).all()):
+            return (
+                f"encoder_hidden_states must be [{x.shape[0]}, tokens, width] and finite, got {list(e.shape)}"
+            )
         return None if y is None else self._check_labels(y, x.shape[0])
 
     def _check_labels(self, y, rows):
@@ -59,28 +64,36 @@ class TritonPythonModel:
             return None
         return pb_utils.get_input_tensor_by_name(request, "class_labels").as_numpy().reshape(-1)
 
+    def _text(self, request):
+        if not self.text:
+            return None
+        e = pb_utils.get_input_tensor_by_name(request, "encoder_hidden_states").as_numpy()
+        return e.astype(np.float32, copy=False)
+
     def execute(self, requests):
         responses = [None] * len(requests)
-        xs, ts, ys, idx = [], [], [], []
+        groups = {}  # calls that stack: one token count of their text (every call alike without text)
         for i, r in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(r, "sample").as_numpy().astype(np.float32, copy=False)
             t = pb_utils.get_input_tensor_by_name(r, "timestep").as_numpy().reshape(-1).astype(np.float64)
-            y = self._labels(r)
-            problem = self._check(x, t, y)
+            y, e = self._labels(r), self._text(r)
+            problem = self._check(x, t, y, e)
             if problem:
                 responses[i] = error(problem)
             else:
-                xs.append(x)
-                ts.append(t)
-                ys.append(y)
-                idx.append(i)
-        if xs:
-            feed = {"sample": np.concatenate(xs), "timestep": timestep_feed(self.session, np.concatenate(ts))}
+                groups.setdefault(None if e is None else e.shape[1:], []).append((i, x, t, y, e))
+        for calls in groups.values():
+            feed = {
+                "sample": np.concatenate([c[1] for c in calls]),
+                "timestep": timestep_feed(self.session, np.concatenate([c[2] for c in calls])),
+            }
             if self.labels:
-                feed["class_labels"] = np.concatenate(ys).astype(np.int64)
+                feed["class_labels"] = np.concatenate([c[3] for c in calls]).astype(np.int64)
+            if self.text:
+                feed["encoder_hidden_states"] = np.concatenate([c[4] for c in calls])
             eps = self.session.run(["eps"], feed)[0]
             start = 0
-            for i, x in zip(idx, xs, strict=True):
+            for i, x, *_ in calls:
                 part = eps[start : start + len(x)]
                 start += len(x)
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("eps", part)])

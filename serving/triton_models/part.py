@@ -1,0 +1,56 @@
+"""Triton python-backend model: one part of a latent text-to-image pipeline beside the U-Net experts
+in the bls layout -- the text encoder (``input_ids`` -> ``last_hidden_state``) or the VAE decoder
+(``latents`` -> ``images``) -- as its ONNX export in onnxruntime (CUDA where installed, else CPU).
+
+Dynamic batching hands ``execute`` the calls of several requests at once; those of one shape run as
+one batch. A malformed call gets its own error response; the others still run.
+"""
+
+import sys
+from pathlib import Path
+
+# The stepadapt this repository was written with, copied beside it (see expert.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from stepadapt.export.runtime import session
+from stepadapt.serving.replies import error
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
+        self.input, self.output = cfg["input"][0]["name"], cfg["output"][0]["name"]
+        self.dtype = np.int64 if cfg["input"][0]["data_type"] == "TYPE_INT64" else np.float32
+
+    def _read(self, request):
+        x = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
+        if self.dtype == np.float32 and not np.isfinite(x).all():
+            raise ValueError(f"{self.input} contains NaN or infinite values")
+        return x.astype(self.dtype, copy=False)
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        by_shape = {}
+        for i, r in enumerate(requests):
+            try:
+                x = self._read(r)
+            except ValueError as e:
+                responses[i] = error(str(e))
+                continue
+            by_shape.setdefault(x.shape[1:], []).append((i, x))
+        for calls in by_shape.values():
+            out = self.session.run([self.output], {self.input: np.concatenate([x for _, x in calls])})[0]
+            start = 0
+            for i, x in calls:
+                part = out[start : start + len(x)]
+                start += len(x)
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output, part)])
+        return responses
