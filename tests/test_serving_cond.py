@@ -132,8 +132,13 @@ def test_concurrent_requests_with_their_own_labels_and_scales_keep_their_images(
     asks = [(1, 5, [2], 4.0), (2, 6, [0, 1], None), (3, 8, [1, 1, 0], 1.5)]
     reqs = [GenerateRequest(num_images=n, steps=STEPS, seed=s, class_labels=y, guidance_scale=g)
             for n, s, y, g in asks]  # fmt: skip
-    with ThreadPoolExecutor(3) as pool:
+    # A long request in flight throughout, so the three overlap with it however the threads are
+    # scheduled (a busy machine can otherwise finish one before the next arrives).
+    long = GenerateRequest(num_images=1, steps=200, seed=9, class_labels=[0], guidance_scale=2.0)
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(generate, server.http_url, long) if layout == "fused" else None
         got = list(pool.map(lambda r: generate(server.http_url, r), reqs))
+        assert held is None or held.result().shape[0] == 1
     for (n, seed, labels, scale), images in zip(asks, got, strict=True):
         assert _close(images, in_process(n, seed, labels, scale)), (n, seed, labels, scale)
     if layout == "fused":  # the step engine had them in flight together (said once it is idle again)
