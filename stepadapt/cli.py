@@ -386,7 +386,10 @@ def evaluate(
     ],
     base: Annotated[
         Path | None,
-        typer.Option(help="Base model: the fidelity reference (default: the base the bundles record)."),
+        typer.Option(
+            help="Base model: the fidelity reference (default: the base the bundles record; for bases "
+            "alone, the first)."
+        ),
     ] = None,
     allow_other_base: Annotated[
         bool, typer.Option("--allow-other-base", help="Take a --base of other weights than the recorded.")
@@ -411,18 +414,26 @@ def evaluate(
         str, typer.Option(help=DEVICE_HELP + " The models' device (Inception stays on CPU).")
     ] = "auto",
     guidance_scale: Annotated[
-        float, typer.Option(help="Class-conditional models: classifier-free guidance scale (1 = none).")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Conditional models: classifier-free guidance scale (1 = none; default 1, or 7.5 for "
+            "text models)."
+        ),
+    ] = None,
     classifier: Annotated[
         Path | None,
         typer.Option(
-            help="Class-conditional models: the classifier whose accuracy on the generated images is "
+            help="Conditional models: the classifier whose accuracy on the generated images is "
             "reported (default: the shipped one, for Fashion-MNIST; see 'train-classifier')."
         ),
     ] = None,
 ) -> None:
     """Score sample quality: KID and FID (Inception-v3 features), fidelity to the base (same noise, PSNR),
     sliced Wasserstein distance on pixels.
+
+    A text model (a pipeline directory, or a bundle pruned from one) draws each image from the caption
+    of one of the held-out images it is scored against; on Fashion-MNIST the classifier reads whether
+    each image is of its caption's class.
 
     FID at a few hundred images is biased upwards; compare numbers only at the same --n.
     """

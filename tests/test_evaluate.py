@@ -175,3 +175,26 @@ def test_scoring_against_training_images_is_said_in_one_line(tmp_path):
     tiny = _folder(tmp_path / "tiny", [0, 1])  # img000/img001: the 10% hash split keeps neither out
     with pytest.warns(Notice, match="too few images for a 0.1 hash split"):
         assert _ids(real_images(tiny, 2, 8, 1)) == {0, 1}
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_text_pipeline_from_the_held_out_captions(tmp_path):
+    """The shipped text-to-image pipeline, scored as any base: each image drawn from the caption of a
+    held-out image (decoded by its VAE to 32 x 32 pixels), the shipped classifier reading whether it
+    is of that caption's class -- prompts that missed their images would read at chance (10 %)."""
+    from pathlib import Path
+
+    pipe = Path(__file__).resolve().parents[1] / "stepadapt" / "weights" / "fashion-tiny-t2i"
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(
+        app,
+        ["evaluate", str(pipe), "--n", "30", "--steps", "8", "--sampler", "unipc", "--guidance-scale", "3",
+         "--kid-subsets", "5", "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    got = rep["results"][str(pipe)]
+    assert rep["settings"]["guidance_scale"] == 3.0 and got["n"] == 30
+    assert got["accuracy"] >= 0.7 and np.isfinite(got["kid_per_class"])
+    r = CliRunner().invoke(app, ["evaluate", str(pipe / "unet"), "--n", "4", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "text encoder" in r.output and "Traceback" not in r.output
