@@ -206,12 +206,17 @@ class StepLoop:
         for job, err in left:
             live = self.live[job.key]
             if err is None:
-                images = self.bundles[live.offer.model].images(job.run.x)
-                answer = served_response(
-                    images, live.offer.model, live.offer.setting, live.degraded, truncated=live.truncated
-                )
-                self._end(job.key, answer, "served")
-            elif isinstance(err, StepadaptError):
+                try:  # a decoder that fails (a VAE out of memory) fails this request, not those after it
+                    images = self.bundles[live.offer.model].images(job.run.x)
+                except Exception as e:  # noqa: BLE001 - answered, and the engine goes on
+                    err = e
+                else:
+                    answer = served_response(
+                        images, live.offer.model, live.offer.setting, live.degraded, truncated=live.truncated
+                    )
+                    self._end(job.key, answer, "served")
+                    continue
+            if isinstance(err, StepadaptError):
                 self._end(job.key, error(str(err), "INTERNAL", True), "failed")
             else:
                 self._end(job.key, internal(err, True), "failed")

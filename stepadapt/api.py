@@ -90,9 +90,7 @@ class StepAdaptivePipeline:
         from stepadapt.models import load_base
 
         model, sched = load_base(path)
-        surround = surround_of(path)
-        if surround is not None:
-            surround.check_unet(dict(model.config))
+        surround = surround_of(path)  # checked against the U-Net there
         den = module_denoiser(model.to(device))
         return cls(den, sched, UNET.sample_shape(model), conditioning_of(model.config), surround)
 
@@ -163,7 +161,9 @@ class StepAdaptivePipeline:
         validate_request(
             setting.steps, rows, MAX_IMAGES, int(self.scheduler_cfg.get("num_train_timesteps", 1000))
         )
-        g = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**62))
+        if generator is None:  # a draw from torch's global generator (never reseeding it), as diffusers
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        g = generator
         x_t = torch.randn((rows, *self.sample_shape), generator=g)  # diffusers' randn_tensor on the CPU
         jump = self._jump if setting.jump else None
         run = Trajectory(setting.sampler, self.scheduler_cfg, x_t, setting.steps, generator=g,

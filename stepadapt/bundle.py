@@ -344,8 +344,10 @@ class Bundle:
         """C x H x W of the images it makes: its samples', or its VAE's pixels for a latent bundle."""
         if self.surround_dir is None or not (self.surround_dir / "vae" / "config.json").is_file():
             return tuple(self.manifest.sample_shape)
+        from stepadapt.latents import pixels_per_latent
+
         vae = read_json(self.surround_dir / "vae" / "config.json", "VAE config")
-        f = 2 ** (len(vae["block_out_channels"]) - 1)
+        f = pixels_per_latent(vae)
         _, h, w = self.manifest.sample_shape
         return int(vae.get("in_channels", 3)), h * f, w * f
 

@@ -21,6 +21,11 @@ from stepadapt.progress import progress
 CACHE_DIR = Path(os.environ.get("STEPADAPT_CACHE", Path.home() / ".cache" / "stepadapt")) / "latents"
 
 
+def pixels_per_latent(vae_config: dict) -> int:
+    """How many pixels one latent spans on a side: 2 per down block after the first."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 class LatentCodec:
     """A VAE as encode/decode of model-range tensors ([-1, 1] images, scaled latents). ``decoder``
     replaces the VAE's own decode where given (an onnxruntime session behind a server)."""
@@ -35,8 +40,7 @@ class LatentCodec:
 
     @property
     def factor(self) -> int:
-        """How many pixels one latent spans on a side: 2 per down block after the first."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return pixels_per_latent(self.vae.config)
 
     @property
     def image_channels(self) -> int:
@@ -60,12 +64,13 @@ class LatentCodec:
         return torch.cat(out) if out else images.new_zeros((0, self.vae.config.latent_channels, 1, 1))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> model-range images, as the pipeline decodes (``latents / scaling_factor``)."""
+    def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Scaled latents -> model-range images, as the pipeline decodes (``latents / scaling_factor``),
+        ``batch`` at a time: an SD VAE decoding 64 images at once wants tens of GB."""
         z = latents / self.scaling_factor
-        if self._decoder is not None:
-            return torch.as_tensor(self._decoder(z)).float()
-        return self.vae.decode(z).sample
+        run = self._decoder if self._decoder is not None else (lambda x: self.vae.decode(x).sample)
+        parts = [torch.as_tensor(run(z[lo : lo + batch])).float() for lo in range(0, len(z), batch)]
+        return torch.cat(parts) if parts else z.new_zeros((0, *z.shape[1:]))
 
     def encode_cached(self, images: torch.Tensor, cache: Path | None = CACHE_DIR) -> torch.Tensor:
         """:meth:`encode`, remembered on disk under the images' and the VAE's digests."""

@@ -165,6 +165,10 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
             raise StepadaptError(f"scheduler config {sched_path} is not a JSON object")
         sched.update({k: v for k, v in loaded.items() if not k.startswith("_")})
         make_scheduler("ddpm", sched)  # a bad prediction type or beta schedule is said here, once
+    from stepadapt.pipeline import is_pipeline
+
+    if is_pipeline(path):  # as StableDiffusionPipeline corrects old configs: latents are never
+        sched.update(clip_sample=False, steps_offset=1)  # clipped to +-1, steps are offset by 1
     return model.eval(), sched
 
 

@@ -134,11 +134,17 @@ class Surround:
 
 
 def surround_of(path: str | os.PathLike | None) -> Surround | None:
-    """A base's surround: a pipeline directory's, None for a bare U-Net directory."""
+    """A base's surround: a pipeline directory's (checked against its own U-Net, so parts that do not
+    fit -- an inpainting U-Net's 9 channels, SDXL's wider text -- are one line wherever it loads),
+    None for a bare U-Net directory."""
     if path is None or not is_pipeline(path):
         return None
     read_json(Path(path) / MODEL_INDEX, "pipeline index")
-    return Surround.load(path)
+    surround = Surround.load(path)
+    unet = Path(path) / "unet" / "config.json"
+    if unet.is_file():
+        surround.check_unet(read_json(unet, "U-Net config"))
+    return surround
 
 
 def copy_surround(src: str | os.PathLike, dst: Path) -> dict[str, dict[str, str]]:

@@ -25,6 +25,7 @@ PLAN_FORMAT = "stepadapt-plan"
 # typed and names its fit; 2: groups have a kind
 PLAN_VERSION = 4
 MIN_RATIO = 0.05
+TEXT_FLOOR = 0.4  # analyze's default --floor for a text-conditioned base (stepadapt.analyze.default_floor)
 
 
 @dataclass

@@ -257,6 +257,9 @@ def test_a_text_conditional_base_gets_no_gaussian_and_the_plan_says_why(tmp_path
     assert result.plan.gaussian.rule == "none" and "text-conditional" in result.plan.gaussian.why
     assert all(g.kind == "unet" for g in result.plan.groups) and "text-conditional" in result.note
     assert Plan.load(tmp_path / "p.json").gaussian.rule == "none"
+    # the noisy end decides what to draw: no group below the text floor unless asked
+    assert result.plan.floor == 0.4 and min(g.macs_ratio for g in result.plan.groups) >= 0.4 - 1e-4
+    assert analyze(opts.replace(floor=0.05)).plan.groups[-1].macs_ratio < 0.4
     with pytest.raises(
         StepadaptError, match=r"^Gaussian expert \(--gaussian 700\): the base is text-conditional"
     ):

@@ -29,7 +29,8 @@ def pipe_dir(tmp_path_factory):
 
 def _reference(pipe_dir, scheduler_cls, steps: int, n: int, guidance: float, negative: str | None):
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, use_safetensors=True, safety_checker=None)
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    if scheduler_cls is not None:  # None: the pipeline's own (from_config would undo its corrections)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         PROMPT, negative_prompt=negative, guidance_scale=guidance, num_inference_steps=steps,
@@ -59,6 +60,28 @@ def test_sample_base_equals_stable_diffusion_pipeline(
     assert got.shape == want.shape == (2, 32, 32, 1)
     assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
     assert got.std() > 0  # not a blank image that would equal anything blank
+
+
+def test_an_old_scheduler_config_is_corrected_as_the_pipeline_corrects_it(pipe_dir, tmp_path):
+    """A scheduler config written before SD's fixes (no clip_sample, so DDPMScheduler's True, and
+    steps_offset 0): StableDiffusionPipeline turns clipping off and offsets the steps; so do we."""
+    import json
+    import shutil
+
+    old = shutil.copytree(pipe_dir, tmp_path / "old")
+    cfg_path = old / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("clip_sample", None)
+    cfg["steps_offset"] = 0
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(FutureWarning):  # diffusers says it corrects the config
+        want = _reference(old, None, 6, 1, 7.5, None)  # the directory's own DDIMScheduler
+    out = tmp_path / "s.png"
+    res = CliRunner().invoke(app, ["sample", "--base", str(old), "--prompt", PROMPT, "--steps", "6",
+                                   "--seed", "0", "--n", "1", "--sampler", "ddim", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = np.load(out.with_suffix(".npz"))["images"]
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
 
 
 def test_guidance_and_negative_prompt_change_the_images(pipe_dir):
@@ -92,6 +115,20 @@ def test_pipeline_call_returns_pil_images_and_says_truncation(pipe_dir):
     assert out.truncated == (False, True)
 
 
+def test_without_a_generator_the_global_seed_decides_and_is_not_reseeded(pipe_dir):
+    """generator=None draws from torch's global generator as diffusers does: torch.manual_seed
+    before the call repeats it, and the caller's stream goes on where the call left it."""
+    pipe = StepAdaptivePipeline.from_pretrained(pipe_dir)
+
+    def run():
+        torch.manual_seed(7)
+        images = pipe(PROMPT, num_inference_steps=2, output_type="uint8").images
+        return images, torch.rand(1)
+
+    (a, after_a), (b, after_b) = run(), run()
+    assert np.array_equal(a, b) and torch.equal(after_a, after_b)
+
+
 def test_text_pipeline_refuses_what_it_cannot_take(pipe_dir):
     pipe = StepAdaptivePipeline.from_base(pipe_dir)
     with pytest.raises(StepadaptError, match="give a prompt"):
@@ -100,6 +137,23 @@ def test_text_pipeline_refuses_what_it_cannot_take(pipe_dir):
         pipe(PROMPT, class_labels=[1], num_inference_steps=2)
     with pytest.raises(StepadaptError, match="finite"):
         pipe(PROMPT, guidance_scale=float("nan"), num_inference_steps=2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("cross_attention_dim", 48, "text encoder's width is 32; the U-Net cross-attends over 48"),
+     ("in_channels", 9, "VAE makes 4-channel latents; the U-Net takes 9 channels")],
+)  # fmt: skip
+def test_parts_that_do_not_fit_the_unet_are_one_line(pipe_dir, tmp_path, key, value, message):
+    """SDXL's wider text, an inpainting U-Net's 9 input channels: said where the pipeline loads."""
+    import json
+    import shutil
+
+    odd = shutil.copytree(pipe_dir, tmp_path / "odd")
+    cfg = json.loads((odd / "unet" / "config.json").read_text())
+    (odd / "unet" / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(StepadaptError, match=message):
+        surround_of(odd)
 
 
 def test_surround_loads_and_refuses_pickles(pipe_dir, tmp_path):
