@@ -77,8 +77,9 @@ def test_an_old_scheduler_config_is_corrected_as_the_pipeline_corrects_it(pipe_d
     with pytest.warns(FutureWarning):  # diffusers says it corrects the config
         want = _reference(old, None, 6, 1, 7.5, None)  # the directory's own DDIMScheduler
     out = tmp_path / "s.png"
-    res = CliRunner().invoke(app, ["sample", "--base", str(old), "--prompt", PROMPT, "--steps", "6",
-                                   "--seed", "0", "--n", "1", "--sampler", "ddim", "--out", str(out)])  # fmt: skip
+    args = ["sample", "--base", str(old), "--prompt", PROMPT, "--steps", "6", "--seed", "0", "--n", "1",
+            "--sampler", "ddim", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     got = np.load(out.with_suffix(".npz"))["images"]
     assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
