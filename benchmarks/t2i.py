@@ -48,7 +48,10 @@ def arms(base: Path, experts: list[Path], steps: int, sampler: str) -> list[tupl
     ]
     for path in experts:
         m = Bundle.load(path).manifest
-        fit = max(s for s in range(steps, 4 * steps + 1) if m.macs_per_image(s, sampler) <= base_cost + 1e-9)
+        fits = [s for s in range(steps, 4 * steps + 1) if m.macs_per_image(s, sampler) <= base_cost + 1e-9]
+        if not fits:
+            raise SystemExit(f"{path}: {steps} steps cost more than the base's at {steps}; no equal-MACs arm")
+        fit = max(fits)
         out.append((f"experts {path}", path, fit, m.macs_per_image(fit, sampler)))
     return out
 
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{key}: KID {r['kid']:.4f} ± {r['kid_std']:.4f}, accuracy {100 * r['accuracy']:.1f} %",
                 flush=True,
             )
-    rows = list(scores.values())
+    same = {"guidance": args.guidance, "sampler": args.sampler, "n": args.n}  # other runs' rows stay out
+    rows = [r for r in scores.values() if all(r.get(k) == v for k, v in same.items())]
     command = "python -m benchmarks.t2i " + " ".join(argv or sys.argv[1:])
     write_json(RESULTS / "t2i.json", {"machine": platform.processor() or platform.machine(), "rows": rows,
                                       "command": command})  # fmt: skip

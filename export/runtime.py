@@ -11,7 +11,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 
 GRAPH_LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -52,7 +52,7 @@ def session(
     try:
         sess = ort.InferenceSession(str(path), so, providers=chosen)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise StepadaptError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise StepadaptError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime-gpu without the CUDA/cuDNN libraries it needs falls back to the CPU, with a log line
         raise StepadaptError(

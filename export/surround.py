@@ -34,6 +34,8 @@ IO = {
     },
     "vae_decoder": {"inputs": {"latents": "float32[B,C,h,w]"}, "outputs": {"images": "float32[B,C,H,W]"}},
 }
+# Each part's one input and one output, by name: what a server feeds it and reads back.
+NAMES = {part: (next(iter(io["inputs"])), next(iter(io["outputs"]))) for part, io in IO.items()}
 
 
 class _Text(torch.nn.Module):

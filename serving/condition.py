@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from stepadapt import StepadaptError
-from stepadapt.api import SD_GUIDANCE
 from stepadapt.conditioning import CLASS_LABELS, GUIDANCE, TEXT, Cond, Conditioning, labels_cond
-from stepadapt.text import TextEncoder
+from stepadapt.text import SD_GUIDANCE, TextEncoder
 
 __all__ = [
     "CLASS_LABELS",

@@ -48,6 +48,7 @@ from pathlib import Path
 import stepadapt.export as export_package
 from stepadapt.export import MAX_BATCH
 from stepadapt.export.runtime import timestep_type
+from stepadapt.export.surround import NAMES
 from stepadapt.serving.condition import CLASS_LABELS, GUIDANCE, TEXT, takes_labels, takes_text
 
 import stepadapt
@@ -196,7 +197,7 @@ instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 
 
 # The bls layout's pipeline parts: Triton model name -> (input, output) of its ONNX export.
-PARTS = {"text_encoder": ("input_ids", "last_hidden_state"), "vae_decoder": ("latents", "images")}
+PARTS = NAMES
 
 
 def part_configs(part: str, bundle: Bundle, o: RepositoryOptions) -> tuple[str, str]:
@@ -449,8 +450,9 @@ def _parts(m) -> tuple[str, ...]:
     )
 
 
-def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None, dict[str, Path]]:
-    """What a router needs of a bundle: its manifest, its experts' ONNX files (verified), the
+def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, list[Path]], Path | None, dict[str, Path]]:
+    """What a router needs of a bundle: its manifest, its experts' ONNX files (verified; a large
+    model's external data after its graph), the
     Gaussian's tensors for the analytic jump where it has one, and a pipeline's surround files."""
     surround = _surround_files(bundle)
     onnx = {}
@@ -459,7 +461,12 @@ def _bundle_files(bundle: Bundle) -> tuple[str, dict[str, Path], Path | None, di
             raise StepadaptError(
                 f"expert {e.name} has no ONNX file: run 'stepadapt export {bundle.path}' first"
             )
-        onnx[e.name] = bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")
+        onnx[e.name] = [bundle.verify_file(e.onnx["path"], e.onnx["sha256"], f"ONNX file of expert {e.name}")]
+        data = e.onnx.get("external_data")  # a model over 2 GiB: its weights beside, by the name it records
+        if data:
+            onnx[e.name].append(
+                bundle.verify_file(data["path"], data["sha256"], f"ONNX data of expert {e.name}")
+            )
     top = bundle.experts[-1]
     jump = (
         bundle.verify_file(top.weights, top.sha256, f"weights of expert {top.name}")
@@ -500,8 +507,10 @@ def write_repository(
                 if local or rel.startswith("tokenizer/"):
                     (b / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, b / rel)
-            for expert, src in onnx.items() if local else ():
+            for expert, (src, *data) in onnx.items() if local else ():
                 shutil.copy(src, b / f"{expert}.onnx")
+                for extra in data:
+                    shutil.copy(extra, b / extra.name)
 
     with atomic_dir(path) as tmp:
         if o.layout == "fused":
@@ -519,7 +528,7 @@ def write_repository(
             return path
         onnx, sample = files[next(iter(files))][1], tuple(bundle.manifest.sample_shape)
         for e in bundle.experts:
-            onnx_path = onnx[e.name]
+            onnx_path, *onnx_data = onnx[e.name]
             d = tmp / f"expert_{e.name}"
             (d / "1").mkdir(parents=True)
             (d / "configs").mkdir()
@@ -536,6 +545,8 @@ def write_repository(
             shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
             copy_library(d)
             shutil.copy(onnx_path, d / "1" / "model.onnx")
+            for extra in onnx_data:  # found by the name the graph records, beside it
+                shutil.copy(extra, d / "1" / extra.name)
             if engine:
                 shutil.copy(engine, d / "1" / "model.plan")
         for part in PARTS:  # a pipeline's text encoder and VAE decoder: Triton models of their own

@@ -122,11 +122,12 @@ class Ask:
     truncated: bool = False
 
 
-def _onnx_call(path, threads, device, name_in, dtype):
+def _onnx_call(path, threads, device, dtype):
     """An onnxruntime session as a function of one tensor (a text encoder, a VAE decoder)."""
     from stepadapt.export.runtime import session
 
     sess = session(path, threads, device=device)
+    name_in = sess.get_inputs()[0].name
 
     def call(x):
         return torch.from_numpy(sess.run(None, {name_in: x.detach().cpu().numpy().astype(dtype)})[0])
@@ -134,8 +135,11 @@ def _onnx_call(path, threads, device, name_in, dtype):
     return call
 
 
-def _bls_call(model_name, name_in, dtype, name_out):
+def _bls_call(model_name, dtype):
     """A pipeline part that is a Triton model of its own (the bls layout) as a function of one tensor."""
+    from stepadapt.export.surround import NAMES
+
+    name_in, name_out = NAMES[model_name]
 
     def call(x):
         x = x.detach().cpu().numpy().astype(dtype)
@@ -161,16 +165,16 @@ def load_surround(directory, manifest, params, local=True):
 
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
         enc = (
-            _onnx_call(os.path.join(directory, "text_encoder.onnx"), threads, device, "input_ids", np.int64)
+            _onnx_call(os.path.join(directory, "text_encoder.onnx"), threads, device, np.int64)
             if local
-            else _bls_call("text_encoder", "input_ids", np.int64, "last_hidden_state")
+            else _bls_call("text_encoder", np.int64)
         )
         text = TextEncoder(tokenizer, enc)
     if "vae_decoder" in records:
         dec = (
-            _onnx_call(os.path.join(directory, "vae_decoder.onnx"), threads, device, "latents", np.float32)
+            _onnx_call(os.path.join(directory, "vae_decoder.onnx"), threads, device, np.float32)
             if local
-            else _bls_call("vae_decoder", "latents", np.float32, "images")
+            else _bls_call("vae_decoder", np.float32)
         )
         latent = LatentCodec(None, records["vae_decoder"]["scaling_factor"], decoder=dec)
     return text, latent

@@ -16,3 +16,10 @@ class Notice(UserWarning):
 
     A warning, not a print: the library stays quiet; the CLI shows each as one ``note:`` line.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line (its message's first, else its type): how a library's multi-line
+    error becomes a :class:`StepadaptError` message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -343,6 +343,8 @@ class AnalyzeOptions(Options):
         rank = self.gaussian_rank
         if rank not in ("auto", "full") and not (rank.isdigit() and int(rank) >= 1):
             raise StepadaptError(f"--gaussian-rank must be auto, full or a rank >= 1, got {rank!r}")
+        if self.tdc and self.floor is not None:
+            raise StepadaptError("--floor bounds what --budget gives each group; the TDC rule has no budget")
         if self.measure == "damage" and self.tdc:
             raise StepadaptError("--measure damage sizes the groups under a --budget; the TDC rule has none")
         if self.proxy_size < 2:
@@ -503,7 +505,7 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
         boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,
         tdc_k=o.tdc_k, sampler=o.sampler, steps=o.steps, seed=o.seed, damage=damage, gaussian=fit,
         gaussian_from=o.gaussian_start, tolerance=o.gaussian_tolerance, labels=labels,
-        floor=default_floor(o.floor, space.conditioning, o.budget),
+        floor=MIN_RATIO if o.tdc else default_floor(o.floor, space.conditioning, o.budget),
     )  # fmt: skip
     if fit.gaussian is None and o.gaussian != "off":  # the plan says why there is none
         plan.gaussian = GaussianChoice("none", None, why=fit.why)

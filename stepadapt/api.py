@@ -29,8 +29,8 @@ from stepadapt.conditioning import Conditioning, conditioning_of, for_model, lab
 from stepadapt.pipeline import Surround, surround_of
 from stepadapt.sampling import Denoiser, Trajectory, images_of, module_denoiser, sample, validate_request
 from stepadapt.solvers import resolve_setting
+from stepadapt.text import SD_GUIDANCE
 
-SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance scale
 MAX_IMAGES = 4096
 
 

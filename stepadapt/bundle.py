@@ -403,7 +403,8 @@ class Bundle:
         """This bundle re-saved at ``path`` (experts that are the same network stored once); exports
         are not copied."""
         save_bundle(
-            path, replace(self.manifest, experts=[]), [e.draft() for e in self.experts], self.models(),
+            path, replace(self.manifest, experts=[], surround_onnx=None), [e.draft() for e in self.experts],
+            self.models(),
             surround=self.surround_dir,
         )  # fmt: skip
         return Bundle.load(path)

@@ -60,12 +60,19 @@ def fashion_captions(labels: torch.Tensor, split: str = "train") -> list[str]:
     return out
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StepadaptError(f"{path}: not UTF-8 text (byte {e.start}); save captions as UTF-8") from None
+
+
 def _metadata(root: Path) -> dict[Path, str]:
     """``file -> text`` from every ``metadata.jsonl`` under ``root`` (each names files relative to
     itself); a malformed line is a one-line error naming the file and the line."""
     out: dict[Path, str] = {}
     for meta in sorted(root.rglob(METADATA)):
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -93,7 +100,7 @@ def folder_captions(files: list[Path], root: Path) -> list[str]:
                 raise StepadaptError(
                     f"{f} has no caption: list it in a {METADATA} (file_name, text) or write {txt.name}"
                 )
-            text = txt.read_text(encoding="utf-8").strip()
+            text = _text(txt).strip()
         out.append(text)
     return out
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP
 from stepadapt.options import Options, option
@@ -302,7 +302,7 @@ def load_classifier(path: str | Path | None = None) -> Classifier:
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for a truncated or garbled file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise StepadaptError(f"{weights} is corrupt or unreadable: {msg}") from None
     want = model.state_dict()
     for k in sorted(set(want) | set(tensors)):

@@ -403,7 +403,7 @@ def evaluate_targets(
     base_den, sched, shape, pixels = ref.denoiser, ref.scheduler, ref.shape, ref.image_shape
     text = ref.surround.text if ref.surround is not None else None
     if guidance_scale is None:  # as the pipeline would sample it: guided where it has text
-        from stepadapt.api import SD_GUIDANCE
+        from stepadapt.text import SD_GUIDANCE
 
         guidance_scale = SD_GUIDANCE if ref.conditioning.text_dim else 1.0
     by_class = class_scoring(  # first: a condition that cannot be met is said before any work

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -160,7 +160,7 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise StepadaptError(f"{what} {path} is corrupt or unreadable: {msg}") from None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt.io import atomic_dir, read_json
 from stepadapt.schedule import DEFAULT_SCHEDULER, make_scheduler
 
@@ -152,7 +152,7 @@ def load_base(path: str | os.PathLike | None = None) -> tuple[UNet2DModel, dict[
     try:
         model = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False).float()
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise StepadaptError(f"cannot load model from {unet_dir}: {msg}") from None
     sched_path = next(
         (p for p in (path / SCHEDULER_NAME, path / "scheduler" / SCHEDULER_NAME) if p.is_file()),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt.io import atomic_dir, read_json, sha256_file
 from stepadapt.latents import LatentCodec
 from stepadapt.text import TextEncoder
@@ -79,7 +79,7 @@ def _load(part: str, d: Path) -> Any:
     except StepadaptError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise StepadaptError(f"cannot load the {part} from {d}: {msg}") from None
 
 
@@ -147,6 +147,20 @@ def surround_of(path: str | os.PathLike | None) -> Surround | None:
     return surround
 
 
+def loaded_part_file(name: str) -> bool:
+    """Whether a part's file is one the pipeline loads (configs, tokenizer files, the default
+    safetensors and their shard index), not a variant (``*.fp16.safetensors``), another framework's
+    weights (flax's ``.msgpack``, ONNX), a pickle or a dotfile: a bundle copies, hashes and verifies
+    only what it uses (SD 1.5's repository holds GBs beside it)."""
+    if name.startswith(".") or Path(name).suffix in PICKLES:
+        return False
+    if name.endswith(".safetensors"):
+        return name.count(".") == 1  # model.safetensors, model-00001-of-00002.safetensors
+    if ".safetensors.index." in name:
+        return name.endswith(".safetensors.index.json")
+    return Path(name).suffix in (".json", ".txt", ".model")  # configs, vocab/merges, sentencepiece
+
+
 def copy_surround(src: str | os.PathLike, dst: Path) -> dict[str, dict[str, str]]:
     """Copy ``src``'s surround parts into ``dst`` (inside a bundle being written); returns
     ``{part: {file: sha256}}`` for the manifest, so a loaded bundle can verify every byte."""
@@ -157,7 +171,7 @@ def copy_surround(src: str | os.PathLike, dst: Path) -> dict[str, dict[str, str]
         if d is None:
             continue
         _refuse_pickles(d, part)
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix not in PICKLES)
+        files = sorted(p for p in d.iterdir() if p.is_file() and loaded_part_file(p.name))
         (dst / part).mkdir(parents=True, exist_ok=True)
         record[part] = {}
         for f in files:

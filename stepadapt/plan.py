@@ -140,6 +140,8 @@ class Plan:
         except (TypeError, KeyError) as e:
             raise StepadaptError(f"malformed plan: {e}") from None
         check_coverage(plan.boundaries, plan.num_train_timesteps)
+        if not isinstance(plan.floor, (int, float)) or not MIN_RATIO <= plan.floor <= 1:
+            raise StepadaptError(f"malformed plan: floor must be in [{MIN_RATIO}, 1], got {plan.floor!r}")
         fixed = {g.kind for g in plan.groups if not kind_of(g.kind).sized_by_budget}
         if plan.gaussian is not None and fixed and fixed != {plan.gaussian.kind}:
             raise StepadaptError(
@@ -329,6 +331,8 @@ def make_plan(
     shares = [float(np.mean((visits >= lo) & (visits < hi))) for lo, hi in zip(b, b[1:], strict=False)]
     diffs = [float(difficulty[lo:hi].mean()) for lo, hi in zip(b, b[1:], strict=False)]
     fixed = {i: gaussian_macs / base_macs for i, k in enumerate(kinds) if not kind_of(k).sized_by_budget}
+    if budget is None and floor != MIN_RATIO:
+        raise StepadaptError("--floor bounds what --budget gives each group; the TDC rule has no budget")
     if budget is None:  # the TDC rule ranks the U-Net groups among themselves
         unet = [i for i in range(len(kinds)) if i not in fixed]
         ranked = dict(zip(unet, tdc_ratios([diffs[i] for i in unet], tdc_k), strict=True))

@@ -36,7 +36,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt.schedule import from_model_config
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -204,7 +204,7 @@ class Solver:
         try:
             scheduler.set_timesteps(steps)
         except (ValueError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise StepadaptError(f"{self.name} cannot take {steps} steps: {first}") from None
 
     def evaluations(self, steps: int, config: dict[str, Any] | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 from stepadapt import StepadaptError
 from stepadapt.conditioning import GUIDANCE, NEGATIVE_TEXT, TEXT, Prompts
 
+SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance scale
+
 
 @dataclass(frozen=True)
 class Encoded:

@@ -26,7 +26,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt import distributed as dist
 from stepadapt.conditioning import (
     DEFAULT_LABEL_DROPOUT,
@@ -500,7 +500,7 @@ class Trainer:
             self.model.load_state_dict(st["model"])
         except RuntimeError as e:
             raise StepadaptError(
-                f"checkpoint {self.checkpoint_path} does not fit this model: {str(e).splitlines()[0]}"
+                f"checkpoint {self.checkpoint_path} does not fit this model: {first_line(e)}"
             ) from None
         self.ema.load_state_dict(st["ema"])
         self.optimizer.load_state_dict(st["optimizer"])

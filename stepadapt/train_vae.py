@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from stepadapt import StepadaptError
+from stepadapt import StepadaptError, first_line
 from stepadapt.data import DEFAULT_HOLDOUT, HOLDOUT_HELP
 from stepadapt.devices import DEVICE_HELP
 from stepadapt.options import Options, option
@@ -206,7 +206,7 @@ class Checkpointed:
             self.generator.set_state(st["generator"])
             self.step, self.losses = int(st["step"]), st["losses"].tolist()
         except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise StepadaptError(f"checkpoint {self.path} does not fit this run: {msg}") from None
 
     @staticmethod

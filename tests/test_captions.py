@@ -33,7 +33,8 @@ def test_metadata_and_txt_captions_are_row_for_row_with_the_images(tmp_path):
     assert texts == ["a coat", "a bag", "a dress"]
     assert torch.equal(x, load_dataset(str(tmp_path), "train", 8, 1))
     sub, sub_texts = load_captioned(tmp_path, "train", 8, 1, limit=2, seed=1)
-    assert len(sub) == 2 and all(t in texts for t in sub_texts)
+    by_pixel = {int(img[0, 0, 0].round(decimals=4) * 1e4): t for img, t in zip(x, texts, strict=True)}
+    assert len(sub) == 2 and [by_pixel[int(img[0, 0, 0].round(decimals=4) * 1e4)] for img in sub] == sub_texts
 
 
 def test_missing_or_malformed_captions_are_one_line_errors(tmp_path):
@@ -43,6 +44,9 @@ def test_missing_or_malformed_captions_are_one_line_errors(tmp_path):
         load_captions(str(tmp_path / "f"))
     (tmp_path / "f" / "metadata.jsonl").write_text('{"file_name": "b.png"}\n')
     with pytest.raises(StepadaptError, match=r"metadata.jsonl:1: each line must be a JSON object with"):
+        load_captions(str(tmp_path / "f"))
+    (tmp_path / "f" / "metadata.jsonl").write_bytes(b'{"file_name": "b.png", "text": "caf\xe9"}\n')
+    with pytest.raises(StepadaptError, match=r"metadata.jsonl: not UTF-8 text \(byte 35\)"):
         load_captions(str(tmp_path / "f"))
     np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8), dtype=np.uint8))
     with pytest.raises(StepadaptError, match="has no captions"):

@@ -309,3 +309,11 @@ def test_a_floor_lifts_the_noisy_end_and_the_others_pay_for_it(tmp_path):
     assert min(budget_ratios(d, w, 0.5, fixed={0: 0.9}, saturate=True, floor=0.4)) >= 0.4
     with pytest.raises(StepadaptError, match=r"floor must be in \[0.05, budget 0.5\], got 0.6"):
         make_plan(D, SNR, 1_000_000, groups=4, budget=0.5, floor=0.6)
+    with pytest.raises(StepadaptError, match="the TDC rule has no budget"):
+        make_plan(D, SNR, 1_000_000, groups=4, budget=None, floor=0.3)
+    import json
+
+    bad = json.loads((tmp_path / "p.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**bad, "floor": 2}))
+    with pytest.raises(StepadaptError, match=r"malformed plan: floor must be in \[0.05, 1\], got 2"):
+        Plan.load(tmp_path / "bad.json")

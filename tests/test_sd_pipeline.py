@@ -172,6 +172,23 @@ def test_surround_loads_and_refuses_pickles(pipe_dir, tmp_path):
     json.loads((pipe_dir / "model_index.json").read_text())  # the index stays plain JSON
 
 
+def test_a_bundle_copies_only_the_files_the_pipeline_loads(pipe_dir, tmp_path):
+    """A hub download holds variants, flax weights, pickles beside safetensors and dotfiles: the
+    bundle copies (and hashes, and verifies on every load) only what the pipeline loads."""
+    import shutil
+
+    from stepadapt.pipeline import copy_surround
+
+    full = shutil.copytree(pipe_dir, tmp_path / "full")
+    for junk in ("diffusion_pytorch_model.fp16.safetensors", "flax_model.msgpack", "pytorch_model.bin",
+                 ".DS_Store", "model.onnx"):  # fmt: skip
+        (full / "vae" / junk).write_bytes(b"x")
+    record = copy_surround(full, tmp_path / "out")
+    assert set(record["vae"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert {p.name for p in (tmp_path / "out" / "vae").iterdir()} == set(record["vae"])
+    assert "tokenizer_config.json" in record["tokenizer"] and "text_encoder" in record
+
+
 SHIPPED = Path(__file__).resolve().parents[1] / "stepadapt" / "weights"
 
 

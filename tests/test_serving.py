@@ -254,6 +254,34 @@ def test_layouts_hold_the_models_they_promise(exported, tmp_path):
         write_repository(exported, tmp_path / "x", RepositoryOptions(layout="ensemble"))
 
 
+def test_an_experts_external_onnx_data_travels_with_it_verified(tiny_bundle, tmp_path_factory, tmp_path):
+    """A model over protobuf's 2 GiB keeps its weights in ``<name>.onnx.data``: the repository puts
+    the file beside the graph under the name the graph records (both layouts), after checking it."""
+    import onnx
+    import onnxruntime as ort
+
+    from stepadapt.io import sha256_file
+
+    b = exported_copy(tiny_bundle, tmp_path_factory, "big")
+    e = b.experts[1]
+    graph = b.path / e.onnx["path"]
+    data = graph.with_name(graph.name + ".data")
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location=data.name,
+                    size_threshold=0)  # fmt: skip
+    record = {**e.onnx, "sha256": sha256_file(graph),
+              "external_data": {"path": f"onnx/{data.name}", "sha256": sha256_file(data)}}  # fmt: skip
+    b.update_experts({e.name: {"onnx": record}})
+    b = Bundle.load(b.path)
+    for layout, where, model in (("fused", "router/1/bundles/big", f"{e.name}.onnx"),
+                                 ("bls", f"expert_{e.name}/1", "model.onnx")):  # fmt: skip
+        repo = write_repository(b, tmp_path / layout, RepositoryOptions(layout=layout))
+        assert (repo / where / data.name).is_file()
+        ort.InferenceSession(str(repo / where / model), providers=["CPUExecutionProvider"])  # it loads
+    data.write_bytes(data.read_bytes()[:-4] + b"oops")
+    with pytest.raises(StepadaptError, match=f"ONNX data of expert {e.name}"):
+        write_repository(b, tmp_path / "bad", RepositoryOptions(layout="bls"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", [None, "dpm++2m-sde"])  # multi-step and stochastic
 def test_concurrent_requests_share_a_batch_and_keep_their_images(exported, tmp_path, sampler):

@@ -20,6 +20,8 @@ import triton_python_backend_utils as pb_utils
 from stepadapt.export.runtime import session
 from stepadapt.serving.replies import error
 
+from stepadapt import first_line
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -47,10 +49,25 @@ class TritonPythonModel:
                 continue
             by_shape.setdefault(x.shape[1:], []).append((i, x))
         for calls in by_shape.values():
-            out = self.session.run([self.output], {self.input: np.concatenate([x for _, x in calls])})[0]
-            start = 0
-            for i, x in calls:
-                part = out[start : start + len(x)]
-                start += len(x)
-                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output, part)])
+            try:
+                outs = self._run([x for _, x in calls])
+            except Exception:  # noqa: BLE001 - one bad call (ids past the vocabulary) must not fail the rest
+                outs = []
+                for _, x in calls:
+                    try:
+                        outs += self._run([x])
+                    except Exception as e:  # noqa: BLE001 - its own error, the others answered
+                        outs.append(e)
+            for (i, _), out in zip(calls, outs, strict=True):
+                responses[i] = (
+                    error(f"{self.input}: {first_line(out)}")
+                    if isinstance(out, Exception)
+                    else pb_utils.InferenceResponse([pb_utils.Tensor(self.output, out)])
+                )
         return responses
+
+    def _run(self, xs):
+        """One session run for the calls ``xs``; each call's rows of the output."""
+        out = self.session.run([self.output], {self.input: np.concatenate(xs)})[0]
+        bounds = np.cumsum([0] + [len(x) for x in xs])
+        return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
