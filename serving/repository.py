@@ -526,42 +526,47 @@ def write_repository(
                 router(tmp / ROUTER, batched_router_config(shape, o), True)
             router(tmp / "generate_stream", router_config("generate_stream", shape, o, True), local=True)
             return path
-        onnx, sample = files[next(iter(files))][1], tuple(bundle.manifest.sample_shape)
-        for e in bundle.experts:
-            onnx_path, *onnx_data = onnx[e.name]
-            d = tmp / f"expert_{e.name}"
-            (d / "1").mkdir(parents=True)
-            (d / "configs").mkdir()
-            null = bundle.manifest.conditioning.null_label if takes_labels(e.onnx) else None
-            text = bundle.manifest.conditioning.text_dim if takes_text(e.onnx) else 0
-            cond = {"null_label": null, "text_dim": text}
-            (d / "config.pbtxt").write_text(
-                expert_config(e.name, sample, e.lo, e.hi, o, _timestep_type(e), **cond)
-            )
-            engine = _usable_engine(bundle, e, o)
-            (d / "configs" / "gpu.pbtxt").write_text(
-                expert_gpu_config(e.name, sample, o, bool(engine), _timestep_type(e), **cond)
-            )
-            shutil.copy(MODELS_SRC / "expert.py", d / "1" / "model.py")
-            copy_library(d)
-            shutil.copy(onnx_path, d / "1" / "model.onnx")
-            for extra in onnx_data:  # found by the name the graph records, beside it
-                shutil.copy(extra, d / "1" / extra.name)
-            if engine:
-                shutil.copy(engine, d / "1" / "model.plan")
-        for part in PARTS:  # a pipeline's text encoder and VAE decoder: Triton models of their own
-            src = files[next(iter(files))][3].get(f"{part}.onnx")
-            if src is None:
-                continue
-            d = tmp / part
-            (d / "1").mkdir(parents=True)
-            (d / "configs").mkdir()
-            cpu, gpu = part_configs(part, bundle, o)
-            (d / "config.pbtxt").write_text(cpu)
-            (d / "configs" / "gpu.pbtxt").write_text(gpu)
-            shutil.copy(MODELS_SRC / "part.py", d / "1" / "model.py")
-            copy_library(d)
-            shutil.copy(src, d / "1" / "model.onnx")
+        _, onnx, _, surround = files[next(iter(files))]
+        _bls_models(tmp, bundle, onnx, surround, o)
         for name, decoupled in (("generate", False), ("generate_stream", True)):
             router(tmp / name, router_config(name, shape, o, decoupled), local=False)
     return path
+
+
+def _model_dir(d: Path, source: str, config: str, gpu_config: str, onnx: list[Path]) -> Path:
+    """A bls layout model of its own: ``source`` as its python model, its configs (CPU, and GPU for a
+    full Triton), the library, and its ONNX as ``model.onnx`` (external data beside it by the name
+    the graph records)."""
+    (d / "1").mkdir(parents=True)
+    (d / "configs").mkdir()
+    (d / "config.pbtxt").write_text(config)
+    (d / "configs" / "gpu.pbtxt").write_text(gpu_config)
+    shutil.copy(MODELS_SRC / source, d / "1" / "model.py")
+    copy_library(d)
+    graph, *data = onnx
+    shutil.copy(graph, d / "1" / "model.onnx")
+    for extra in data:
+        shutil.copy(extra, d / "1" / extra.name)
+    return d
+
+
+def _bls_models(
+    tmp: Path, bundle: Bundle, onnx: dict[str, list[Path]], surround: dict[str, Path], o: RepositoryOptions
+) -> None:
+    """The bls layout's experts, and a pipeline's text encoder and VAE decoder, each a Triton model."""
+    sample = tuple(bundle.manifest.sample_shape)
+    for e in bundle.experts:
+        null = bundle.manifest.conditioning.null_label if takes_labels(e.onnx) else None
+        text = bundle.manifest.conditioning.text_dim if takes_text(e.onnx) else 0
+        cond = {"null_label": null, "text_dim": text}
+        engine = _usable_engine(bundle, e, o)
+        d = _model_dir(
+            tmp / f"expert_{e.name}", "expert.py",
+            expert_config(e.name, sample, e.lo, e.hi, o, _timestep_type(e), **cond),
+            expert_gpu_config(e.name, sample, o, bool(engine), _timestep_type(e), **cond), onnx[e.name],
+        )  # fmt: skip
+        if engine:
+            shutil.copy(engine, d / "1" / "model.plan")
+    for part in PARTS:
+        if f"{part}.onnx" in surround:
+            _model_dir(tmp / part, "part.py", *part_configs(part, bundle, o), [surround[f"{part}.onnx"]])
