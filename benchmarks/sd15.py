@@ -448,8 +448,8 @@ def cli_commands(s: Sd15Settings, work: Work) -> dict[str, list[str]]:
     common = ["--base", str(work.base), "--data", str(work.data), "--device", "cpu"]
     return {
         "analyze": [cli(), "analyze", *common, "--groups", str(s.groups), "--budget", str(s.budget),
-                    "--gaussian", "off", "--proxy-size", str(s.analyze_rows), "--seed", str(s.seed),
-                    "--out", str(work.plan)],
+                    "--gaussian", "off", "--floor", "0.05",  # SNR's split, as timed (random weights)
+                    "--proxy-size", str(s.analyze_rows), "--seed", str(s.seed), "--out", str(work.plan)],
         "prune": [cli(), "prune", *common, "--plan", str(work.plan), "--candidates", "magnitude/local",
                   "--proxy-size", str(s.proxy_size), "--seed", str(s.seed), "--out", str(work.bundle)],
     }  # fmt: skip
@@ -680,7 +680,8 @@ def render_section(r: dict[str, Any]) -> list[str]:
         f"cross_attention_dim {cfg['cross_attention_dim']}, {cfg['attention_head_dim']} heads, "
         f"{cfg['layers_per_block']} layers per block, {cfg['sample_size']} x {cfg['sample_size']} latents; "
         f"{r['base']['params'] / 1e6:.0f} M params) with {r['weights']}, built by the benchmark; SD's "
-        f"scheduler. `stepadapt analyze` (--groups {s['groups']} --budget {s['budget']} --gaussian off) and "
+        f"scheduler. `stepadapt analyze` (--groups {s['groups']} --budget {s['budget']} --gaussian off "
+        "--floor 0.05) and "
         f"`stepadapt prune` (--candidates magnitude/local) cut it into {r['checks']['experts']} experts on "
         "random latents with the empty text; each is exported to ONNX with parity and one "
         f"classifier-free-guidance step (batch {s['batch']}, text [{s['batch']}, {s['tokens']}, "
