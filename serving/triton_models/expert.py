@@ -16,20 +16,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 import json
-import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from stepadapt.export.runtime import session, timestep_feed
+from stepadapt.export.runtime import timestep_feed
+from stepadapt.serving.model_args import model_config, onnx_session
 from stepadapt.serving.replies import error
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
+        cfg, params = model_config(args)
+        self.session = onnx_session(args, params)
         self.shape = tuple(int(d) for d in json.loads(params["sample_shape"]))
         self.lo, self.hi = (int(v) for v in json.loads(params["timesteps"]))
         inputs = {i.name for i in self.session.get_inputs()}

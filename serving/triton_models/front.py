@@ -36,6 +36,7 @@ import random
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving import cancel
+from stepadapt.serving.model_args import model_config
 from stepadapt.serving.replies import error, unrelay
 
 SCALARS = ("seed", "num_images", "steps", "sampler", "eta", "jump", "guidance_scale", "budget", "prompt",
@@ -80,8 +81,7 @@ def _answer(responses):
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        cfg, params = model_config(args)
         self.targets = json.loads(params.get("targets", '["router"]'))  # step engines: one per request
         self.batched = params.get("target_batched", "1") == "1"  # lockstep: a batch axis of 1
         self.decoupled = params.get("target_decoupled", "0") == "1"  # the step engine

@@ -12,12 +12,10 @@ from pathlib import Path
 # The stepadapt this repository was written with, copied beside it (see expert.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-import json
-import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from stepadapt.export.runtime import session
+from stepadapt.serving.model_args import model_config, onnx_session
 from stepadapt.serving.replies import error
 
 from stepadapt import first_line
@@ -25,10 +23,8 @@ from stepadapt import first_line
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = session(path, int(params.get("threads", "1")), device=params.get("device", "auto"))
+        cfg, params = model_config(args)
+        self.session = onnx_session(args, params)
         self.input, self.output = cfg["input"][0]["name"], cfg["output"][0]["name"]
         self.dtype = np.int64 if cfg["input"][0]["data_type"] == "TYPE_INT64" else np.float32
 

@@ -32,7 +32,6 @@ from pathlib import Path
 # packages stepadapt imports, not stepadapt itself (and an installed one cannot disagree with it).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-import json
 import os
 from collections import defaultdict
 
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stepadapt.serving.cancel import Stopped, Watch
+from stepadapt.serving.model_args import model_config
 from stepadapt.serving.replies import error, internal
 from stepadapt.serving.served import load_bundles, pick, served_response
 
@@ -50,8 +50,7 @@ from stepadapt.sampling import sample_images, sample_together
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        cfg, params = model_config(args)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.max_images = int(params.get("max_images", "64"))
         self.max_seconds = float(params.get("max_seconds", "600"))
