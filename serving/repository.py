@@ -196,15 +196,11 @@ instance_group [ {{ kind: KIND_GPU count: 1 }} ]
 """
 
 
-# The bls layout's pipeline parts: Triton model name -> (input, output) of its ONNX export.
-PARTS = NAMES
-
-
 def part_configs(part: str, bundle: Bundle, o: RepositoryOptions) -> tuple[str, str]:
     """The bls layout's text encoder or VAE decoder as a Triton model of its own: the python backend
     over its ONNX export (``config.pbtxt``) and onnxruntime's own backend for a full Triton on GPU
     (``configs/gpu.pbtxt``), dynamically batched, so concurrent requests' calls share a run."""
-    name_in, name_out = PARTS[part]
+    name_in, name_out = NAMES[part]
     if part == "text_encoder":
         dims_in, type_in = "[ -1 ]", "TYPE_INT64"
         dims_out = f"[ -1, {bundle.manifest.conditioning.text_dim} ]"
@@ -567,6 +563,6 @@ def _bls_models(
         )  # fmt: skip
         if engine:
             shutil.copy(engine, d / "1" / "model.plan")
-    for part in PARTS:
+    for part in NAMES:  # a pipeline's parts: Triton models named as their exports
         if f"{part}.onnx" in surround:
             _model_dir(tmp / part, "part.py", *part_configs(part, bundle, o), [surround[f"{part}.onnx"]])

@@ -296,8 +296,8 @@ class AnalyzeOptions(Options):
     tdc_k: float = option(0.5, "k of the TDC rule.")
     floor: float | None = option(
         None,
-        "--budget: the smallest MACs share (of the base) any U-Net group gets (default: 0.4 for a "
-        f"text-conditioned base, which decides what to draw at the noisy end SNR ranks easiest; else "
+        f"--budget: the smallest MACs share (of the base) any U-Net group gets (default: {TEXT_FLOOR} for "
+        "a text-conditioned base, which decides what to draw at the noisy end SNR ranks easiest; else "
         f"{MIN_RATIO}).",
     )
     sampler: str = option(
@@ -475,13 +475,13 @@ def _proxies(o: AnalyzeOptions, space: DataSpace, log: Callable | None) -> tuple
     return proxy, labels, damage
 
 
-def default_floor(floor: float | None, conditioning: Conditioning, budget: float) -> float:
+def default_floor(floor: float | None, conditioning: Conditioning, budget: float | None) -> float:
     """The floor asked for, else a text base's (measured on fashion-tiny-t2i: with the noisy-end expert
     at 0.4 x instead of SNR's 0.2 x, KID 0.0154 against 0.0203 at less fine-tuning; docs/results.md),
-    never above the budget; else none to speak of."""
+    never above the budget; else none to speak of (also under the TDC rule, ``budget`` None)."""
     if floor is not None:
         return floor
-    return min(TEXT_FLOOR, budget) if conditioning.text_dim else MIN_RATIO
+    return min(TEXT_FLOOR, budget) if conditioning.text_dim and budget is not None else MIN_RATIO
 
 
 def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -> Analysis:
@@ -505,7 +505,7 @@ def analyze(options: AnalyzeOptions, log: Callable[[str], None] | None = None) -
         boundaries=list(o.boundaries) if o.boundaries else None, budget=None if o.tdc else o.budget,
         tdc_k=o.tdc_k, sampler=o.sampler, steps=o.steps, seed=o.seed, damage=damage, gaussian=fit,
         gaussian_from=o.gaussian_start, tolerance=o.gaussian_tolerance, labels=labels,
-        floor=MIN_RATIO if o.tdc else default_floor(o.floor, space.conditioning, o.budget),
+        floor=default_floor(o.floor, space.conditioning, None if o.tdc else o.budget),
     )  # fmt: skip
     if fit.gaussian is None and o.gaussian != "off":  # the plan says why there is none
         plan.gaussian = GaussianChoice("none", None, why=fit.why)
